@@ -1,0 +1,88 @@
+"""Greedy generation and scoring: batched left-padded generate, answers from new tokens only, EM/F1 with CIs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .config import EvalConfig
+from .data import Example
+from .metrics import exact_match, f1
+from .prompt import decode_answer, encode_prompt, user_content
+from .stats import bootstrap_ci, paired_bootstrap
+
+__all__ = ["generate_greedy", "score_split", "SplitScores", "compare_to_baseline"]
+
+
+@torch.inference_mode()
+def generate_greedy(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int = 8,
+                    min_new_tokens: int | None = None) -> list[list[int]]:
+    """Greedy-decode each prompt (token ids) and return only the new tokens, in input order."""
+    device = next(model.parameters()).device
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    out: list[list[int]] = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start:start + batch_size]
+        width = max(len(p) for p in chunk)
+        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for i, p in enumerate(chunk):  # left padding: every prompt ends where generation starts
+            ids[i, width - len(p):] = torch.tensor(p)
+            mask[i, width - len(p):] = 1
+        gen = model.generate(
+            input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False, max_new_tokens=max_new_tokens,
+            min_new_tokens=min_new_tokens, pad_token_id=pad_id, eos_token_id=tokenizer.eos_token_id,
+            temperature=None, top_p=None, top_k=None,
+        )
+        out.extend(row[width:].tolist() for row in gen.cpu())
+    return out
+
+
+@dataclass
+class SplitScores:
+    split: str
+    rows: list[dict[str, Any]]
+    summary: dict[str, Any]
+
+
+def _summarize(rows: list[dict], cfg: EvalConfig) -> dict[str, Any]:
+    summary: dict[str, Any] = {"n": len(rows)}
+    groups = {"all": rows, **{lang: [r for r in rows if r["lang"] == lang] for lang in ("en", "fr")}}
+    for group, members in groups.items():
+        if not members:
+            continue
+        for metric in ("em", "f1"):
+            mean, lo, hi = bootstrap_ci([r[metric] for r in members], cfg.bootstrap_resamples, cfg.confidence,
+                                        cfg.bootstrap_seed)
+            prefix = metric if group == "all" else f"{metric}_{group}"
+            summary[prefix] = mean
+            summary[f"{prefix}_ci"] = [lo, hi]
+        summary[f"n_{group}"] = len(members)
+    return summary
+
+
+def score_split(model, tokenizer, examples: list[Example], cfg: EvalConfig) -> SplitScores:
+    """Generate for every example of a split and score it: per-example rows plus EM/F1 with bootstrap CIs."""
+    prompts = [encode_prompt(tokenizer, e.instruction, e.input) for e in examples]
+    new_tokens = generate_greedy(model, tokenizer, prompts, cfg.max_new_tokens, cfg.batch_size)
+    rows = []
+    for ex, toks in zip(examples, new_tokens, strict=True):
+        pred = decode_answer(tokenizer, toks)
+        rows.append({
+            "id": ex.id, "lang": ex.lang, "split": ex.split, "prompt": user_content(ex.instruction, ex.input),
+            "prediction": pred, "references": list(ex.references), "new_tokens": len(toks),
+            "em": exact_match(pred, ex.references, ex.lang), "f1": f1(pred, ex.references, ex.lang),
+        })
+    return SplitScores(examples[0].split if examples else "", rows, _summarize(rows, cfg))
+
+
+def compare_to_baseline(variant_rows: list[dict], baseline_rows: list[dict], cfg: EvalConfig) -> dict[str, float]:
+    """Paired bootstrap of the per-example F1 difference (variant - baseline) on the same examples."""
+    base = {r["id"]: r["f1"] for r in baseline_rows}
+    ids = [r["id"] for r in variant_rows if r["id"] in base]
+    mine = {r["id"]: r["f1"] for r in variant_rows}
+    mean, lo, hi = paired_bootstrap([mine[i] for i in ids], [base[i] for i in ids], cfg.bootstrap_resamples,
+                                    cfg.confidence, cfg.bootstrap_seed)
+    return {"f1_delta_vs_baseline": mean, "f1_delta_vs_baseline_ci": [lo, hi], "n_paired": len(ids)}

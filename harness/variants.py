@@ -1,0 +1,129 @@
+"""Train-or-reuse a variant's adapter under a content-hash key, and load a variant ready to generate.
+
+``runs/<profile>/<variant>-<hash12>/`` holds ``adapter/`` (safetensors), ``config.yaml`` (the resolved profile)
+and ``manifest.json``. The hash covers everything that changes the adapter: base source and revision,
+quantization, LoRA, the training recipe, the train data's content, the prompt format, library versions and the
+device type. A file lock makes concurrent workers train a key once; an atomic rename means a half-trained
+artifact is never seen.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .artifacts import atomic_dir, atomic_write_text, file_lock, library_versions, provenance, sweep_partial
+from .config import Profile, Variant, config_hash
+from .data import Example, fingerprint
+from .models import device, free_model, load_base
+from .prompt import PROMPT_FORMAT
+
+__all__ = ["LoadedVariant", "artifact_key", "artifact_dir", "ensure_adapter", "load_variant", "MANIFEST"]
+
+MANIFEST = "manifest.json"
+_KEY_LIBRARIES = ("torch", "transformers", "peft", "trl", "bitsandbytes", "mistral-common")
+
+
+@dataclass
+class LoadedVariant:
+    """A variant ready to generate: the model (base + adapter, or the base alone), tokenizer and manifest."""
+
+    variant: Variant
+    model: Any
+    tokenizer: Any
+    manifest: dict[str, Any]
+
+
+def artifact_key(profile: Profile, variant: Variant, train_examples: list[Example]) -> dict[str, Any]:
+    """Everything that changes a trained adapter. Its hash names the artifact directory."""
+    versions = library_versions()
+    return {
+        "base": {"source": profile.model.source, "revision": profile.model.revision,
+                 "synthetic_seed": profile.model.synthetic_seed, "tokenizer": profile.model.tokenizer,
+                 "attn_implementation": profile.model.attn_implementation},
+        "quantization": dataclasses.asdict(profile.quantization),
+        "lora": {**dataclasses.asdict(profile.lora), "r": variant.r, "alpha": variant.alpha},
+        "training": dataclasses.asdict(profile.training),
+        "data_fingerprint": fingerprint(train_examples),
+        "prompt_format": PROMPT_FORMAT,
+        "versions": {k: versions.get(k) for k in _KEY_LIBRARIES},
+        "device_type": device().type,
+    }
+
+
+def artifact_dir(runs_dir: Path, profile: Profile, variant: Variant, key_hash: str) -> Path:
+    return Path(runs_dir) / profile.name / f"{variant.name}-{key_hash[:12]}"
+
+
+def _is_complete(path: Path) -> bool:
+    manifest = path / MANIFEST
+    if not manifest.is_file() or not (path / "adapter" / "adapter_model.safetensors").is_file():
+        return False
+    try:
+        return json.loads(manifest.read_text()).get("complete") is True
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
+def _log(runs_dir: Path, profile: Profile, line: str) -> None:
+    log = Path(runs_dir) / profile.name / "train.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "a", encoding="utf-8") as f:  # one short line per append: atomic enough across workers
+        f.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} pid={os.getpid()} {line}\n")
+
+
+def ensure_adapter(profile: Profile, variant: Variant, splits: dict[str, list[Example]], tokenizer,
+                   runs_dir: Path, retrain: bool = False) -> tuple[Path, dict[str, Any]]:
+    """Return (artifact dir, manifest) for a LoRA variant, training it only if no complete artifact matches."""
+    from .train import train_adapter
+
+    key = artifact_key(profile, variant, splits["train"])
+    key_hash = config_hash(key)
+    final = artifact_dir(runs_dir, profile, variant, key_hash)
+    with file_lock(final):
+        if _is_complete(final) and not retrain:
+            _log(runs_dir, profile, f"reuse {final.name}")
+            return final, json.loads((final / MANIFEST).read_text())
+        sweep_partial(final)
+        _log(runs_dir, profile, f"train-start {final.name}")
+        started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        base = load_base(profile.model, profile.quantization, Path(runs_dir) / "_models")
+        with atomic_dir(final) as tmp:
+            figures = train_adapter(profile, variant, splits["train"], tokenizer, base, tmp)
+            manifest = {
+                "complete": True, "profile": profile.name, "variant": variant.name, "key_hash": key_hash,
+                "key": key, "config_hash": config_hash(profile), "seed": profile.training.seed,
+                "train_started": started, "train_finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                **provenance(), **figures,
+            }
+            atomic_write_text(tmp / "config.yaml", yaml.safe_dump(profile.to_dict(), sort_keys=False,
+                                                                  allow_unicode=True))
+            atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
+        free_model(base)
+        _log(runs_dir, profile, f"train-done {final.name} wall_s={figures['train_wall_s']:.1f}")
+        return final, manifest
+
+
+def load_variant(profile: Profile, variant: Variant, splits: dict[str, list[Example]], tokenizer,
+                 runs_dir: Path, retrain: bool = False) -> LoadedVariant:
+    """Train or reuse the adapter, then load base + adapter for inference (the same path either way)."""
+    from peft import PeftModel
+
+    if variant.is_baseline:
+        manifest = {"profile": profile.name, "variant": variant.name, "trainable_params": 0,
+                    "config_hash": config_hash(profile), **provenance()}
+        model = load_base(profile.model, profile.quantization, Path(runs_dir) / "_models")
+        return LoadedVariant(variant, model, tokenizer, manifest)
+    path, manifest = ensure_adapter(profile, variant, splits, tokenizer, runs_dir, retrain)
+    base = load_base(profile.model, profile.quantization, Path(runs_dir) / "_models")
+    model = PeftModel.from_pretrained(base, str(path / "adapter"))
+    model.eval()
+    manifest = {**manifest, "artifact_dir": str(path)}
+    return LoadedVariant(variant, model, tokenizer, manifest)

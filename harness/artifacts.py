@@ -23,6 +23,7 @@ from typing import Any
 __all__ = [
     "atomic_dir",
     "atomic_write_text",
+    "atomic_write_bytes",
     "atomic_write_json",
     "file_lock",
     "library_versions",
@@ -65,12 +66,16 @@ def sweep_partial(final: Path) -> None:
 
 def atomic_write_text(path: Path, text: str) -> None:
     """Write a file via a temp file and os.replace: readers never see a half-written file."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}-", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -167,6 +167,7 @@ class Profile:
     description: str
     weights: str = _spec("'real' or 'synthetic'; synthetic hides quality numbers in the card",
                          choices=("real", "synthetic"))
+    show_quality: bool = _spec("print EM/F1 in the card; false prints 'n/a (random weights)'")
     model: ModelConfig = _spec("base model")
     quantization: QuantConfig = _spec("bitsandbytes settings")
     lora: LoraConfig = _spec("LoRA settings shared by all variants")

@@ -1,0 +1,105 @@
+"""The pytest plugin (registered as ``qlora`` through the ``pytest11`` entry point): options, variant
+parametrization, and at session end the merged results file, the card and a summary table.
+
+This is the only module that knows pytest; everything it calls is plain library code.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from .config import ConfigError, load_profile
+from .results import ResultsRecorder, load_results, results_path
+
+PROFILE_KEY = pytest.StashKey["object"]()
+RECORDER_KEY = pytest.StashKey["ResultsRecorder"]()
+_STARTED_KEY = pytest.StashKey[float]()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("qlora", "QLoRA benchmark harness")
+    group.addoption("--profile", default=os.environ.get("QLORA_PROFILE", "tiny"),
+                    help="profile to run: a name from data/configs (tiny, synthetic-7b, mistral-7b) or a YAML path "
+                         "(default: tiny, or $QLORA_PROFILE)")
+    group.addoption("--runs-dir", default="runs", type=Path,
+                    help="where adapters, manifests, predictions and results.json go (default: runs)")
+    group.addoption("--card", default="MODEL_CARD.md", type=Path,
+                    help="model card to update between its results markers (default: MODEL_CARD.md)")
+    group.addoption("--retrain", action="store_true", default=False,
+                    help="train every selected variant again even when a matching artifact exists")
+    group.addoption("--latency-runs", type=int, default=None,
+                    help="timed rounds per variant in the latency suite (default: the profile's latency.rounds)")
+    group.addoption("--no-card", action="store_true", default=False,
+                    help="collect results but do not touch the model card")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    try:
+        profile = load_profile(config.getoption("profile"))
+    except ConfigError as e:
+        raise pytest.UsageError(str(e)) from None
+    runs = config.getoption("runs_dir")
+    if runs is not None and not Path(runs).is_absolute():
+        config.option.runs_dir = Path(config.rootpath) / runs
+    card = config.getoption("card")
+    if card is not None and not Path(card).is_absolute():
+        config.option.card = Path(config.rootpath) / card
+    config.stash[PROFILE_KEY] = profile
+    config.stash[RECORDER_KEY] = ResultsRecorder(profile)
+    config.stash[_STARTED_KEY] = time.time()
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Parametrize ``variant_name`` over the profile's variants, with ids baseline/r8/r16/r32 for ``-k``."""
+    if "variant_name" in metafunc.fixturenames:
+        names = list(metafunc.config.stash[PROFILE_KEY].variants)
+        metafunc.parametrize("variant_name", names, ids=names, scope="session")
+
+
+def _is_xdist_worker(config: pytest.Config) -> bool:
+    return hasattr(config, "workerinput")
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    config = session.config
+    if PROFILE_KEY not in config.stash or exitstatus == pytest.ExitCode.INTERRUPTED:
+        return  # a Ctrl-C leaves results.json and the card in their last good state
+    recorder = config.stash[RECORDER_KEY]
+    runs_dir = config.getoption("runs_dir")
+    if recorder:
+        recorder.save(runs_dir)
+    if _is_xdist_worker(config) or config.getoption("no_card"):
+        return
+    path = results_path(runs_dir, config.stash[PROFILE_KEY].name)
+    if path.exists() and path.stat().st_mtime >= config.stash[_STARTED_KEY]:
+        _write_card(config, load_results(path))
+
+
+def _write_card(config: pytest.Config, results: dict) -> None:
+    from .card import update_card
+    from .plots import write_plots
+
+    card = Path(config.getoption("card"))
+    assets = card.parent / "card_assets"
+    plots = write_plots(results, assets, link_prefix=os.path.relpath(assets, card.parent))
+    profile = config.stash[PROFILE_KEY]
+    results["max_new_tokens"] = profile.eval.max_new_tokens
+    base = None if profile.model.source.startswith("synthetic:") else profile.model.source
+    update_card(card, results, plots, base_model=base)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    if PROFILE_KEY not in config.stash or _is_xdist_worker(config):
+        return
+    path = results_path(config.getoption("runs_dir"), config.stash[PROFILE_KEY].name)
+    if not path.exists() or path.stat().st_mtime < config.stash[_STARTED_KEY]:
+        return
+    from .card import results_table
+
+    terminalreporter.section(f"qlora results: profile {config.stash[PROFILE_KEY].name}")
+    terminalreporter.write_line(results_table(load_results(path)))
+    terminalreporter.write_line(f"results: {path}")

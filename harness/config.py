@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -210,9 +211,12 @@ def _read_yaml(path: Path) -> tuple[Any, dict[tuple, int]]:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
+        mark, ctx = getattr(e, "problem_mark", None), getattr(e, "context_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise ConfigError([f"{where}: invalid YAML: {getattr(e, 'problem', None) or e}; fix the syntax"])
+        # e.g. an unclosed '[' is noticed lines later: say where the construct began too
+        began = (f" ({e.context} that began on line {ctx.line + 1})"
+                 if ctx and getattr(e, "context", None) and (not mark or ctx.line != mark.line) else "")
+        raise ConfigError([f"{where}: invalid YAML: {getattr(e, 'problem', None) or e}{began}; fix the syntax"])
     lines: dict[tuple, int] = {}
 
     def walk(n, prefix):
@@ -251,15 +255,21 @@ class _Checker:
             return None
         hints = typing.get_type_hints(cls)
         fields = {f.name: f for f in dataclasses.fields(cls) if f.name not in skip}
+        renamed = set()  # a typo of a missing key ('learnig_rate') is one problem, not 'unknown' plus 'missing'
         for key in raw:
             if key not in fields:
                 close = difflib.get_close_matches(str(key), list(fields), n=1)
                 hint = f"did you mean {close[0]!r}? " if close else ""
+                if close and close[0] not in raw:
+                    renamed.add(close[0])
+                    hint = f"did you mean {close[0]!r}? rename it; "
                 self.err(keypath + (key,), f"unknown key {key!r}; {hint}known: {', '.join(fields)}")
         out = {}
         for name, f in fields.items():
             if name in raw:
                 out[name] = self.value(hints[name], raw[name], f.metadata, keypath + (name,))
+            elif name in renamed:
+                continue
             elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
                 self.err(keypath + (name,), f"missing required key {name!r} ({f.metadata.get('doc', '')})")
         return out
@@ -290,7 +300,12 @@ class _Checker:
         if tp is float:
             if isinstance(v, bool) or not isinstance(v, (int, float)):
                 return self.err(keypath, f"expected a number, got {v!r} ({type(v).__name__}); write it unquoted")
-            v = float(v)
+            try:
+                v = float(v)
+            except OverflowError:  # an integer too large for a float
+                return self.err(keypath, f"{v!r} is out of range; write a finite number")
+            if not math.isfinite(v):
+                return self.err(keypath, f"expected a finite number, got {v!r}")
         if tp is str and not isinstance(v, str):
             return self.err(keypath, f"expected a string, got {v!r} ({type(v).__name__})")
         self.check_range(v, meta, keypath)
@@ -317,8 +332,9 @@ def _load_variants(path: Path) -> dict[str, Variant]:
     if not isinstance(raw, dict) or not raw:
         raise ConfigError([f"{path}: expected a mapping of variant name -> {{r, alpha}}, got {raw!r}"])
     for name, spec in raw.items():
+        before = len(chk.problems)
         built = chk.build(Variant, spec if spec is not None else {}, (name,), skip=("name",))
-        if built is None:
+        if built is None or len(chk.problems) > before:  # don't pile a second problem on a bad r or alpha
             continue
         r, alpha = built.get("r"), built.get("alpha")
         if (r is None) != (alpha is None):
@@ -365,7 +381,7 @@ def load_profile(name_or_path: str | Path) -> Profile:
                                      f"{', '.join(defs)}")
     if len(set(built["variants"])) != len(built["variants"]):
         chk.err(("variants",), "a variant is listed twice; list each once")
-    for i, gate in enumerate(built["quality_gates"]):
+    for i, gate in enumerate(built.get("quality_gates", ())):  # optional: may be absent
         if gate is None:
             continue
         for v in gate.variants:

@@ -56,13 +56,19 @@ class Example:
 
 def _check_record(rec: dict, where: str, problems: list[str]) -> bool:
     ok = True
+    renamed = set()  # a typo of a missing field ('ouput') is one problem, not 'unknown' plus 'missing'
     for key in rec:
         if key not in _REQUIRED + _OPTIONAL:
             close = difflib.get_close_matches(key, _REQUIRED + _OPTIONAL, n=1)
             hint = f"did you mean {close[0]!r}? " if close else ""
+            if close and close[0] not in rec:
+                renamed.add(close[0])
+                hint = f"did you mean {close[0]!r}? rename it; "
             problems.append(f"{where}: field {key!r} is unknown; {hint}allowed: {', '.join(_REQUIRED + _OPTIONAL)}")
             ok = False
     for key in _REQUIRED:
+        if key in renamed:
+            continue
         if key not in rec:
             problems.append(f"{where}: field {key!r} is missing; add it" + (" (use \"\" for no context)"
                                                                           if key == "input" else ""))
@@ -123,7 +129,8 @@ def read_jsonl(path: str | Path, split: str, problems: list[str]) -> list[Exampl
             problems.append(f"{where}: invalid JSON at column {e.colno}: {e.msg}; each line must be one JSON object")
             continue
         if not isinstance(rec, dict):
-            problems.append(f"{where}: expected a JSON object, got {type(rec).__name__}")
+            problems.append(f"{where}: expected a JSON object, got {type(rec).__name__}; "
+                            f"each line must be one JSON object {{\"id\": ..., \"output\": ...}}")
             continue
         if _check_record(rec, where, problems):
             examples.append(Example(

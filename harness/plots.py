@@ -10,8 +10,10 @@ __all__ = ["write_plots"]
 
 def write_plots(results: dict[str, Any], out_dir: Path, link_prefix: str) -> dict[str, str]:
     """Write the profile's PNGs into ``out_dir``; return {title: link} for the card. Empty when nothing to plot."""
-    import matplotlib
-
+    try:
+        import matplotlib
+    except ImportError:  # plots are optional: the table and results.json carry every figure
+        return {}
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -1,0 +1,201 @@
+"""Profile validation: every malformed YAML in suites/corpus/configs* gives one ConfigError naming file, line, key
+and fix; every shipped profile loads; config_hash is stable; random mutations of a profile load or raise
+ConfigError, never anything else."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+from hypothesis import given
+from hypothesis import strategies as st
+
+from harness.config import CONFIG_DIR, ConfigError, Profile, available_profiles, config_hash, load_profile
+
+HERE = Path(__file__).resolve().parent
+CORPUS = HERE / "corpus"
+CONFIGS = CORPUS / "configs"
+BADVARIANTS = CORPUS / "configs_badvariants"
+DATA = HERE.parent / "data" / "domain_qa"
+
+
+def line_of(path: Path, pattern: str) -> int:
+    """1-based number of the first line of ``path`` matching the regex ``pattern``."""
+    for n, text in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if re.search(pattern, text):
+            return n
+    raise AssertionError(f"{pattern!r} not found in {path}")
+
+
+# (profile, the file the error names, regex of the line it must point at, the key, the fix it must suggest)
+BAD = [
+    pytest.param(CONFIGS / "unknown_key.yaml", None, r"^  learnig_rate:", "training.learnig_rate",
+                 "did you mean 'learning_rate'", id="unknown-key-typo"),
+    pytest.param(CONFIGS / "gate_above_one.yaml", None, r"min: 1\.5", "quality_gates.0.min",
+                 "1.5 is out of range; must be <= 1.0", id="gate-threshold-above-1"),
+    pytest.param(CONFIGS / "missing_data_file.yaml", None, r"^  validation:", "data.validation",
+                 "point data.validation at an existing JSONL file", id="missing-data-file"),
+    pytest.param(CONFIGS / "unknown_variant.yaml", None, r"^variants:", "variants.4",
+                 "unknown variant 'r64'", id="unknown-variant-r64"),
+    pytest.param(CONFIGS / "wrong_type.yaml", None, r"^  epochs:", "training.epochs",
+                 "expected an integer, got 'forty'", id="epochs-is-a-word"),
+    # a missing key has no line of its own: the error points at its section
+    pytest.param(CONFIGS / "missing_key.yaml", None, r"^latency:", "latency.rounds",
+                 "missing required key 'rounds'", id="missing-required-key"),
+    pytest.param(CONFIGS / "unknown_choice.yaml", None, r"quant_type: nf5", "quantization.quant_type",
+                 "did you mean 'nf4'", id="quant-type-nf5"),
+    pytest.param(BADVARIANTS / "negative_rank" / "profile.yaml", "variants.yaml", r"^  r: -16", "r16.r",
+                 "-16 is out of range; must be >= 1", id="variants-negative-rank"),
+    pytest.param(BADVARIANTS / "alpha_string" / "profile.yaml", "variants.yaml", r'^  alpha: "32"', "r16.alpha",
+                 "expected an integer, got '32' (str)", id="variants-alpha-is-a-string"),
+]
+
+
+@pytest.mark.parametrize("profile, bad_file, pattern, key, fix", BAD)
+def test_malformed_profile_gives_one_clear_error(profile, bad_file, pattern, key, fix):
+    path = profile.parent / bad_file if bad_file else profile
+    with pytest.raises(ConfigError) as info:
+        load_profile(profile)
+    err = info.value
+    assert len(err.problems) == 1, f"one fault, one problem; got:\n{err}"
+    (problem,) = err.problems
+    assert problem.startswith(f"{path}:{line_of(path, pattern)}: {key}: "), problem
+    assert fix in problem, problem
+    assert problem in str(err)
+
+
+def test_invalid_yaml_names_where_the_parser_stopped_and_where_the_construct_began():
+    path = CONFIGS / "invalid_yaml.yaml"
+    with pytest.raises(ConfigError) as info:
+        load_profile(path)
+    (problem,) = info.value.problems
+    # the unclosed '[' on the variants line is noticed at the next key
+    assert problem.startswith(f"{path}:{line_of(path, r'^training:')}: invalid YAML: "), problem
+    assert f"line {line_of(path, r'^variants: ')}" in problem, problem
+    assert "fix the syntax" in problem
+
+
+def test_every_fault_of_a_profile_is_reported_at_once(tmp_path):
+    text = (CONFIGS / "valid.yaml").read_text().replace("quant_type: nf4", "quant_type: nf5")
+    text = text.replace("  epochs: 40 ", '  epochs: "forty" ').replace("  seed: 42 ", "  seed: -1 ")
+    (tmp_path / "p.yaml").write_text(text)
+    shutil.copy(CONFIGS / "variants.yaml", tmp_path)
+    # the data paths are relative to the profile: point them back at the real files
+    (tmp_path / "p.yaml").write_text(text.replace("../../../data/domain_qa/", f"{DATA}/"))
+    with pytest.raises(ConfigError) as info:
+        load_profile(tmp_path / "p.yaml")
+    keys = sorted(p.split(": ")[1] for p in info.value.problems)
+    assert keys == ["quantization.quant_type", "training.epochs", "training.seed"], info.value.problems
+
+
+def test_corpus_valid_profile_loads():
+    p = load_profile(CONFIGS / "valid.yaml")
+    assert p.variants == ("baseline", "r8", "r16", "r32")
+    assert p.data_path("train") == (DATA / "train.jsonl").resolve()
+
+
+@pytest.mark.parametrize("name", available_profiles())
+def test_shipped_profile_loads(name):
+    p = load_profile(name)
+    assert isinstance(p, Profile) and p.name == name
+    assert Path(p.source_file) == CONFIG_DIR / f"{name}.yaml"
+    assert set(p.variant_defs) == set(p.variants)
+    assert all(p.data_path(s).is_file() for s in ("train", "validation", "test"))
+
+
+def test_shipped_profiles_are_found():
+    assert {"tiny", "synthetic-7b", "mistral-7b"} <= set(available_profiles())
+    assert "variants" not in available_profiles()
+
+
+def test_config_hash_is_stable_and_sensitive():
+    a, b = load_profile("tiny"), load_profile("tiny")
+    assert config_hash(a) == config_hash(b)
+    changed = dataclasses.replace(a, training=dataclasses.replace(a.training, epochs=a.training.epochs + 1))
+    assert config_hash(changed) != config_hash(a)
+    restored = dataclasses.replace(changed, training=dataclasses.replace(changed.training, epochs=a.training.epochs))
+    assert config_hash(restored) == config_hash(a)
+    assert config_hash(dataclasses.replace(a, quantization=dataclasses.replace(a.quantization, quant_type="fp4"))) \
+        != config_hash(a)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Fuzz: mutated profiles load or raise ConfigError
+
+
+def _base_doc() -> dict:
+    doc = yaml.safe_load((CONFIG_DIR / "tiny.yaml").read_text(encoding="utf-8"))
+    doc["data"] = {**doc["data"], **{s: str(DATA / f"{s}.jsonl") for s in ("train", "validation", "test")}}
+    return doc
+
+
+BASE_DOC = _base_doc()
+
+scalars = (st.none() | st.booleans() | st.integers() | st.floats()
+           | st.text(max_size=12) | st.sampled_from(["nf4", "train", "r8", "baseline", "1e-3", "", "null"]))
+values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=3)
+                      | st.dictionaries(st.text(max_size=8) | st.sampled_from(["r8", "train", "min"]), inner,
+                                        max_size=3), max_leaves=6)
+new_keys = st.text(max_size=12) | st.integers() | st.sampled_from(["learnig_rate", "variant_defs", "source_file", "r"])
+
+
+def _paths(obj, prefix=()):
+    """Every key path into the nested dicts and lists of ``obj`` (the root included)."""
+    yield prefix
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, list) else ()
+    for k, v in items:
+        yield from _paths(v, prefix + (k,))
+
+
+def _get(doc, path):
+    for k in path:
+        doc = doc[k]
+    return doc
+
+
+@st.composite
+def mutated_profiles(draw):
+    doc = copy.deepcopy(BASE_DOC)
+    for _ in range(draw(st.integers(1, 3))):
+        op = draw(st.sampled_from(["delete", "set", "add"]))
+        if op == "add":
+            containers = [p for p in _paths(doc) if isinstance(_get(doc, p), dict)]
+            if not containers:
+                continue
+            _get(doc, draw(st.sampled_from(containers)))[draw(new_keys)] = draw(values)
+            continue
+        path = draw(st.sampled_from(list(_paths(doc))))
+        if op == "set" and path == ():
+            doc = draw(values)
+        elif op == "set":
+            _get(doc, path[:-1])[path[-1]] = draw(values)
+        elif path:
+            del _get(doc, path[:-1])[path[-1]]
+    return doc
+
+
+@pytest.fixture(scope="module")
+def fuzz_dir(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("fuzz_profile")
+    shutil.copy(CONFIG_DIR / "variants.yaml", d / "variants.yaml")
+    return d
+
+
+@pytest.mark.invariants
+@given(doc=mutated_profiles())  # settings: the hypothesis profile conftest.py loads (fast / thorough)
+def test_mutated_profile_loads_or_raises_config_error(fuzz_dir, doc):
+    path = fuzz_dir / "profile.yaml"
+    path.write_text(yaml.safe_dump(doc, allow_unicode=True, sort_keys=False), encoding="utf-8")
+    try:
+        profile = load_profile(path)
+    except ConfigError as e:
+        assert e.problems, "a ConfigError must list at least one problem"
+        assert all(isinstance(p, str) and p.startswith(str(fuzz_dir)) for p in e.problems), e.problems
+    else:
+        assert isinstance(profile, Profile)
+        config_hash(profile)

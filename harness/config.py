@@ -219,16 +219,19 @@ def _read_yaml(path: Path) -> tuple[Any, dict[tuple, int]]:
         raise ConfigError([f"{where}: invalid YAML: {getattr(e, 'problem', None) or e}{began}; fix the syntax"])
     lines: dict[tuple, int] = {}
 
-    def walk(n, prefix):
+    def walk(n, prefix, ancestors=frozenset()):
+        if id(n) in ancestors:  # a self-referencing anchor (&a [*a]): don't follow it forever
+            return
+        ancestors = ancestors | {id(n)}
         if isinstance(n, yaml.MappingNode):
             for k, v in n.value:
                 key = prefix + (k.value,)
                 lines[key] = k.start_mark.line + 1
-                walk(v, key)
+                walk(v, key, ancestors)
         elif isinstance(n, yaml.SequenceNode):
             for i, v in enumerate(n.value):
                 lines[prefix + (i,)] = v.start_mark.line + 1
-                walk(v, prefix + (i,))
+                walk(v, prefix + (i,), ancestors)
 
     if node is not None:
         walk(node, ())
@@ -392,8 +395,13 @@ def load_profile(name_or_path: str | Path) -> Profile:
     _check_ceilings(chk, built.get("vram_ceilings_gib", {}), built["variants"])
     if built["data"] is not None:
         for split in ("train", "validation", "test"):
-            p = (path.parent / getattr(built["data"], split)).resolve()
-            if not p.is_file():
+            p = path.parent / getattr(built["data"], split)
+            try:
+                p = p.resolve()
+                found = p.is_file()
+            except (OSError, ValueError):  # e.g. a NUL byte in the path
+                found = False
+            if not found:
                 chk.err(("data", split), f"file not found: {p}; point data.{split} at an existing JSONL file "
                                          f"(paths are relative to {path.parent})")
     if chk.problems:

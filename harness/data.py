@@ -128,6 +128,15 @@ def read_jsonl(path: str | Path, split: str, problems: list[str]) -> list[Exampl
         except json.JSONDecodeError as e:
             problems.append(f"{where}: invalid JSON at column {e.colno}: {e.msg}; each line must be one JSON object")
             continue
+        except RecursionError:
+            problems.append(f"{where}: invalid JSON: nested too deeply; each line must be one flat JSON object")
+            continue
+        try:  # a \ud800-style escape is valid JSON but no character: it would break hashing and Arrow later
+            json.dumps(rec, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError as e:
+            problems.append(f"{where}: a \\u escape encodes a lone surrogate (U+{ord(e.object[e.start]):04X}), "
+                            f"not a character; write the character itself or a valid surrogate pair")
+            continue
         if not isinstance(rec, dict):
             problems.append(f"{where}: expected a JSON object, got {type(rec).__name__}; "
                             f"each line must be one JSON object {{\"id\": ..., \"output\": ...}}")

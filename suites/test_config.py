@@ -49,6 +49,15 @@ BAD = [
                  "missing required key 'rounds'", id="missing-required-key"),
     pytest.param(CONFIGS / "unknown_choice.yaml", None, r"quant_type: nf5", "quantization.quant_type",
                  "did you mean 'nf4'", id="quant-type-nf5"),
+    # regressions: these used to raise OverflowError, ValueError and RecursionError, or (nan) to load
+    pytest.param(CONFIGS / "float_overflow.yaml", None, r"^  learning_rate:", "training.learning_rate",
+                 "is out of range; write a finite number", id="float-overflow"),
+    pytest.param(CONFIGS / "nan_learning_rate.yaml", None, r"^  learning_rate:", "training.learning_rate",
+                 "expected a finite number, got nan", id="nan-learning-rate"),
+    pytest.param(CONFIGS / "nul_in_data_path.yaml", None, r"^  train:", "data.train",
+                 "point data.train at an existing JSONL file", id="nul-byte-in-data-path"),
+    pytest.param(CONFIGS / "recursive_anchor.yaml", None, r"target_modules: &mods", "lora.target_modules.0",
+                 "expected a string, got [[...], 'q_proj'", id="self-referencing-anchor"),
     pytest.param(BADVARIANTS / "negative_rank" / "profile.yaml", "variants.yaml", r"^  r: -16", "r16.r",
                  "-16 is out of range; must be >= 1", id="variants-negative-rank"),
     pytest.param(BADVARIANTS / "alpha_string" / "profile.yaml", "variants.yaml", r'^  alpha: "32"', "r16.alpha",
@@ -83,7 +92,6 @@ def test_invalid_yaml_names_where_the_parser_stopped_and_where_the_construct_beg
 def test_every_fault_of_a_profile_is_reported_at_once(tmp_path):
     text = (CONFIGS / "valid.yaml").read_text().replace("quant_type: nf4", "quant_type: nf5")
     text = text.replace("  epochs: 40 ", '  epochs: "forty" ').replace("  seed: 42 ", "  seed: -1 ")
-    (tmp_path / "p.yaml").write_text(text)
     shutil.copy(CONFIGS / "variants.yaml", tmp_path)
     # the data paths are relative to the profile: point them back at the real files
     (tmp_path / "p.yaml").write_text(text.replace("../../../data/domain_qa/", f"{DATA}/"))
@@ -97,6 +105,12 @@ def test_corpus_valid_profile_loads():
     p = load_profile(CONFIGS / "valid.yaml")
     assert p.variants == ("baseline", "r8", "r16", "r32")
     assert p.data_path("train") == (DATA / "train.jsonl").resolve()
+
+
+def test_optional_keys_may_be_omitted():
+    """quality_gates has a default: leaving it out used to raise KeyError (found by the fuzz test below)."""
+    p = load_profile(CONFIGS / "no_quality_gates.yaml")
+    assert p.quality_gates == ()
 
 
 @pytest.mark.parametrize("name", available_profiles())

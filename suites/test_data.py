@@ -49,6 +49,11 @@ BAD = [
                  id="unknown-field-typo"),
     pytest.param(("json_array.jsonl",), "json_array.jsonl", 2, "expected a JSON object, got list",
                  "each line must be one JSON object", id="line-is-json-array"),
+    # regressions: these two used to raise RecursionError / UnicodeEncodeError (the latter from fingerprint)
+    pytest.param(("deeply_nested.jsonl",), "deeply_nested.jsonl", 2, "invalid JSON: nested too deeply",
+                 "one flat JSON object", id="json-nested-too-deeply"),
+    pytest.param(("lone_surrogate.jsonl",), "lone_surrogate.jsonl", 3, "lone surrogate (U+D800)",
+                 "write the character itself", id="lone-surrogate-escape"),
     pytest.param(("empty.jsonl",), "empty.jsonl", None, "no examples", "add at least one JSON line", id="empty-file"),
     pytest.param(("does_not_exist.jsonl",), "does_not_exist.jsonl", None, "file not found",
                  "point data.train in the profile at an existing JSONL file", id="missing-file"),

@@ -61,6 +61,9 @@ def test_predictions_report_is_written(variant_name, profile, scored, runs_dir):
 
 def test_batched_generation_equals_one_by_one(loaded_variant, splits, profile):
     """Left-padded batched greedy decoding gives the same tokens as decoding each prompt alone."""
+    if not profile.show_quality:
+        pytest.skip(f"{profile.name}: random bf16 weights have near-tie logits, so greedy tokens depend on the "
+                    f"batch shape; the property is checked on profiles with learned answers (tiny)")
     examples = splits["validation"] + splits["train"][:3]
     prompts = [encode_prompt(loaded_variant.tokenizer, e.instruction, e.input) for e in examples]
     n = min(profile.eval.max_new_tokens, 24)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import collections
 import re
 import string
+import unicodedata
 
 import pytest
 from hypothesis import assume, given
@@ -296,12 +297,18 @@ class TestMetricInvariants:
         assert normalize_answer(once, lang) == once
 
     @given(text=TEXT, lang=LANGS)
-    def test_normalized_text_has_single_spaces_and_no_ascii_punctuation_or_capitals(self, text, lang):
-        """Idempotence alone holds for the identity function; this pins what the fixed point looks like."""
+    def test_normalized_text_has_single_spaces_and_no_punctuation_capitals_or_articles(self, text, lang):
+        """Idempotence alone holds for the identity function; this pins what the fixed point looks like. For
+        French it also rules out a rule that keeps Unicode punctuation (guillemets, ’), skips NFKC (NBSP and
+        narrow NBSP would survive) or lowercases only part of the text."""
         out = normalize_answer(text, lang)
         assert out == " ".join(out.split())
         assert not set(out) & set(string.punctuation)
         assert out == out.lower()
+        if lang == "fr":
+            assert not [ch for ch in out if unicodedata.category(ch).startswith("P")]
+            assert unicodedata.normalize("NFKC", out) == out
+            assert not set(out) & {"\u00a0", "\u202f", "\u2019", "\u02bc"}
         articles = {"a", "an", "the"} if lang == "en" else {"le", "la", "les", "un", "une", "des", "du", "de",
                                                            "au", "aux"}
         assert not set(out.split()) & articles

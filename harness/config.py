@@ -177,6 +177,7 @@ class Profile:
     data: DataConfig = _spec("data files")
     eval: EvalConfig = _spec("evaluation")
     latency: LatencyConfig = _spec("latency benchmark")
+    requires_gpu: bool = _spec("every variant test is marked gpu and skips without CUDA", default=False)
     quality_gates: tuple[Gate, ...] = _spec("thresholds the quality suite asserts", default=())
     vram_ceilings_gib: dict = _spec("{train|inference: {variant: GiB}} for the gpu suite", default={})
     variant_defs: dict = _spec("resolved variants, filled from variants.yaml", default={})

@@ -60,6 +60,22 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         metafunc.parametrize("variant_name", names, ids=names, scope="session")
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """On a GPU profile every variant test is a gpu test: ``-m gpu`` selects the whole sweep."""
+    profile = config.stash[PROFILE_KEY]
+    if not profile.requires_gpu:
+        return
+    import torch
+
+    no_cuda = None if torch.cuda.is_available() else pytest.mark.skip(
+        reason=f"profile {profile.name!r} needs a CUDA GPU (requires_gpu: true in {profile.source_file})")
+    for item in items:
+        if "variant_name" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.gpu)
+            if no_cuda:
+                item.add_marker(no_cuda)
+
+
 def _is_xdist_worker(config: pytest.Config) -> bool:
     return hasattr(config, "workerinput")
 

@@ -208,7 +208,8 @@ def test_an_empty_string_reference_is_one_reference_not_none():
 # Characters the rules treat specially: both apostrophes (U+2019, U+02BC) and the ASCII one, NBSP and narrow NBSP,
 # other whitespace, ASCII and Unicode punctuation (guillemets, ellipsis, dashes, inverted marks, "_"), and accented
 # capitals whose lowercase the French rule must keep.
-TRICKY_CHARS = "'’ʼ\u00a0\u202f \t\n«»…–—-.,;:!?¿¡()[]\"$+=_/&ÉéÈèÊêÀàÇçŒœÎîÏïÔôÛûÙùÜüŸÿ"
+TRICKY_CHARS = ("'’ʼ\u00a0\u202f \t\n«»…–—-.,;:!?¿¡()[]\"$+=_/&"
+                "ÉéÈèÊêÀàÇçŒœÎîÏïÔôÛûÙùÜüŸÿ")
 
 # Any code point except surrogates, with the tricky characters drawn far more often than chance would.
 CHARS = st.one_of(st.characters(exclude_categories=("Cs",)), st.sampled_from(TRICKY_CHARS))
@@ -367,8 +368,8 @@ class TestMetricInvariants:
     def test_english_exact_match_ignores_ascii_punctuation_inserted_anywhere(self, pr, punct, data):
         """SQuAD deletes string.punctuation (it does not turn it into a space), so insertion anywhere, even
         inside a word, is invisible: "cat" and "c.a-t" both give "cat". Precondition: no capital sigma "Σ", the
-        one character whose lowercase depends on its neighbours ("ΑΣΑ" -> "ασα" but "ΑΣ!Α" -> "ας!α"). A rule
-        that maps punctuation to spaces, as the French one does, fails here."""
+        one character whose lowercase depends on its neighbours ("ΑΣΑ" -> "ασα" but "ΑΣ!Α" -> "ας!α").
+        A rule that maps punctuation to spaces, as the French one does, fails here."""
         prediction, refs = pr
         assume("Σ" not in prediction)
         noisy = prediction

@@ -31,6 +31,7 @@ __all__ = [
     "DataConfig",
     "EvalConfig",
     "LatencyConfig",
+    "InferenceConfig",
     "Gate",
     "Profile",
     "CONFIG_DIR",
@@ -154,6 +155,35 @@ class LatencyConfig:
 
 
 @dataclass(frozen=True)
+class InferenceConfig:
+    engine: str = _spec("how eval and latency decode: seed (NF4 + unmerged adapter, HF generate), nf4-compiled, "
+                        "or merged (dequantized base + merged adapter); see harness/engines.py", default="seed",
+                        choices=("seed", "nf4-compiled", "merged"))
+    merged_dtype: str = _spec("dtype the NF4 base is dequantized to and the adapter merged in", default="bfloat16",
+                              choices=("bfloat16", "float16", "float32"))
+    compile: bool = _spec("compile the static-cache decode step (CUDA only; the CPU runs it eagerly)", default=True)
+    compile_mode: str = _spec("torch.compile mode of the decode step", default="reduce-overhead",
+                              choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"))
+    compile_fullgraph: bool = _spec("fail on graph breaks in the merged engine's decode step", default=True)
+    cache_bucket: int = _spec("static cache length is rounded up to a multiple of this (fewer compiled shapes)",
+                              default=256, lo=1)
+    speed_variant: str = _spec("variant the speed suite compares engines on", default="r16")
+    speed_engines: tuple[str, ...] = _spec("engines the speed suite measures, the seed path first",
+                                           default=("seed", "nf4-compiled", "merged"),
+                                           choices=("seed", "nf4-compiled", "merged"))
+    speed_rounds: int = _spec("timed rounds per engine in the speed suite", default=5, lo=1)
+    speed_min_speedup: float | None = _spec("the configured engine's p50 must beat the seed path's by this factor",
+                                            default=None, lo=1.0)
+    speed_max_p50_s: float | None = _spec("the configured engine's p50 must be at most this", default=None, lo=0.0,
+                                          lo_open=True)
+    parity_new_tokens: int = _spec("greedy tokens compared by the parity check", default=32, lo=1)
+    parity_min_agreement: float = _spec("lowest mean token agreement of merged vs seed", default=0.9, lo=0.0,
+                                        hi=1.0)
+    parity_max_logit_diff: float = _spec("largest |logit difference| of merged vs seed, teacher-forced",
+                                         default=1.0, lo=0.0)
+
+
+@dataclass(frozen=True)
 class Gate:
     variants: tuple[str, ...] = _spec("variants this gate applies to")
     split: str = _spec("split scored", choices=("train", "validation", "test"))
@@ -177,6 +207,8 @@ class Profile:
     data: DataConfig = _spec("data files")
     eval: EvalConfig = _spec("evaluation")
     latency: LatencyConfig = _spec("latency benchmark")
+    inference: InferenceConfig = _spec("inference engine for eval and latency; speed suite settings",
+                                       default=InferenceConfig())
     requires_gpu: bool = _spec("every variant test is marked gpu and skips without CUDA", default=False)
     quality_gates: tuple[Gate, ...] = _spec("thresholds the quality suite asserts", default=())
     vram_ceilings_gib: dict = _spec("{train|inference: {variant: GiB}} for the gpu suite", default={})
@@ -208,6 +240,8 @@ def _read_yaml(path: Path) -> tuple[Any, dict[tuple, int]]:
         raise ConfigError([f"{path}: file not found; pass --profile with a name from data/configs or a YAML path"])
     except UnicodeDecodeError as e:
         raise ConfigError([f"{path}: not valid UTF-8 ({e.reason} at byte {e.start}); save the file as UTF-8"])
+    except OSError as e:  # a directory, a fifo, no permission
+        raise ConfigError([f"{path}: cannot be read ({e.strerror or e}); pass the path of a YAML file"])
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
@@ -219,6 +253,7 @@ def _read_yaml(path: Path) -> tuple[Any, dict[tuple, int]]:
                  if ctx and getattr(e, "context", None) and (not mark or ctx.line != mark.line) else "")
         raise ConfigError([f"{where}: invalid YAML: {getattr(e, 'problem', None) or e}{began}; fix the syntax"])
     lines: dict[tuple, int] = {}
+    duplicates: list[str] = []  # PyYAML keeps the last of two equal keys without a word: that hides an edit
 
     def walk(n, prefix, ancestors=frozenset()):
         if id(n) in ancestors:  # a self-referencing anchor (&a [*a]): don't follow it forever
@@ -227,6 +262,11 @@ def _read_yaml(path: Path) -> tuple[Any, dict[tuple, int]]:
         if isinstance(n, yaml.MappingNode):
             for k, v in n.value:
                 key = prefix + (k.value,)
+                if key in lines and k.value != "<<":
+                    dotted = ".".join(str(x) for x in key)
+                    duplicates.append(f"{path}:{k.start_mark.line + 1}: {dotted}: duplicate key {k.value!r} (first "
+                                      f"on line {lines[key]}); keep one of them")
+                    continue
                 lines[key] = k.start_mark.line + 1
                 walk(v, key, ancestors)
         elif isinstance(n, yaml.SequenceNode):
@@ -236,6 +276,8 @@ def _read_yaml(path: Path) -> tuple[Any, dict[tuple, int]]:
 
     if node is not None:
         walk(node, ())
+    if duplicates:
+        raise ConfigError(duplicates)
     return data, lines
 
 
@@ -255,7 +297,8 @@ class _Checker:
 
     def build(self, cls, raw: Any, keypath: tuple, skip: tuple = ()):
         if not isinstance(raw, dict):
-            self.err(keypath, f"expected a mapping of {cls.__name__} fields, got {raw!r}")
+            self.err(keypath, f"expected a mapping of {cls.__name__} fields, got {raw!r}; write them as "
+                              f"indented 'key: value' lines, as in {CONFIG_DIR / 'tiny.yaml'}")
             return None
         hints = typing.get_type_hints(cls)
         fields = {f.name: f for f in dataclasses.fields(cls) if f.name not in skip}
@@ -263,7 +306,7 @@ class _Checker:
         for key in raw:
             if key not in fields:
                 close = difflib.get_close_matches(str(key), list(fields), n=1)
-                hint = f"did you mean {close[0]!r}? " if close else ""
+                hint = f"did you mean {close[0]!r}? " if close else "remove it; "
                 if close and close[0] not in raw:
                     renamed.add(close[0])
                     hint = f"did you mean {close[0]!r}? rename it; "
@@ -330,6 +373,9 @@ class _Checker:
 
 
 def _load_variants(path: Path) -> dict[str, Variant]:
+    if not path.exists():
+        raise ConfigError([f"{path}: file not found; a profile's variants are defined in {VARIANTS_FILE} beside it: "
+                           f"copy {CONFIG_DIR / VARIANTS_FILE} there"])
     raw, lines = _read_yaml(path)
     chk = _Checker(path, lines)
     out: dict[str, Variant] = {}
@@ -383,6 +429,12 @@ def load_profile(name_or_path: str | Path) -> Profile:
             hint = f"did you mean {close[0]!r}? " if close else ""
             chk.err(("variants", i), f"unknown variant {name!r}; {hint}defined in {variants_path.name}: "
                                      f"{', '.join(defs)}")
+    inference = built.get("inference")
+    if isinstance(inference, InferenceConfig) and inference.speed_variant not in defs:
+        close = difflib.get_close_matches(inference.speed_variant, list(defs), n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        chk.err(("inference", "speed_variant"), f"unknown variant {inference.speed_variant!r}; {hint}defined in "
+                                                f"{variants_path.name}: {', '.join(defs)}")
     if len(set(built["variants"])) != len(built["variants"]):
         chk.err(("variants",), "a variant is listed twice; list each once")
     for i, gate in enumerate(built.get("quality_gates", ())):  # optional: may be absent
@@ -422,8 +474,9 @@ def _check_ceilings(chk: _Checker, ceilings: dict, variants: tuple) -> None:
             if v not in variants:
                 chk.err(("vram_ceilings_gib", phase, v), f"unknown variant {v!r}; this profile sweeps "
                                                          f"{', '.join(variants)}")
-            elif isinstance(gib, bool) or not isinstance(gib, (int, float)) or gib <= 0:
-                chk.err(("vram_ceilings_gib", phase, v), f"expected a positive number of GiB, got {gib!r}")
+            elif isinstance(gib, bool) or not isinstance(gib, (int, float)) or not 0 < gib < math.inf:
+                chk.err(("vram_ceilings_gib", phase, v), f"expected a positive, finite number of GiB, got {gib!r}; "
+                                                         f"write the most GiB this phase may use, e.g. 12.5")
 
 
 def config_hash(obj: Any) -> str:

@@ -75,14 +75,16 @@ def _check_record(rec: dict, where: str, problems: list[str]) -> bool:
             ok = False
         elif not isinstance(rec[key], str):
             problems.append(f"{where}: field {key!r} must be a string, got {type(rec[key]).__name__} "
-                            f"{rec[key]!r}")
+                            f"{rec[key]!r}; write it in double quotes" + (" (\"\" for no context)"
+                                                                          if key == "input" else ""))
             ok = False
         elif key not in _MAY_BE_EMPTY and not rec[key].strip():
             problems.append(f"{where}: field {key!r} is empty; give a non-empty value")
             ok = False
     answers = rec.get("answers", [])
     if not isinstance(answers, list) or not all(isinstance(a, str) and a.strip() for a in answers):
-        problems.append(f"{where}: field 'answers' must be a list of non-empty strings, got {answers!r}")
+        problems.append(f"{where}: field 'answers' must be a list of non-empty strings, got {answers!r}; write "
+                        f"[\"first\", \"second\"] or leave the field out")
         ok = False
     if ok and rec["lang"] not in SUPPORTED_LANGS:
         close = difflib.get_close_matches(rec["lang"].lower(), SUPPORTED_LANGS, n=1)
@@ -98,6 +100,22 @@ def _check_record(rec: dict, where: str, problems: list[str]) -> bool:
     return ok
 
 
+class _DuplicateKey(ValueError):
+    def __init__(self, key: str):
+        super().__init__(key)
+        self.key = key
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
+    """json.loads keeps the last of two equal keys without a word; a line with two 'output's is a mistake."""
+    out: dict = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
+
+
 def read_jsonl(path: str | Path, split: str, problems: list[str]) -> list[Example]:
     """Read one split; append every problem to ``problems``. Accepts a BOM, CRLF and blank lines."""
     path = Path(path)
@@ -108,6 +126,12 @@ def read_jsonl(path: str | Path, split: str, problems: list[str]) -> list[Exampl
         return []
     except IsADirectoryError:
         problems.append(f"{path}: is a directory; point data.{split} at a JSONL file")
+        return []
+    except OSError as e:
+        problems.append(f"{path}: cannot be read ({e.strerror or e}); point data.{split} at a readable JSONL file")
+        return []
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):  # otherwise every line would be its own error
+        problems.append(f"{path}: encoded as UTF-16 (it starts with a UTF-16 byte-order mark); save the file as UTF-8")
         return []
     if raw.startswith(b"\xef\xbb\xbf"):
         raw = raw[3:]
@@ -124,7 +148,10 @@ def read_jsonl(path: str | Path, split: str, problems: list[str]) -> list[Exampl
                             f"save the file as UTF-8")
             continue
         try:
-            rec = json.loads(line)
+            rec = json.loads(line, object_pairs_hook=_no_duplicate_keys)
+        except _DuplicateKey as e:
+            problems.append(f"{where}: field {e.key!r} appears twice in one line; keep one of them")
+            continue
         except json.JSONDecodeError as e:
             problems.append(f"{where}: invalid JSON at column {e.colno}: {e.msg}; each line must be one JSON object")
             continue

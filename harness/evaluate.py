@@ -63,10 +63,17 @@ def _summarize(rows: list[dict], cfg: EvalConfig) -> dict[str, Any]:
     return summary
 
 
-def score_split(model, tokenizer, examples: list[Example], cfg: EvalConfig) -> SplitScores:
-    """Generate for every example of a split and score it: per-example rows plus EM/F1 with bootstrap CIs."""
+def score_split(decoder, tokenizer, examples: list[Example], cfg: EvalConfig) -> SplitScores:
+    """Generate for every example of a split and score it: per-example rows plus EM/F1 with bootstrap CIs.
+
+    ``decoder`` is an engine from ``harness.engines`` (or a bare model, decoded the seed's way).
+    """
+    from .engines import HFGreedy
+
+    if not hasattr(decoder, "compile_s"):
+        decoder = HFGreedy(decoder, tokenizer)
     prompts = [encode_prompt(tokenizer, e.instruction, e.input) for e in examples]
-    new_tokens = generate_greedy(model, tokenizer, prompts, cfg.max_new_tokens, cfg.batch_size)
+    new_tokens = decoder.generate(prompts, cfg.max_new_tokens, cfg.batch_size)
     rows = []
     for ex, toks in zip(examples, new_tokens, strict=True):
         pred = decode_answer(tokenizer, toks)

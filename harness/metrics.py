@@ -20,7 +20,8 @@ _EN_ARTICLES = re.compile(r"\b(a|an|the)\b")
 _FR_ARTICLES = frozenset({"le", "la", "les", "un", "une", "des", "du", "de", "au", "aux"})
 # Longest first so that "jusqu'" wins over "qu'".
 _FR_ELISIONS = ("jusqu'", "lorsqu'", "puisqu'", "qu'", "l'", "d'", "j'", "m'", "n'", "s'", "t'", "c'")
-_FR_ELISION_RE = re.compile(r"(?<!\w)(?:" + "|".join(re.escape(e) for e in _FR_ELISIONS) + r")")
+# An elision starts a word: no letter or digit before it. Not (?<!\w): "_" is punctuation here, as in "-l'eau".
+_FR_ELISION_RE = re.compile(r"(?<![^\W_])(?:" + "|".join(re.escape(e) for e in _FR_ELISIONS) + r")")
 
 
 def _check_lang(lang: str) -> None:

@@ -7,17 +7,22 @@ This is the only module that knows pytest; everything it calls is plain library 
 from __future__ import annotations
 
 import os
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from .config import ConfigError, load_profile
+from .data import DataError
+from .inputs import check_profile_data
 from .results import ResultsRecorder, load_results, results_path
 
 PROFILE_KEY = pytest.StashKey["object"]()
 RECORDER_KEY = pytest.StashKey["ResultsRecorder"]()
+SPLITS_KEY = pytest.StashKey[dict]()
 _STARTED_KEY = pytest.StashKey[float]()
+_ENDED_KEY = pytest.StashKey[dict]()  # variant -> why its remaining tests do not run (out of memory)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -38,9 +43,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    # A bad profile or dataset is one error before any test runs, and nothing is written.
     try:
         profile = load_profile(config.getoption("profile"))
-    except ConfigError as e:
+        config.stash[SPLITS_KEY] = check_profile_data(profile)
+    except (ConfigError, DataError) as e:
         raise pytest.UsageError(str(e)) from None
     runs = config.getoption("runs_dir")
     if runs is not None and not Path(runs).is_absolute():
@@ -51,6 +58,7 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[PROFILE_KEY] = profile
     config.stash[RECORDER_KEY] = ResultsRecorder(profile)
     config.stash[_STARTED_KEY] = time.time()
+    config.stash[_ENDED_KEY] = {}
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -74,6 +82,46 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.gpu)
             if no_cuda:
                 item.add_marker(no_cuda)
+
+
+def _variant_of(item: pytest.Item) -> str | None:
+    callspec = getattr(item, "callspec", None)
+    return callspec.params.get("variant_name") if callspec else None
+
+
+def end_variant(config: pytest.Config, variant: str, message: str) -> None:
+    """Fail the variant's remaining tests with ``message`` (it ran out of memory); the other variants still run."""
+    config.stash[_ENDED_KEY].setdefault(variant, message)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    message = item.config.stash[_ENDED_KEY].get(_variant_of(item)) if _ENDED_KEY in item.config.stash else None
+    if message:
+        pytest.fail(message, pytrace=False)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item):
+    """A CUDA OOM raised by a test body (e.g. a latency round) ends its variant like one raised by a fixture."""
+    variant = _variant_of(item)
+    try:
+        return (yield)
+    except Exception as e:
+        torch = sys.modules.get("torch")
+        if variant is None or torch is None or not isinstance(e, torch.cuda.OutOfMemoryError):
+            raise
+        from .oom import describe_oom, memory_now
+
+        message = describe_oom(item.config.stash[PROFILE_KEY], variant, "inference", memory_now(), str(e))
+    loaded = item.funcargs.get("loaded_variant") if hasattr(item, "funcargs") else None
+    if loaded is not None:
+        loaded.model = None  # the fixture holds the model; drop it so the next variant gets the memory
+    from .models import free_model
+
+    free_model()
+    end_variant(item.config, variant, message)
+    pytest.fail(message, pytrace=False)
 
 
 def _is_xdist_worker(config: pytest.Config) -> bool:

@@ -18,6 +18,7 @@ __all__ = [
     "PROMPT_FORMAT",
     "V3_TOKENIZER_FILE",
     "AnswerTooLong",
+    "EmptyAnswer",
     "v3_tokenizer",
     "v3_model_file",
     "user_content",
@@ -33,6 +34,10 @@ V3_TOKENIZER_FILE = "mistral_instruct_tokenizer_240323.model.v3"
 
 class AnswerTooLong(ValueError):
     """A training example does not fit in max_length with its whole answer and EOS."""
+
+
+class EmptyAnswer(ValueError):
+    """A training example has no answer to learn (mistral-common would reject it with its own exception)."""
 
 
 def v3_model_file() -> Path:
@@ -83,8 +88,11 @@ def build_training_example(tokenizer, instruction: str, input: str, answer: str,
                            max_length: int | None = None) -> dict[str, list[int]]:
     """Prompt ids + answer ids + EOS, with a completion mask that is 1 on the answer and EOS only.
 
-    Raises AnswerTooLong rather than cutting the answer when the sequence exceeds ``max_length``.
+    Raises AnswerTooLong rather than cutting the answer when the sequence exceeds ``max_length``, and EmptyAnswer
+    for a blank answer.
     """
+    if not answer:
+        raise EmptyAnswer("the answer is ''; give the text the model should learn to answer")
     prompt = encode_prompt(tokenizer, instruction, input)
     full = _encode_conversation(tokenizer, user_content(instruction, input), answer)
     if full[: len(prompt)] != prompt:

@@ -17,7 +17,7 @@ import torch
 
 from .config import Profile, Variant
 from .data import DataError, Example
-from .prompt import AnswerTooLong, build_training_example
+from .prompt import AnswerTooLong, EmptyAnswer, build_training_example
 
 __all__ = [
     "DegenerateRecipeWarning",
@@ -51,6 +51,8 @@ def training_rows(tokenizer, examples: list[Example], max_length: int) -> list[d
             rows.append(build_training_example(tokenizer, ex.instruction, ex.input, ex.output, max_length))
         except AnswerTooLong as e:
             problems.append(f"{ex.where}: field 'output' does not fit: {e}")
+        except EmptyAnswer as e:
+            problems.append(f"{ex.where}: field 'output' is empty: {e}")
     if problems:
         raise DataError(problems)
     return rows

@@ -22,7 +22,9 @@ import yaml
 from .artifacts import atomic_dir, atomic_write_text, file_lock, library_versions, provenance, sweep_partial
 from .config import Profile, Variant, config_hash
 from .data import Example, fingerprint
+from .engines import HFGreedy, StaticGreedy
 from .models import device, free_model, load_base
+from .oom import call_with_oom_guard
 from .prompt import PROMPT_FORMAT
 
 __all__ = ["LoadedVariant", "artifact_key", "artifact_dir", "ensure_adapter", "load_variant", "MANIFEST"]
@@ -39,6 +41,7 @@ class LoadedVariant:
     model: Any
     tokenizer: Any
     manifest: dict[str, Any]
+    engine: Any = None  # harness.engines: how eval and latency decode with this model (profile.inference.engine)
 
 
 def artifact_key(profile: Profile, variant: Variant, train_examples: list[Example]) -> dict[str, Any]:
@@ -112,18 +115,39 @@ def ensure_adapter(profile: Profile, variant: Variant, splits: dict[str, list[Ex
 
 
 def load_variant(profile: Profile, variant: Variant, splits: dict[str, list[Example]], tokenizer,
-                 runs_dir: Path, retrain: bool = False) -> LoadedVariant:
-    """Train or reuse the adapter, then load base + adapter for inference (the same path either way)."""
-    from peft import PeftModel
+                 runs_dir: Path, retrain: bool = False, merged_base=None) -> LoadedVariant:
+    """Train or reuse the adapter, then load base + adapter for inference (the same path either way).
 
+    A CUDA OOM raises ``VariantOutOfMemory`` naming the phase (train or inference), with the memory freed.
+    """
     if variant.is_baseline:
         manifest = {"profile": profile.name, "variant": variant.name, "trainable_params": 0,
                     "config_hash": config_hash(profile), **provenance()}
-        model = load_base(profile.model, profile.quantization, Path(runs_dir) / "_models")
-        return LoadedVariant(variant, model, tokenizer, manifest)
-    path, manifest = ensure_adapter(profile, variant, splits, tokenizer, runs_dir, retrain)
+        path = None
+    else:
+        path, manifest = call_with_oom_guard(profile, variant.name, "train", ensure_adapter, profile, variant,
+                                             splits, tokenizer, runs_dir, retrain)
+        manifest = {**manifest, "artifact_dir": str(path)}
+    engine = profile.inference.engine
+    if engine == "merged":
+        if merged_base is None:
+            raise ValueError("the merged engine needs the session's MergedBase (harness.engines.MergedBase)")
+        model = call_with_oom_guard(profile, variant.name, "inference", merged_base.activate, variant.name,
+                                    None if path is None else path / "adapter")
+        return LoadedVariant(variant, model, tokenizer, manifest, merged_base.engine)
+    model = call_with_oom_guard(profile, variant.name, "inference", _load_for_inference, profile, path, runs_dir)
+    decoder = (HFGreedy(model, tokenizer) if engine == "seed"
+               else StaticGreedy(model, tokenizer, engine, profile.inference))
+    return LoadedVariant(variant, model, tokenizer, manifest, decoder)
+
+
+def _load_for_inference(profile: Profile, artifact: Path | None, runs_dir: Path):
+    """The base, with the adapter in ``artifact`` on top unless it is None (the baseline)."""
+    from peft import PeftModel
+
     base = load_base(profile.model, profile.quantization, Path(runs_dir) / "_models")
-    model = PeftModel.from_pretrained(base, str(path / "adapter"))
+    if artifact is None:
+        return base
+    model = PeftModel.from_pretrained(base, str(artifact / "adapter"))
     model.eval()
-    manifest = {**manifest, "artifact_dir": str(path)}
-    return LoadedVariant(variant, model, tokenizer, manifest)
+    return model

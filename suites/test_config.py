@@ -32,10 +32,16 @@ def line_of(path: Path, pattern: str) -> int:
     raise AssertionError(f"{pattern!r} not found in {path}")
 
 
-# (profile, the file the error names, regex of the line it must point at, the key, the fix it must suggest)
+# (profile, the file the error names, regex of the line it must point at (None: a whole-file problem), the key
+#  (None: a syntax or file problem), the fix it must suggest)
 BAD = [
     pytest.param(CONFIGS / "unknown_key.yaml", None, r"^  learnig_rate:", "training.learnig_rate",
                  "did you mean 'learning_rate'", id="unknown-key-typo"),
+    pytest.param(CONFIGS / "unknown_top_level_key.yaml", None, r"^notes:", "notes",
+                 "unknown key 'notes'; remove it", id="unknown-top-level-key"),
+    pytest.param(CONFIGS / "duplicate_key.yaml", None, r"^  epochs: 2 ", "training.epochs",
+                 f"duplicate key 'epochs' (first on line {line_of(CONFIGS / 'duplicate_key.yaml', r'^  epochs: 40')}); "
+                 "keep one of them", id="duplicate-yaml-key"),
     pytest.param(CONFIGS / "gate_above_one.yaml", None, r"min: 1\.5", "quality_gates.0.min",
                  "1.5 is out of range; must be <= 1.0", id="gate-threshold-above-1"),
     pytest.param(CONFIGS / "missing_data_file.yaml", None, r"^  validation:", "data.validation",
@@ -44,11 +50,19 @@ BAD = [
                  "unknown variant 'r64'", id="unknown-variant-r64"),
     pytest.param(CONFIGS / "wrong_type.yaml", None, r"^  epochs:", "training.epochs",
                  "expected an integer, got 'forty'", id="epochs-is-a-word"),
+    pytest.param(CONFIGS / "learning_rate_string.yaml", None, r"^  learning_rate:", "training.learning_rate",
+                 "expected a number, got '5e-3' (str); write it unquoted", id="learning-rate-is-a-string"),
+    pytest.param(CONFIGS / "negative_dropout.yaml", None, r"^  dropout:", "lora.dropout",
+                 "-0.05 is out of range; must be >= 0.0", id="negative-dropout"),
     # a missing key has no line of its own: the error points at its section
     pytest.param(CONFIGS / "missing_key.yaml", None, r"^latency:", "latency.rounds",
                  "missing required key 'rounds'", id="missing-required-key"),
     pytest.param(CONFIGS / "unknown_choice.yaml", None, r"quant_type: nf5", "quantization.quant_type",
                  "did you mean 'nf4'", id="quant-type-nf5"),
+    pytest.param(CONFIGS / "vram_ceiling_nan.yaml", None, r"^vram_ceilings_gib:", "vram_ceilings_gib.train.r16",
+                 "got nan; write the most GiB this phase may use", id="vram-ceiling-nan"),
+    pytest.param(CONFIGS / "vram_ceiling_inf.yaml", None, r"^vram_ceilings_gib:", "vram_ceilings_gib.inference.r8",
+                 "got inf; write the most GiB this phase may use", id="vram-ceiling-inf"),
     # regressions: these used to raise OverflowError, ValueError and RecursionError, or (nan) to load
     pytest.param(CONFIGS / "float_overflow.yaml", None, r"^  learning_rate:", "training.learning_rate",
                  "is out of range; write a finite number", id="float-overflow"),
@@ -58,24 +72,45 @@ BAD = [
                  "point data.train at an existing JSONL file", id="nul-byte-in-data-path"),
     pytest.param(CONFIGS / "recursive_anchor.yaml", None, r"target_modules: &mods", "lora.target_modules.0",
                  "expected a string, got [[...], 'q_proj'", id="self-referencing-anchor"),
+    pytest.param(CONFIGS / "invalid_yaml.yaml", None, r"^training:", None, "fix the syntax", id="invalid-yaml"),
+    pytest.param(CONFIGS / "tab_indentation.yaml", None, r"^\tepochs:", None,
+                 "found character '\\t' that cannot start any token; fix the syntax", id="tab-indentation"),
+    pytest.param(CONFIGS / "empty_profile.yaml", None, None, "<top>",
+                 "got None; write them as indented 'key: value' lines", id="empty-profile"),
     pytest.param(BADVARIANTS / "negative_rank" / "profile.yaml", "variants.yaml", r"^  r: -16", "r16.r",
                  "-16 is out of range; must be >= 1", id="variants-negative-rank"),
     pytest.param(BADVARIANTS / "alpha_string" / "profile.yaml", "variants.yaml", r'^  alpha: "32"', "r16.alpha",
                  "expected an integer, got '32' (str)", id="variants-alpha-is-a-string"),
+    pytest.param(CORPUS / "configs_novariants" / "profile.yaml", "variants.yaml", None, None,
+                 "file not found; a profile's variants are defined in variants.yaml beside it", id="no-variants-file"),
 ]
+
+
+def _where(profile: Path, bad_file: str | None, pattern: str | None, key: str | None) -> str:
+    """How the problem line must start: ``file:line: key: `` (line and key only where the fault has them)."""
+    path = profile.parent / bad_file if bad_file else profile
+    line = f":{line_of(path, pattern)}" if pattern else ""
+    return f"{path}{line}: " + (f"{key}: " if key else "")
 
 
 @pytest.mark.parametrize("profile, bad_file, pattern, key, fix", BAD)
 def test_malformed_profile_gives_one_clear_error(profile, bad_file, pattern, key, fix):
-    path = profile.parent / bad_file if bad_file else profile
     with pytest.raises(ConfigError) as info:
         load_profile(profile)
     err = info.value
     assert len(err.problems) == 1, f"one fault, one problem; got:\n{err}"
     (problem,) = err.problems
-    assert problem.startswith(f"{path}:{line_of(path, pattern)}: {key}: "), problem
+    assert problem.startswith(_where(profile, bad_file, pattern, key)), problem
     assert fix in problem, problem
     assert problem in str(err)
+
+
+@pytest.mark.parametrize("profile, bad_file, pattern, key, fix", BAD)
+def test_malformed_profile_stops_pytest_with_one_usage_error(run_as_user, profile, bad_file, pattern, key, fix):
+    """``pytest --profile bad.yaml`` prints one error and runs nothing: no test errors, no traceback, artifacts as
+    they were. Without the plugin's configure-time check every variant test would error on its own."""
+    problem = run_as_user(profile)
+    assert problem.startswith(_where(profile, bad_file, pattern, key)) and fix in problem, problem
 
 
 def test_invalid_yaml_names_where_the_parser_stopped_and_where_the_construct_began():
@@ -205,11 +240,81 @@ def fuzz_dir(tmp_path_factory) -> Path:
 def test_mutated_profile_loads_or_raises_config_error(fuzz_dir, doc):
     path = fuzz_dir / "profile.yaml"
     path.write_text(yaml.safe_dump(doc, allow_unicode=True, sort_keys=False), encoding="utf-8")
+    _loads_or_names_the_place(path)
+
+
+def _loads_or_names_the_place(path: Path) -> None:
+    """Load ``path``: it either loads, or raises ConfigError whose every problem starts with the file beside it
+    (the profile or its variants.yaml), a line number where the file parsed, and says what is wrong."""
     try:
         profile = load_profile(path)
     except ConfigError as e:
         assert e.problems, "a ConfigError must list at least one problem"
-        assert all(isinstance(p, str) and p.startswith(str(fuzz_dir)) for p in e.problems), e.problems
+        place = re.compile(rf"^{re.escape(str(path.parent))}/(profile|variants)\.yaml(:\d+)?: \S")
+        assert all(isinstance(p, str) and place.match(p) for p in e.problems), e.problems
     else:
         assert isinstance(profile, Profile)
         config_hash(profile)
+
+
+# Text-level mistakes a person makes in an editor, which a dict-level mutation cannot produce: a key written twice,
+# a line deleted, doubled or moved, a character typed anywhere, a file cut short, bytes that are not UTF-8.
+BASE_TEXTS = {
+    "profile.yaml": re.sub(r"\.\./domain_qa/", f"{DATA}/", (CONFIG_DIR / "tiny.yaml").read_text(encoding="utf-8")),
+    "variants.yaml": (CONFIG_DIR / "variants.yaml").read_text(encoding="utf-8"),
+}
+typed = st.sampled_from(list(":-[]{}#&*!|>'\"%@`\t ,?.\\")) | st.characters() | st.sampled_from(["\n", "  ", ": x"])
+
+
+@st.composite
+def mutated_texts(draw) -> tuple[str, bytes]:
+    name = draw(st.sampled_from(sorted(BASE_TEXTS)))
+    lines = [line.encode() for line in BASE_TEXTS[name].splitlines(keepends=True)]
+    for _ in range(draw(st.integers(1, 3))):
+        op = draw(st.sampled_from(["delete", "duplicate", "move", "type", "value", "truncate", "bytes"]))
+        i = draw(st.integers(0, len(lines) - 1))
+        if op == "delete" and len(lines) > 1:
+            del lines[i]
+        elif op == "duplicate":  # for a 'key: value' line: the same key twice
+            lines.insert(i, lines[i])
+        elif op == "move":
+            lines.insert(draw(st.integers(0, len(lines) - 1)), lines.pop(i))
+        elif op == "type":
+            col = draw(st.integers(0, len(lines[i])))
+            lines[i] = lines[i][:col] + draw(typed).encode("utf-8", "surrogatepass") + lines[i][col:]
+        elif op == "value" and b": " in lines[i]:
+            key = lines[i].split(b": ", 1)[0]
+            lines[i] = key + b": " + draw(scalars.map(lambda v: yaml.safe_dump(v).split("\n")[0])).encode() + b"\n"
+        elif op == "truncate":
+            lines = lines[:i + 1]
+            lines[i] = lines[i][:draw(st.integers(0, len(lines[i])))]
+        elif op == "bytes":
+            lines[i] = lines[i] + draw(st.binary(min_size=1, max_size=3))
+    return name, b"".join(lines)
+
+
+@pytest.fixture(scope="module")
+def text_fuzz_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("fuzz_text")
+
+
+@pytest.mark.invariants
+@given(case=mutated_texts())
+def test_profile_text_edited_by_hand_loads_or_raises_config_error_naming_the_file(text_fuzz_dir, case):
+    """Whatever a person does to the text of a profile or its variants.yaml, the harness answers with a loaded
+    profile or one ConfigError naming the file: never a yaml, Unicode or Python error. The dict-level fuzz above
+    writes YAML with safe_dump, so it never produces a duplicate key, a syntax error or a non-UTF-8 byte."""
+    name, data = case
+    for base_name, text in BASE_TEXTS.items():
+        (text_fuzz_dir / base_name).write_text(text, encoding="utf-8")
+    (text_fuzz_dir / name).write_bytes(data)
+    _loads_or_names_the_place(text_fuzz_dir / "profile.yaml")
+
+
+def test_duplicate_key_fuzz_case_is_rejected(text_fuzz_dir):
+    """The invariant above holds for a harness that silently keeps the last duplicate key; this pins the fix."""
+    text = BASE_TEXTS["variants.yaml"].replace("  alpha: 16 ", "  alpha: 16\n  alpha: 160 ", 1)
+    (text_fuzz_dir / "variants.yaml").write_text(text, encoding="utf-8")
+    (text_fuzz_dir / "profile.yaml").write_text(BASE_TEXTS["profile.yaml"], encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"variants\.yaml:\d+: r8\.alpha: duplicate key 'alpha'"):
+        load_profile(text_fuzz_dir / "profile.yaml")

@@ -7,7 +7,14 @@ from pathlib import Path
 
 import pytest
 
+from hypothesis import given
+from hypothesis import strategies as st
+
+from fixtures.user_runs import write_profile
+from harness.config import load_profile
 from harness.data import DataError, fingerprint, load_splits
+from harness.inputs import check_profile_data
+from harness.prompt import EmptyAnswer, build_training_example, v3_tokenizer
 
 HERE = Path(__file__).resolve().parent
 CORPUS = HERE / "corpus" / "data"
@@ -55,6 +62,18 @@ BAD = [
     pytest.param(("lone_surrogate.jsonl",), "lone_surrogate.jsonl", 3, "lone surrogate (U+D800)",
                  "write the character itself", id="lone-surrogate-escape"),
     pytest.param(("empty.jsonl",), "empty.jsonl", None, "no examples", "add at least one JSON line", id="empty-file"),
+    pytest.param(("duplicate_json_key.jsonl",), "duplicate_json_key.jsonl", 2, "field 'output' appears twice",
+                 "keep one of them", id="duplicate-json-key"),
+    pytest.param(("null_field.jsonl",), "null_field.jsonl", 2, "field 'input' must be a string, got NoneType",
+                 '("" for no context)', id="input-is-null"),
+    pytest.param(("output_whitespace_only.jsonl",), "output_whitespace_only.jsonl", 3, "field 'output' is empty",
+                 "give a non-empty value", id="output-whitespace-only"),
+    pytest.param(("answers_not_a_list.jsonl",), "answers_not_a_list.jsonl", 2, "field 'answers' must be a list",
+                 "or leave the field out", id="answers-not-a-list"),
+    pytest.param(("truncated_last_line.jsonl",), "truncated_last_line.jsonl", 3, "invalid JSON",
+                 "each line must be one JSON object", id="truncated-last-line"),
+    pytest.param(("utf16.jsonl",), "utf16.jsonl", None, "encoded as UTF-16", "save the file as UTF-8",
+                 id="utf16-file"),
     pytest.param(("does_not_exist.jsonl",), "does_not_exist.jsonl", None, "file not found",
                  "point data.train in the profile at an existing JSONL file", id="missing-file"),
 ]
@@ -97,6 +116,57 @@ def test_multi_fault_file_reports_every_problem_at_once():
     assert str(info.value).startswith(f"{len(MULTI_FAULT)} problems in dataset:")
 
 
+@pytest.mark.parametrize("files, bad_file, line, names, fix",
+                         [case for case in BAD if case.id not in ("missing-file",)])  # a config error: test_config
+def test_malformed_file_stops_pytest_with_one_usage_error(run_as_user, tmp_path, files, bad_file, line, names, fix):
+    """``pytest --profile p.yaml`` whose data is bad prints one error before any test (not one ERROR per test) and
+    leaves existing artifacts as they were."""
+    problem = run_as_user(_profile_for(tmp_path, *files))
+    where = f"{CORPUS / bad_file}:{line}: " if line is not None else f"{CORPUS / bad_file}: "
+    assert problem.startswith(where) and names in problem and fix in problem, problem
+
+
+def _profile_for(folder: Path, *files: str, **overrides) -> Path:
+    """A tiny profile whose first splits are the given corpus files (the rest are the shipped ones)."""
+    data = {split: str(CORPUS / name) for split, name in zip(SPLITS, files)}
+    return write_profile(folder / "profile", {"data": data, **overrides})
+
+
+def test_answer_that_does_not_fit_max_length_is_rejected_before_any_test(run_as_user, tmp_path):
+    """The answer is valid text but ~600 v3 tokens: training would cut it. Only the real tokenizer can tell."""
+    path = CORPUS / "answer_too_long.jsonl"
+    profile = load_profile(_profile_for(tmp_path, "answer_too_long.jsonl"))
+    assert load_splits({"train": path})  # the file itself is well-formed
+    with pytest.raises(DataError) as info:
+        check_profile_data(profile)
+    (problem,) = info.value.problems
+    assert problem.startswith(f"{path}:2: field 'output' does not fit: "), problem
+    assert "over max_length 256; raise training.max_length or shorten the example" in problem
+    assert run_as_user(Path(profile.source_file)) == problem
+
+
+def test_baseline_only_profile_skips_the_length_check(tmp_path):
+    """Only training needs the answer to fit: a profile that trains nothing accepts the long answer."""
+    profile = load_profile(_profile_for(tmp_path, "answer_too_long.jsonl", variants=["baseline"],
+                                        quality_gates=[]))
+    assert len(check_profile_data(profile)["train"]) == 3
+
+
+def test_empty_answer_is_a_harness_error_not_a_tokenizer_exception():
+    """mistral-common rejects an empty assistant message with its own TokenizerException; callers that skip the
+    dataset checks (a notebook) must still get an error that says what to fix."""
+    with pytest.raises(EmptyAnswer, match="give the text the model should learn"):
+        build_training_example(v3_tokenizer(), "What is ARR?", "", "", 256)
+
+
+@pytest.mark.parametrize("name", ["bom.jsonl", "crlf.jsonl", "blank_trailing_line.jsonl"])
+def test_bom_crlf_and_blank_trailing_line_are_each_accepted(name, tmp_path):
+    (examples,) = _load(name).values()
+    assert [e.id for e in examples] == ["c-001", "c-002", "c-003"]  # no BOM glued to the first id
+    assert [e.output for e in examples] == ["answer number 1", "answer number 2", "answer number 3"]  # no \r
+    check_profile_data(load_profile(_profile_for(tmp_path, name)))  # and a profile pointing at it runs
+
+
 def test_bom_crlf_blank_lines_load():
     (examples,) = _load("bom_crlf_blank_lines.jsonl").values()
     assert [e.id for e in examples] == ["c-001", "c-002", "c-003"]  # no BOM glued to the first id
@@ -132,3 +202,55 @@ def test_fingerprint_ignores_bom_and_crlf_but_not_edits(tmp_path):
         tmp_path / "edited", lambda b: b.replace(b"Monthly Recurring Revenue", b"Monthly recurring revenue", 1)))
     assert fingerprint(edited["train"]) != fingerprint(original)
     assert fingerprint(edited["validation"]) == fingerprint(load_splits(_shipped_paths())["validation"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Fuzz: a hand-edited dataset loads or raises DataError naming the file and line
+
+SHIPPED_TRAIN = (SHIPPED / "train.jsonl").read_bytes()
+# what a person types into a JSON line by mistake, or what a bad export writes
+typed = (st.sampled_from([b'"', b",", b"{", b"}", b"[", b"]", b":", b"\\", b"\\u", b"\\ud800", b"\r", b"\n", b"\t",
+                          b" ", b"\xef\xbb\xbf", b"null", b'"id": "x"', b'"output": 1', b'"lang": "de"'])
+         | st.binary(min_size=1, max_size=3) | st.text(max_size=3).map(lambda t: t.encode()))
+
+
+@st.composite
+def mutated_jsonl(draw) -> bytes:
+    lines = SHIPPED_TRAIN.split(b"\n")
+    for _ in range(draw(st.integers(1, 3))):
+        i = draw(st.integers(0, len(lines) - 1))
+        op = draw(st.sampled_from(["type", "delete", "duplicate", "truncate", "join"]))
+        if op == "type":
+            col = draw(st.integers(0, len(lines[i])))
+            lines[i] = lines[i][:col] + draw(typed) + lines[i][col:]
+        elif op == "delete" and len(lines) > 1:
+            del lines[i]
+        elif op == "duplicate":
+            lines.insert(i, lines[i])
+        elif op == "truncate":
+            lines[i] = lines[i][:draw(st.integers(0, len(lines[i])))]
+        elif op == "join" and i + 1 < len(lines):
+            lines[i:i + 2] = [lines[i] + lines[i + 1]]
+    return b"\n".join(lines)
+
+
+@pytest.fixture(scope="module")
+def jsonl_fuzz_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("fuzz_jsonl")
+
+
+@pytest.mark.invariants
+@given(data=mutated_jsonl())
+def test_hand_edited_dataset_loads_or_raises_data_error_naming_file_and_line(jsonl_fuzz_dir, data):
+    """Any edit either loads (and fingerprints) or gives DataError problems that each start with ``path:line:`` or,
+    for a whole-file fault, ``path:``. A reader that lets json, Unicode or Arrow errors through fails here: the
+    lone-surrogate and nesting regressions were of that kind."""
+    path = jsonl_fuzz_dir / "train.jsonl"
+    path.write_bytes(data)
+    try:
+        splits = load_splits({"train": path})
+    except DataError as e:
+        assert e.problems and all(p.startswith(f"{path}:") or p.startswith(f"{path}: ") for p in e.problems), \
+            e.problems
+    else:
+        fingerprint(splits["train"])

@@ -81,10 +81,10 @@ class StaticGreedy:
     is rounded up to ``bucket`` tokens, so a sweep compiles one graph for evaluation and one for latency.
     """
 
-    def __init__(self, model, tokenizer, name: str, cfg: InferenceConfig):
+    def __init__(self, model, tokenizer, name: str, cfg: InferenceConfig, compile_on_cpu: bool = False):
         self.model, self.tokenizer, self.name, self.cfg = model, tokenizer, name, cfg
         self.device = next(model.parameters()).device
-        self.compiled = cfg.compile and self.device.type == "cuda"
+        self.compiled = cfg.compile and (self.device.type == "cuda" or compile_on_cpu)
         self.note = (f"static KV cache, decode step compiled (mode={cfg.compile_mode})" if self.compiled else
                      "static KV cache, eager decode step: compilation needs CUDA, so the CPU runs the same loop "
                      "without it")
@@ -154,8 +154,8 @@ class StaticGreedy:
         for t in range(1, max_new_tokens):
             if self.compiled:
                 torch.compiler.cudagraph_mark_step_begin()
-            token = self._step(token, next_pos + (t - 1), cache_positions[width + t - 1:width + t], full_mask,
-                               cache).clone()  # a CUDA-graph output is overwritten by the next replay: copy it
+            token = self._step(token, next_pos + (t - 1), cache_positions[width + t - 1:width + t].clone(),
+                               full_mask, cache).clone()  # a CUDA-graph output is overwritten by the next replay
             new[:, t] = token[:, 0]
             if eos_id is not None and t % EOS_CHECK_EVERY == 0 and bool((new[:, :t + 1] == eos_id).any(1).all()):
                 return new[:, :t + 1]
@@ -177,7 +177,13 @@ class MergedBase:
         allocated = torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
         nf4 = load_base(profile.model, profile.quantization, cache_root)
         start = time.perf_counter()
-        self.model = nf4.dequantize(dtype=dtype) if getattr(nf4, "hf_quantizer", None) is not None else nf4
+        if getattr(nf4, "hf_quantizer", None) is None:
+            self.model = nf4
+        else:
+            try:
+                self.model = nf4.dequantize(dtype=dtype)
+            except TypeError:  # transformers releases before dequantize(dtype=...)
+                self.model = nf4.dequantize()
         self.model.to(dtype)
         self.model.eval()
         self.dequantize_s = time.perf_counter() - start

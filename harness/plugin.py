@@ -78,7 +78,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     no_cuda = None if torch.cuda.is_available() else pytest.mark.skip(
         reason=f"profile {profile.name!r} needs a CUDA GPU (requires_gpu: true in {profile.source_file})")
     for item in items:
-        if "variant_name" in getattr(item, "fixturenames", ()):
+        if {"variant_name", "engines"} & set(getattr(item, "fixturenames", ())):  # per-variant and speed tests
             item.add_marker(pytest.mark.gpu)
             if no_cuda:
                 item.add_marker(no_cuda)

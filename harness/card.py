@@ -120,11 +120,11 @@ def render_section(results: dict[str, Any], plots: dict[str, str] | None = None)
     return "\n".join(lines)
 
 
-def _replace_block(body: str, profile: str, section: str) -> str:
+def _replace_block(body: str, profile: str, section: str, nl: str = "\n") -> str:
     start, end = _block_markers(profile)
-    block = f"{start}\n{section}\n{end}"
+    block = f"{start}\n{section}\n{end}".replace("\n", nl)
     if START not in body or END not in body:
-        body = body.rstrip("\n") + f"\n\n## Results\n\n{START}\n{END}\n"
+        body = body.rstrip("\r\n") + f"{nl}{nl}## Results{nl}{nl}{START}{nl}{END}{nl}"
     region_start = body.index(START) + len(START)
     region_end = body.index(END)
     region = body[region_start:region_end]
@@ -132,7 +132,7 @@ def _replace_block(body: str, profile: str, section: str) -> str:
         a, b = region.index(start), region.index(end) + len(end)
         region = region[:a] + block + region[b:]
     else:
-        region = region.rstrip("\n") + "\n" + block + "\n"
+        region = region.rstrip("\r\n") + nl + block + nl
     return body[:region_start] + region + body[region_end:]
 
 
@@ -159,9 +159,11 @@ def update_card(card_path: Path, results: dict[str, Any], plots: dict[str, str] 
     from huggingface_hub import ModelCard
 
     card_path = Path(card_path)
-    text = card_path.read_text(encoding="utf-8") if card_path.exists() else "# Model card\n"
+    # bytes, not read_text: universal newlines would turn a user's CRLF into LF outside our region
+    text = card_path.read_bytes().decode("utf-8") if card_path.exists() else "# Model card\n"
     card = ModelCard(text) if text.startswith("---") else ModelCard("---\n{}\n---\n" + text)
-    card.text = _replace_block(card.text, results["profile"], render_section(results, plots))
+    nl = "\r\n" if "\r\n" in text else "\n"  # the card's own line ending, also inside our region
+    card.text = _replace_block(card.text, results["profile"], render_section(results, plots), nl)
     data = card.data
     kept = [r for r in (data.eval_results or []) if r.dataset_name != _dataset_name(results["profile"])]
     new = _eval_results(results)

@@ -90,8 +90,13 @@ def _variant_of(item: pytest.Item) -> str | None:
 
 
 def end_variant(config: pytest.Config, variant: str, message: str) -> None:
-    """Fail the variant's remaining tests with ``message`` (it ran out of memory); the other variants still run."""
+    """Fail the variant's remaining tests with ``message`` (it ran out of memory); the other variants still run.
+
+    What the session recorded for it is dropped: its row in results.json keeps its last complete figures rather
+    than half of them stamped with this run's provenance.
+    """
     config.stash[_ENDED_KEY].setdefault(variant, message)
+    config.stash[RECORDER_KEY].discard(variant)
 
 
 @pytest.hookimpl(tryfirst=True)

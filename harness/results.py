@@ -44,6 +44,10 @@ class ResultsRecorder:
     def record(self, variant: str, section: str, data: dict[str, Any]) -> None:
         self.figures.setdefault(variant, {}).setdefault(section, {}).update(data)
 
+    def discard(self, variant: str) -> None:
+        """Forget what this session recorded for ``variant`` (it failed part-way): its row keeps its last figures."""
+        self.figures.pop(variant, None)
+
     def get(self, variant: str, section: str) -> dict[str, Any]:
         return self.figures.get(variant, {}).get(section, {})
 

@@ -1,0 +1,377 @@
+"""Reliability, end to end, run the way a user runs the harness: ``pytest --profile <yaml>`` in a subprocess, on a
+tiny profile that trains in seconds (``fixtures.user_runs.QUICK``), with a temporary runs dir and card.
+
+Each test names the protection it proves and is written to fail against a harness without it: a run killed while
+training, two xdist workers, three runs against one hand-written card, out of memory, and Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import calendar
+import json
+import re
+import signal
+import subprocess
+import textwrap
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from fixtures.user_runs import quick_profile, run_pytest, snapshot, start_pytest, train_log
+from harness.card import END, START, results_table
+from harness.results import load_results
+
+pytestmark = pytest.mark.slow
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _read_until(proc: subprocess.Popen, seen, timeout_s: float = 300) -> list[str]:
+    """Read the run's output until a line satisfies ``seen``; return the lines read. Fails if the run ends first."""
+    lines, deadline = [], time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line and proc.poll() is not None:
+            break
+        lines.append(line)
+        if seen(line):
+            return lines
+    proc.kill()
+    raise AssertionError("the run ended or timed out before the expected line:\n" + "".join(lines[-40:]))
+
+
+def _artifacts(runs_dir: Path, variant: str) -> list[str]:
+    """Names under runs/tiny/ that belong to ``variant``'s artifacts: final dirs and hidden temp dirs."""
+    folder = runs_dir / "tiny"
+    return sorted(p.name for p in folder.iterdir() if re.match(rf"^(\.tmp-)?{variant}-[0-9a-f]{{12}}", p.name))
+
+
+def _events(runs_dir: Path) -> list[str]:
+    return [event for _, _, event, _ in train_log(runs_dir)]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 2. A killed training run
+
+
+def test_killed_training_run_leaves_no_partial_artifact_and_the_next_run_retrains(tmp_path):
+    """SIGKILL after the first optimizer step: the half-written adapter exists only under a hidden temp name, so no
+    reader can load it; the next run retrains (no 'reuse' first) and leaves exactly one complete artifact. Writing
+    in place would leave a partial ``r8-<hash>`` dir; not sweeping would leave the ``.tmp-`` dir behind."""
+    profile = quick_profile(tmp_path / "p", {"training": {"logging_steps": 1}})  # a loss line after every step
+    runs, card = tmp_path / "runs", tmp_path / "MODEL_CARD.md"
+    selection = ("suites/test_quality.py", "-k", "r8 and predictions")
+
+    proc = start_pytest(profile, runs, card, *selection, "-s")  # -s: the trainer's loss lines reach us
+    try:
+        _read_until(proc, lambda line: "'loss'" in line)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+    assert _events(runs) == ["train-start"], "the kill must land mid-training, after train-start, before train-done"
+    (partial,) = _artifacts(runs, "r8")
+    assert partial.startswith(".tmp-r8-"), f"a killed run left {partial!r} under its final name"
+    assert not card.exists() and not (runs / "tiny" / "results.json").exists()
+
+    second = run_pytest(profile, runs, card, *selection)
+    assert second.returncode == 0, second.stdout[-3000:]
+    events = _events(runs)
+    assert events[:3] == ["train-start", "train-start", "train-done"], events  # retrained; reused nothing first
+    (final,) = _artifacts(runs, "r8")  # one artifact, and the temp dir of the killed run is gone
+    assert final == train_log(runs)[1][3]
+    manifest = json.loads((runs / "tiny" / final / "manifest.json").read_text())
+    assert manifest["complete"] is True and manifest["optimizer_steps"] == manifest["planned_optimizer_steps"]
+    assert (runs / "tiny" / final / "adapter" / "adapter_model.safetensors").is_file()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 3. Concurrent workers (pytest-xdist)
+
+
+def _utc(stamp: str) -> float:
+    return calendar.timegm(time.strptime(stamp, "%Y-%m-%dT%H:%M:%SZ"))
+
+
+def test_two_xdist_workers_needing_one_variant_train_it_exactly_once(tmp_path):
+    """Two tests of r8 go to the two workers (xdist hands 2 tests to 2 workers one each); both need r8's adapter.
+    The artifact lock makes one train and the other wait and reuse: one train-start, and the reuse is logged by
+    the other worker after the manifest says training finished. Without the lock both would train."""
+    profile = quick_profile(tmp_path / "p")
+    runs, card = tmp_path / "runs", tmp_path / "MODEL_CARD.md"
+    result = run_pytest(profile, runs, card, "-n", "2", "suites/test_quality.py", "suites/test_latency.py",
+                        "-k", "r8 and (predictions or latency)")
+    assert result.returncode == 0, result.stdout[-3000:]
+    log = train_log(runs)
+    assert len({pid for _, pid, _, _ in log}) == 2, f"both workers must have needed r8: {log}"
+    assert [event for _, _, event, _ in log] == ["train-start", "train-done", "reuse"], log
+    (start, trainer, _, artifact), (_, _, _, _), (reused_at, reuser, _, reused) = log
+    assert reuser != trainer and reused == artifact
+    manifest = json.loads((runs / "tiny" / artifact / "manifest.json").read_text())
+    assert time.mktime(time.strptime(reused_at, "%Y-%m-%dT%H:%M:%S")) >= _utc(manifest["train_finished"])
+    assert _artifacts(runs, "r8") == [artifact]
+
+
+def test_xdist_workers_needing_different_variants_train_at_the_same_time(tmp_path):
+    """r8 on one worker, r16 on the other: the lock is per artifact key, so both train at once (both train-starts
+    come before either train-done, and the manifests' training intervals overlap). One global lock would
+    serialize them: start, done, start, done."""
+    profile = quick_profile(tmp_path / "p")
+    runs, card = tmp_path / "runs", tmp_path / "MODEL_CARD.md"
+    result = run_pytest(profile, runs, card, "-n", "2", "suites/test_latency.py", "-k", "r8 or r16")
+    assert result.returncode == 0, result.stdout[-3000:]
+    log = train_log(runs)
+    assert [event for _, _, event, _ in log][:4] == ["train-start", "train-start", "train-done", "train-done"], log
+    assert len({pid for _, pid, event, _ in log if event == "train-start"}) == 2, log
+    (r8,), (r16,) = _artifacts(runs, "r8"), _artifacts(runs, "r16")
+    m8, m16 = (json.loads((runs / "tiny" / a / "manifest.json").read_text()) for a in (r8, r16))
+    assert m8["train_started"] <= m16["train_finished"] and m16["train_started"] <= m8["train_finished"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 4. The card is preserved across runs; 6. Ctrl-C leaves the last good state
+
+USER_CARD = """\
+---
+license: apache-2.0
+language: [fr, en]
+my_team: search-quality
+widget:
+- text: "Que signifie ARR ?"
+---
+
+# Our QLoRA adapters
+
+Written by hand: keep this paragraph  
+exactly as it is (trailing spaces, a\ttab, « guillemets », 🚀).
+
+<!-- a comment of ours -->
+
+## Results
+
+<!-- results:start -->
+<!-- results:end -->
+
+## Notes after the results
+
+| ours | table |
+|------|-------|
+| 1    | 2     |
+
+Last line, no newline after it"""
+USER_KEYS = {"license": "apache-2.0", "language": ["fr", "en"], "my_team": "search-quality",
+             "widget": [{"text": "Que signifie ARR ?"}]}
+SELECT = ("suites/test_quality.py", "suites/test_latency.py")
+
+
+def _outside(card_text: str) -> tuple[str, str]:
+    """The card's body before our region and after it (the front matter is YAML, compared by key)."""
+    body = card_text.split("\n---\n", 1)[1]
+    return body[:body.index(START)], body[body.index(END) + len(END):]
+
+
+def _front_matter(card_text: str) -> dict:
+    return yaml.safe_load(card_text.split("\n---\n", 1)[0].removeprefix("---\n"))
+
+
+def _rows(card_text: str) -> dict[str, str]:
+    """The results table rows in the card, by their first cell (the variant label: Baseline, LoRA r8/a16, ...)."""
+    region = card_text[card_text.index(START):card_text.index(END)]
+    cells = [(line.split("|")[1].strip(), line) for line in region.splitlines() if line.startswith("| ")]
+    return {label: line for label, line in cells if label == "Baseline" or label.startswith("LoRA ")}
+
+
+@pytest.fixture(scope="module")
+def three_runs(tmp_path_factory):
+    """``-k r16``, then ``-k r8``, then every variant, against one hand-written card; the card after each run."""
+    tmp = tmp_path_factory.mktemp("card_runs")
+    profile = quick_profile(tmp / "p", {"variants": ["baseline", "r8", "r16"]})
+    runs, card = tmp / "runs", tmp / "card" / "MODEL_CARD.md"
+    card.parent.mkdir()
+    card.write_bytes(USER_CARD.encode("utf-8"))
+    cards, results = [], []
+    for selection in ("r16 and not batched", "r8 and not batched", "not batched"):
+        done = run_pytest(profile, runs, card, *SELECT, "-k", selection)
+        assert done.returncode == 0, done.stdout[-3000:]
+        cards.append(card.read_bytes().decode("utf-8"))
+        results.append(load_results(runs / "tiny" / "results.json"))
+    return {"profile": profile, "runs": runs, "card": card, "cards": cards, "results": results}
+
+
+def test_card_keeps_user_text_and_keys_and_shows_every_variant_latest(three_runs):
+    """Text outside the markers survives byte for byte and user front-matter keys survive every run; after
+    ``-k r8`` the r16 row from the first run is still there, unchanged; after the full run every variant has a row
+    and the table is the one rendered from the final results.json (each variant's latest figures)."""
+    cards, results = three_runs["cards"], three_runs["results"]
+    for text in cards:
+        assert _outside(text) == _outside(USER_CARD)
+        front = _front_matter(text)
+        assert {k: front.get(k) for k in USER_KEYS} == USER_KEYS
+        assert any(r["dataset"]["name"] == "domain_qa (tiny profile)" for r in front["model-index"][0]["results"])
+    first, second, third = (_rows(text) for text in cards)
+    assert list(first) == ["LoRA r16/a32"]
+    assert list(second) == ["LoRA r8/a16", "LoRA r16/a32"] and second["LoRA r16/a32"] == first["LoRA r16/a32"]
+    assert list(third) == ["Baseline", "LoRA r8/a16", "LoRA r16/a32"]
+    assert results_table(results[2]) in cards[2]
+    r16_first, r16_last = (r["variants"]["r16"]["provenance"]["timestamp"] for r in (results[0], results[2]))
+    assert r16_last > r16_first, "the full run re-measured r16: its row must carry the new figures"
+
+
+# Loaded with -p into the interrupted run: it only observes, writing a file when a test body starts.
+CALL_OBSERVER = textwrap.dedent('''
+    import os
+    from pathlib import Path
+
+
+    def pytest_runtest_call(item):
+        Path(os.environ["QLORA_TEST_CALL_STARTED"]).write_text(item.nodeid)
+''')
+
+
+def test_ctrl_c_during_latency_leaves_results_and_card_in_their_last_good_state(three_runs, tmp_path,
+                                                                                  monkeypatch):
+    """SIGINT two seconds into the latency benchmark (100000 rounds; the full traceback shows it landed there):
+    results.json and the card keep their bytes. Without the early return on an interrupted session, the figures
+    the fixtures had already recorded would be merged and the card rewritten (its 'Updated ...' changes)."""
+    profile, runs, card = three_runs["profile"], three_runs["runs"], three_runs["card"]
+    results_json = runs / "tiny" / "results.json"
+    before = snapshot(results_json, card)
+    (tmp_path / "call_observer.py").write_text(CALL_OBSERVER)
+    started = tmp_path / "call-started"
+    monkeypatch.setenv("QLORA_TEST_CALL_STARTED", str(started))
+    proc = start_pytest(profile, runs, card, "suites/test_latency.py", "-k", "r8", "--full-trace",
+                        "--latency-runs", "100000", "-p", "call_observer", pythonpath=tmp_path)
+    try:
+        deadline = time.monotonic() + 300
+        while not started.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(2)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        output, _ = proc.communicate(timeout=120)
+    assert started.read_text() == "suites/test_latency.py::test_generate_latency[r8]", output[-3000:]
+    assert proc.returncode == pytest.ExitCode.INTERRUPTED, output[-3000:]
+    assert "KeyboardInterrupt" in output and "pedantic" in output, "the interrupt must land in the benchmark"
+    assert snapshot(results_json, card) == before
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 5. Out of memory
+
+# Loaded with -p into the subprocess: raises a real torch.cuda.OutOfMemoryError as the model's forward starts, where
+# an allocation fails on a GPU: in r16's training after two forward passes, and in baseline's inference. A global
+# forward pre-hook, because trl rebinds the model's forward during training (a class-level patch is bypassed).
+OOM_INJECTION = textwrap.dedent('''
+    import pytest
+    import torch
+    from transformers import MistralForCausalLM
+
+    import harness.train
+
+    state = {"training": None, "forwards": 0, "item_variant": None}
+    real_train_adapter = harness.train.train_adapter
+
+
+    def fail_like_a_full_gpu(module, args):
+        if not isinstance(module, MistralForCausalLM):
+            return
+        state["forwards"] += 1
+        if (state["training"] == "r16" and state["forwards"] > 2) or (
+                state["training"] is None and state["item_variant"] == "baseline" and not torch.is_grad_enabled()):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
+
+
+    def train_adapter(profile, variant, *args, **kwargs):
+        state["training"], state["forwards"] = variant.name, 0
+        try:
+            return real_train_adapter(profile, variant, *args, **kwargs)
+        finally:
+            state["training"] = None
+
+
+    torch.nn.modules.module.register_module_forward_pre_hook(fail_like_a_full_gpu)
+    harness.train.train_adapter = train_adapter
+
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_runtest_setup(item):
+        callspec = getattr(item, "callspec", None)
+        state["item_variant"] = callspec.params.get("variant_name") if callspec else None
+''')
+
+
+def _outcomes(junit: Path) -> dict[str, tuple[str, str]]:
+    """test name -> (passed | failure | error | skipped, message) from a JUnit XML report."""
+    out = {}
+    for case in ET.parse(junit).getroot().iter("testcase"):
+        bad = [child for child in case if child.tag in ("failure", "error", "skipped")]
+        out[case.get("name")] = (bad[0].tag, bad[0].get("message", "") + (bad[0].text or "")) if bad else \
+            ("passed", "")
+    return out
+
+
+def test_out_of_memory_ends_only_that_variant_with_a_message_naming_variant_phase_ceiling_and_memory(tmp_path):
+    """r16 runs out of memory while training and baseline while generating; each of their tests ends with one
+    message (variant, phase, the profile's ceiling, memory at failure), no traceback; r8, which comes after them,
+    trains and passes. Without the guard the raw OOM would error every test of r16 with a torch traceback."""
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    (plugins / "oom_injection.py").write_text(OOM_INJECTION)
+    ceilings = {"train": {"r16": 1.5}, "inference": {"baseline": 0.5}}
+    profile = quick_profile(tmp_path / "p", {"variants": ["r16", "baseline", "r8"], "vram_ceilings_gib": ceilings})
+    runs, card, junit = tmp_path / "runs", tmp_path / "MODEL_CARD.md", tmp_path / "junit.xml"
+    result = run_pytest(profile, runs, card, *SELECT, "-k", "not batched", "-p", "oom_injection",
+                        f"--junitxml={junit}", pythonpath=plugins)
+    assert result.returncode == pytest.ExitCode.TESTS_FAILED, result.stdout[-3000:]
+    outcomes = _outcomes(junit)
+    by_variant = {v: {name: o for name, o in outcomes.items() if name.endswith(f"[{v}]")}
+                  for v in ("r16", "baseline", "r8")}
+    assert all(len(tests) >= 4 for tests in by_variant.values()), outcomes  # quality (3) and latency (1) each
+    expected = {"r16": ("train", "vram_ceilings_gib.train.r16 = 1.5 GiB"),
+                "baseline": ("inference", "vram_ceilings_gib.inference.baseline = 0.5 GiB")}
+    for variant, (phase, ceiling) in expected.items():
+        for name, (outcome, message) in by_variant[variant].items():
+            assert outcome in ("failure", "error"), (name, outcome)
+            assert f"{variant}: out of memory during {phase} (CUDA out of memory. Tried to allocate 2.00 GiB " \
+                   f"(injected)); memory at failure: " in message, message
+            assert ceiling in message and str(profile) in message, message
+            assert "Traceback" not in message and "During handling" not in message, message  # the message alone
+            assert re.search(r"memory at failure: .*\d+\.\d\d GiB", message), message
+    assert {outcome for outcome, _ in by_variant["r8"].values()} == {"passed"}, by_variant["r8"]
+    assert list(load_results(runs / "tiny" / "results.json")["variants"]) == ["r8"]
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_real_cuda_oom_names_variant_phase_ceiling_and_memory_and_frees_it(tmp_path):
+    """On a GPU, for real: capped by set_per_process_memory_fraction, r16's training runs out of memory; the error
+    names variant, phase, ceiling and memory, the memory is given back, and r8 then trains and loads."""
+    from harness.config import load_profile
+    from harness.inputs import check_profile_data
+    from harness.models import resolve_source
+    from harness.oom import VariantOutOfMemory
+    from harness.prompt import v3_tokenizer
+    from harness.variants import load_variant
+
+    profile = load_profile(quick_profile(tmp_path / "p", {"inference": {"engine": "seed"},
+                                                           "vram_ceilings_gib": {"train": {"r16": 0.01}}}))
+    splits, tokenizer, runs = check_profile_data(profile), v3_tokenizer(), tmp_path / "runs"
+    resolve_source(profile.model, runs / "_models")  # write the synthetic base to disk before the cap
+    torch.cuda.empty_cache()
+    allocated_before = torch.cuda.memory_allocated()
+    total = torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.set_per_process_memory_fraction(max(allocated_before + 16 * 2**20, 2**20) / total)
+    try:
+        with pytest.raises(VariantOutOfMemory) as info:
+            load_variant(profile, profile.variant("r16"), splits, tokenizer, runs)
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+    message = str(info.value)
+    assert message.startswith("r16: out of memory during train (CUDA out of memory"), message
+    assert "vram_ceilings_gib.train.r16 = 0.01 GiB" in message and "GiB allocated" in message, message
+    assert torch.cuda.memory_allocated() <= allocated_before + 2**20, "the failed variant's memory was not freed"
+    lv = load_variant(profile, profile.variant("r8"), splits, tokenizer, runs)
+    assert lv.model is not None

@@ -194,6 +194,11 @@ class MergedBase:
         self.merge_s = 0.0
         self.engine = StaticGreedy(self.model, tokenizer, "merged", profile.inference)
 
+    def warmup(self, prompts: list[list[int]], eval_batch: int, eval_tokens: int, latency_tokens: int) -> None:
+        """Compile the evaluation and latency shapes now, so no variant's figures carry compile time or memory."""
+        self.engine.generate(prompts[:eval_batch], eval_tokens, eval_batch)
+        self.engine.generate(prompts[:1], latency_tokens, 1, fixed_length=True)
+
     @torch.inference_mode()
     def activate(self, name: str, adapter_dir: Path | None) -> Any:
         from peft import PeftModel

@@ -76,7 +76,12 @@ def optimizer_steps(n_rows: int, batch_size: int, grad_accum: int, epochs: int) 
 
 
 def reset_peak_memory() -> None:
+    """Start a peak measurement from live tensors only: collect cyclic garbage (a freed model) first."""
+    import gc
+
+    gc.collect()
     if torch.cuda.is_available():
+        torch.cuda.empty_cache()
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
 

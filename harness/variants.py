@@ -109,7 +109,8 @@ def ensure_adapter(profile: Profile, variant: Variant, splits: dict[str, list[Ex
             atomic_write_text(tmp / "config.yaml", yaml.safe_dump(profile.to_dict(), sort_keys=False,
                                                                   allow_unicode=True))
             atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
-        free_model(base)
+        del base  # drop the last reference before collecting: peft/trl leave cycles that only gc frees
+        free_model()
         _log(runs_dir, profile, f"train-done {final.name} wall_s={figures['train_wall_s']:.1f}")
         return final, manifest
 

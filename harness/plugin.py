@@ -49,6 +49,9 @@ def pytest_configure(config: pytest.Config) -> None:
         config.stash[SPLITS_KEY] = check_profile_data(profile)
     except (ConfigError, DataError) as e:
         raise pytest.UsageError(str(e)) from None
+    rounds = config.getoption("latency_runs")
+    if rounds is not None and rounds < 1:
+        raise pytest.UsageError(f"--latency-runs {rounds}: give at least 1 timed round")
     runs = config.getoption("runs_dir")
     if runs is not None and not Path(runs).is_absolute():
         config.option.runs_dir = Path(config.rootpath) / runs

@@ -113,6 +113,14 @@ def test_malformed_profile_stops_pytest_with_one_usage_error(run_as_user, profil
     assert problem.startswith(_where(profile, bad_file, pattern, key)) and fix in problem, problem
 
 
+def test_latency_prompt_id_that_names_no_example_stops_pytest(run_as_user):
+    """A typo in latency.prompt_id used to time validation[0] instead, without a word."""
+    path = CONFIGS / "unknown_prompt_id.yaml"
+    problem = run_as_user(path)
+    assert problem.startswith(f"{path}:{line_of(path, r'^  prompt_id:')}: latency.prompt_id: 'val-01' is not the id of "
+                              f"any example in the data; did you mean 'val-001'?"), problem
+
+
 def test_invalid_yaml_names_where_the_parser_stopped_and_where_the_construct_began():
     path = CONFIGS / "invalid_yaml.yaml"
     with pytest.raises(ConfigError) as info:

@@ -32,3 +32,9 @@ def test_oom_in_a_test_body_ends_that_variant_with_one_message_and_no_other(pyte
                                  "*test_generates[[]r8[]]*", f"{message}*"])  # each section: the message alone
     assert output.count("vram_ceilings_gib.inference.r8 = 3.0 GiB") >= 2 and "Traceback" not in output
     assert not (tmp_path / "runs" / "tiny" / "results.json").exists() and not (tmp_path / "MODEL_CARD.md").exists()
+
+
+def test_latency_runs_below_one_is_a_usage_error(pytester):
+    result = pytester.runpytest("--latency-runs", "0")
+    errors = [line for line in result.errlines if line.strip()]
+    assert result.ret == 4 and errors == ["ERROR: --latency-runs 0: give at least 1 timed round"], errors

@@ -123,8 +123,10 @@ def pytest_runtest_call(item: pytest.Item):
 
         message = describe_oom(item.config.stash[PROFILE_KEY], variant, "inference", memory_now(), str(e))
     loaded = item.funcargs.get("loaded_variant") if hasattr(item, "funcargs") else None
-    if loaded is not None:
-        loaded.model = None  # the fixture holds the model; drop it so the next variant gets the memory
+    if loaded is not None:  # the fixture holds the model and its decoder: drop them so the memory can go
+        loaded.model = None
+        if hasattr(loaded, "engine"):
+            loaded.engine = None
     from .models import free_model
 
     free_model()

@@ -437,6 +437,8 @@ def load_profile(name_or_path: str | Path) -> Profile:
                                                 f"{variants_path.name}: {', '.join(defs)}")
     if len(set(built["variants"])) != len(built["variants"]):
         chk.err(("variants",), "a variant is listed twice; list each once")
+    if not built["variants"]:
+        chk.err(("variants",), f"no variant to sweep; list at least one of: {', '.join(defs)}")
     for i, gate in enumerate(built.get("quality_gates", ())):  # optional: may be absent
         if gate is None:
             continue
@@ -451,11 +453,12 @@ def load_profile(name_or_path: str | Path) -> Profile:
             p = path.parent / getattr(built["data"], split)
             try:
                 p = p.resolve()
-                found = p.is_file()
+                found, is_dir = p.is_file(), p.is_dir()
             except (OSError, ValueError):  # e.g. a NUL byte in the path
-                found = False
+                found = is_dir = False
             if not found:
-                chk.err(("data", split), f"file not found: {p}; point data.{split} at an existing JSONL file "
+                what = "is a directory" if is_dir else "file not found"
+                chk.err(("data", split), f"{what}: {p}; point data.{split} at an existing JSONL file "
                                          f"(paths are relative to {path.parent})")
     if chk.problems:
         raise ConfigError(chk.problems)

@@ -136,11 +136,13 @@ def read_jsonl(path: str | Path, split: str, problems: list[str]) -> list[Exampl
     if raw.startswith(b"\xef\xbb\xbf"):
         raw = raw[3:]
     examples: list[Example] = []
+    first_problem, lines, not_json = len(problems), 0, 0
     for lineno, bline in enumerate(raw.split(b"\n"), start=1):
         bline = bline.rstrip(b"\r")
         if not bline.strip():
             continue
         where = f"{path}:{lineno}"
+        lines += 1
         try:
             line = bline.decode("utf-8")
         except UnicodeDecodeError as e:
@@ -154,6 +156,7 @@ def read_jsonl(path: str | Path, split: str, problems: list[str]) -> list[Exampl
             continue
         except json.JSONDecodeError as e:
             problems.append(f"{where}: invalid JSON at column {e.colno}: {e.msg}; each line must be one JSON object")
+            not_json += 1
             continue
         except RecursionError:
             problems.append(f"{where}: invalid JSON: nested too deeply; each line must be one flat JSON object")
@@ -174,6 +177,10 @@ def read_jsonl(path: str | Path, split: str, problems: list[str]) -> list[Exampl
                 output=rec["output"], answers=tuple(rec.get("answers", ())), split=split,
                 path=str(path), line=lineno,
             ))
+    if lines > 1 and not_json == lines:  # pretty-printed JSON, CSV, YAML...: one problem, not one per line
+        first = problems[first_problem][len(str(path)) + 1:].split("; each line", 1)[0]  # "3: invalid JSON at..."
+        problems[first_problem:] = [f"{path}: not JSON Lines: no line is a JSON object on its own (line {first}); "
+                                    f"write one JSON object per line"]
     if not examples and not any(p.startswith(str(path)) for p in problems):
         problems.append(f"{path}: no examples; add at least one JSON line")
     return examples

@@ -46,6 +46,10 @@ BAD = [
                  "1.5 is out of range; must be <= 1.0", id="gate-threshold-above-1"),
     pytest.param(CONFIGS / "missing_data_file.yaml", None, r"^  validation:", "data.validation",
                  "point data.validation at an existing JSONL file", id="missing-data-file"),
+    pytest.param(CONFIGS / "data_is_directory.yaml", None, r"^  test:", "data.test",
+                 "is a directory: ", id="data-path-is-a-directory"),
+    pytest.param(CONFIGS / "no_variants_listed.yaml", None, r"^variants:", "variants",
+                 "no variant to sweep; list at least one of: baseline, r8, r16, r32", id="no-variants-listed"),
     pytest.param(CONFIGS / "unknown_variant.yaml", None, r"^variants:", "variants.4",
                  "unknown variant 'r64'", id="unknown-variant-r64"),
     pytest.param(CONFIGS / "wrong_type.yaml", None, r"^  epochs:", "training.epochs",
@@ -113,12 +117,28 @@ def test_malformed_profile_stops_pytest_with_one_usage_error(run_as_user, profil
     assert problem.startswith(_where(profile, bad_file, pattern, key)) and fix in problem, problem
 
 
-def test_latency_prompt_id_that_names_no_example_stops_pytest(run_as_user):
-    """A typo in latency.prompt_id used to time validation[0] instead, without a word."""
-    path = CONFIGS / "unknown_prompt_id.yaml"
-    problem = run_as_user(path)
-    assert problem.startswith(f"{path}:{line_of(path, r'^  prompt_id:')}: latency.prompt_id: 'val-01' is not the id of "
-                              f"any example in the data; did you mean 'val-001'?"), problem
+# Profiles that load but point at something that cannot work: checked before any test runs, with the same format.
+# (profile, regex of the line, the key, the fix)
+UNUSABLE = [
+    # a typo here used to time validation[0] instead, without a word
+    pytest.param(CONFIGS / "unknown_prompt_id.yaml", r"^  prompt_id:", "latency.prompt_id",
+                 "'val-01' is not the id of any example in the data; did you mean 'val-001'?", id="unknown-prompt-id"),
+    # these two used to fail in every variant's fixture, each test with the same library traceback
+    pytest.param(CONFIGS / "unknown_synthetic_model.yaml", r"^  source:", "model.source",
+                 "no synthetic model 'synthetic:tiny2'; did you mean 'synthetic:tiny'?", id="unknown-synthetic-model"),
+    pytest.param(CONFIGS / "missing_model_dir.yaml", r"^  source:", "model.source",
+                 "'./no/such/checkpoint' is not a directory; give a local checkpoint directory or a hub id",
+                 id="missing-model-directory"),
+    # one problem for the limit, not one per example
+    pytest.param(CONFIGS / "max_length_too_short.yaml", r"^  max_length:", "training.max_length",
+                 "16 is shorter than every train example (", id="max-length-shorter-than-every-example"),
+]
+
+
+@pytest.mark.parametrize("profile, pattern, key, fix", UNUSABLE)
+def test_profile_pointing_at_something_unusable_stops_pytest(run_as_user, profile, pattern, key, fix):
+    problem = run_as_user(profile)
+    assert problem.startswith(f"{profile}:{line_of(profile, pattern)}: {key}: {fix}"), problem
 
 
 def test_invalid_yaml_names_where_the_parser_stopped_and_where_the_construct_began():

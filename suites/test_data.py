@@ -74,6 +74,9 @@ BAD = [
                  "each line must be one JSON object", id="truncated-last-line"),
     pytest.param(("utf16.jsonl",), "utf16.jsonl", None, "encoded as UTF-16", "save the file as UTF-8",
                  id="utf16-file"),
+    # one problem for the file, not one per line
+    pytest.param(("pretty_printed.jsonl",), "pretty_printed.jsonl", None, "not JSON Lines: no line is a JSON object",
+                 "write one JSON object per line", id="pretty-printed-json"),
     pytest.param(("does_not_exist.jsonl",), "does_not_exist.jsonl", None, "file not found",
                  "point data.train in the profile at an existing JSONL file", id="missing-file"),
 ]

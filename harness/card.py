@@ -84,6 +84,44 @@ def _detail_table(results: dict[str, Any]) -> str:
                     tablefmt="github", disable_numparse=True)
 
 
+ENGINE_LABELS = {
+    "seed": "NF4 + unmerged LoRA, HF generate (the seed's path)",
+    "nf4-compiled": "NF4 + unmerged LoRA, static cache, compiled decode (low memory)",
+    "merged": "bf16 dequantized base + merged LoRA, static cache, compiled decode (fast)",
+}
+
+
+def _speed_table(results: dict[str, Any]) -> str:
+    """The engines measured side by side in one session by suites/test_speed.py, and the merge parity check."""
+    for name in results.get("variant_order", []):
+        speed = results["variants"].get(name, {}).get("speed")
+        if speed:
+            break
+    else:
+        return ""
+    rows = []
+    for engine, f in speed.items():
+        if engine == "parity" or not isinstance(f, dict):
+            continue
+        first = f.get("first_call_s") or {}
+        rows.append([f"`{engine}`", ENGINE_LABELS.get(engine, ""), _fmt(f.get("p50_s"), unit="s"),
+                     _fmt(f.get("p95_s"), unit="s"),
+                     f"{f['speedup_vs_seed']:.1f}x" if "speedup_vs_seed" in f else ("1.0x" if engine == "seed" else "n/a"),
+                     _fmt(f.get("peak_vram_gib"), ".1f") if "peak_vram_gib" in f else "n/a (CPU)",
+                     ", ".join(f"{k}: {v:.0f}s" for k, v in first.items()) or "none", str(f.get("rounds", "n/a"))])
+    table = tabulate(rows, headers=["Engine", "What", "p50", "p95", "vs seed", "Peak VRAM (GB)",
+                                    "First call (compile)", "Rounds"], tablefmt="github", disable_numparse=True)
+    out = [f"**Inference engines**, variant `{name}`, 128 greedy tokens, same machine and session "
+           f"(pytest -k speed):", "", table]
+    par = speed.get("parity")
+    if par:
+        out += ["", f"Merge parity ({par.get('merged_dtype')} merged vs NF4 + unmerged adapter, {par['prompts']} "
+                    f"prompts, {par['new_tokens']} greedy tokens): max |logit diff| {par['max_logit_diff']:.3f} "
+                    f"(largest |logit| {par['max_abs_logit']:.2f}), token agreement {par['token_agreement']:.2f}, "
+                    f"identical sequences {par['identical_sequences']:.2f}."]
+    return "\n".join(out)
+
+
 def render_section(results: dict[str, Any], plots: dict[str, str] | None = None) -> str:
     """One profile's block: caption, the results table, per-split/per-language detail, plot links."""
     profile = results["profile"]
@@ -112,6 +150,13 @@ def render_section(results: dict[str, Any], plots: dict[str, str] | None = None)
     elif results.get("show_quality") and results.get("weights") != "real":
         lines += ["", "These EM/F1 figures come from a random-init toy model and measure memorisation of the "
                       "train split by the pipeline, not Mistral-7B quality."]
+    engines = sorted({v.get("latency", {}).get("engine") for v in variants if v.get("latency")} - {None})
+    if engines:
+        lines += ["", f"Latency and VRAM columns use the `{'`, `'.join(engines)}` inference engine "
+                      f"(`inference.engine`; harness/engines.py)."]
+    speed = _speed_table(results)
+    if speed:
+        lines += ["", speed]
     detail = _detail_table(results) if results.get("show_quality", True) else ""
     if detail:
         lines += ["", "<details><summary>Per split and language</summary>", "", detail, "", "</details>"]

@@ -17,6 +17,7 @@ the pristine weights first), so the compiled graphs, which hold the weights' add
 
 from __future__ import annotations
 
+import gc
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -187,6 +188,8 @@ class MergedBase:
         self.model.to(dtype)
         self.model.eval()
         self.dequantize_s = time.perf_counter() - start
+        del nf4
+        gc.collect()  # the replaced 4-bit modules are cyclic garbage: count only what stays resident
         self.resident_gib = ((torch.cuda.memory_allocated() - allocated) / 2**30 if torch.cuda.is_available()
                              else None)
         self._pristine = {n: p.detach().to("cpu", copy=True) for n, p in self.model.named_parameters()}

@@ -32,6 +32,7 @@ __all__ = [
     "EvalConfig",
     "LatencyConfig",
     "InferenceConfig",
+    "DistributedConfig",
     "Gate",
     "Profile",
     "CONFIG_DIR",
@@ -81,6 +82,9 @@ class QuantConfig:
     double_quant: bool = _spec("quantize the quantization constants too", default=True)
     compute_dtype: str = _spec("dtype of the 4-bit matmuls", default="bfloat16",
                                choices=("bfloat16", "float16", "float32"))
+    quant_storage: str = _spec("dtype the packed 4-bit weights are stored in (bnb_4bit_quant_storage); FSDP needs "
+                               "it equal to compute_dtype", default="uint8",
+                               choices=("uint8", "bfloat16", "float16", "float32"))
 
 
 @dataclass(frozen=True)
@@ -155,6 +159,16 @@ class LatencyConfig:
 
 
 @dataclass(frozen=True)
+class DistributedConfig:
+    mode: str = _spec("'none' (one process), 'ddp' (data parallel: every process holds the base) or 'fsdp' "
+                      "(shard the 4-bit base across processes)", default="none", choices=("none", "ddp", "fsdp"))
+    num_processes: int = _spec("processes accelerate launches (GPUs, or CPU processes on the gloo backend)",
+                               default=1, lo=1)
+    main_process_port: int | None = _spec("rendezvous port; null picks a free one", default=None, lo=1, hi=65535)
+    timeout_s: int = _spec("give up on a launched training run after this many seconds", default=3600, lo=1)
+
+
+@dataclass(frozen=True)
 class InferenceConfig:
     engine: str = _spec("how eval and latency decode: seed (NF4 + unmerged adapter, HF generate), nf4-compiled, "
                         "or merged (dequantized base + merged adapter); see harness/engines.py", default="seed",
@@ -209,6 +223,8 @@ class Profile:
     latency: LatencyConfig = _spec("latency benchmark")
     inference: InferenceConfig = _spec("inference engine for eval and latency; speed suite settings",
                                        default=InferenceConfig())
+    distributed: DistributedConfig = _spec("how training is launched: one process, or accelerate DDP/FSDP",
+                                           default=DistributedConfig())
     requires_gpu: bool = _spec("every variant test is marked gpu and skips without CUDA", default=False)
     quality_gates: tuple[Gate, ...] = _spec("thresholds the quality suite asserts", default=())
     vram_ceilings_gib: dict = _spec("{train|inference: {variant: GiB}} for the gpu suite", default={})
@@ -429,6 +445,15 @@ def load_profile(name_or_path: str | Path) -> Profile:
             hint = f"did you mean {close[0]!r}? " if close else ""
             chk.err(("variants", i), f"unknown variant {name!r}; {hint}defined in {variants_path.name}: "
                                      f"{', '.join(defs)}")
+    dist, quant = built.get("distributed"), built.get("quantization")
+    if isinstance(dist, DistributedConfig) and dist.mode != "none" and dist.num_processes < 2:
+        chk.err(("distributed", "num_processes"), f"mode {dist.mode!r} needs num_processes >= 2; use mode: none "
+                                                  f"for one process")
+    if (isinstance(dist, DistributedConfig) and dist.mode == "fsdp" and isinstance(quant, QuantConfig)
+            and quant.load_in_4bit and quant.quant_storage != quant.compute_dtype):
+        chk.err(("quantization", "quant_storage"), f"FSDP shards the 4-bit weights as {quant.quant_storage}; set "
+                                                   f"quant_storage: {quant.compute_dtype} (= compute_dtype) so "
+                                                   f"FSDP can flatten them with the other parameters")
     inference = built.get("inference")
     if isinstance(inference, InferenceConfig) and inference.speed_variant not in defs:
         close = difflib.get_close_matches(inference.speed_variant, list(defs), n=1)

@@ -41,7 +41,10 @@ _SYNTHETIC_PREFIX = "synthetic:"
 
 
 def device() -> torch.device:
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    """This process's device: under ``accelerate launch`` each process takes the GPU of its LOCAL_RANK."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
 
 
 def synthetic_config(name: str):
@@ -95,12 +98,15 @@ def bnb_config(q: QuantConfig):
 
     return BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type=q.quant_type, bnb_4bit_use_double_quant=q.double_quant,
-        bnb_4bit_compute_dtype=getattr(torch, q.compute_dtype),
+        bnb_4bit_compute_dtype=getattr(torch, q.compute_dtype), bnb_4bit_quant_storage=getattr(torch, q.quant_storage),
     )
 
 
-def load_base(model_cfg: ModelConfig, q: QuantConfig, cache_root: Path):
-    """Load the base model, 4-bit quantized when configured, on the GPU if there is one."""
+def load_base(model_cfg: ModelConfig, q: QuantConfig, cache_root: Path, fsdp: bool = False):
+    """Load the base model, 4-bit quantized when configured, on the GPU if there is one.
+
+    With ``fsdp`` no device map is given: accelerate's FSDP plugin places and shards the weights itself.
+    """
     from transformers import AutoModelForCausalLM
 
     path = resolve_source(model_cfg, cache_root)
@@ -109,7 +115,7 @@ def load_base(model_cfg: ModelConfig, q: QuantConfig, cache_root: Path):
     model = AutoModelForCausalLM.from_pretrained(
         path, revision=revision, quantization_config=bnb_config(q), dtype=getattr(torch, q.compute_dtype),
         attn_implementation=model_cfg.attn_implementation,
-        device_map={"": dev.index or 0} if dev.type == "cuda" else {"": "cpu"},
+        device_map=None if fsdp else ({"": dev.index or 0} if dev.type == "cuda" else {"": "cpu"}),
     )
     model.eval()
     return model

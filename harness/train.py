@@ -7,6 +7,7 @@ only), and handed to SFTTrainer already tokenized, so what is trained is exactly
 from __future__ import annotations
 
 import math
+import os
 import resource
 import time
 import warnings
@@ -106,7 +107,8 @@ def _check_recipe(profile: Profile, rows: list[dict]) -> tuple[bool, int, int]:
             f"for this run. Use one of {sorted(PACKING_SAFE_ATTN)} to pack."), stacklevel=3)
         packing = False
     n_rows = count_rows(rows, t.max_length, packing)
-    steps = optimizer_steps(n_rows, t.batch_size, t.grad_accum, t.epochs)
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # each process takes 1/world of the micro-batches
+    steps = optimizer_steps(n_rows, t.batch_size * world, t.grad_accum, t.epochs)
     if steps < t.min_optimizer_steps:
         warnings.warn(DegenerateRecipeWarning(
             f"{profile.source_file}: this recipe makes only {steps} optimizer step(s): {len(rows)} examples "
@@ -129,6 +131,9 @@ def train_adapter(profile: Profile, variant: Variant, examples: list[Example], t
     rows = training_rows(tokenizer, examples, t.max_length)
     packing, n_rows, planned_steps = _check_recipe(profile, rows)
     on_gpu = torch.cuda.is_available()
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # > 1 under accelerate launch (harness.distributed)
+    dist_args = {} if world == 1 else {"ddp_find_unused_parameters": False,
+                                       **({} if on_gpu else {"ddp_backend": "gloo"})}
     args = SFTConfig(
         output_dir=str(out_dir / "_trainer"), seed=t.seed, data_seed=t.seed, learning_rate=t.learning_rate,
         num_train_epochs=t.epochs, per_device_train_batch_size=t.batch_size, gradient_accumulation_steps=t.grad_accum,
@@ -140,7 +145,7 @@ def train_adapter(profile: Profile, variant: Variant, examples: list[Example], t
         use_cpu=not on_gpu, logging_steps=t.logging_steps, save_strategy="no", eval_strategy="no",
         report_to="none", disable_tqdm=True, dataloader_num_workers=0, shuffle_dataset=True,
         # MistralCommonBackend names its pad id '<pad>', which is not in its vocab; give trl the id's own token.
-        pad_token=tokenizer.convert_ids_to_tokens(tokenizer.pad_token_id),
+        pad_token=tokenizer.convert_ids_to_tokens(tokenizer.pad_token_id), **dist_args,
     )
     train_ds = datasets.Dataset.from_list(rows)
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, processing_class=tokenizer,
@@ -158,7 +163,10 @@ def train_adapter(profile: Profile, variant: Variant, examples: list[Example], t
         torch.cuda.synchronize()
     wall_s = time.perf_counter() - start
     memory = peak_memory()
-    trainer.model.save_pretrained(str(out_dir / "adapter"), safe_serialization=True)
+    if world == 1:
+        trainer.model.save_pretrained(str(out_dir / "adapter"), safe_serialization=True)
+    else:  # gathers FSDP shards; writes on the main process only
+        trainer.save_model(str(out_dir / "adapter"))
     tokens = sum(len(r["input_ids"]) for r in rows) * t.epochs
     losses = [{"step": h["step"], "loss": h["loss"]} for h in trainer.state.log_history if "loss" in h]
     result = {
@@ -172,7 +180,9 @@ def train_adapter(profile: Profile, variant: Variant, examples: list[Example], t
         "rows_per_epoch": n_rows,
         "packing": packing,
         "loss_history": losses,
-        "train_memory": memory,
+        "train_memory": memory,  # this process's (rank 0's) peak when distributed
+        "world_size": world,
+        "distributed_mode": profile.distributed.mode,
     }
     trainer.model = None
     del trainer

@@ -58,6 +58,8 @@ def artifact_key(profile: Profile, variant: Variant, train_examples: list[Exampl
         "prompt_format": PROMPT_FORMAT,
         "versions": {k: versions.get(k) for k in _KEY_LIBRARIES},
         "device_type": device().type,
+        "distributed": {"mode": profile.distributed.mode,
+                        "world_size": 1 if profile.distributed.mode == "none" else profile.distributed.num_processes},
     }
 
 
@@ -97,9 +99,15 @@ def ensure_adapter(profile: Profile, variant: Variant, splits: dict[str, list[Ex
         sweep_partial(final)
         _log(runs_dir, profile, f"train-start {final.name}")
         started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        base = load_base(profile.model, profile.quantization, Path(runs_dir) / "_models")
+        distributed = profile.distributed.mode != "none"
+        base = None if distributed else load_base(profile.model, profile.quantization, Path(runs_dir) / "_models")
         with atomic_dir(final) as tmp:
-            figures = train_adapter(profile, variant, splits["train"], tokenizer, base, tmp)
+            if distributed:  # accelerate launches the processes; this one never joins the group
+                from .distributed import launch_training
+
+                figures = launch_training(profile, variant, runs_dir, tmp)
+            else:
+                figures = train_adapter(profile, variant, splits["train"], tokenizer, base, tmp)
             manifest = {
                 "complete": True, "profile": profile.name, "variant": variant.name, "key_hash": key_hash,
                 "key": key, "config_hash": config_hash(profile), "seed": profile.training.seed,

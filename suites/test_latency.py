@@ -12,17 +12,11 @@ import pytest
 import torch
 
 from harness.prompt import encode_prompt
+from harness.stats import percentile
 
 pytestmark = [pytest.mark.slow, pytest.mark.benchmark]
 
 
-def _percentile(samples: list[float], q: float) -> float:
-    """Linear-interpolated percentile (numpy's default), q in [0, 100]."""
-    xs = sorted(samples)
-    pos = (len(xs) - 1) * q / 100
-    lo = int(pos)
-    hi = min(lo + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
 def test_generate_latency(benchmark, loaded_variant, profile, splits, recorder, pytestconfig):
@@ -46,7 +40,7 @@ def test_generate_latency(benchmark, loaded_variant, profile, splits, recorder, 
     if benchmark.disabled:
         pytest.skip("benchmarks disabled (--benchmark-disable): no latency figures")
     samples = list(benchmark.stats.stats.data)
-    p50, p95 = _percentile(samples, 50), _percentile(samples, 95)
+    p50, p95 = percentile(samples, 50), percentile(samples, 95)
     figures = {
         "p50_s": p50, "p95_s": p95, "mean_s": statistics.fmean(samples), "rounds": len(samples),
         "warmup_rounds": lat.warmup_rounds, "new_tokens": lat.max_new_tokens,

@@ -16,6 +16,7 @@ import torch
 from harness.engines import HFGreedy, MergedBase, StaticGreedy, parity
 from harness.models import free_model, load_base
 from harness.prompt import encode_prompt
+from harness.stats import percentile
 from harness.variants import ensure_adapter
 
 pytestmark = [pytest.mark.slow, pytest.mark.benchmark]
@@ -23,12 +24,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.benchmark]
 _SEED_P50: dict[str, float] = {}
 
 
-def _percentile(samples: list[float], q: float) -> float:
-    xs = sorted(samples)
-    pos = (len(xs) - 1) * q / 100
-    lo = int(pos)
-    hi = min(lo + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
 def _allocated_gib() -> float:
@@ -130,7 +125,7 @@ def test_engine_speed(benchmark, engine_name, engines, profile, splits, recorder
     if benchmark.disabled:
         pytest.skip("benchmarks disabled (--benchmark-disable): no speed figures")
     samples = list(benchmark.stats.stats.data)
-    p50, p95 = _percentile(samples, 50), _percentile(samples, 95)
+    p50, p95 = percentile(samples, 50), percentile(samples, 95)
     figures = {
         "engine": engine_name, "note": engine.note, "compiled": engine.compiled, "rounds": len(samples),
         "p50_s": p50, "p95_s": p95, "mean_s": statistics.fmean(samples), "new_tokens": lat.max_new_tokens,

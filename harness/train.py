@@ -155,6 +155,9 @@ def train_adapter(profile: Profile, variant: Variant, examples: list[Example], t
     for param in trainer.model.parameters():
         if param.requires_grad:
             param.data = param.data.to(getattr(torch, t.adapter_dtype))
+    if t.compile_layers:  # regional compilation: one graph serves every decoder layer (docs/performance.md)
+        for layer in trainer.model.get_base_model().model.layers:
+            layer.compile()
     trainable, total = trainer.model.get_nb_trainable_parameters()
     reset_peak_memory()
     start = time.perf_counter()

@@ -105,3 +105,22 @@ def test_second_run_reuses_the_artifact_and_never_loads_a_partial_one(tiny, tiny
                 "loss_history", "optimizer_steps", "train_memory", "config_hash"):
         assert key in on_disk, f"manifest lacks {key!r}"
     assert (path / "config.yaml").is_file() and (path / "adapter" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_compiled_layers_train_like_eager_ones(tiny, tiny_splits, tmp_path):
+    """training.compile_layers (regional torch.compile of each decoder layer) changes speed, not the training."""
+    from torch._dynamo.utils import counters
+
+    tok = v3_tokenizer()
+    losses = {}
+    counters.clear()
+    for compiled in (False, True):
+        recipe = dataclasses.replace(tiny.training, epochs=1, min_optimizer_steps=0, logging_steps=1,
+                                     compile_layers=compiled)
+        quick = dataclasses.replace(tiny, training=recipe)
+        _, manifest = ensure_adapter(quick, quick.variant("r8"), tiny_splits, tok, tmp_path / str(compiled))
+        losses[compiled] = [h["loss"] for h in manifest["loss_history"]]
+    assert counters["stats"]["unique_graphs"] >= 1, "compile_layers: true compiled nothing"
+    assert len(losses[True]) == len(losses[False]) == 5
+    assert losses[True] == pytest.approx(losses[False], rel=1e-3)

@@ -104,9 +104,9 @@ def _speed_table(results: dict[str, Any]) -> str:
         if engine == "parity" or not isinstance(f, dict):
             continue
         first = f.get("first_call_s") or {}
+        ratio = f"{f['speedup_vs_seed']:.1f}x" if "speedup_vs_seed" in f else ("1.0x" if engine == "seed" else "n/a")
         rows.append([f"`{engine}`", ENGINE_LABELS.get(engine, ""), _fmt(f.get("p50_s"), unit="s"),
-                     _fmt(f.get("p95_s"), unit="s"),
-                     f"{f['speedup_vs_seed']:.1f}x" if "speedup_vs_seed" in f else ("1.0x" if engine == "seed" else "n/a"),
+                     _fmt(f.get("p95_s"), unit="s"), ratio,
                      _fmt(f.get("peak_vram_gib"), ".1f") if "peak_vram_gib" in f else "n/a (CPU)",
                      ", ".join(f"{k}: {v:.0f}s" for k, v in first.items()) or "none", str(f.get("rounds", "n/a"))])
     table = tabulate(rows, headers=["Engine", "What", "p50", "p95", "vs seed", "Peak VRAM (GB)",

@@ -143,13 +143,21 @@ def main(argv=None) -> None:
     tokenizer = load_tokenizer(profile.model, Path("runs") / "_models")
     batch = packed_row(profile, tokenizer, args.tokens)
     results = {"profile": profile.name, "variant": args.variant, "tokens": args.tokens, **provenance(), "setups": []}
+    known = {"seed", "no-dropout", "no-kbit-prep", "compile-layers"}
     for name in args.setups.split(","):
+        unknown = [f for f in name.split("+") if f not in known and not f.startswith("ckpt-skip-")]
+        if unknown:
+            ap.error(f"unknown setup feature(s) {unknown} in {name!r}; known: {sorted(known)} and ckpt-skip-N")
+    for name in args.setups.split(","):
+        error = None
         try:
             r = run_setup(profile, profile.variant(args.variant), name, batch, args.steps, args.warmup,
                           profile_kernels=name == "seed")
         except torch.cuda.OutOfMemoryError as e:
+            error = f"out of memory: {str(e).splitlines()[0]}"
+        if error:  # freed outside the except: its traceback would keep the failed setup's model alive
             free_model()
-            r = {"setup": name, "error": f"out of memory: {str(e).splitlines()[0]}"}
+            r = {"setup": name, "error": error}
         results["setups"].append(r)
         print(json.dumps({k: v for k, v in r.items() if k != "profile_top"}), flush=True)
         atomic_write_json(args.out, results)

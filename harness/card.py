@@ -86,8 +86,8 @@ def _detail_table(results: dict[str, Any]) -> str:
 
 ENGINE_LABELS = {
     "seed": "NF4 + unmerged LoRA, HF generate (the seed's path)",
-    "nf4-compiled": "NF4 + unmerged LoRA, static cache, compiled decode (low memory)",
-    "merged": "bf16 dequantized base + merged LoRA, static cache, compiled decode (fast)",
+    "nf4-compiled": "NF4 + unmerged LoRA, static cache, compiled decode on CUDA (low memory)",
+    "merged": "dequantized base + merged LoRA, static cache, compiled decode on CUDA (fast)",
 }
 
 
@@ -101,7 +101,7 @@ def _speed_table(results: dict[str, Any]) -> str:
         return ""
     rows = []
     for engine, f in speed.items():
-        if engine == "parity" or not isinstance(f, dict):
+        if engine.startswith("parity") or not isinstance(f, dict):
             continue
         first = f.get("first_call_s") or {}
         ratio = f"{f['speedup_vs_seed']:.1f}x" if "speedup_vs_seed" in f else ("1.0x" if engine == "seed" else "n/a")
@@ -111,8 +111,9 @@ def _speed_table(results: dict[str, Any]) -> str:
                      ", ".join(f"{k}: {v:.0f}s" for k, v in first.items()) or "none", str(f.get("rounds", "n/a"))])
     table = tabulate(rows, headers=["Engine", "What", "p50", "p95", "vs seed", "Peak VRAM (GB)",
                                     "First call (compile)", "Rounds"], tablefmt="github", disable_numparse=True)
-    out = [f"**Inference engines**, variant `{name}`, 128 greedy tokens, same machine and session "
-           f"(pytest -k speed):", "", table]
+    tokens = next((f.get("new_tokens") for f in speed.values() if isinstance(f, dict) and "new_tokens" in f), "n/a")
+    out = [f"**Inference engines**, variant `{name}`, {tokens} greedy tokens, same machine and session "
+           f"(pytest -k speed):", "", table] if rows else []
     par = speed.get("parity")
     if par:
         out += ["", f"Merge parity ({par.get('merged_dtype')} merged vs NF4 + unmerged adapter, {par['prompts']} "

@@ -448,6 +448,9 @@ def load_profile(name_or_path: str | Path) -> Profile:
             chk.err(("variants", i), f"unknown variant {name!r}; {hint}defined in {variants_path.name}: "
                                      f"{', '.join(defs)}")
     dist, quant = built.get("distributed"), built.get("quantization")
+    if isinstance(dist, DistributedConfig) and dist.mode == "none" and dist.num_processes > 1:
+        chk.err(("distributed", "num_processes"), f"{dist.num_processes} processes with mode 'none' would train in "
+                                                  f"one; set mode: ddp (or fsdp), or num_processes: 1")
     if isinstance(dist, DistributedConfig) and dist.mode != "none" and dist.num_processes < 2:
         chk.err(("distributed", "num_processes"), f"mode {dist.mode!r} needs num_processes >= 2; use mode: none "
                                                   f"for one process")
@@ -457,6 +460,10 @@ def load_profile(name_or_path: str | Path) -> Profile:
                                                    f"quant_storage: {quant.compute_dtype} (= compute_dtype) so "
                                                    f"FSDP can flatten them with the other parameters")
     inference = built.get("inference")
+    if (isinstance(inference, InferenceConfig) and inference.speed_min_speedup is not None
+            and (not inference.speed_engines or inference.speed_engines[0] != "seed")):
+        chk.err(("inference", "speed_engines"), "speed_min_speedup compares with the seed engine measured first in "
+                                                "the same session; list 'seed' first")
     if isinstance(inference, InferenceConfig) and inference.speed_variant not in defs:
         close = difflib.get_close_matches(inference.speed_variant, list(defs), n=1)
         hint = f"did you mean {close[0]!r}? " if close else ""

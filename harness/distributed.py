@@ -2,7 +2,7 @@
 
 The pytest process never joins the process group. ``launch_training`` runs
 
-    python -m accelerate.commands.launch --num_processes N [--cpu | --multi_gpu | --use_fsdp ...] \\
+    python -m accelerate.commands.launch --num_processes N [--multi_gpu | --use_fsdp ...] \\
         -m harness.distributed --profile P --variant V --runs-dir R --out DIR
 
 and waits; every process loads the base and calls the same ``train_adapter`` as a single-process run (trl's
@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -24,7 +25,7 @@ from typing import Any
 
 import torch
 
-from .config import Profile, Variant
+from .config import Profile, Variant, config_hash
 
 __all__ = ["DistributedTrainingError", "launch_command", "launch_training", "world_size", "is_main_process"]
 
@@ -50,6 +51,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _kill_group(proc: subprocess.Popen) -> None:
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+            proc.wait(timeout=10)
+            return
+        except ProcessLookupError:
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
 def launch_command(profile: Profile, variant: Variant, runs_dir: Path, out_dir: Path) -> list[str]:
     d = profile.distributed
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(d.num_processes),
@@ -66,7 +79,8 @@ def launch_command(profile: Profile, variant: Variant, runs_dir: Path, out_dir: 
                 "--fsdp_use_orig_params", "false", "--fsdp_cpu_ram_efficient_loading", "true",
                 "--fsdp_sync_module_states", "true", "--fsdp_state_dict_type", "FULL_STATE_DICT"]
     cmd += ["-m", "harness.distributed", "--profile", profile.source_file, "--variant", variant.name,
-            "--runs-dir", str(Path(runs_dir).resolve()), "--out", str(Path(out_dir).resolve())]
+            "--runs-dir", str(Path(runs_dir).resolve()), "--out", str(Path(out_dir).resolve()),
+            "--config-hash", config_hash(profile)]
     return cmd
 
 
@@ -77,13 +91,17 @@ def launch_training(profile: Profile, variant: Variant, runs_dir: Path, out_dir:
         [str(Path(__file__).resolve().parent.parent)] + [p for p in [os.environ.get("PYTHONPATH")] if p])}
     log = Path(out_dir) / LOG
     where = f"{profile.source_file}: distributed.{profile.distributed.mode} x{profile.distributed.num_processes}"
-    try:
-        with open(log, "w", encoding="utf-8") as f:
-            proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env,
-                                  timeout=profile.distributed.timeout_s)
-    except subprocess.TimeoutExpired:
-        raise DistributedTrainingError(f"{where}: training {variant.name} ran past distributed.timeout_s "
-                                       f"({profile.distributed.timeout_s} s); see {log}") from None
+    with open(log, "w", encoding="utf-8") as f:
+        # its own session: on a timeout (or Ctrl-C) the whole group goes, workers included, not just the launcher
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        try:
+            proc.wait(timeout=profile.distributed.timeout_s)
+        except BaseException as e:
+            _kill_group(proc)
+            if isinstance(e, subprocess.TimeoutExpired):
+                raise DistributedTrainingError(f"{where}: training {variant.name} ran past distributed.timeout_s "
+                                               f"({profile.distributed.timeout_s} s); see {log}") from None
+            raise
     figures = Path(out_dir) / FIGURES
     if proc.returncode != 0 or not figures.exists():
         tail = "\n".join(log.read_text(encoding="utf-8", errors="replace").splitlines()[-25:])
@@ -107,8 +125,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--variant", required=True)
     ap.add_argument("--runs-dir", type=Path, required=True)
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--config-hash", default=None, help="the launcher's profile hash; a mismatch is an error")
     args = ap.parse_args(argv)
     profile = load_profile(args.profile)
+    if args.config_hash and config_hash(profile) != args.config_hash:
+        raise SystemExit(f"{args.profile}: the profile on disk differs from the one the launcher keyed the adapter "
+                         f"with (edited during the run, or changed in memory); launch from the file as it is")
     splits = load_splits({s: profile.data_path(s) for s in ("train", "validation", "test")})
     cache_root = args.runs_dir / "_models"
     tokenizer = load_tokenizer(profile.model, cache_root)

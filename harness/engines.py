@@ -197,10 +197,23 @@ class MergedBase:
         self.merge_s = 0.0
         self.engine = StaticGreedy(self.model, tokenizer, "merged", profile.inference)
 
-    def warmup(self, prompts: list[list[int]], eval_batch: int, eval_tokens: int, latency_tokens: int) -> None:
-        """Compile the evaluation and latency shapes now, so no variant's figures carry compile time or memory."""
-        self.engine.generate(prompts[:eval_batch], eval_tokens, eval_batch)
-        self.engine.generate(prompts[:1], latency_tokens, 1, fixed_length=True)
+    def warmup(self, eval_prompts: list[list[int]], latency_prompt: list[int], eval_cfg, latency_tokens: int) -> None:
+        """Compile every evaluation batch shape and the latency shape now, so no variant's figures carry compile
+        time or compile memory."""
+        seen = set()
+        for start in range(0, len(eval_prompts), eval_cfg.batch_size):
+            chunk = eval_prompts[start:start + eval_cfg.batch_size]
+            length = round_up(max(len(p) for p in chunk) + eval_cfg.max_new_tokens, self.engine.cfg.cache_bucket)
+            if length not in seen:
+                seen.add(length)
+                self.engine.generate(chunk, eval_cfg.max_new_tokens, eval_cfg.batch_size)
+        self.engine.generate([latency_prompt], latency_tokens, 1, fixed_length=True)
+
+    @torch.inference_mode()
+    def _restore(self) -> None:
+        params = dict(self.model.named_parameters())
+        for n, saved in self._pristine.items():
+            params[n].data.copy_(saved)
 
     @torch.inference_mode()
     def activate(self, name: str, adapter_dir: Path | None) -> Any:
@@ -209,12 +222,16 @@ class MergedBase:
         if self.active == name:
             return self.model
         start = time.perf_counter()
-        if self.active is not None:
-            params = dict(self.model.named_parameters())
-            for n, saved in self._pristine.items():
-                params[n].data.copy_(saved)
+        self.active = None  # until this merge completes, the weights belong to no variant
+        self._restore()
         if adapter_dir is not None:
-            merged = PeftModel.from_pretrained(self.model, str(adapter_dir)).merge_and_unload()
+            wrapped = PeftModel.from_pretrained(self.model, str(adapter_dir))
+            try:
+                merged = wrapped.merge_and_unload()
+            except BaseException:
+                wrapped.unload()  # take the adapter layers out again, then put the pristine weights back
+                self._restore()
+                raise
             if merged is not self.model:  # peft returns the base module it wrapped
                 raise RuntimeError("peft merge_and_unload returned a new module; the compiled graphs would be stale")
             for attr in ("peft_config", "_hf_peft_config_loaded"):  # peft's marks; the next merge adds them again

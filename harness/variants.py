@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from .artifacts import atomic_dir, atomic_write_text, file_lock, library_versions, provenance, sweep_partial
@@ -100,6 +101,8 @@ def ensure_adapter(profile: Profile, variant: Variant, splits: dict[str, list[Ex
         _log(runs_dir, profile, f"train-start {final.name}")
         started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         distributed = profile.distributed.mode != "none"
+        # memory other code holds on this GPU (e.g. a resident merged base): not the training's, so not its peak
+        resident = torch.cuda.memory_allocated() / 2**30 if torch.cuda.is_available() and not distributed else 0.0
         base = None if distributed else load_base(profile.model, profile.quantization, Path(runs_dir) / "_models")
         with atomic_dir(final) as tmp:
             if distributed:  # accelerate launches the processes; this one never joins the group
@@ -108,6 +111,10 @@ def ensure_adapter(profile: Profile, variant: Variant, splits: dict[str, list[Ex
                 figures = launch_training(profile, variant, runs_dir, tmp)
             else:
                 figures = train_adapter(profile, variant, splits["train"], tokenizer, base, tmp)
+                memory = figures["train_memory"]
+                if resident and "peak_allocated_gib" in memory:
+                    memory["peak_allocated_gib"] -= resident
+                    memory["other_resident_gib"] = resident
             manifest = {
                 "complete": True, "profile": profile.name, "variant": variant.name, "key_hash": key_hash,
                 "key": key, "config_hash": config_hash(profile), "seed": profile.training.seed,

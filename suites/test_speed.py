@@ -170,3 +170,17 @@ def test_merged_matches_seed(engines, profile, splits, recorder):
     assert result["token_agreement"] >= inf.parity_min_agreement, (
         f"merged vs seed: token agreement {result['token_agreement']:.3f} under inference.parity_min_agreement "
         f"{inf.parity_min_agreement} ({profile.source_file})")
+
+
+def test_nf4_compiled_matches_seed(engines, profile, splits, recorder):
+    """Same weights, another decode loop: the static-cache engine must reproduce the seed engine's greedy tokens."""
+    inf = profile.inference
+    if "nf4-compiled" not in inf.speed_engines:
+        pytest.skip(f"{profile.source_file}: nf4-compiled is not in inference.speed_engines")
+    examples = [e for split in profile.data.eval_splits for e in splits[split]]
+    prompts = [encode_prompt(engines.tokenizer, e.instruction, e.input) for e in examples]
+    result = parity(engines.get("seed"), engines.get("nf4-compiled"), engines.tokenizer, prompts,
+                    inf.parity_new_tokens, profile.eval.batch_size)
+    recorder.record(inf.speed_variant, "speed", {"parity_nf4_compiled": result})
+    assert result["max_logit_diff"] <= inf.parity_max_logit_diff, result
+    assert result["token_agreement"] >= inf.parity_min_agreement, result

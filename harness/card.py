@@ -185,8 +185,8 @@ def _replace_block(body: str, profile: str, section: str, nl: str = "\n") -> str
 def _eval_results(results: dict[str, Any]) -> list:
     from huggingface_hub import EvalResult
 
-    if not results.get("show_quality", True):
-        return []
+    if not results.get("show_quality", True) or results.get("weights") != "real":
+        return []  # the Hub shows model-index as the model's scores: only real weights may put numbers there
     out = []
     for name in results.get("variant_order", []):
         for split, q in results["variants"].get(name, {}).get("quality", {}).items():

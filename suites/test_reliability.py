@@ -210,7 +210,7 @@ def test_card_keeps_user_text_and_keys_and_shows_every_variant_latest(three_runs
         assert _outside(text) == _outside(USER_CARD)
         front = _front_matter(text)
         assert {k: front.get(k) for k in USER_KEYS} == USER_KEYS
-        assert any(r["dataset"]["name"] == "domain_qa (tiny profile)" for r in front["model-index"][0]["results"])
+        assert "model-index" not in front  # random weights never score the model on the Hub (test_card.py)
     first, second, third = (_rows(text) for text in cards)
     assert list(first) == ["LoRA r16/a32"]
     assert list(second) == ["LoRA r8/a16", "LoRA r16/a32"] and second["LoRA r16/a32"] == first["LoRA r16/a32"]

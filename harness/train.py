@@ -32,7 +32,7 @@ __all__ = [
 ]
 
 # Attention kernels that isolate packed examples using position ids (transformers builds a block-diagonal mask
-# from position-id resets for sdpa/eager; flash-attention takes cu_seqlens). Verified by suites/test_training.py.
+# from position-id resets for sdpa/eager; flash-attention takes cu_seqlens). Verified by suites/selftest/test_training.py.
 PACKING_SAFE_ATTN = frozenset({"sdpa", "eager", "flash_attention_2", "flash_attention_3"})
 
 

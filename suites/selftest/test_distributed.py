@@ -2,7 +2,7 @@
 2-process DDP run of a quick tiny profile on the gloo backend, through the same ``ensure_adapter`` path.
 
 The full 2-process run with the quality gate (train EM >= 0.9) is ``pytest --profile tiny-ddp -k r16
-suites/test_quality.py``, which ``.ci/run`` runs after the README's test command.
+suites/benchmark/test_quality.py``, which ``.ci/run`` runs after the README's test command.
 """
 
 from __future__ import annotations

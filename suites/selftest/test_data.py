@@ -1,4 +1,4 @@
-"""Dataset validation: every malformed JSONL in suites/corpus/data gives one DataError naming file, line, field
+"""Dataset validation: every malformed JSONL in suites/selftest/corpus/data gives one DataError naming file, line, field
 and fix; quirky-but-valid files (BOM, CRLF, blank lines) load; the shipped dataset loads as documented."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Profile validation: every malformed YAML in suites/corpus/configs* gives one ConfigError naming file, line, key
+"""Profile validation: every malformed YAML in suites/selftest/corpus/configs* gives one ConfigError naming file, line, key
 and fix; every shipped profile loads; config_hash is stable; random mutations of a profile load or raise
 ConfigError, never anything else."""
 

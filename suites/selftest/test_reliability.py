@@ -64,7 +64,7 @@ def test_killed_training_run_leaves_no_partial_artifact_and_the_next_run_retrain
     in place would leave a partial ``r8-<hash>`` dir; not sweeping would leave the ``.tmp-`` dir behind."""
     profile = quick_profile(tmp_path / "p", {"training": {"logging_steps": 1}})  # a loss line after every step
     runs, card = tmp_path / "runs", tmp_path / "MODEL_CARD.md"
-    selection = ("suites/test_quality.py", "-k", "r8 and predictions")
+    selection = ("suites/benchmark/test_quality.py", "-k", "r8 and predictions")
 
     proc = start_pytest(profile, runs, card, *selection, "-s")  # -s: the trainer's loss lines reach us
     try:
@@ -102,7 +102,7 @@ def test_two_xdist_workers_needing_one_variant_train_it_exactly_once(tmp_path):
     the other worker after the manifest says training finished. Without the lock both would train."""
     profile = quick_profile(tmp_path / "p")
     runs, card = tmp_path / "runs", tmp_path / "MODEL_CARD.md"
-    result = run_pytest(profile, runs, card, "-n", "2", "suites/test_quality.py", "suites/test_latency.py",
+    result = run_pytest(profile, runs, card, "-n", "2", "suites/benchmark/test_quality.py", "suites/benchmark/test_latency.py",
                         "-k", "r8 and (predictions or latency)")
     assert result.returncode == 0, result.stdout[-3000:]
     log = train_log(runs)
@@ -121,7 +121,7 @@ def test_xdist_workers_needing_different_variants_train_at_the_same_time(tmp_pat
     serialize them: start, done, start, done."""
     profile = quick_profile(tmp_path / "p")
     runs, card = tmp_path / "runs", tmp_path / "MODEL_CARD.md"
-    result = run_pytest(profile, runs, card, "-n", "2", "suites/test_latency.py", "-k", "r8 or r16")
+    result = run_pytest(profile, runs, card, "-n", "2", "suites/benchmark/test_latency.py", "-k", "r8 or r16")
     assert result.returncode == 0, result.stdout[-3000:]
     log = train_log(runs)
     assert [event for _, _, event, _ in log][:4] == ["train-start", "train-start", "train-done", "train-done"], log
@@ -164,7 +164,7 @@ exactly as it is (trailing spaces, a\ttab, « guillemets », 🚀).
 Last line, no newline after it"""
 USER_KEYS = {"license": "apache-2.0", "language": ["fr", "en"], "my_team": "search-quality",
              "widget": [{"text": "Que signifie ARR ?"}]}
-SELECT = ("suites/test_quality.py", "suites/test_latency.py")
+SELECT = ("suites/benchmark/test_quality.py", "suites/benchmark/test_latency.py")
 
 
 def _outside(card_text: str) -> tuple[str, str]:
@@ -242,7 +242,7 @@ def test_ctrl_c_during_latency_leaves_results_and_card_in_their_last_good_state(
     (tmp_path / "call_observer.py").write_text(CALL_OBSERVER)
     started = tmp_path / "call-started"
     monkeypatch.setenv("QLORA_TEST_CALL_STARTED", str(started))
-    proc = start_pytest(profile, runs, card, "suites/test_latency.py", "-k", "r8", "--full-trace",
+    proc = start_pytest(profile, runs, card, "suites/benchmark/test_latency.py", "-k", "r8", "--full-trace",
                         "--latency-runs", "100000", "-p", "call_observer", pythonpath=tmp_path)
     try:
         deadline = time.monotonic() + 300
@@ -252,7 +252,7 @@ def test_ctrl_c_during_latency_leaves_results_and_card_in_their_last_good_state(
     finally:
         proc.send_signal(signal.SIGINT)
         output, _ = proc.communicate(timeout=300)  # a loaded 2-core CI machine shuts down slowly
-    assert started.read_text() == "suites/test_latency.py::test_generate_latency[r8]", output[-3000:]
+    assert started.read_text() == "suites/benchmark/test_latency.py::test_generate_latency[r8]", output[-3000:]
     assert proc.returncode == pytest.ExitCode.INTERRUPTED, output[-3000:]
     assert "KeyboardInterrupt" in output and "pedantic" in output, "the interrupt must land in the benchmark"
     assert snapshot(results_json, card) == before

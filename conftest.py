@@ -4,7 +4,7 @@ import os
 
 from hypothesis import HealthCheck, settings
 
-pytest_plugins = ["fixtures.variants", "fixtures.user_runs", "pytester"]
+pytest_plugins = ["fixtures.sweep", "fixtures.user_runs", "pytester"]
 
 # fast: CI and the default run. thorough: HYPOTHESIS_PROFILE=thorough pytest -m invariants
 settings.register_profile("fast", max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])

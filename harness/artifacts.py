@@ -30,12 +30,27 @@ __all__ = [
     "git_sha",
     "device_name",
     "provenance",
+    "source_digest",
+    "PROJECT_ROOT",
     "TRACKED_LIBRARIES",
 ]
 
 TRACKED_LIBRARIES = ("torch", "transformers", "peft", "trl", "bitsandbytes", "datasets", "mistral-common",
                      "accelerate", "huggingface_hub")
-_REPO_ROOT = Path(__file__).resolve().parent.parent
+PROJECT_ROOT = Path(__file__).resolve().parent.parent  # runs/, the card and data/ live here, whatever pytest's rootdir
+_REPO_ROOT = PROJECT_ROOT
+SHA_ENV, SHA_FILE = "QLORA_GIT_SHA", ".git_sha"  # where a copy without .git (the GPU machine) gets its sha
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _publish_mode(path: Path, directory: bool = False) -> None:
+    """mkstemp/mkdtemp create 0600/0700; a published file gets the mode a plain open() would (0644 under umask 022)."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
 
 
 @contextlib.contextmanager
@@ -46,6 +61,7 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
     try:
         yield tmp
+        _publish_mode(tmp, directory=True)
         if final.exists():
             old = final.with_name(f".old-{final.name}-{os.getpid()}")
             os.replace(final, old)
@@ -78,6 +94,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        _publish_mode(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -109,7 +126,16 @@ def library_versions() -> dict[str, str]:
 
 
 def git_sha() -> str:
-    """The repo's commit sha, with ``-dirty`` when tracked files are modified; ``unknown`` outside git."""
+    """The repo's commit sha, with ``-dirty`` when tracked files are modified.
+
+    Without ``.git`` (a copy of the tree on another machine) it comes from ``$QLORA_GIT_SHA`` or the file
+    ``.git_sha`` at the project root; with neither, ``unknown`` (the card then says where to set it).
+    """
+    if os.environ.get(SHA_ENV):
+        return os.environ[SHA_ENV].strip()
+    if not (_REPO_ROOT / ".git").exists():
+        file = _REPO_ROOT / SHA_FILE
+        return file.read_text().strip() if file.is_file() else "unknown"
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=_REPO_ROOT, capture_output=True, text=True,
                              timeout=10, check=True).stdout.strip()
@@ -118,6 +144,16 @@ def git_sha() -> str:
         return sha + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+def source_digest(files) -> str:
+    """sha256 over the bytes of ``files`` (paths, in the given order): a cache key part that changes with the code."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for f in files:
+        h.update(Path(f).name.encode() + b"\0" + Path(f).read_bytes() + b"\0")
+    return h.hexdigest()
 
 
 def device_name() -> str:

@@ -2,24 +2,40 @@
 
 A profile YAML (``data/configs/<name>.yaml``) names the base model, quantization, LoRA settings, the variants to
 sweep (defined in a variants YAML beside it), the training recipe, the data files, evaluation, latency and the
-gates. ``load_profile`` validates all of it against the dataclasses below and raises one ``ConfigError`` that lists
-every problem as ``file:line: key: what is wrong; how to fix it``.
+gates. ``load_profile`` validates all of it against the dataclasses of ``harness.schema`` and raises one
+``ConfigError`` that lists every problem as ``file:line: key: what is wrong; how to fix it``.
+
+The schema (``harness.schema``), the YAML reader (``harness.yamlload``) and the error type (``harness.errors``) live
+in their own modules; their public names are re-exported here.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import hashlib
 import json
 import math
 import types
 import typing
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
+from .errors import ConfigError, closest, did_you_mean
+from .schema import (
+    DataConfig,
+    DistributedConfig,
+    EvalConfig,
+    Gate,
+    InferenceConfig,
+    LatencyConfig,
+    LoraConfig,
+    ModelConfig,
+    Profile,
+    QuantConfig,
+    TrainConfig,
+    Variant,
+)
+from .yamlload import read_yaml
 
 __all__ = [
     "ConfigError",
@@ -36,6 +52,7 @@ __all__ = [
     "Gate",
     "Profile",
     "CONFIG_DIR",
+    "VARIANTS_FILE",
     "load_profile",
     "profile_path",
     "available_profiles",
@@ -45,258 +62,7 @@ __all__ = [
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "data" / "configs"
 VARIANTS_FILE = "variants.yaml"
 
-
-class ConfigError(ValueError):
-    """A profile or variants YAML is invalid; the message lists every problem found."""
-
-    def __init__(self, problems: list[str]):
-        self.problems = list(problems)
-        n = len(self.problems)
-        super().__init__(f"{n} problem{'s' if n != 1 else ''} in config:\n  " + "\n  ".join(self.problems))
-
-
-def _spec(doc: str = "", *, default: Any = dataclasses.MISSING, lo=None, hi=None, choices=None, lo_open=False):
-    meta = {"doc": doc, "lo": lo, "hi": hi, "choices": choices, "lo_open": lo_open}
-    if default is dataclasses.MISSING:
-        return field(metadata=meta)
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata=meta)
-    return field(default=default, metadata=meta)
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    source: str = _spec("hub id, local checkpoint dir, or synthetic:tiny / synthetic:mistral-7b")
-    revision: str | None = _spec("hub revision (commit, tag or branch)", default=None)
-    tokenizer: str = _spec("'v3' (Mistral v3 from mistral-common) or 'auto' (from the source)", default="v3",
-                           choices=("v3", "auto"))
-    attn_implementation: str = _spec("attention kernel", default="sdpa",
-                                     choices=("sdpa", "eager", "flash_attention_2", "flash_attention_3"))
-    synthetic_seed: int = _spec("seed for synthetic weights", default=0, lo=0)
-
-
-@dataclass(frozen=True)
-class QuantConfig:
-    load_in_4bit: bool = _spec("quantize the base to 4 bit with bitsandbytes")
-    quant_type: str = _spec("4-bit data type", default="nf4", choices=("nf4", "fp4"))
-    double_quant: bool = _spec("quantize the quantization constants too", default=True)
-    compute_dtype: str = _spec("dtype of the 4-bit matmuls", default="bfloat16",
-                               choices=("bfloat16", "float16", "float32"))
-    quant_storage: str = _spec("dtype the packed 4-bit weights are stored in (bnb_4bit_quant_storage); FSDP needs "
-                               "it equal to compute_dtype", default="uint8",
-                               choices=("uint8", "bfloat16", "float16", "float32"))
-
-
-@dataclass(frozen=True)
-class LoraConfig:
-    dropout: float = _spec("LoRA dropout", lo=0.0, hi=1.0)
-    target_modules: tuple[str, ...] = _spec("module names that get adapters")
-
-
-@dataclass(frozen=True)
-class Variant:
-    name: str
-    r: int | None = _spec("LoRA rank; null = no adapter (baseline)", default=None, lo=1)
-    alpha: int | None = _spec("LoRA alpha; scaling is alpha / r", default=None, lo=1)
-    description: str = _spec("one line for the card", default="")
-
-    @property
-    def is_baseline(self) -> bool:
-        return self.r is None
-
-    @property
-    def label(self) -> str:
-        return "Baseline" if self.is_baseline else f"LoRA r{self.r}/a{self.alpha}"
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    seed: int = _spec("seed for init, shuffling and dropout", lo=0)
-    learning_rate: float = _spec("peak learning rate", lo=0.0, hi=1.0, lo_open=True)
-    epochs: int = _spec("passes over the train split", lo=1)
-    batch_size: int = _spec("per-device micro-batch size", lo=1)
-    grad_accum: int = _spec("micro-batches per optimizer step", lo=1)
-    max_length: int = _spec("max tokens per training sequence (packed row when packing)", lo=8)
-    packing: bool = _spec("pack examples into rows of max_length")
-    lr_scheduler: str = _spec("learning-rate schedule", default="constant",
-                              choices=("constant", "linear", "cosine", "constant_with_warmup"))
-    warmup_ratio: float = _spec("fraction of steps for warm-up", default=0.0, lo=0.0, hi=1.0)
-    weight_decay: float = _spec("AdamW weight decay", default=0.0, lo=0.0)
-    optim: str = _spec("optimizer", default="adamw_torch",
-                       choices=("adamw_torch", "adamw_torch_fused", "paged_adamw_8bit", "paged_adamw_32bit"))
-    gradient_checkpointing: bool = _spec("recompute activations to save memory", default=False)
-    compile_layers: bool = _spec("torch.compile each decoder layer (regional compilation; H100 QLoRA step 1.7x)",
-                                 default=False)
-    mixed_precision: str = _spec("autocast dtype for training", default="no", choices=("no", "bf16", "fp16"))
-    adapter_dtype: str = _spec("dtype of the LoRA weights while training", default="float32",
-                               choices=("float32", "bfloat16"))
-    logging_steps: int = _spec("log the loss every N optimizer steps", default=1, lo=1)
-    min_optimizer_steps: int = _spec("warn below this many optimizer steps", default=10, lo=0)
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    train: str = _spec("train JSONL, relative to the profile file")
-    validation: str = _spec("validation JSONL, relative to the profile file")
-    test: str = _spec("test JSONL, relative to the profile file")
-    eval_splits: tuple[str, ...] = _spec("splits the quality suite scores", default=("validation",),
-                                         choices=("train", "validation", "test"))
-
-
-@dataclass(frozen=True)
-class EvalConfig:
-    max_new_tokens: int = _spec("greedy tokens per answer", lo=1)
-    batch_size: int = _spec("prompts per generate call (left padded)", default=8, lo=1)
-    bootstrap_resamples: int = _spec("bootstrap resamples for CIs", default=1000, lo=100)
-    confidence: float = _spec("CI level", default=0.95, lo=0.5, hi=1.0, lo_open=True)
-    bootstrap_seed: int = _spec("seed of the bootstrap", default=0, lo=0)
-
-
-@dataclass(frozen=True)
-class LatencyConfig:
-    rounds: int = _spec("timed generate calls", lo=1)
-    max_new_tokens: int = _spec("tokens per call, forced with min_new_tokens", lo=1)
-    warmup_rounds: int = _spec("untimed calls first", default=1, lo=0)
-    prompt_id: str = _spec("dataset id of the fixed latency prompt", default="")
-
-
-@dataclass(frozen=True)
-class DistributedConfig:
-    mode: str = _spec("'none' (one process), 'ddp' (data parallel: every process holds the base) or 'fsdp' "
-                      "(shard the 4-bit base across processes)", default="none", choices=("none", "ddp", "fsdp"))
-    num_processes: int = _spec("processes accelerate launches (GPUs, or CPU processes on the gloo backend)",
-                               default=1, lo=1)
-    main_process_port: int | None = _spec("rendezvous port; null picks a free one", default=None, lo=1, hi=65535)
-    timeout_s: int = _spec("give up on a launched training run after this many seconds", default=3600, lo=1)
-
-
-@dataclass(frozen=True)
-class InferenceConfig:
-    engine: str = _spec("how eval and latency decode: seed (NF4 + unmerged adapter, HF generate), nf4-compiled, "
-                        "or merged (dequantized base + merged adapter); see harness/engines.py", default="seed",
-                        choices=("seed", "nf4-compiled", "merged"))
-    merged_dtype: str = _spec("dtype the NF4 base is dequantized to and the adapter merged in", default="bfloat16",
-                              choices=("bfloat16", "float16", "float32"))
-    compile: bool = _spec("compile the static-cache decode step (CUDA only; the CPU runs it eagerly)", default=True)
-    compile_mode: str = _spec("torch.compile mode of the decode step", default="reduce-overhead",
-                              choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"))
-    compile_fullgraph: bool = _spec("fail on graph breaks in the merged engine's decode step", default=True)
-    cache_bucket: int = _spec("static cache length is rounded up to a multiple of this (fewer compiled shapes)",
-                              default=256, lo=1)
-    speed_variant: str = _spec("variant the speed suite compares engines on", default="r16")
-    speed_engines: tuple[str, ...] = _spec("engines the speed suite measures, the seed path first",
-                                           default=("seed", "nf4-compiled", "merged"),
-                                           choices=("seed", "nf4-compiled", "merged"))
-    speed_rounds: int = _spec("timed rounds per engine in the speed suite", default=5, lo=1)
-    speed_min_speedup: float | None = _spec("the configured engine's p50 must beat the seed path's by this factor",
-                                            default=None, lo=1.0)
-    speed_max_p50_s: float | None = _spec("the configured engine's p50 must be at most this", default=None, lo=0.0,
-                                          lo_open=True)
-    parity_new_tokens: int = _spec("greedy tokens compared by the parity check", default=32, lo=1)
-    parity_min_agreement: float = _spec("lowest mean token agreement of merged vs seed", default=0.9, lo=0.0,
-                                        hi=1.0)
-    parity_max_logit_diff: float = _spec("largest |logit difference| of merged vs seed, teacher-forced",
-                                         default=1.0, lo=0.0)
-
-
-@dataclass(frozen=True)
-class Gate:
-    variants: tuple[str, ...] = _spec("variants this gate applies to")
-    split: str = _spec("split scored", choices=("train", "validation", "test"))
-    metric: str = _spec("metric", choices=("em", "f1"))
-    min: float | None = _spec("lowest passing value", default=None, lo=0.0, hi=1.0)
-    max: float | None = _spec("highest passing value", default=None, lo=0.0, hi=1.0)
-
-
-@dataclass(frozen=True)
-class Profile:
-    name: str
-    description: str
-    weights: str = _spec("'real' or 'synthetic'; synthetic hides quality numbers in the card",
-                         choices=("real", "synthetic"))
-    show_quality: bool = _spec("print EM/F1 in the card; false prints 'n/a (random weights)'")
-    model: ModelConfig = _spec("base model")
-    quantization: QuantConfig = _spec("bitsandbytes settings")
-    lora: LoraConfig = _spec("LoRA settings shared by all variants")
-    variants: tuple[str, ...] = _spec("variants to sweep, from variants.yaml")
-    training: TrainConfig = _spec("training recipe")
-    data: DataConfig = _spec("data files")
-    eval: EvalConfig = _spec("evaluation")
-    latency: LatencyConfig = _spec("latency benchmark")
-    inference: InferenceConfig = _spec("inference engine for eval and latency; speed suite settings",
-                                       default=InferenceConfig())
-    distributed: DistributedConfig = _spec("how training is launched: one process, or accelerate DDP/FSDP",
-                                           default=DistributedConfig())
-    requires_gpu: bool = _spec("every variant test is marked gpu and skips without CUDA", default=False)
-    quality_gates: tuple[Gate, ...] = _spec("thresholds the quality suite asserts", default=())
-    vram_ceilings_gib: dict = _spec("{train|inference: {variant: GiB}} for the gpu suite", default={})
-    variant_defs: dict = _spec("resolved variants, filled from variants.yaml", default={})
-    source_file: str = _spec("the profile YAML this came from", default="")
-
-    def variant(self, name: str) -> Variant:
-        return self.variant_defs[name]
-
-    def data_path(self, split: str) -> Path:
-        return (Path(self.source_file).parent / getattr(self.data, split)).resolve()
-
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["variant_defs"] = {k: dataclasses.asdict(v) for k, v in self.variant_defs.items()}
-        d.pop("source_file")
-        return d
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# YAML with line numbers
-
-
-def _read_yaml(path: Path) -> tuple[Any, dict[tuple, int]]:
-    """Parse YAML, returning the data and a map from key path to 1-based line number."""
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except FileNotFoundError:
-        raise ConfigError([f"{path}: file not found; pass --profile with a name from data/configs or a YAML path"])
-    except UnicodeDecodeError as e:
-        raise ConfigError([f"{path}: not valid UTF-8 ({e.reason} at byte {e.start}); save the file as UTF-8"])
-    except OSError as e:  # a directory, a fifo, no permission
-        raise ConfigError([f"{path}: cannot be read ({e.strerror or e}); pass the path of a YAML file"])
-    try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark, ctx = getattr(e, "problem_mark", None), getattr(e, "context_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        # e.g. an unclosed '[' is noticed lines later: say where the construct began too
-        began = (f" ({e.context} that began on line {ctx.line + 1})"
-                 if ctx and getattr(e, "context", None) and (not mark or ctx.line != mark.line) else "")
-        raise ConfigError([f"{where}: invalid YAML: {getattr(e, 'problem', None) or e}{began}; fix the syntax"])
-    lines: dict[tuple, int] = {}
-    duplicates: list[str] = []  # PyYAML keeps the last of two equal keys without a word: that hides an edit
-
-    def walk(n, prefix, ancestors=frozenset()):
-        if id(n) in ancestors:  # a self-referencing anchor (&a [*a]): don't follow it forever
-            return
-        ancestors = ancestors | {id(n)}
-        if isinstance(n, yaml.MappingNode):
-            for k, v in n.value:
-                key = prefix + (k.value,)
-                if key in lines and k.value != "<<":
-                    dotted = ".".join(str(x) for x in key)
-                    duplicates.append(f"{path}:{k.start_mark.line + 1}: {dotted}: duplicate key {k.value!r} (first "
-                                      f"on line {lines[key]}); keep one of them")
-                    continue
-                lines[key] = k.start_mark.line + 1
-                walk(v, key, ancestors)
-        elif isinstance(n, yaml.SequenceNode):
-            for i, v in enumerate(n.value):
-                lines[prefix + (i,)] = v.start_mark.line + 1
-                walk(v, prefix + (i,), ancestors)
-
-    if node is not None:
-        walk(node, ())
-    if duplicates:
-        raise ConfigError(duplicates)
-    return data, lines
+_read_yaml = read_yaml  # the old private name; harness.yamlload.read_yaml is the one to use
 
 
 class _Checker:
@@ -323,11 +89,11 @@ class _Checker:
         renamed = set()  # a typo of a missing key ('learnig_rate') is one problem, not 'unknown' plus 'missing'
         for key in raw:
             if key not in fields:
-                close = difflib.get_close_matches(str(key), list(fields), n=1)
-                hint = f"did you mean {close[0]!r}? " if close else "remove it; "
-                if close and close[0] not in raw:
-                    renamed.add(close[0])
-                    hint = f"did you mean {close[0]!r}? rename it; "
+                match = closest(key, fields)
+                hint = did_you_mean(key, fields) or "remove it; "
+                if match is not None and match not in raw:
+                    renamed.add(match)
+                    hint += "rename it; "
                 self.err(keypath + (key,), f"unknown key {key!r}; {hint}known: {', '.join(fields)}")
         out = {}
         for name, f in fields.items():
@@ -379,8 +145,7 @@ class _Checker:
     def check_range(self, v, meta, keypath):
         lo, hi, choices = meta.get("lo"), meta.get("hi"), meta.get("choices")
         if choices and v not in choices:
-            close = difflib.get_close_matches(str(v), [str(c) for c in choices], n=1)
-            hint = f"did you mean {close[0]!r}? " if close else ""
+            hint = did_you_mean(v, choices)
             self.err(keypath, f"{v!r} is not allowed; {hint}choose one of: {', '.join(map(str, choices))}")
         if isinstance(v, (int, float)) and not isinstance(v, bool):
             if lo is not None and (v < lo or (meta.get("lo_open") and v == lo)):
@@ -394,7 +159,7 @@ def _load_variants(path: Path) -> dict[str, Variant]:
     if not path.exists():
         raise ConfigError([f"{path}: file not found; a profile's variants are defined in {VARIANTS_FILE} beside it: "
                            f"copy {CONFIG_DIR / VARIANTS_FILE} there"])
-    raw, lines = _read_yaml(path)
+    raw, lines = read_yaml(path)
     chk = _Checker(path, lines)
     out: dict[str, Variant] = {}
     if not isinstance(raw, dict) or not raw:
@@ -431,10 +196,9 @@ def load_profile(name_or_path: str | Path) -> Profile:
     path = profile_path(name_or_path)
     if not path.exists():
         names = available_profiles()
-        close = difflib.get_close_matches(str(name_or_path), names, n=1)
-        hint = f"did you mean {close[0]!r}? " if close else ""
+        hint = did_you_mean(name_or_path, names)
         raise ConfigError([f"{path}: no such profile {str(name_or_path)!r}; {hint}available: {', '.join(names)}"])
-    raw, lines = _read_yaml(path)
+    raw, lines = read_yaml(path)
     chk = _Checker(path, lines)
     built = chk.build(Profile, raw, (), skip=("variant_defs", "source_file"))
     if built is None or chk.problems:
@@ -443,8 +207,7 @@ def load_profile(name_or_path: str | Path) -> Profile:
     defs = _load_variants(variants_path)
     for i, name in enumerate(built["variants"]):
         if name not in defs:
-            close = difflib.get_close_matches(str(name), list(defs), n=1)
-            hint = f"did you mean {close[0]!r}? " if close else ""
+            hint = did_you_mean(name, defs)
             chk.err(("variants", i), f"unknown variant {name!r}; {hint}defined in {variants_path.name}: "
                                      f"{', '.join(defs)}")
     dist, quant = built.get("distributed"), built.get("quantization")
@@ -465,8 +228,7 @@ def load_profile(name_or_path: str | Path) -> Profile:
         chk.err(("inference", "speed_engines"), "speed_min_speedup compares with the seed engine measured first in "
                                                 "the same session; list 'seed' first")
     if isinstance(inference, InferenceConfig) and inference.speed_variant not in defs:
-        close = difflib.get_close_matches(inference.speed_variant, list(defs), n=1)
-        hint = f"did you mean {close[0]!r}? " if close else ""
+        hint = did_you_mean(inference.speed_variant, defs)
         chk.err(("inference", "speed_variant"), f"unknown variant {inference.speed_variant!r}; {hint}defined in "
                                                 f"{variants_path.name}: {', '.join(defs)}")
     if len(set(built["variants"])) != len(built["variants"]):

@@ -8,12 +8,12 @@ listing every problem as ``path:line: field 'x' ...``.
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import DataError, closest, did_you_mean
 from .metrics import SUPPORTED_LANGS, normalize_answer
 
 __all__ = ["DataError", "Example", "read_jsonl", "load_splits", "to_hf_dataset", "fingerprint", "SPLITS"]
@@ -22,15 +22,6 @@ SPLITS = ("train", "validation", "test")
 _REQUIRED = ("id", "lang", "instruction", "input", "output")
 _OPTIONAL = ("answers",)
 _MAY_BE_EMPTY = ("input",)
-
-
-class DataError(ValueError):
-    """A dataset file is invalid; the message lists every problem as path:line: field ..."""
-
-    def __init__(self, problems: list[str]):
-        self.problems = list(problems)
-        n = len(self.problems)
-        super().__init__(f"{n} problem{'s' if n != 1 else ''} in dataset:\n  " + "\n  ".join(self.problems))
 
 
 @dataclass(frozen=True)
@@ -59,11 +50,11 @@ def _check_record(rec: dict, where: str, problems: list[str]) -> bool:
     renamed = set()  # a typo of a missing field ('ouput') is one problem, not 'unknown' plus 'missing'
     for key in rec:
         if key not in _REQUIRED + _OPTIONAL:
-            close = difflib.get_close_matches(key, _REQUIRED + _OPTIONAL, n=1)
-            hint = f"did you mean {close[0]!r}? " if close else ""
-            if close and close[0] not in rec:
-                renamed.add(close[0])
-                hint = f"did you mean {close[0]!r}? rename it; "
+            match = closest(key, _REQUIRED + _OPTIONAL)
+            hint = did_you_mean(key, _REQUIRED + _OPTIONAL)
+            if match is not None and match not in rec:
+                renamed.add(match)
+                hint += "rename it; "
             problems.append(f"{where}: field {key!r} is unknown; {hint}allowed: {', '.join(_REQUIRED + _OPTIONAL)}")
             ok = False
     for key in _REQUIRED:
@@ -87,8 +78,7 @@ def _check_record(rec: dict, where: str, problems: list[str]) -> bool:
                         f"[\"first\", \"second\"] or leave the field out")
         ok = False
     if ok and rec["lang"] not in SUPPORTED_LANGS:
-        close = difflib.get_close_matches(rec["lang"].lower(), SUPPORTED_LANGS, n=1)
-        hint = f"did you mean {close[0]!r}? " if close else ""
+        hint = did_you_mean(rec["lang"].lower(), SUPPORTED_LANGS)
         problems.append(f"{where}: field 'lang' is {rec['lang']!r}; {hint}supported: {', '.join(SUPPORTED_LANGS)}")
         ok = False
     if ok:

@@ -9,6 +9,12 @@ and waits; every process loads the base and calls the same ``train_adapter`` as 
 SFTTrainer picks the process group up from accelerate's environment), rank 0 saves the adapter and writes its
 figures to ``DIR/figures.json``. The caller (``variants.ensure_adapter``) owns the lock, the atomic directory and
 the manifest, exactly as for one process. On a CPU the backend is gloo; on GPUs NCCL.
+
+A failed launch must tell its cause, and torchrun's own summary ("rank 1 exited with code 1") does not. So torchrun
+writes each rank's stdout/stderr to ``DIR/ranks/<run>/attempt_0/<rank>/`` (``--log_dir`` + ``--tee 3``: the
+output still reaches ``launch.log`` too), and ``main`` is wrapped in torchelastic's ``record``, which writes the
+exception's traceback to that rank's ``error.json``. On failure these logs are copied to
+``runs/<profile>/failed/<variant>-<UTC time>/`` before the error is raised, because the caller deletes ``DIR``.
 """
 
 from __future__ import annotations
@@ -16,14 +22,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch.distributed.elastic.multiprocessing.errors import record
 
 from .config import Profile, Variant, config_hash
 
@@ -31,10 +40,13 @@ __all__ = ["DistributedTrainingError", "launch_command", "launch_training", "wor
 
 FIGURES = "figures.json"
 LOG = "launch.log"
+RANK_LOGS = "ranks"  # torchrun's --log_dir inside the out dir
+TRACEBACK_LINES = 30
 
 
 class DistributedTrainingError(RuntimeError):
-    """A launched training run failed; the message names the profile, variant, exit code and the log's tail."""
+    """A launched run failed; the message names the profile, variant, exit code, the first failing rank with the
+    end of its traceback, and the folder where the logs were kept."""
 
 
 def world_size() -> int:
@@ -78,10 +90,77 @@ def launch_command(profile: Profile, variant: Variant, runs_dir: Path, out_dir: 
                 "--fsdp_transformer_layer_cls_to_wrap", "MistralDecoderLayer",
                 "--fsdp_use_orig_params", "false", "--fsdp_cpu_ram_efficient_loading", "true",
                 "--fsdp_sync_module_states", "true", "--fsdp_state_dict_type", "FULL_STATE_DICT"]
+    # every rank's stdout/stderr to its own file (and still to launch.log), torchelastic error files beside them
+    cmd += ["--log_dir", str(Path(out_dir).resolve() / RANK_LOGS), "--tee", "3"]
     cmd += ["-m", "harness.distributed", "--profile", profile.source_file, "--variant", variant.name,
             "--runs-dir", str(Path(runs_dir).resolve()), "--out", str(Path(out_dir).resolve()),
             "--config-hash", config_hash(profile)]
     return cmd
+
+
+def _keep_logs(profile: Profile, variant: Variant, runs_dir: Path, out_dir: Path) -> Path:
+    """Copy the launch log and every rank's logs out of ``out_dir``, which the caller deletes when we raise."""
+    failed = Path(runs_dir) / profile.name / "failed"
+    stem = f"{variant.name}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+    for n in range(1, 1000):  # two failures in one second get -2, -3 ...
+        kept = failed / (stem if n == 1 else f"{stem}-{n}")
+        try:
+            kept.mkdir(parents=True)
+            break
+        except FileExistsError:
+            continue
+    if (Path(out_dir) / LOG).exists():
+        shutil.copy2(Path(out_dir) / LOG, kept / LOG)
+    if (Path(out_dir) / RANK_LOGS).is_dir():
+        shutil.copytree(Path(out_dir) / RANK_LOGS, kept / RANK_LOGS)
+    return kept
+
+
+def _first_failure(rank_logs: Path) -> tuple[int, Path, str] | None:
+    """(rank, its log folder, traceback) of the rank that failed first, or None if no rank left a traceback.
+
+    A Python exception in ``main`` leaves ``<rank>/error.json`` (from ``record``); the earliest written one is the
+    cause, later ones are other ranks losing their peer. A crash outside ``main`` (an import, a SystemExit) leaves
+    only ``stderr.log``: the earliest last-written one holding a traceback. The folder name is the local rank,
+    which is the rank on one machine.
+    """
+    found = []
+    for err in rank_logs.rglob("error.json"):
+        try:
+            msg = json.loads(err.read_text(encoding="utf-8"))["message"]
+            tb = msg["extraInfo"]["py_callstack"] if isinstance(msg, dict) else str(msg)
+            found.append((err.stat().st_mtime_ns, int(err.parent.name), err.parent, tb))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    if not found:
+        for log in rank_logs.rglob("stderr.log"):
+            text = log.read_text(encoding="utf-8", errors="replace")
+            if "Traceback (most recent call last)" in text and log.parent.name.isdigit():
+                tb = text[text.index("Traceback (most recent call last)"):]
+                found.append((log.stat().st_mtime_ns, int(log.parent.name), log.parent, tb))
+    if not found:
+        return None
+    _, rank, folder, tb = min(found)
+    return rank, folder, "\n".join(tb.rstrip().splitlines()[-TRACEBACK_LINES:])
+
+
+def _failure_message(head: str, kept: Path, hung: bool = False) -> str:
+    """``head``, the first failing rank's traceback (or the launch log's end) and where the kept logs are.
+
+    After a timeout the launch log ends with the launcher's own SIGTERM traceback, which would mislead: a hang
+    points at the ranks' logs instead."""
+    first = _first_failure(kept / RANK_LOGS)
+    if first is None and hung:
+        body = "no rank left a traceback (a hang: each rank's stderr.log ends where it stopped)"
+    elif first is None:
+        text = (kept / LOG).read_text(encoding="utf-8", errors="replace") if (kept / LOG).exists() else ""
+        tail = "\n".join(text.splitlines()[-TRACEBACK_LINES:])
+        body = f"no rank left a traceback; the end of {LOG}:\n{tail}"
+    else:
+        rank, folder, tb = first
+        body = f"rank {rank} failed first (its own logs: {folder}); the end of its traceback:\n{tb}"
+    return (f"{head}; {body}\nThe logs are kept in {kept} ({LOG}, and {RANK_LOGS}/<run>/attempt_0/<rank>/ with "
+            f"stderr.log, stdout.log and, for a Python error, error.json); fix the cause shown there and run again.")
 
 
 def launch_training(profile: Profile, variant: Variant, runs_dir: Path, out_dir: Path) -> dict[str, Any]:
@@ -90,28 +169,33 @@ def launch_training(profile: Profile, variant: Variant, runs_dir: Path, out_dir:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         [str(Path(__file__).resolve().parent.parent)] + [p for p in [os.environ.get("PYTHONPATH")] if p])}
     log = Path(out_dir) / LOG
-    where = f"{profile.source_file}: distributed.{profile.distributed.mode} x{profile.distributed.num_processes}"
+    d = profile.distributed
+    where = f"{profile.source_file}: distributed.{d.mode} x{d.num_processes}, training {variant.name}"
     with open(log, "w", encoding="utf-8") as f:
         # its own session: on a timeout (or Ctrl-C) the whole group goes, workers included, not just the launcher
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         try:
-            proc.wait(timeout=profile.distributed.timeout_s)
+            proc.wait(timeout=d.timeout_s)
         except BaseException as e:
             _kill_group(proc)
             if isinstance(e, subprocess.TimeoutExpired):
-                raise DistributedTrainingError(f"{where}: training {variant.name} ran past distributed.timeout_s "
-                                               f"({profile.distributed.timeout_s} s); see {log}") from None
+                kept = _keep_logs(profile, variant, runs_dir, out_dir)
+                raise DistributedTrainingError(_failure_message(
+                    f"{where}: ran past distributed.timeout_s ({d.timeout_s} s; raise it if the run is just slow)",
+                    kept, hung=True)) from None
             raise
     figures = Path(out_dir) / FIGURES
     if proc.returncode != 0 or not figures.exists():
-        tail = "\n".join(log.read_text(encoding="utf-8", errors="replace").splitlines()[-25:])
-        raise DistributedTrainingError(f"{where}: training {variant.name} failed (exit {proc.returncode}); "
-                                       f"last lines of {log}:\n{tail}")
+        kept = _keep_logs(profile, variant, runs_dir, out_dir)
+        what = f"failed (exit {proc.returncode})" if proc.returncode else f"exited 0 without rank 0's {FIGURES}"
+        raise DistributedTrainingError(_failure_message(f"{where}: {what}", kept))
     result = json.loads(figures.read_text())
     figures.unlink()
+    shutil.rmtree(Path(out_dir) / RANK_LOGS, ignore_errors=True)  # launch.log holds the same output, tee'd
     return result
 
 
+@record  # a Python exception here writes this rank's traceback to torchrun's error.json
 def main(argv: list[str] | None = None) -> None:
     """One process of a launched run (started by accelerate, never by hand)."""
     from .artifacts import atomic_write_json

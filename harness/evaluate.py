@@ -5,39 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
 from .config import EvalConfig
 from .data import Example
+from .decoding import HFGreedy, generate_greedy  # generate_greedy re-exported: it used to live here
 from .metrics import exact_match, f1
 from .prompt import decode_answer, encode_prompt, user_content
 from .stats import bootstrap_ci, paired_bootstrap
 
 __all__ = ["generate_greedy", "score_split", "SplitScores", "compare_to_baseline"]
-
-
-@torch.inference_mode()
-def generate_greedy(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int = 8,
-                    min_new_tokens: int | None = None) -> list[list[int]]:
-    """Greedy-decode each prompt (token ids) and return only the new tokens, in input order."""
-    device = next(model.parameters()).device
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    out: list[list[int]] = []
-    for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start:start + batch_size]
-        width = max(len(p) for p in chunk)
-        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for i, p in enumerate(chunk):  # left padding: every prompt ends where generation starts
-            ids[i, width - len(p):] = torch.tensor(p)
-            mask[i, width - len(p):] = 1
-        gen = model.generate(
-            input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False, max_new_tokens=max_new_tokens,
-            min_new_tokens=min_new_tokens, pad_token_id=pad_id, eos_token_id=tokenizer.eos_token_id,
-            temperature=None, top_p=None, top_k=None,
-        )
-        out.extend(row[width:].tolist() for row in gen.cpu())
-    return out
 
 
 @dataclass
@@ -66,10 +41,8 @@ def _summarize(rows: list[dict], cfg: EvalConfig) -> dict[str, Any]:
 def score_split(decoder, tokenizer, examples: list[Example], cfg: EvalConfig) -> SplitScores:
     """Generate for every example of a split and score it: per-example rows plus EM/F1 with bootstrap CIs.
 
-    ``decoder`` is an engine from ``harness.engines`` (or a bare model, decoded the seed's way).
+    ``decoder`` is an engine from ``harness.decoding`` (or a bare model, decoded the seed's way).
     """
-    from .engines import HFGreedy
-
     if not hasattr(decoder, "compile_s"):
         decoder = HFGreedy(decoder, tokenizer)
     prompts = [encode_prompt(tokenizer, e.instruction, e.input) for e in examples]

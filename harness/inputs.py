@@ -7,11 +7,12 @@ not the same error repeated in every test, and nothing in ``runs/`` or the card 
 
 from __future__ import annotations
 
-import difflib
 from pathlib import Path
 
-from .config import ConfigError, Profile, _read_yaml
-from .data import SPLITS, DataError, Example, load_splits
+from .config import Profile
+from .data import SPLITS, Example, load_splits
+from .errors import ConfigError, DataError, did_you_mean
+from .yamlload import read_yaml
 
 __all__ = ["check_profile_data"]
 
@@ -35,7 +36,7 @@ def check_profile_data(profile: Profile) -> dict[str, list[Example]]:
 
 def _where(profile: Profile, *keypath: str) -> str:
     """``profile.yaml:LINE`` of a key, for a problem found after loading."""
-    line = _read_yaml(Path(profile.source_file))[1].get(keypath)
+    line = read_yaml(Path(profile.source_file))[1].get(keypath)
     return f"{profile.source_file}{f':{line}' if line else ''}: {'.'.join(keypath)}"
 
 
@@ -47,8 +48,7 @@ def _check_model_source(profile: Profile) -> None:
 
         names = [f"synthetic:{name}" for name in SYNTHETIC_SHAPES]
         if source not in names:
-            close = difflib.get_close_matches(source, names, n=1)
-            hint = f"did you mean {close[0]!r}? " if close else ""
+            hint = did_you_mean(source, names)
             raise ConfigError([f"{_where(profile, 'model', 'source')}: no synthetic model {source!r}; {hint}"
                                f"choose one of: {', '.join(names)}"])
     elif source.startswith(("/", "./", "../", "~")) and not Path(source).expanduser().is_dir():
@@ -58,8 +58,7 @@ def _check_model_source(profile: Profile) -> None:
 
 def _check_lengths(profile: Profile, train: list[Example]) -> None:
     """Every train example must fit ``training.max_length`` whole; when none does, the limit is the mistake."""
-    from .prompt import build_training_example, v3_tokenizer
-    from .train import training_rows
+    from .prompt import build_training_example, training_rows, v3_tokenizer
 
     tokenizer, max_length = v3_tokenizer(), profile.training.max_length
     try:
@@ -80,7 +79,6 @@ def _check_latency_prompt(profile: Profile, splits: dict[str, list[Example]]) ->
     ids = [e.id for split in SPLITS for e in splits[split]]
     if not wanted or wanted in ids:
         return
-    close = difflib.get_close_matches(wanted, ids, n=1)
-    hint = f"did you mean {close[0]!r}? " if close else ""
+    hint = did_you_mean(wanted, ids)
     raise ConfigError([f"{_where(profile, 'latency', 'prompt_id')}: {wanted!r} is not the id of any example in the "
                        f"data; {hint}give the id of the prompt to time, e.g. {splits['validation'][0].id!r}"])

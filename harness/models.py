@@ -7,7 +7,6 @@ as real weights are.
 
 from __future__ import annotations
 
-import gc
 import os
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import torch
 
 from .artifacts import atomic_dir, file_lock
 from .config import LoraConfig, ModelConfig, QuantConfig, Variant, config_hash
+from .memory import free_memory
 
 __all__ = [
     "SYNTHETIC_SHAPES",
@@ -86,6 +86,10 @@ def resolve_source(model_cfg: ModelConfig, cache_root: Path) -> str:
     src = model_cfg.source
     if src.startswith(_SYNTHETIC_PREFIX):
         return str(materialize_synthetic(src[len(_SYNTHETIC_PREFIX):], model_cfg.synthetic_seed, cache_root))
+    if src.startswith("pypi:"):  # a GGUF file inside an installed wheel, converted once (harness/pretrained.py)
+        from . import pretrained
+
+        return str(pretrained.resolve_pypi_gguf(src, cache_root))
     if os.path.isdir(os.path.expanduser(src)):
         return os.path.expanduser(src)
     return src  # a hub id; from_pretrained fetches it (or reads it from the HF cache)
@@ -160,10 +164,6 @@ def lora_trainable_params(shape: str, lora: LoraConfig, variant: Variant) -> int
 
 
 def free_model(*models) -> None:
-    """Drop references and return cached CUDA memory, so the next variant starts from an empty GPU."""
-    for m in models:
-        del m
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    """Deprecated alias of ``harness.memory.free_memory``; ``models`` is ignored (the caller's ``del`` frees them)."""
+    free_memory()
 

@@ -8,14 +8,15 @@ so the next variant starts from a clean device.
 
 from __future__ import annotations
 
-import resource
 from collections.abc import Callable
 from typing import TypeVar
 
 import torch
 
 from .config import Profile
+from .memory import free_memory, memory_now
 
+# memory_now lives in harness.memory; it stays importable from here
 __all__ = ["PHASES", "VariantOutOfMemory", "memory_now", "describe_oom", "call_with_oom_guard"]
 
 T = TypeVar("T")
@@ -30,17 +31,6 @@ class VariantOutOfMemory(RuntimeError):
     def __init__(self, message: str, variant: str, phase: str):
         super().__init__(message)
         self.variant, self.phase = variant, phase
-
-
-def memory_now() -> dict[str, float]:
-    """Memory in use right now, in GiB: CUDA allocated/reserved/peak/total, or the process's peak RSS on CPU."""
-    out = {"peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        out["allocated_gib"] = torch.cuda.memory_allocated() / 2**30
-        out["reserved_gib"] = torch.cuda.memory_reserved() / 2**30
-        out["peak_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
-        out["total_gib"] = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / 2**30
-    return out
 
 
 def describe_oom(profile: Profile, variant: str, phase: str, memory: dict[str, float], error: str = "") -> str:
@@ -63,14 +53,6 @@ def describe_oom(profile: Profile, variant: str, phase: str, memory: dict[str, f
             f"{profile.source_file}. The other variants still run. Fix: {fix}, or use a GPU with more memory.")
 
 
-def _free_cuda_cache() -> None:
-    import gc
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
 def call_with_oom_guard(profile: Profile, variant: str, phase: str, fn: Callable[..., T], *args, **kwargs) -> T:
     """``fn(*args, **kwargs)``; a CUDA OOM inside it becomes ``VariantOutOfMemory``, raised after freeing memory.
 
@@ -82,5 +64,5 @@ def call_with_oom_guard(profile: Profile, variant: str, phase: str, fn: Callable
     except torch.cuda.OutOfMemoryError as e:
         message = describe_oom(profile, variant, phase, memory_now(), str(e))
     del fn, args, kwargs  # the model may be an argument: the raised error's traceback must not keep it alive
-    _free_cuda_cache()  # the OOM and the frames of the failed call are gone by now
+    free_memory()  # the OOM and the frames of the failed call are gone by now
     raise VariantOutOfMemory(message, variant, phase) from None

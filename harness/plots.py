@@ -33,19 +33,21 @@ def write_plots(results: dict[str, Any], out_dir: Path, link_prefix: str) -> dic
         atomic_write_bytes(out_dir / name, buf.getvalue())
         links[title] = f"{link_prefix}/{name}"
 
-    samples = {v: results["variants"][v].get("latency", {}).get("samples_s") for v in order}
+    samples = {v: (results["variants"][v].get("latency") or {}).get("samples_s") for v in order}
     samples = {v: s for v, s in samples.items() if s}
     if samples:
-        fig, axes = plt.subplots(1, len(samples), figsize=(3.2 * len(samples), 2.6), squeeze=False)
+        # one shared x axis, so variants compare by eye; constrained layout keeps the title off the subplot titles
+        fig, axes = plt.subplots(1, len(samples), figsize=(3.2 * len(samples), 2.9), squeeze=False, sharex=True,
+                                 layout="constrained")
         for ax, (v, s) in zip(axes[0], samples.items()):
             ax.hist(s, bins=min(20, max(5, len(s) // 3)), color="#4C72B0")
             ax.set_title(v)
             ax.set_xlabel("seconds per generate call")
-        fig.suptitle(f"{profile}: greedy generation latency")
+        fig.suptitle(f"{profile}: greedy generation latency ({len(next(iter(samples.values())))} rounds)")
         save(fig, f"{profile}-latency.png", f"{profile} latency histogram")
 
     split = (results.get("eval_splits") or ["validation"])[0]
-    quality = {v: results["variants"][v].get("quality", {}).get(split) for v in order}
+    quality = {v: (results["variants"][v].get("quality") or {}).get(split) for v in order}
     quality = {v: q for v, q in quality.items() if q}
     if quality and results.get("show_quality", True):
         fig, ax = plt.subplots(figsize=(1.4 * len(quality) + 2, 2.8))

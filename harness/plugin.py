@@ -1,79 +1,121 @@
-"""The pytest plugin (registered as ``qlora`` through the ``pytest11`` entry point): options, variant
-parametrization, and at session end the merged results file, the card and a summary table.
+"""The pytest plugin (registered as ``qlora`` through the ``pytest11`` entry point): options, the session's
+``Sweep``, variant parametrization and markers, out-of-memory handling, and at session end the results file, the
+card and a summary table.
 
-This is the only module that knows pytest; everything it calls is plain library code.
+This is the only module that knows pytest; everything it calls is plain library code (``harness.sweep``). It
+knows a per-variant test by its ``qlora_variant`` marker (set when ``variant_name`` is parametrized) and an engine
+comparison by the ``qlora_speed`` marker, never by fixture names.
 """
 
 from __future__ import annotations
 
 import os
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from .config import ConfigError, load_profile
-from .data import DataError
-from .inputs import check_profile_data
-from .results import ResultsRecorder, load_results, results_path
+from .config import available_profiles
+from .errors import InputError
+from .oom import VariantOutOfMemory
 
-PROFILE_KEY = pytest.StashKey["object"]()
-RECORDER_KEY = pytest.StashKey["ResultsRecorder"]()
-SPLITS_KEY = pytest.StashKey[dict]()
-_STARTED_KEY = pytest.StashKey[float]()
+SWEEP_KEY = pytest.StashKey["object"]()
 _ENDED_KEY = pytest.StashKey[dict]()  # variant -> why its remaining tests do not run (out of memory)
+_SESSION_OPTION = "qlora_session"
+
+MARKERS = (
+    "gpu: needs a CUDA GPU (VRAM ceilings, the synthetic-7b and mistral-7b profiles); skips without one",
+    "slow: trains or generates with a model",
+    "invariants: hypothesis property tests of metrics and prompt format",
+    "benchmark: latency measured with pytest-benchmark",
+    "qlora_variant(name): set by the plugin on every test parametrized over the profile's variants",
+    "qlora_speed: compares the inference engines on inference.speed_variant",
+)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("qlora", "QLoRA benchmark harness")
     group.addoption("--profile", default=os.environ.get("QLORA_PROFILE", "tiny"),
-                    help="profile to run: a name from data/configs (tiny, synthetic-7b, mistral-7b) or a YAML path "
-                         "(default: tiny, or $QLORA_PROFILE)")
-    group.addoption("--runs-dir", default="runs", type=Path,
-                    help="where adapters, manifests, predictions and results.json go (default: runs)")
-    group.addoption("--card", default="MODEL_CARD.md", type=Path,
-                    help="model card to update between its results markers (default: MODEL_CARD.md)")
+                    help=f"profile to run: a name from data/configs ({', '.join(available_profiles())}) or the path "
+                         f"of a YAML file (default: tiny, or $QLORA_PROFILE)")
+    group.addoption("--runs-dir", default=None, type=Path,
+                    help="where adapters, manifests, predictions and results.json go (default: the project's runs/)")
+    group.addoption("--card", default=None, type=Path,
+                    help="model card to update between its results markers (default: the project's MODEL_CARD.md)")
     group.addoption("--retrain", action="store_true", default=False,
-                    help="train every selected variant again even when a matching artifact exists")
+                    help="train every selected variant again, once, even when a matching artifact exists")
     group.addoption("--latency-runs", type=int, default=None,
                     help="timed rounds per variant in the latency suite (default: the profile's latency.rounds)")
     group.addoption("--no-card", action="store_true", default=False,
-                    help="collect results but do not touch the model card")
+                    help="record results in runs/ but do not touch the model card")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_load_initial_conftests(early_config, parser, args) -> None:
+    """``--profile /abs/my.yaml`` (a space, not ``=``): pytest sets its rootdir before this plugin is loaded, so it
+    took the YAML for a test path, lost pytest.ini (markers, warning policy, testpaths) and ran from the YAML's
+    folder. Start again with ``--profile=/abs/my.yaml``, which it reads correctly."""
+    from .artifacts import PROJECT_ROOT
+
+    argv = list(early_config.invocation_params.args)
+    if "--profile" not in argv or sys.argv[1:] != argv or early_config.inipath == PROJECT_ROOT / "pytest.ini":
+        return
+    i = argv.index("--profile")
+    if i + 1 < len(argv) and (PROJECT_ROOT / "pytest.ini").exists():
+        fixed = argv[:i] + [f"--profile={argv[i + 1]}"] + argv[i + 2:]
+        os.chdir(early_config.invocation_params.dir)
+        os.execv(sys.executable, [sys.executable, "-m", "pytest", *fixed])
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    # A bad profile or dataset is one error before any test runs, and nothing is written.
-    try:
-        profile = load_profile(config.getoption("profile"))
-        config.stash[SPLITS_KEY] = check_profile_data(profile)
-    except (ConfigError, DataError) as e:
-        raise pytest.UsageError(str(e)) from None
+    from .sweep import Sweep
+
+    for line in MARKERS:
+        config.addinivalue_line("markers", line)
     rounds = config.getoption("latency_runs")
     if rounds is not None and rounds < 1:
         raise pytest.UsageError(f"--latency-runs {rounds}: give at least 1 timed round")
-    runs = config.getoption("runs_dir")
-    if runs is not None and not Path(runs).is_absolute():
-        config.option.runs_dir = Path(config.rootpath) / runs
-    card = config.getoption("card")
-    if card is not None and not Path(card).is_absolute():
-        config.option.card = Path(config.rootpath) / card
-    config.stash[PROFILE_KEY] = profile
-    config.stash[RECORDER_KEY] = ResultsRecorder(profile)
-    config.stash[_STARTED_KEY] = time.time()
+    here = config.invocation_params.dir
+    runs, card = config.getoption("runs_dir"), config.getoption("card")
+    try:  # a bad profile or dataset is one error before any test runs, and nothing is written
+        sweep = Sweep.prepare(config.getoption("profile"), runs_dir=runs and here / runs, card=card and here / card,
+                              retrain=config.getoption("retrain"),
+                              session_id=getattr(config, "workerinput", {}).get(_SESSION_OPTION))
+    except InputError as e:
+        raise pytest.UsageError(str(e)) from None
+    config.stash[SWEEP_KEY] = sweep
     config.stash[_ENDED_KEY] = {}
 
 
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node) -> None:
+    """xdist: every worker stamps its figures with the controller's session id, so the controller can tell them
+    from older ones when it writes the card."""
+    node.workerinput[_SESSION_OPTION] = node.config.stash[SWEEP_KEY].recorder.session_id
+
+
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    """Parametrize ``variant_name`` over the profile's variants, with ids baseline/r8/r16/r32 for ``-k``."""
+    """Parametrize ``variant_name`` over the profile's variants, ids baseline/r8/r16/r32 for ``-k``; each carries
+    the ``qlora_variant`` marker."""
+    sweep = metafunc.config.stash[SWEEP_KEY]
     if "variant_name" in metafunc.fixturenames:
-        names = list(metafunc.config.stash[PROFILE_KEY].variants)
-        metafunc.parametrize("variant_name", names, ids=names, scope="session")
+        names = list(sweep.profile.variants)
+        metafunc.parametrize("variant_name", [pytest.param(n, id=n, marks=pytest.mark.qlora_variant(n))
+                                              for n in names], scope="session")
+    if "engine_name" in metafunc.fixturenames:
+        names = list(sweep.profile.inference.speed_engines)
+        metafunc.parametrize("engine_name", names, ids=names)
 
 
+def variant_of(item: pytest.Item) -> str | None:
+    mark = item.get_closest_marker("qlora_variant")
+    return mark.args[0] if mark else None
+
+
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """On a GPU profile every variant test is a gpu test: ``-m gpu`` selects the whole sweep."""
-    profile = config.stash[PROFILE_KEY]
+    """On a GPU profile every variant and engine test is a gpu test, so ``-m gpu`` selects the whole sweep."""
+    profile = config.stash[SWEEP_KEY].profile
     if not profile.requires_gpu:
         return
     import torch
@@ -81,99 +123,105 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     no_cuda = None if torch.cuda.is_available() else pytest.mark.skip(
         reason=f"profile {profile.name!r} needs a CUDA GPU (requires_gpu: true in {profile.source_file})")
     for item in items:
-        if {"variant_name", "engines"} & set(getattr(item, "fixturenames", ())):  # per-variant and speed tests
+        if variant_of(item) or item.get_closest_marker("qlora_speed"):
             item.add_marker(pytest.mark.gpu)
             if no_cuda:
                 item.add_marker(no_cuda)
 
 
-def _variant_of(item: pytest.Item) -> str | None:
-    callspec = getattr(item, "callspec", None)
-    return callspec.params.get("variant_name") if callspec else None
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Tell the sweep which variants this run selected (after -k/-m): a merged base trains them all first."""
+    sweep = session.config.stash[SWEEP_KEY]
+    wanted = {variant_of(item) for item in session.items} - {None}
+    if any(item.get_closest_marker("qlora_speed") for item in session.items):
+        wanted.add(sweep.profile.inference.speed_variant)
+    sweep.select(wanted)
 
 
 def end_variant(config: pytest.Config, variant: str, message: str) -> None:
-    """Fail the variant's remaining tests with ``message`` (it ran out of memory); the other variants still run.
-
-    What the session recorded for it is dropped: its row in results.json keeps its last complete figures rather
-    than half of them stamped with this run's provenance.
-    """
+    """Fail the variant's remaining tests with ``message``; drop what the session recorded for it, so its row keeps
+    its last complete figures rather than half of them stamped with this run's provenance."""
     config.stash[_ENDED_KEY].setdefault(variant, message)
-    config.stash[RECORDER_KEY].discard(variant)
+    sweep = config.stash[SWEEP_KEY]
+    sweep.recorder.discard(variant)
+    sweep.release()
 
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_setup(item: pytest.Item) -> None:
-    message = item.config.stash[_ENDED_KEY].get(_variant_of(item)) if _ENDED_KEY in item.config.stash else None
+    message = item.config.stash[_ENDED_KEY].get(variant_of(item)) if _ENDED_KEY in item.config.stash else None
     if message:
         pytest.fail(message, pytrace=False)
 
 
 @pytest.hookimpl(wrapper=True)
+def pytest_fixture_setup(fixturedef, request):
+    """A VariantOutOfMemory raised while a fixture loads or scores a variant ends that variant, with its message."""
+    try:
+        return (yield)
+    except VariantOutOfMemory as error:
+        message, e = str(error), error
+    item = getattr(request, "_pyfuncitem", None)  # the test this fixture is being set up for
+    end_variant(request.config, (variant_of(item) if item else None) or e.variant, message)
+    raise pytest.fail.Exception(message, pytrace=False) from None
+
+
+@pytest.hookimpl(wrapper=True)
 def pytest_runtest_call(item: pytest.Item):
-    """A CUDA OOM raised by a test body (e.g. a latency round) ends its variant like one raised by a fixture."""
-    variant = _variant_of(item)
+    """A CUDA OOM raised by a test body (a latency round, a batched generate) ends its variant like a fixture's."""
+    variant = variant_of(item)
     try:
         return (yield)
     except Exception as e:
         torch = sys.modules.get("torch")
-        if variant is None or torch is None or not isinstance(e, torch.cuda.OutOfMemoryError):
+        if variant is None or not isinstance(e, VariantOutOfMemory) and (
+                torch is None or not isinstance(e, torch.cuda.OutOfMemoryError)):
             raise
-        from .oom import describe_oom, memory_now
+        from .oom import describe_oom
+        from .memory import memory_now
 
-        message = describe_oom(item.config.stash[PROFILE_KEY], variant, "inference", memory_now(), str(e))
-    loaded = item.funcargs.get("loaded_variant") if hasattr(item, "funcargs") else None
-    if loaded is not None:  # the fixture holds the model and its decoder: drop them so the memory can go
-        loaded.model = None
-        if hasattr(loaded, "engine"):
-            loaded.engine = None
-    from .models import free_model
-
-    free_model()
+        sweep = item.config.stash[SWEEP_KEY]
+        message = str(e) if isinstance(e, VariantOutOfMemory) else describe_oom(sweep.profile, variant, "inference",
+                                                                                 memory_now(), str(e))
     end_variant(item.config, variant, message)
     pytest.fail(message, pytrace=False)
 
 
-def _is_xdist_worker(config: pytest.Config) -> bool:
-    return hasattr(config, "workerinput")
-
-
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     config = session.config
-    if PROFILE_KEY not in config.stash or exitstatus == pytest.ExitCode.INTERRUPTED:
+    if SWEEP_KEY not in config.stash or exitstatus == pytest.ExitCode.INTERRUPTED:
         return  # a Ctrl-C leaves results.json and the card in their last good state
-    recorder = config.stash[RECORDER_KEY]
-    runs_dir = config.getoption("runs_dir")
-    if recorder:
-        recorder.save(runs_dir)
-    if _is_xdist_worker(config) or config.getoption("no_card"):
-        return
-    path = results_path(runs_dir, config.stash[PROFILE_KEY].name)
-    if path.exists() and path.stat().st_mtime >= config.stash[_STARTED_KEY]:
-        _write_card(config, load_results(path))
+    sweep = config.stash[SWEEP_KEY]
+    sweep.close()
+    worker = hasattr(config, "workerinput")
+    if sweep.recorder:
+        sweep.save(card=not worker and not config.getoption("no_card"))
+    elif not worker and not config.getoption("no_card") and getattr(config.option, "numprocesses", None):
+        _card_from_workers(sweep)
 
 
-def _write_card(config: pytest.Config, results: dict) -> None:
-    from .card import update_card
-    from .plots import write_plots
+def _card_from_workers(sweep) -> None:
+    """xdist controller: the workers saved their figures to runs/; put this session's into the card."""
+    from .results import load_results, results_path, session_sections
 
-    card = Path(config.getoption("card"))
-    assets = card.parent / "card_assets"
-    plots = write_plots(results, assets, link_prefix=os.path.relpath(assets, card.parent))
-    profile = config.stash[PROFILE_KEY]
-    results["max_new_tokens"] = profile.eval.max_new_tokens
-    base = None if profile.model.source.startswith("synthetic:") else profile.model.source
-    update_card(card, results, plots, base_model=base)
+    figures = session_sections(load_results(results_path(sweep.runs_dir, sweep.profile.name)),
+                               sweep.recorder.session_id)
+    if figures:
+        sweep.write_card(figures)
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
-    if PROFILE_KEY not in config.stash or _is_xdist_worker(config):
-        return
-    path = results_path(config.getoption("runs_dir"), config.stash[PROFILE_KEY].name)
-    if not path.exists() or path.stat().st_mtime < config.stash[_STARTED_KEY]:
+    if SWEEP_KEY not in config.stash or hasattr(config, "workerinput"):
         return
     from .card import results_table
+    from .results import load_results, results_path, session_sections
 
-    terminalreporter.section(f"qlora results: profile {config.stash[PROFILE_KEY].name}")
-    terminalreporter.write_line(results_table(load_results(path)))
+    sweep = config.stash[SWEEP_KEY]
+    path = results_path(sweep.runs_dir, sweep.profile.name)
+    results = load_results(path)
+    mine = session_sections(results, sweep.recorder.session_id)
+    if not mine:
+        return
+    terminalreporter.section(f"qlora results: profile {sweep.profile.name} (this session's rows)")
+    terminalreporter.write_line(results_table({**results, "variants": {k: results["variants"][k] for k in mine}}))
     terminalreporter.write_line(f"results: {path}")

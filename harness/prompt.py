@@ -13,6 +13,12 @@ import shutil
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .errors import DataError
+
+if TYPE_CHECKING:
+    from .data import Example
 
 __all__ = [
     "PROMPT_FORMAT",
@@ -24,6 +30,7 @@ __all__ = [
     "user_content",
     "encode_prompt",
     "build_training_example",
+    "training_rows",
     "decode_answer",
 ]
 
@@ -104,6 +111,21 @@ def build_training_example(tokenizer, instruction: str, input: str, answer: str,
         raise AnswerTooLong(f"prompt ({len(prompt)} tokens) + answer + EOS is {len(full)} tokens, over max_length "
                             f"{max_length}; raise training.max_length or shorten the example")
     return {"input_ids": full, "completion_mask": [0] * len(prompt) + [1] * (len(full) - len(prompt))}
+
+
+def training_rows(tokenizer, examples: list[Example], max_length: int) -> list[dict[str, list[int]]]:
+    """Tokenize every example; raise DataError naming file:line for any whose answer would be cut."""
+    rows, problems = [], []
+    for ex in examples:
+        try:
+            rows.append(build_training_example(tokenizer, ex.instruction, ex.input, ex.output, max_length))
+        except AnswerTooLong as e:
+            problems.append(f"{ex.where}: field 'output' does not fit: {e}")
+        except EmptyAnswer as e:
+            problems.append(f"{ex.where}: field 'output' is empty: {e}")
+    if problems:
+        raise DataError(problems)
+    return rows
 
 
 def _encode_conversation(tokenizer, user: str, answer: str) -> list[int]:

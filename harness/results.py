@@ -1,48 +1,87 @@
-"""Per-profile results: figures recorded during a run, merged into ``runs/<profile>/results.json``.
+"""Results: figures recorded during a session, each section stamped with where it came from, merged into files.
 
-A run updates only the variants and sections it measured: ``pytest -k r16`` rewrites r16's quality, latency and
-memory and keeps every other variant's row as it was. The file is written atomically under a lock, so an
-interrupted run or a concurrent worker leaves the last good version in place.
+Two files hold a profile's figures, in the same format:
+
+- ``runs/<profile>/results.json``: every figure any run measured (git-ignored, per machine);
+- ``card_assets/<profile>-results.json`` beside the card: the figures the card shows. It is committed with the
+  card and is the card block's only source, so a run that measures r16 alone re-renders baseline, r8 and r32 from
+  it unchanged, byte for byte, also on a fresh clone where ``runs/`` is empty.
+
+A section (``quality``, ``latency``, ``memory``, ``training``, ``gates``, ``speed``, ``info``) is replaced whole
+when a session measured it, and carries its own ``provenance``: git sha (``-dirty`` when the tree was modified),
+profile, config hash, data fingerprint, engine, device, time and session id. Writes are atomic and locked.
 """
 
 from __future__ import annotations
 
 import json
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
-from .artifacts import atomic_write_json, file_lock, provenance
+from .artifacts import atomic_write_json, device_name, file_lock, git_sha, library_versions
 from .config import Profile, config_hash
 
-__all__ = ["ResultsRecorder", "load_results", "results_path"]
+__all__ = ["ResultsRecorder", "load_results", "results_path", "card_results_path", "merge_results", "save_results",
+           "session_sections", "new_session_id", "SECTIONS"]
+
+SECTIONS = ("info", "quality", "gates", "latency", "memory", "training", "speed")
 
 
 def results_path(runs_dir: Path, profile_name: str) -> Path:
     return Path(runs_dir) / profile_name / "results.json"
 
 
+def card_results_path(card: Path, profile_name: str) -> Path:
+    return Path(card).parent / "card_assets" / f"{profile_name}-results.json"
+
+
+def new_session_id() -> str:
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
+
+
 def load_results(path: Path) -> dict[str, Any]:
-    """Read a results file; a missing file is an empty result set."""
+    """Read a results file; a missing file is an empty result set, a corrupt one an error naming the file."""
     path = Path(path)
     if not path.exists():
         return {"variants": {}}
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{e.lineno}: results file is not valid JSON ({e.msg}); delete it to start over "
-                         f"(its figures are rebuilt by the next run)") from e
+        raise ValueError(f"{path}:{e.lineno}: results file is not valid JSON ({e.msg}); restore it from git "
+                         f"(git checkout -- {path}) or delete it to start over") from e
+    if not isinstance(data, dict) or not isinstance(data.get("variants"), dict):
+        raise ValueError(f"{path}: not a results file (no 'variants' mapping); restore it from git or delete it")
+    return data
 
 
 class ResultsRecorder:
-    """Collects figures per variant and section during a session; ``save`` merges them into the results file."""
+    """Collects one session's figures per variant and section, each section stamped at its first record."""
 
-    def __init__(self, profile: Profile):
-        self.profile = profile
+    def __init__(self, profile: Profile, data_fingerprint: str, session_id: str | None = None):
+        self.profile, self.data_fingerprint = profile, data_fingerprint
+        self.session_id = session_id or new_session_id()
         self.figures: dict[str, dict[str, Any]] = {}
 
-    def record(self, variant: str, section: str, data: dict[str, Any]) -> None:
-        self.figures.setdefault(variant, {}).setdefault(section, {}).update(data)
+    def stamp(self, engine: str | None = None) -> dict[str, Any]:
+        return {"git_sha": git_sha(), "profile": self.profile.name, "config_hash": config_hash(self.profile),
+                "data_fingerprint": self.data_fingerprint, "engine": engine, "device": device_name(),
+                "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "session": self.session_id,
+                "versions": library_versions()}
+
+    def record(self, variant: str, section: str, data: dict[str, Any], provenance: dict[str, Any] | None = None,
+               engine: str | None = None) -> None:
+        """Add ``data`` to this session's ``section`` of ``variant``; ``provenance`` overrides the session stamp
+        (a reused adapter's training figures carry the stamp of the run that trained it)."""
+        if section not in SECTIONS:
+            raise ValueError(f"unknown results section {section!r}; use one of {SECTIONS}")
+        sec = self.figures.setdefault(variant, {}).setdefault(section, {})
+        sec.update(data)
+        if provenance is not None:
+            sec["provenance"] = provenance
+        elif "provenance" not in sec:
+            sec["provenance"] = self.stamp(engine)
 
     def discard(self, variant: str) -> None:
         """Forget what this session recorded for ``variant`` (it failed part-way): its row keeps its last figures."""
@@ -54,23 +93,40 @@ class ResultsRecorder:
     def __bool__(self) -> bool:
         return bool(self.figures)
 
-    def save(self, runs_dir: Path) -> dict[str, Any]:
-        """Merge this session's figures into results.json (atomic, locked) and return the merged results."""
-        path = results_path(runs_dir, self.profile.name)
-        with file_lock(path):
-            merged = load_results(path)
-            merged.update({
-                "profile": self.profile.name, "description": self.profile.description,
-                "weights": self.profile.weights, "show_quality": self.profile.show_quality,
-                "eval_splits": list(self.profile.data.eval_splits), "variant_order": list(self.profile.variants),
-                "config_hash": config_hash(self.profile), "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            })
-            stamp = provenance()
-            variants = merged.setdefault("variants", {})
-            for name, sections in self.figures.items():
-                row = variants.setdefault(name, {})
-                row.update(sections)
-                row["provenance"] = stamp
-                row["config_hash"] = merged["config_hash"]
-            atomic_write_json(path, merged)
-        return merged
+
+def merge_results(base: dict[str, Any], profile: Profile, figures: dict[str, dict[str, Any]],
+                  data_fingerprint: str) -> dict[str, Any]:
+    """``base`` with every section in ``figures`` replaced whole; the profile's metadata brought up to date."""
+    merged = json.loads(json.dumps(base))  # a deep copy: the caller's dict stays as it was
+    merged.update({
+        "profile": profile.name, "description": profile.description, "weights": profile.weights,
+        "show_quality": profile.show_quality, "base_model": profile.model.source,
+        "eval_splits": list(profile.data.eval_splits), "variant_order": list(profile.variants),
+        "max_new_tokens": profile.eval.max_new_tokens, "latency_tokens": profile.latency.max_new_tokens,
+        "config_hash": config_hash(profile), "data_fingerprint": data_fingerprint,
+    })
+    variants = merged.setdefault("variants", {})
+    for name, sections in figures.items():
+        row = variants.setdefault(name, {})
+        for section, data in sections.items():
+            row[section] = data
+    return merged
+
+
+def save_results(path: Path, profile: Profile, figures: dict[str, dict[str, Any]],
+                 data_fingerprint: str) -> dict[str, Any]:
+    """Merge ``figures`` into the results file at ``path`` (locked, atomic) and return what was written."""
+    with file_lock(path):
+        merged = merge_results(load_results(path), profile, figures, data_fingerprint)
+        atomic_write_json(path, merged)
+    return merged
+
+
+def session_sections(results: dict[str, Any], session_id: str) -> dict[str, dict[str, Any]]:
+    """The sections of ``results`` that session ``session_id`` measured (xdist: what the workers recorded)."""
+    out: dict[str, dict[str, Any]] = {}
+    for name, row in results.get("variants", {}).items():
+        for section, data in row.items():
+            if isinstance(data, dict) and data.get("provenance", {}).get("session") == session_id:
+                out.setdefault(name, {})[section] = data
+    return out

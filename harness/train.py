@@ -1,14 +1,14 @@
 """QLoRA training of one variant with trl's SFTTrainer: validate recipe -> data -> model -> train -> save.
 
-The data is tokenized here, in Mistral's own format (prompt ids + answer ids + EOS, loss on the answer and EOS
-only), and handed to SFTTrainer already tokenized, so what is trained is exactly what ``encode_prompt`` serves.
+The data is tokenized by ``harness.prompt.training_rows`` in Mistral's own format (prompt ids + answer ids + EOS,
+loss on the answer and EOS only) and handed to SFTTrainer already tokenized, so what is trained is exactly what
+``encode_prompt`` serves.
 """
 
 from __future__ import annotations
 
 import math
 import os
-import resource
 import time
 import warnings
 from pathlib import Path
@@ -17,22 +17,24 @@ from typing import Any
 import torch
 
 from .config import Profile, Variant
-from .data import DataError, Example
-from .prompt import AnswerTooLong, EmptyAnswer, build_training_example
+from .data import Example
+from .memory import peak_memory, reset_peak_memory
+from .prompt import training_rows
 
 __all__ = [
     "DegenerateRecipeWarning",
     "PackingDisabledWarning",
-    "training_rows",
+    "training_rows",  # re-exported from harness.prompt
     "count_rows",
     "optimizer_steps",
     "train_adapter",
-    "peak_memory",
-    "reset_peak_memory",
+    "peak_memory",  # re-exported from harness.memory
+    "reset_peak_memory",  # re-exported from harness.memory
 ]
 
 # Attention kernels that isolate packed examples using position ids (transformers builds a block-diagonal mask
-# from position-id resets for sdpa/eager; flash-attention takes cu_seqlens). Verified by suites/selftest/test_training.py.
+# from position-id resets for sdpa/eager; flash-attention takes cu_seqlens). Verified by
+# suites/selftest/test_training.py.
 PACKING_SAFE_ATTN = frozenset({"sdpa", "eager", "flash_attention_2", "flash_attention_3"})
 
 
@@ -42,21 +44,6 @@ class DegenerateRecipeWarning(UserWarning):
 
 class PackingDisabledWarning(UserWarning):
     """Packing was turned off because the attention kernel would let packed examples attend to each other."""
-
-
-def training_rows(tokenizer, examples: list[Example], max_length: int) -> list[dict[str, list[int]]]:
-    """Tokenize every example; raise DataError naming file:line for any whose answer would be cut."""
-    rows, problems = [], []
-    for ex in examples:
-        try:
-            rows.append(build_training_example(tokenizer, ex.instruction, ex.input, ex.output, max_length))
-        except AnswerTooLong as e:
-            problems.append(f"{ex.where}: field 'output' does not fit: {e}")
-        except EmptyAnswer as e:
-            problems.append(f"{ex.where}: field 'output' is empty: {e}")
-    if problems:
-        raise DataError(problems)
-    return rows
 
 
 def count_rows(rows: list[dict], max_length: int, packing: bool) -> int:
@@ -74,27 +61,6 @@ def optimizer_steps(n_rows: int, batch_size: int, grad_accum: int, epochs: int) 
     """Optimizer steps the HF Trainer makes: ceil(micro-batches / accumulation) per epoch, times epochs."""
     micro_batches = math.ceil(n_rows / batch_size)
     return math.ceil(micro_batches / grad_accum) * epochs
-
-
-def reset_peak_memory() -> None:
-    """Start a peak measurement from live tensors only: collect cyclic garbage (a freed model) first."""
-    import gc
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-
-
-def peak_memory() -> dict[str, float]:
-    """CUDA peak allocated/reserved (GiB) since the last reset; on CPU, the process's peak RSS (GiB)."""
-    out = {"peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-        out["peak_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
-        out["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
-    return out
 
 
 def _check_recipe(profile: Profile, rows: list[dict]) -> tuple[bool, int, int]:

@@ -1,9 +1,10 @@
-"""Train-or-reuse a variant's adapter under a content-hash key, and load a variant ready to generate.
+"""Train-or-reuse a variant's adapter under a content-hash key.
 
 ``runs/<profile>/<variant>-<hash12>/`` holds ``adapter/`` (safetensors), ``config.yaml`` (the resolved profile)
 and ``manifest.json``. The hash covers everything that changes the adapter: base source and revision,
 quantization, LoRA, the training recipe, the train data's content, the prompt format, library versions and the
-device type. A file lock makes concurrent workers train a key once; an atomic rename means a half-trained
+device type, and a digest of the harness source that trains it (``ADAPTER_SOURCES``): an edit to the training,
+prompt or model code makes a new key, so an adapter trained by old code is never reused. A file lock makes concurrent workers train a key once; an atomic rename means a half-trained
 artifact is never seen.
 """
 
@@ -20,29 +21,28 @@ from typing import Any
 import torch
 import yaml
 
-from .artifacts import atomic_dir, atomic_write_text, file_lock, library_versions, provenance, sweep_partial
+from .artifacts import atomic_dir, atomic_write_text, file_lock, library_versions, provenance, source_digest, \
+    sweep_partial
 from .config import Profile, Variant, config_hash
 from .data import Example, fingerprint
-from .engines import HFGreedy, StaticGreedy
-from .models import device, free_model, load_base
-from .oom import call_with_oom_guard
+from .memory import free_memory
+from .models import device, load_base
 from .prompt import PROMPT_FORMAT
 
-__all__ = ["LoadedVariant", "artifact_key", "artifact_dir", "ensure_adapter", "load_variant", "MANIFEST"]
+__all__ = ["ADAPTER_SOURCES", "MANIFEST", "adapter_source_digest", "artifact_key", "artifact_dir", "ensure_adapter",
+           "is_complete"]
 
 MANIFEST = "manifest.json"
 _KEY_LIBRARIES = ("torch", "transformers", "peft", "trl", "bitsandbytes", "mistral-common")
+_HERE = Path(__file__).resolve().parent
+# The modules whose code decides what an adapter learns: data layout, tokenization, base loading, the trainer and
+# its launcher. Editing any of them changes every adapter key.
+ADAPTER_SOURCES = tuple(p for p in (_HERE / n for n in (
+    "train.py", "prompt.py", "tokenize_rows.py", "models.py", "pretrained.py", "distributed.py")) if p.is_file())
 
 
-@dataclass
-class LoadedVariant:
-    """A variant ready to generate: the model (base + adapter, or the base alone), tokenizer and manifest."""
-
-    variant: Variant
-    model: Any
-    tokenizer: Any
-    manifest: dict[str, Any]
-    engine: Any = None  # harness.engines: how eval and latency decode with this model (profile.inference.engine)
+def adapter_source_digest(files=ADAPTER_SOURCES) -> str:
+    return source_digest(files)
 
 
 def artifact_key(profile: Profile, variant: Variant, train_examples: list[Example]) -> dict[str, Any]:
@@ -59,6 +59,7 @@ def artifact_key(profile: Profile, variant: Variant, train_examples: list[Exampl
         "prompt_format": PROMPT_FORMAT,
         "versions": {k: versions.get(k) for k in _KEY_LIBRARIES},
         "device_type": device().type,
+        "harness_source": adapter_source_digest(),
         "distributed": {"mode": profile.distributed.mode,
                         "world_size": 1 if profile.distributed.mode == "none" else profile.distributed.num_processes},
     }
@@ -68,7 +69,7 @@ def artifact_dir(runs_dir: Path, profile: Profile, variant: Variant, key_hash: s
     return Path(runs_dir) / profile.name / f"{variant.name}-{key_hash[:12]}"
 
 
-def _is_complete(path: Path) -> bool:
+def is_complete(path: Path) -> bool:
     manifest = path / MANIFEST
     if not manifest.is_file() or not (path / "adapter" / "adapter_model.safetensors").is_file():
         return False
@@ -94,7 +95,7 @@ def ensure_adapter(profile: Profile, variant: Variant, splits: dict[str, list[Ex
     key_hash = config_hash(key)
     final = artifact_dir(runs_dir, profile, variant, key_hash)
     with file_lock(final):
-        if _is_complete(final) and not retrain:
+        if is_complete(final) and not retrain:
             _log(runs_dir, profile, f"reuse {final.name}")
             return final, json.loads((final / MANIFEST).read_text())
         sweep_partial(final)
@@ -125,45 +126,6 @@ def ensure_adapter(profile: Profile, variant: Variant, splits: dict[str, list[Ex
                                                                   allow_unicode=True))
             atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
         del base  # drop the last reference before collecting: peft/trl leave cycles that only gc frees
-        free_model()
+        free_memory()
         _log(runs_dir, profile, f"train-done {final.name} wall_s={figures['train_wall_s']:.1f}")
         return final, manifest
-
-
-def load_variant(profile: Profile, variant: Variant, splits: dict[str, list[Example]], tokenizer,
-                 runs_dir: Path, retrain: bool = False, merged_base=None) -> LoadedVariant:
-    """Train or reuse the adapter, then load base + adapter for inference (the same path either way).
-
-    A CUDA OOM raises ``VariantOutOfMemory`` naming the phase (train or inference), with the memory freed.
-    """
-    if variant.is_baseline:
-        manifest = {"profile": profile.name, "variant": variant.name, "trainable_params": 0,
-                    "config_hash": config_hash(profile), **provenance()}
-        path = None
-    else:
-        path, manifest = call_with_oom_guard(profile, variant.name, "train", ensure_adapter, profile, variant,
-                                             splits, tokenizer, runs_dir, retrain)
-        manifest = {**manifest, "artifact_dir": str(path)}
-    engine = profile.inference.engine
-    if engine == "merged":
-        if merged_base is None:
-            raise ValueError("the merged engine needs the session's MergedBase (harness.engines.MergedBase)")
-        model = call_with_oom_guard(profile, variant.name, "inference", merged_base.activate, variant.name,
-                                    None if path is None else path / "adapter")
-        return LoadedVariant(variant, model, tokenizer, manifest, merged_base.engine)
-    model = call_with_oom_guard(profile, variant.name, "inference", _load_for_inference, profile, path, runs_dir)
-    decoder = (HFGreedy(model, tokenizer) if engine == "seed"
-               else StaticGreedy(model, tokenizer, engine, profile.inference))
-    return LoadedVariant(variant, model, tokenizer, manifest, decoder)
-
-
-def _load_for_inference(profile: Profile, artifact: Path | None, runs_dir: Path):
-    """The base, with the adapter in ``artifact`` on top unless it is None (the baseline)."""
-    from peft import PeftModel
-
-    base = load_base(profile.model, profile.quantization, Path(runs_dir) / "_models")
-    if artifact is None:
-        return base
-    model = PeftModel.from_pretrained(base, str(artifact / "adapter"))
-    model.eval()
-    return model

@@ -7,11 +7,15 @@ suites/benchmark/test_quality.py``, which ``.ci/run`` runs after the README's te
 
 from __future__ import annotations
 
+import os
+import re
+from pathlib import Path
+
 import pytest
 
 from fixtures.user_runs import quick_profile, write_profile
 from harness.config import ConfigError, load_profile
-from harness.distributed import launch_command
+from harness.distributed import DistributedTrainingError, launch_command
 from harness.variants import artifact_key, ensure_adapter
 
 
@@ -75,3 +79,54 @@ def test_two_process_training_shards_the_data_and_records_the_world_size(tmp_pat
     assert manifest["optimizer_steps"] == manifest["planned_optimizer_steps"] == 10
     assert (final / "adapter" / "adapter_model.safetensors").is_file()
     assert (final / "launch.log").is_file()  # the processes' output is kept with the artifact
+
+
+# Put on PYTHONPATH as sitecustomize.py: every Python process imports it at start-up, so rank 1 of the launched run
+# fails inside harness.distributed.main without any test hook in the library.
+_FAIL_RANK_1 = """
+import os, sys
+
+
+def fail_on_rank_1(*args, **kwargs):
+    raise RuntimeError("injected failure on rank 1")
+
+
+if os.environ.get("RANK") == "1" and "harness.distributed" in sys.orig_argv:
+    import argparse
+
+    argparse.ArgumentParser.parse_args = fail_on_rank_1
+"""
+
+
+@pytest.mark.slow
+def test_a_failing_rank_is_named_with_its_traceback_and_its_logs_are_kept(tmp_path, monkeypatch):
+    """Rank 1 raises on purpose: the error names it, shows its own traceback, and points at logs that outlive the
+    deleted temp dir; no partial or final artifact is left for the variant."""
+    from harness.data import load_splits
+    from harness.models import load_tokenizer
+
+    inject = tmp_path / "inject"
+    inject.mkdir()
+    (inject / "sitecustomize.py").write_text(_FAIL_RANK_1, encoding="utf-8")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(inject)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+    path = quick_profile(tmp_path / "cfg", {"training": {"batch_size": 2},
+                                            "distributed": {"mode": "ddp", "num_processes": 2, "timeout_s": 600}})
+    profile = load_profile(path)
+    splits = load_splits({s: profile.data_path(s) for s in ("train", "validation", "test")})
+    runs = tmp_path / "runs"
+    tok = load_tokenizer(profile.model, runs / "_models")
+    with pytest.raises(DistributedTrainingError) as info:
+        ensure_adapter(profile, profile.variant("r8"), splits, tok, runs)
+    message = str(info.value)
+    assert "distributed.ddp x2" in message and "r8" in message and "exit " in message
+    assert "rank 1 failed first" in message
+    assert "RuntimeError: injected failure on rank 1" in message
+    assert "in fail_on_rank_1" in message and "in main" in message  # the rank's own traceback, through main()
+    kept = Path(re.search(r"logs are kept in (\S+) \(", message).group(1))
+    assert kept.parent == runs / profile.name / "failed" and re.fullmatch(r"r8-\d{8}T\d{6}Z", kept.name)
+    assert (kept / "launch.log").is_file()
+    rank1 = Path(re.search(r"its own logs: (\S+)\)", message).group(1))
+    assert rank1.is_relative_to(kept) and rank1.name == "1"
+    assert "injected failure on rank 1" in (rank1 / "stderr.log").read_text(errors="replace")
+    left = sorted(p.name for p in (runs / profile.name).iterdir() if p.name.startswith((".tmp-", "r8")))
+    assert left == [], left

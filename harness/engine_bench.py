@@ -1,0 +1,133 @@
+"""The inference engines side by side: the seed path (NF4 + unmerged adapter, HF generate) against the fast paths,
+on one variant (``inference.speed_variant``), one prompt, one machine and one session, so their ratios hold.
+
+Each engine is built once per session. ``seed`` and ``nf4-compiled`` each get their own NF4 + adapter model, built
+separately, so the parity of the two compares two models, never one object with itself; ``merged`` is the
+sweep's own merged base with the speed variant merged in. ``parity`` holds a fast engine's greedy tokens and
+logits against the seed path on every evaluation prompt (thresholds in ``inference.parity_*``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from .timing import summarize_samples
+
+__all__ = ["EngineBench"]
+
+
+def _allocated_gib() -> float:
+    import torch
+
+    return torch.cuda.memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
+
+
+class EngineBench:
+    def __init__(self, sweep):
+        self.sweep, self.profile = sweep, sweep.profile
+        self.variant = self.profile.inference.speed_variant
+        if self.variant not in self.profile.variants or self.profile.variant(self.variant).is_baseline:
+            raise ValueError(f"{self.profile.source_file}: inference.speed_variant {self.variant!r} is not a LoRA "
+                             f"variant of this sweep ({', '.join(self.profile.variants)})")
+        self._engines: dict[str, Any] = {}
+        self._weights_gib: dict[str, float | None] = {}
+        self._at_start = 0.0
+        self.seed_p50: float | None = None
+
+    def engine(self, name: str):
+        """Build ``name`` for the speed variant once; later calls return the same engine."""
+        if name in self._engines:
+            return self._engines[name]
+        sweep = self.sweep
+        path, _ = sweep.adapter(self.variant)
+        if name == "merged":
+            if self.profile.inference.engine == "merged":
+                engine = sweep.load(self.variant).engine  # the sweep's base, with the speed variant merged in
+                weights = sweep._merged.resident_gib
+            else:
+                from .merged import MergedBase
+
+                base = MergedBase(self.profile, sweep.runs_dir / "_models", sweep.tokenizer)
+                base.activate(self.variant, path / "adapter")
+                engine, weights = base.engine, base.resident_gib
+        else:
+            from .decoding import HFGreedy, StaticGreedy
+            from .merged import load_nf4_with_adapter
+
+            before = _allocated_gib()
+            model = load_nf4_with_adapter(self.profile, path / "adapter", sweep.runs_dir / "_models")
+            weights = _allocated_gib() - before
+            engine = (HFGreedy(model, sweep.tokenizer) if name == "seed"
+                      else StaticGreedy(model, sweep.tokenizer, name, self.profile.inference))
+        self._engines[name], self._weights_gib[name] = engine, weights
+        return engine
+
+    def _active(self, name: str):
+        """The engine, with the speed variant's weights in place (a variant test may have merged another since)."""
+        engine = self.engine(name)
+        if name == "merged" and self.profile.inference.engine == "merged":
+            self.sweep.load(self.variant)
+        return engine
+
+    def call(self, name: str) -> Callable[[], list[list[int]]]:
+        """One timed unit: 128 (``latency.max_new_tokens``) greedy tokens of the fixed prompt with ``name``."""
+        import torch
+
+        from .decoding import no_recompile
+
+        engine, prompt = self._active(name), self.sweep.latency_prompt()
+        tokens, cuda = self.profile.latency.max_new_tokens, torch.cuda.is_available()
+
+        def once():
+            with no_recompile():
+                out = engine.generate([prompt], tokens, batch_size=1, fixed_length=True)
+            if cuda:
+                torch.cuda.synchronize()
+            return out
+
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        self._at_start = _allocated_gib()
+        return once
+
+    def record(self, name: str, samples: list[float], load_before: dict, load_after: dict) -> dict[str, Any]:
+        """Summarize ``name``'s rounds, with its ratio to the seed path measured earlier in this session."""
+        import torch
+
+        engine = self._engines[name]
+        figures = {**summarize_samples(samples, self.profile.latency.max_new_tokens, load_before, load_after),
+                   "engine": name, "note": engine.note, "compiled": engine.compiled,
+                   "first_call_s": dict(engine.compile_s), "variant": self.variant,
+                   "prompt_id": self.sweep.latency_example().id}
+        if torch.cuda.is_available():
+            weights = self._weights_gib[name] or 0.0
+            figures["weights_gib"] = weights
+            figures["peak_vram_gib"] = weights + torch.cuda.max_memory_allocated() / 2**30 - self._at_start
+        if name == "seed":
+            self.seed_p50 = figures["p50_s"]
+        elif self.seed_p50 is not None:
+            figures["speedup_vs_seed"] = self.seed_p50 / figures["p50_s"]
+        self.sweep.recorder.record(self.variant, "speed", {name: figures}, engine=name)
+        return figures
+
+    def parity(self, candidate: str) -> dict[str, Any]:
+        """``candidate``'s greedy tokens and logits against the seed path's, on every evaluation prompt."""
+        from .parity import parity
+
+        inf = self.profile.inference
+        result = parity(self.engine("seed"), self._active(candidate), self.sweep.tokenizer, self.sweep.eval_prompts(),
+                        inf.parity_new_tokens, self.profile.eval.batch_size)
+        result["candidate"], result["merged_dtype"] = candidate, inf.merged_dtype
+        key = "parity" if candidate == "merged" else f"parity_{candidate.replace('-', '_')}"
+        self.sweep.recorder.record(self.variant, "speed", {key: result}, engine=candidate)
+        return result
+
+    def close(self) -> None:
+        for engine in self._engines.values():
+            if engine is not None and getattr(engine, "name", "") != "merged":
+                engine.model = None
+        self._engines.clear()
+        from .memory import free_memory
+
+        free_memory()

@@ -32,8 +32,11 @@ import torch
 from .artifacts import atomic_write_json, provenance
 from .config import load_profile
 from .data import load_splits
-from .models import free_model, load_base, load_tokenizer, peft_config
-from .train import training_rows
+from .memory import free_memory
+from .models import load_base, load_tokenizer, peft_config
+from .prompt import training_rows
+
+__all__ = ["SETUPS", "packed_row", "run_setup", "main"]
 
 SETUPS = ("seed", "ckpt-skip-4", "ckpt-skip-8", "no-dropout", "no-kbit-prep", "no-kbit-prep+ckpt-skip-4",
           "compile-layers")
@@ -125,7 +128,7 @@ def run_setup(profile, variant, name: str, batch: dict, steps: int, warmup: int,
         key = "cuda_time_total" if dev.type == "cuda" else "cpu_time_total"
         out["profile_top"] = prof.key_averages().table(sort_by=key, row_limit=25)
     del model, opt
-    free_model()
+    free_memory()
     return out
 
 
@@ -156,7 +159,7 @@ def main(argv=None) -> None:
         except torch.cuda.OutOfMemoryError as e:
             error = f"out of memory: {str(e).splitlines()[0]}"
         if error:  # freed outside the except: its traceback would keep the failed setup's model alive
-            free_model()
+            free_memory()
             r = {"setup": name, "error": error}
         results["setups"].append(r)
         print(json.dumps({k: v for k, v in r.items() if k != "profile_top"}), flush=True)

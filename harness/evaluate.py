@@ -58,11 +58,14 @@ def score_split(decoder, tokenizer, examples: list[Example], cfg: EvalConfig) ->
     return SplitScores(examples[0].split if examples else "", rows, _summarize(rows, cfg))
 
 
-def compare_to_baseline(variant_rows: list[dict], baseline_rows: list[dict], cfg: EvalConfig) -> dict[str, float]:
+def compare_to_baseline(variant_rows: list[dict], baseline_rows: list[dict], cfg: EvalConfig) -> dict[str, Any]:
     """Paired bootstrap of the per-example F1 difference (variant - baseline) on the same examples."""
     base = {r["id"]: r["f1"] for r in baseline_rows}
     ids = [r["id"] for r in variant_rows if r["id"] in base]
     mine = {r["id"]: r["f1"] for r in variant_rows}
+    if len(ids) != len(variant_rows):  # another dataset's baseline: a partial pairing would compare other questions
+        return {"f1_delta_vs_baseline_note": f"ΔF1 n/a: the baseline's predictions cover {len(ids)} of these "
+                                             f"{len(variant_rows)} examples; evaluate the baseline on this data"}
     mean, lo, hi = paired_bootstrap([mine[i] for i in ids], [base[i] for i in ids], cfg.bootstrap_resamples,
                                     cfg.confidence, cfg.bootstrap_seed)
     return {"f1_delta_vs_baseline": mean, "f1_delta_vs_baseline_ci": [lo, hi], "n_paired": len(ids)}

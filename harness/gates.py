@@ -10,7 +10,18 @@ from typing import Any
 
 from .config import Profile
 
-__all__ = ["quality_failures", "vram_failures", "speed_failures", "gate_status"]
+__all__ = ["quality_failures", "quality_gate_count", "vram_failures", "vram_gate_count", "speed_failures",
+           "gate_status"]
+
+
+def quality_gate_count(profile: Profile, variant: str) -> int:
+    return sum(variant in gate.variants for gate in profile.quality_gates)
+
+
+def vram_gate_count(profile: Profile, variant: str, measured: dict[str, float | None]) -> int:
+    """Ceilings that apply to ``variant`` and have a measured peak to hold against (none on a CPU)."""
+    return sum(variant in profile.vram_ceilings_gib.get(phase, {}) and peak is not None
+               for phase, peak in measured.items())
 
 
 def quality_failures(profile: Profile, variant: str, summaries: dict[str, dict[str, Any]]) -> list[str]:
@@ -62,9 +73,13 @@ def speed_failures(profile: Profile, engine: str, p50_s: float, speedup: float |
     return failures
 
 
-def gate_status(gates: dict[str, list[str]] | None) -> str:
-    """One card cell: ``pass``, ``FAIL (quality, vram)`` or ``not run``."""
+def gate_status(gates: dict[str, Any] | None) -> str:
+    """One card cell: ``pass (2 quality, 1 vram)``, ``FAIL (quality)``, ``no gates`` or ``not run``."""
     if not gates:
         return "not run"
-    failed = [name for name, failures in gates.items() if name != "provenance" and failures]
-    return f"FAIL ({', '.join(failed)})" if failed else "pass (" + ", ".join(k for k in gates if k != "provenance") + ")"
+    kinds = {k: v for k, v in gates.items() if k != "provenance" and isinstance(v, dict)}
+    failed = [k for k, v in kinds.items() if v.get("failures")]
+    if failed:
+        return f"FAIL ({', '.join(failed)})"
+    checked = [f"{v['checked']} {k}" for k, v in kinds.items() if v.get("checked")]
+    return f"pass ({', '.join(checked)})" if checked else "no gates"

@@ -27,7 +27,6 @@ __all__ = [
     "peft_config",
     "lora_trainable_params",
     "device",
-    "free_model",
 ]
 
 # Mistral-7B-v0.3's shape, and a 2-layer model with the same vocabulary that memorises 20 answers in seconds.
@@ -77,7 +76,7 @@ def materialize_synthetic(name: str, seed: int, cache_root: Path) -> Path:
         with atomic_dir(final) as tmp:
             model.save_pretrained(tmp, safe_serialization=True)
         del model
-        free_model()
+        free_memory()
     return final
 
 
@@ -161,9 +160,4 @@ def lora_trainable_params(shape: str, lora: LoraConfig, variant: Variant) -> int
         peft_model = get_peft_model(model, peft_config(lora, variant))
     trainable, _ = peft_model.get_nb_trainable_parameters()
     return int(trainable)
-
-
-def free_model(*models) -> None:
-    """Deprecated alias of ``harness.memory.free_memory``; ``models`` is ignored (the caller's ``del`` frees them)."""
-    free_memory()
 

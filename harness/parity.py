@@ -59,7 +59,8 @@ def parity_failures(result: dict[str, Any], inference_cfg: InferenceConfig, labe
     agreement, min_agreement = result["token_agreement"], inference_cfg.parity_min_agreement
     if not (agreement >= min_agreement):
         failures.append(f"{label}: token agreement {agreement:.3f} is under inference.parity_min_agreement "
-                        f"{min_agreement:g} ({result.get('new_tokens')} greedy tokens, {result.get('prompts')} prompts)")
+                        f"{min_agreement:g} ({result.get('new_tokens')} greedy tokens, "
+                        f"{result.get('prompts')} prompts)")
     return failures
 
 

@@ -19,6 +19,8 @@ from .config import available_profiles
 from .errors import InputError
 from .oom import VariantOutOfMemory
 
+__all__ = ["SWEEP_KEY", "MARKERS", "end_variant", "variant_of"]
+
 SWEEP_KEY = pytest.StashKey["object"]()
 _ENDED_KEY = pytest.StashKey[dict]()  # variant -> why its remaining tests do not run (out of memory)
 _SESSION_OPTION = "qlora_session"
@@ -50,19 +52,34 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="record results in runs/ but do not touch the model card")
 
 
+_VALUE_OPTIONS = ("--profile", "--runs-dir", "--card", "--latency-runs")
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_load_initial_conftests(early_config, parser, args) -> None:
     """``--profile /abs/my.yaml`` (a space, not ``=``): pytest sets its rootdir before this plugin is loaded, so it
-    took the YAML for a test path, lost pytest.ini (markers, warning policy, testpaths) and ran from the YAML's
-    folder. Start again with ``--profile=/abs/my.yaml``, which it reads correctly."""
+    took the path for a test path, lost pytest.ini (markers, warning policy, testpaths) and collected from the
+    path's folder. Start again with ``--profile=/abs/my.yaml``, which it reads correctly (same for our other
+    options that take a value)."""
     from .artifacts import PROJECT_ROOT
 
     argv = list(early_config.invocation_params.args)
-    if "--profile" not in argv or sys.argv[1:] != argv or early_config.inipath == PROJECT_ROOT / "pytest.ini":
+    if (sys.argv[1:] != argv or early_config.inipath == PROJECT_ROOT / "pytest.ini"
+            or not (PROJECT_ROOT / "pytest.ini").exists()):
         return
-    i = argv.index("--profile")
-    if i + 1 < len(argv) and (PROJECT_ROOT / "pytest.ini").exists():
-        fixed = argv[:i] + [f"--profile={argv[i + 1]}"] + argv[i + 2:]
+    fixed, i = [], 0
+    while i < len(argv):
+        if argv[i] in _VALUE_OPTIONS and i + 1 < len(argv):
+            fixed.append(f"{argv[i]}={argv[i + 1]}")
+            i += 2
+        else:
+            fixed.append(argv[i])
+            i += 1
+    if fixed != argv:
+        capture = early_config.pluginmanager.getplugin("capturemanager")
+        if capture is not None:  # fd 1 and 2 point at pytest's capture files until this is undone
+            capture.stop_global_capturing()
+        sys.stdout.flush()
         os.chdir(early_config.invocation_params.dir)
         os.execv(sys.executable, [sys.executable, "-m", "pytest", *fixed])
 
@@ -177,8 +194,8 @@ def pytest_runtest_call(item: pytest.Item):
         if variant is None or not isinstance(e, VariantOutOfMemory) and (
                 torch is None or not isinstance(e, torch.cuda.OutOfMemoryError)):
             raise
-        from .oom import describe_oom
         from .memory import memory_now
+        from .oom import describe_oom
 
         sweep = item.config.stash[SWEEP_KEY]
         message = str(e) if isinstance(e, VariantOutOfMemory) else describe_oom(sweep.profile, variant, "inference",

@@ -145,7 +145,7 @@ class DistributedConfig:
 @dataclass(frozen=True)
 class InferenceConfig:
     engine: str = _spec("how eval and latency decode: seed (NF4 + unmerged adapter, HF generate), nf4-compiled, "
-                        "or merged (dequantized base + merged adapter); see harness/engines.py", default="seed",
+                        "or merged (dequantized base + merged adapter); see harness/decoding.py and harness/merged.py", default="seed",
                         choices=("seed", "nf4-compiled", "merged"))
     merged_dtype: str = _spec("dtype the NF4 base is dequantized to and the adapter merged in", default="bfloat16",
                               choices=("bfloat16", "float16", "float32"))

@@ -23,7 +23,7 @@ from .artifacts import PROJECT_ROOT, atomic_write_text, file_lock, source_digest
 from .config import Profile, Variant, config_hash, load_profile
 from .data import fingerprint
 from .evaluate import SplitScores, compare_to_baseline, score_split
-from .gates import quality_failures, vram_failures
+from .gates import quality_failures, quality_gate_count, vram_failures, vram_gate_count
 from .inputs import check_profile_data
 from .memory import free_memory, peak_memory, reset_peak_memory
 from .oom import VariantOutOfMemory, call_with_oom_guard
@@ -332,7 +332,11 @@ class Sweep:
                        inference_peak_reserved_gib=result.peak_memory["peak_reserved_gib"])
         self.recorder.record(name, "memory", mem, engine=engine)
         train_failures = self.recorder.get(name, "training").get("vram_failures", [])
-        gates = {"quality": result.quality_failures, "vram": result.vram_failures + train_failures}
+        peaks = {"inference": result.peak_memory.get("peak_allocated_gib"),
+                 "train": self.recorder.get(name, "training").get("train_peak_allocated_gib")}
+        gates = {"quality": {"checked": quality_gate_count(self.profile, name), "failures": result.quality_failures},
+                 "vram": {"checked": vram_gate_count(self.profile, name, peaks),
+                          "failures": result.vram_failures + train_failures}}
         self.recorder.record(name, "gates", gates, engine=engine)
 
     def eval_key(self) -> str:

@@ -4,8 +4,8 @@
 and ``manifest.json``. The hash covers everything that changes the adapter: base source and revision,
 quantization, LoRA, the training recipe, the train data's content, the prompt format, library versions and the
 device type, and a digest of the harness source that trains it (``ADAPTER_SOURCES``): an edit to the training,
-prompt or model code makes a new key, so an adapter trained by old code is never reused. A file lock makes concurrent workers train a key once; an atomic rename means a half-trained
-artifact is never seen.
+prompt or model code makes a new key, so an adapter trained by old code is never reused. A file lock makes
+concurrent workers train a key once; an atomic rename means a half-trained artifact is never seen.
 """
 
 from __future__ import annotations
@@ -41,8 +41,8 @@ ADAPTER_SOURCES = tuple(p for p in (_HERE / n for n in (
     "train.py", "prompt.py", "tokenize_rows.py", "models.py", "pretrained.py", "distributed.py")) if p.is_file())
 
 
-def adapter_source_digest(files=ADAPTER_SOURCES) -> str:
-    return source_digest(files)
+def adapter_source_digest(files=None) -> str:
+    return source_digest(files or ADAPTER_SOURCES)
 
 
 def artifact_key(profile: Profile, variant: Variant, train_examples: list[Example]) -> dict[str, Any]:

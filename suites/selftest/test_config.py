@@ -21,7 +21,7 @@ HERE = Path(__file__).resolve().parent
 CORPUS = HERE / "corpus"
 CONFIGS = CORPUS / "configs"
 BADVARIANTS = CORPUS / "configs_badvariants"
-DATA = HERE.parent / "data" / "domain_qa"
+DATA = HERE.parents[1] / "data" / "domain_qa"
 
 
 def line_of(path: Path, pattern: str) -> int:

@@ -18,7 +18,7 @@ from harness.prompt import EmptyAnswer, build_training_example, v3_tokenizer
 
 HERE = Path(__file__).resolve().parent
 CORPUS = HERE / "corpus" / "data"
-SHIPPED = HERE.parent / "data" / "domain_qa"
+SHIPPED = HERE.parents[1] / "data" / "domain_qa"
 SPLITS = ("train", "validation", "test")
 
 

@@ -76,6 +76,16 @@ def test_merged_r16_matches_a_separately_built_nf4_r16(tiny, merged):
     assert parity_failures(result, tiny.profile.inference) == []
 
 
+def test_reference_nf4_base_computes_in_the_profile_dtype(tiny, merged):
+    """Without an adapter, the NF4 reference and the dequantized base are the same numbers: the reference runs in
+    quantization.compute_dtype (float32 here), not in bitsandbytes' bf16 CPU kernel (~5e-3 off on this model)."""
+    merged.activate("baseline", None)
+    reference = HFGreedy(load_nf4_with_adapter(tiny.profile, None, tiny.cache_root), tiny.tokenizer)
+    result = tiny.parity(reference, merged.engine)
+    assert result["token_agreement"] == 1.0, result
+    assert result["max_logit_diff"] <= 1e-5, result
+
+
 def test_parity_gate_fails_when_the_previous_variants_merge_is_still_in_the_weights(tiny, merged):
     """The bug this gate exists for: "r32" evaluated on weights that still hold r16's merge."""
     merged.activate("r16", tiny.adapters["r16"])

@@ -1,0 +1,195 @@
+"""The sweep owned by the library: nothing stale (adapter keys cover the code, ΔF1 pairs only a matching baseline),
+the card keeps what a run did not measure, fixtures stay thin, and the library's shape (no cycles, small modules)."""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import harness.variants as variants
+from fixtures.user_runs import REPO, quick_profile, write_profile
+from harness.artifacts import PROJECT_ROOT, atomic_write_text
+from harness.card import write_card
+from harness.card_render import fmt_ratio, render_section
+from harness.config import config_hash, load_profile
+from harness.inputs import check_profile_data
+from harness.results import load_results
+from harness.sweep import Sweep
+
+HARNESS = REPO / "harness"
+
+
+def test_editing_a_line_of_the_training_code_changes_the_adapter_key(tmp_path, monkeypatch):
+    """An adapter trained by old code must not be reused after the training code changed."""
+    profile = load_profile("tiny")
+    splits = check_profile_data(profile)
+    before = config_hash(variants.artifact_key(profile, profile.variant("r16"), splits["train"]))
+    copies = []
+    for src in variants.ADAPTER_SOURCES:
+        dst = tmp_path / src.name
+        text = src.read_text(encoding="utf-8")
+        if src.name == "train.py":
+            text = text.replace("wall_s = time.perf_counter() - start", "wall_s = time.perf_counter() - start  # x")
+            assert text != src.read_text(encoding="utf-8"), "the edited line is gone from train.py"
+        dst.write_text(text, encoding="utf-8")
+        copies.append(dst)
+    monkeypatch.setattr(variants, "ADAPTER_SOURCES", tuple(copies))
+    after = config_hash(variants.artifact_key(profile, profile.variant("r16"), splits["train"]))
+    assert after != before
+    assert [p.name for p in copies][:1] == ["train.py"]
+
+
+def _baseline_file(sweep: Sweep, eval_key: str) -> None:
+    path = sweep.runs_dir / sweep.profile.name / "predictions" / "baseline.jsonl"
+    rows = [{"id": e.id, "split": e.split, "f1": 0.0, "em": 0.0, "lang": e.lang}
+            for s in sweep.profile.data.eval_splits for e in sweep.splits[s]]
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+    atomic_write_text(path.with_suffix(".key.json"), json.dumps({"eval_key": eval_key, "rows": len(rows)}))
+
+
+def test_a_baseline_made_under_another_config_is_not_paired_into_delta_f1(tmp_path):
+    """Stored baseline predictions are paired only when their eval key (config, data, decoding code) matches."""
+    profile = quick_profile(tmp_path / "p", {"variants": ["r8"]})  # no baseline to re-evaluate: n/a with reason
+    sweep = Sweep.prepare(profile, runs_dir=tmp_path / "runs", card=tmp_path / "MODEL_CARD.md")
+    _baseline_file(sweep, "another-config")
+    rows, note = sweep._baseline_rows()
+    assert rows is None and "no baseline predictions match this config" in note
+    _baseline_file(sweep, sweep.eval_key())
+    rows, note = sweep._baseline_rows()
+    assert note is None and sum(len(r) for r in rows.values()) == 5
+
+
+def _results(profile_name: str, variants_figures: dict) -> dict:
+    return {"profile": profile_name, "variant_order": list(variants_figures), "eval_splits": ["validation"],
+            "show_quality": True, "variants": variants_figures}
+
+
+def test_a_card_update_for_one_variant_leaves_every_other_line_byte_for_byte(tmp_path):
+    """The card block is rendered from the committed results file; r16's figures change r16's lines alone."""
+    profile = load_profile("tiny")
+    card = tmp_path / "MODEL_CARD.md"
+    card.write_text("# Card\n\n<!-- results:start -->\n<!-- results:end -->\n", encoding="utf-8")
+    results_file = tmp_path / "card_assets" / "tiny-results.json"
+    prov = {"git_sha": "abc", "config_hash": config_hash(profile), "time": "2026-01-01T00:00:00Z"}
+
+    def figures(em: float) -> dict:
+        return {"info": {"label": f"LoRA em{em}", "provenance": prov},
+                "quality": {"validation": {"n": 5, "em": em, "f1": em, "em_ci": [0, 1], "f1_ci": [0, 1]},
+                            "provenance": prov}}
+
+    write_card(card, results_file, profile, {v: figures(0.1) for v in ("baseline", "r8", "r16", "r32")}, "fp")
+    before = card.read_text(encoding="utf-8").splitlines()
+    write_card(card, results_file, profile, {"r16": figures(0.9)}, "fp")
+    after = card.read_text(encoding="utf-8").splitlines()
+    assert [x for x in before if "r16" not in x and "em0.1" not in x] == \
+           [x for x in after if "r16" not in x and "em0.9" not in x and "em0.1" not in x]
+    assert sum("0.900" in x for x in after) >= 1 and len(before) == len(after)
+
+
+def test_a_card_block_without_its_results_file_is_not_rewritten(tmp_path):
+    """Rendering from an empty results file would drop every committed row: refuse, name the file, write nothing."""
+    profile = load_profile("tiny")
+    card = tmp_path / "MODEL_CARD.md"
+    text = "# Card\n<!-- results:start -->\n<!-- results:tiny:start -->\nrows\n<!-- results:tiny:end -->\n" \
+           "<!-- results:end -->\n"
+    card.write_text(text, encoding="utf-8")
+    from harness.card import CardError
+
+    with pytest.raises(CardError, match="tiny-results.json is missing"):
+        write_card(card, tmp_path / "card_assets" / "tiny-results.json", profile, {"r16": {}}, "fp")
+    assert card.read_text(encoding="utf-8") == text
+
+
+def test_stale_and_busy_figures_are_marked_where_they_stand():
+    """A figure measured under another config is marked †, one timed on a busy machine ‡, each with its reason."""
+    prov_old = {"config_hash": "old", "data_fingerprint": "fp"}
+    results = {**_results("tiny", {"r8": {
+        "quality": {"validation": {"n": 5, "em": 0.5, "f1": 0.5}, "provenance": prov_old},
+        "latency": {"p50_s": 1.0, "p95_s": 1.2, "busy": True, "busy_reason": "load 3.0 on 2 cores",
+                    "provenance": {"config_hash": "new", "data_fingerprint": "fp"}}}}),
+        "config_hash": "new", "data_fingerprint": "fp"}
+    text = render_section(results)
+    assert "0.500†" in text and "1.000s‡" in text
+    assert "measured under config `old`" in text and "load 3.0 on 2 cores" in text
+
+
+def test_ratios_keep_two_digits_below_ten():
+    assert fmt_ratio(0.95) == "0.95x" and fmt_ratio(13.94) == "13.9x" and fmt_ratio(None) == "n/a"
+
+
+def test_published_files_are_readable_by_others(tmp_path):
+    """mkstemp makes 0600 files: a card or results file must keep the mode a plain write gives (0644 here)."""
+    path = tmp_path / "MODEL_CARD.md"
+    atomic_write_text(path, "x")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask
+
+
+def test_fixtures_only_map_the_library_onto_pytest_scopes():
+    """No training, timing or file writing in fixtures/sweep.py: each fixture is a few lines over one library call."""
+    tree = ast.parse((REPO / "fixtures" / "sweep.py").read_text(encoding="utf-8"))
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert imported <= {"__future__", "harness.plugin"}, imported
+    for fn in (n for n in tree.body if isinstance(n, ast.FunctionDef)):
+        assert len(fn.body) <= 6, f"fixture {fn.name} has {len(fn.body)} statements"
+        names = {n.attr if isinstance(n, ast.Attribute) else getattr(n, "id", "") for n in ast.walk(fn)}
+        assert not names & {"open", "write_text", "perf_counter", "train_adapter", "ensure_adapter", "save"}, fn.name
+
+
+def _imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module:
+            out.add(node.module.split(".")[0])
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("harness."):
+            out.add(node.module.split(".")[1])
+    return out
+
+
+def test_harness_has_no_import_cycle_and_small_modules_with_all():
+    """Every import, lazy ones included, forms no cycle; each module stays under 400 lines and has an __all__."""
+    modules = {p.stem: p for p in HARNESS.glob("*.py") if p.stem != "__init__"}
+    graph = {m: _imports(p) & set(modules) for m, p in modules.items()}
+
+    def visit(node, stack):
+        if node in stack:
+            raise AssertionError("import cycle: " + " -> ".join(stack[stack.index(node):] + [node]))
+        for nxt in graph[node]:
+            visit(nxt, stack + [node])
+
+    for m in graph:
+        visit(m, [])
+    for m, p in modules.items():
+        text = p.read_text(encoding="utf-8")
+        assert len(text.splitlines()) <= 400, f"harness/{m}.py has {len(text.splitlines())} lines"
+        assert "__all__" in text, f"harness/{m}.py has no __all__"
+
+
+def test_a_profile_outside_the_project_writes_into_the_project(tmp_path):
+    """Your own data: a profile anywhere on disk files its runs and card under the project, not beside the YAML."""
+    profile = write_profile(tmp_path / "elsewhere", {"name": "my-data"})
+    sweep = Sweep.prepare(profile)
+    assert sweep.runs_dir == PROJECT_ROOT / "runs" and sweep.card == PROJECT_ROOT / "MODEL_CARD.md"
+
+
+@pytest.mark.parametrize("form", ["space", "equals"])
+def test_profile_path_with_a_space_or_equals_keeps_pytest_ini(tmp_path, form):
+    """``--profile /abs/my.yaml``: pytest would take the YAML for a test path and drop pytest.ini (markers,
+    warnings, testpaths); the plugin restarts it with ``--profile=``. Only the benchmark suites are collected."""
+    profile = write_profile(tmp_path / "elsewhere", {"name": "my-data"})
+    args = ["--profile", str(profile)] if form == "space" else [f"--profile={profile}"]
+    done = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *args, "--co", "-q"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    collected = [line for line in done.stdout.splitlines() if "::" in line]
+    assert collected and all(line.startswith("suites/benchmark/") for line in collected), done.stdout[-2000:]
+    assert "PytestUnknownMarkWarning" not in done.stdout

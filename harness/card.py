@@ -18,7 +18,7 @@ from .artifacts import atomic_write_json, atomic_write_text, file_lock
 from .card_render import render_section, results_table
 from .results import load_results, merge_results
 
-__all__ = ["START", "END", "CardError", "render_section", "results_table", "update_card", "write_card"]
+__all__ = ["START", "END", "CardError", "main", "render_section", "results_table", "update_card", "write_card"]
 
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 
@@ -113,3 +113,31 @@ def update_card(card_path: Path, results: dict[str, Any], plots: dict[str, str] 
     new_text = str(card)
     if new_text != text:
         atomic_write_text(card_path, new_text)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m harness.card PROFILE``: re-render a profile's card block from its committed results file (after
+    copying in a results file measured on another machine, e.g. a GPU run's ``card_assets/<profile>-results.json``)."""
+    import argparse
+
+    from .plots import write_plots
+
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("profile", help="profile name, e.g. synthetic-7b")
+    ap.add_argument("--card", type=Path, default=Path(__file__).resolve().parent.parent / "MODEL_CARD.md")
+    args = ap.parse_args(argv)
+    from .results import card_results_path
+
+    results_file = card_results_path(args.card, args.profile)
+    results = load_results(results_file)
+    if not results["variants"]:
+        raise SystemExit(f"{results_file}: no results to render; run the benchmark or copy the file in first")
+    with file_lock(args.card):
+        plots = write_plots(results, results_file.parent, link_prefix=os.path.relpath(results_file.parent,
+                                                                                          args.card.parent))
+        update_card(args.card, results, plots)
+    print(f"{args.card}: block {args.profile!r} rendered from {results_file}")
+
+
+if __name__ == "__main__":
+    main()

@@ -13,6 +13,7 @@ from typing import Any
 from tabulate import tabulate
 
 from .gates import gate_status
+from .results import SECTIONS
 
 __all__ = ["render_section", "results_table", "ENGINE_LABELS", "fmt_ratio"]
 
@@ -54,6 +55,11 @@ def _order(results: dict[str, Any]) -> list[str]:
     return [v for v in order if v in results["variants"]] + [v for v in results["variants"] if v not in order]
 
 
+def _parity(p: dict | None) -> str:
+    """Token agreement / max |logit diff| of the profile's engine against the separately built seed path."""
+    return "n/a" if not p else f"{p['token_agreement']:.2f} tok, {p['max_logit_diff']:.1e} logit"
+
+
 def results_table(results: dict[str, Any]) -> str:
     """The seed's table (Model Variant | EM | F1 | Latency p50 | Latency p95 | VRAM (GB)) plus CIs, gates, costs."""
     split = (results.get("eval_splits") or ["validation"])[0]
@@ -79,6 +85,7 @@ def results_table(results: dict[str, Any]) -> str:
             _ci(q.get("f1_ci")) if show else NA_RANDOM,
             delta if show else NA_RANDOM,
             gate_status({k: v for k, v in (row.get("gates") or {}).items() if k != "provenance"}),
+            _parity(row.get("parity")),
             f"{train['trainable_params']:,}" if "trainable_params" in train else "n/a",
             _mark(_fmt(train.get("train_wall_s"), ".1f", "s"), results, train) if train else "n/a",
             _fmt(train.get("train_tokens_per_s"), ",.0f"),
@@ -86,15 +93,20 @@ def results_table(results: dict[str, Any]) -> str:
             _fmt(lat.get("tokens_per_s"), ",.1f"),
         ])
     headers = ["Model Variant", "EM", "F1", "Latency p50", "Latency p95", "VRAM (GB)", "EM 95% CI", "F1 95% CI",
-               "ΔF1 vs baseline [95% CI]", "Gates", "Trainable params", "Train time", "Train tok/s",
+               "ΔF1 vs baseline [95% CI]", "Gates", "Parity vs seed path", "Trainable params", "Train time", "Train tok/s",
                "Train VRAM (GB)", "Decode tok/s"]
     return tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True)
+
+
+def _sections(row: dict[str, Any]) -> list[tuple[str, Any]]:
+    """A row's sections in one fixed order, whatever order the file or the session recorded them in."""
+    return sorted(row.items(), key=lambda kv: (SECTIONS.index(kv[0]) if kv[0] in SECTIONS else len(SECTIONS), kv[0]))
 
 
 def _footnotes(results: dict[str, Any]) -> list[str]:
     lines = []
     for name in _order(results):
-        for section, data in results["variants"][name].items():
+        for section, data in _sections(results["variants"][name]):
             if not isinstance(data, dict) or section in ("info", "gates"):
                 continue
             prov = data.get("provenance") or {}
@@ -161,7 +173,7 @@ def _speed_table(results: dict[str, Any]) -> list[str]:
 def _provenance_table(results: dict[str, Any]) -> str:
     rows = []
     for name in _order(results):
-        for section, data in results["variants"][name].items():
+        for section, data in _sections(results["variants"][name]):
             prov = data.get("provenance") if isinstance(data, dict) else None
             if section == "info" or not prov:
                 continue

@@ -203,8 +203,12 @@ def load_profile(name_or_path: str | Path) -> Profile:
     built = chk.build(Profile, raw, (), skip=("variant_defs", "source_file"))
     if built is None or chk.problems:
         raise ConfigError(chk.problems)
+    # a profile of your own can keep its own variants.yaml beside it, or use the shipped one
     variants_path = path.parent / VARIANTS_FILE
+    if not variants_path.exists():
+        variants_path = CONFIG_DIR / VARIANTS_FILE
     defs = _load_variants(variants_path)
+    _check_name(chk, path, built)
     for i, name in enumerate(built["variants"]):
         if name not in defs:
             hint = did_you_mean(name, defs)
@@ -259,6 +263,27 @@ def load_profile(name_or_path: str | Path) -> Profile:
     if chk.problems:
         raise ConfigError(chk.problems)
     return Profile(**built, variant_defs={v: defs[v] for v in built["variants"]}, source_file=str(path))
+
+
+def _check_name(chk: _Checker, path: Path, built: dict) -> None:
+    """A copy of a shipped profile that keeps its name but points at other data would file its results (runs/ and
+    the card) as the shipped profile's."""
+    shipped = CONFIG_DIR / f"{built['name']}.yaml"
+    if path.parent == CONFIG_DIR or not shipped.exists() or built.get("data") is None:
+        return
+    try:
+        mine = [(path.parent / getattr(built["data"], s)).resolve() for s in ("train", "validation", "test")]
+        if not all(p.is_file() for p in mine):
+            return  # the missing file is the problem to report
+        theirs = read_yaml(shipped)[0].get("data", {})
+        same = all((path.parent / getattr(built["data"], s)).resolve() == (CONFIG_DIR / theirs[s]).resolve()
+                   for s in ("train", "validation", "test"))
+    except (ConfigError, KeyError, TypeError, OSError, ValueError):
+        return  # an unreadable path is reported by the data checks
+    if not same:
+        chk.err(("name",), f"{built['name']!r} is the name of the shipped profile {shipped}, whose data differs "
+                           f"from this profile's; give this profile its own name (e.g. name: my-data), so its "
+                           f"results are not filed as {built['name']!r}'s")
 
 
 def _check_ceilings(chk: _Checker, ceilings: dict, variants: tuple) -> None:

@@ -6,6 +6,8 @@
                   (``StaticGreedy``).
 ``merged``        the deployable artifact: ``StaticGreedy`` over the dequantized base with the adapter merged in
                   (harness/merged.py).
+``merged-int8``   ``merged`` with int8 weight-only decoder projections: faster, not exact (harness/quantized.py);
+                  the speed suite only.
 
 The compiled decode step follows transformers' documented static-cache recipe (``decode_one_tokens`` in its
 "Optimizing inference" guide): prefill eagerly into a ``StaticCache``, then one compiled call per token with fixed
@@ -29,10 +31,11 @@ import torch
 
 from .config import InferenceConfig
 
-__all__ = ["ENGINES", "EOS_CHECK_EVERY", "round_up", "left_pad", "generate_greedy", "HFGreedy", "StaticGreedy",
-           "no_recompile"]
+__all__ = ["ENGINES", "FULLGRAPH_ENGINES", "EOS_CHECK_EVERY", "round_up", "left_pad", "generate_greedy", "HFGreedy",
+           "StaticGreedy", "no_recompile"]
 
-ENGINES = ("seed", "nf4-compiled", "merged")
+ENGINES = ("seed", "nf4-compiled", "merged", "merged-int8")
+FULLGRAPH_ENGINES = ("merged", "merged-int8")  # compiled with fullgraph=cfg.compile_fullgraph
 EOS_CHECK_EVERY = 16  # host syncs while decoding: one per this many tokens, only when stopping at EOS
 
 
@@ -122,7 +125,10 @@ class StaticGreedy:
     is rounded up to ``bucket`` tokens, so a sweep compiles one graph for evaluation and one for latency.
     """
 
-    def __init__(self, model, tokenizer, name: str, cfg: InferenceConfig, compile_on_cpu: bool = False):
+    def __init__(self, model, tokenizer, name: str, cfg: InferenceConfig, compile_on_cpu: bool = False,
+                 inductor_options: dict[str, Any] | None = None):
+        """``inductor_options``: inductor config applied to this engine's decode step alone, on top of
+        ``cfg.compile_mode`` (``merged-int8`` passes ``coordinate_descent_tuning``)."""
         self.model, self.tokenizer, self.name, self.cfg = model, tokenizer, name, cfg
         self.device = next(model.parameters()).device
         self.compiled = cfg.compile and (self.device.type == "cuda" or compile_on_cpu)
@@ -133,8 +139,14 @@ class StaticGreedy:
         self._caches: dict[tuple[int, int], Any] = {}
         self._step = self._decode_one
         if self.compiled:
-            fullgraph = cfg.compile_fullgraph and name == "merged"  # bnb 4-bit layers may break the graph
-            self._step = torch.compile(self._decode_one, mode=cfg.compile_mode, fullgraph=fullgraph)
+            fullgraph = cfg.compile_fullgraph and name in FULLGRAPH_ENGINES  # bnb 4-bit layers may break the graph
+            if inductor_options:  # torch.compile takes mode or options, not both: spell the mode out as options
+                from torch._inductor import list_mode_options
+
+                self._step = torch.compile(self._decode_one, fullgraph=fullgraph,
+                                           options={**list_mode_options(cfg.compile_mode), **inductor_options})
+            else:
+                self._step = torch.compile(self._decode_one, mode=cfg.compile_mode, fullgraph=fullgraph)
 
     def _decode_one(self, tok, position_ids, cache_position, attention_mask, cache):
         logits = self.model(input_ids=tok, position_ids=position_ids, cache_position=cache_position,

@@ -3,8 +3,10 @@ on one variant (``inference.speed_variant``), one prompt, one machine and one se
 
 Each engine is built once per session. ``seed`` and ``nf4-compiled`` each get their own NF4 + adapter model, built
 separately, so the parity of the two compares two models, never one object with itself; ``merged`` is the
-sweep's own merged base with the speed variant merged in. ``parity`` holds a fast engine's greedy tokens and
-logits against the seed path on every evaluation prompt (thresholds in ``inference.parity_*``).
+sweep's own merged base with the speed variant merged in; ``merged-int8`` is an int8 weight-only copy of that
+(harness/quantized.py), and ``quality`` scores what its speed costs against ``merged``. ``parity`` holds a fast
+engine's greedy tokens and logits against the seed path on every evaluation prompt (thresholds in
+``inference.parity_*``).
 """
 
 from __future__ import annotations
@@ -50,6 +52,15 @@ class EngineBench:
                 base = MergedBase(self.profile, sweep.runs_dir / "_models", sweep.tokenizer)
                 base.activate(self.variant, path / "adapter")
                 engine, weights = base.engine, base.resident_gib
+        elif name == "merged-int8":
+            from .memory import free_memory
+            from .quantized import Int8Merged
+
+            merged = self._active("merged")  # the bf16 base with the speed variant merged in: read, never changed
+            free_memory()
+            before = _allocated_gib()
+            engine = Int8Merged(merged.model, sweep.tokenizer, self.profile.inference)
+            weights = _allocated_gib() - before  # CUDA: the int8 model's resident bytes (CPU: 0, not reported)
         else:
             from .decoding import HFGreedy, StaticGreedy
             from .merged import load_nf4_with_adapter
@@ -122,6 +133,30 @@ class EngineBench:
         key = "parity" if candidate == "merged" else f"parity_{candidate.replace('-', '_')}"
         self.sweep.recorder.record(self.variant, "speed", {key: result}, engine=candidate)
         return result
+
+    def quality(self, name: str) -> dict[str, Any]:
+        """``name``'s EM/F1 on every evaluation split, paired with the ``merged`` engine's on the same examples:
+        {split: summary}. Besides ``score_split``'s summary: ``em_merged``/``f1_merged``, ``em_delta_vs_merged``
+        (difference of means), ``f1_delta_vs_merged`` with its paired-bootstrap ``f1_delta_vs_merged_ci`` and
+        ``n_paired`` (``compare_to_baseline``, its ``*_vs_baseline`` keys renamed: the reference is ``merged``
+        here, not the baseline variant), and ``identical_predictions`` (share of answers that are the same text)."""
+        from .evaluate import compare_to_baseline, score_split
+
+        ev, tok, out = self.profile.eval, self.sweep.tokenizer, {}
+        for split in self.profile.data.eval_splits:
+            examples = self.sweep.splits[split]
+            mine = score_split(self._active(name), tok, examples, ev)
+            ref = score_split(self._active("merged"), tok, examples, ev)
+            paired = {k.replace("_vs_baseline", "_vs_merged"): v
+                      for k, v in compare_to_baseline(mine.rows, ref.rows, ev).items()}
+            same = sum(a["prediction"] == b["prediction"] for a, b in zip(mine.rows, ref.rows, strict=True))
+            out[split] = {**mine.summary, "em_merged": ref.summary["em"], "f1_merged": ref.summary["f1"],
+                          "em_delta_vs_merged": mine.summary["em"] - ref.summary["em"], **paired,
+                          "identical_predictions": same / max(len(mine.rows), 1), "engine": name,
+                          "variant": self.variant}
+        key = f"quality_{name.replace('-', '_')}"  # like parity_*: not an engine row of the speed table
+        self.sweep.recorder.record(self.variant, "speed", {key: out}, engine=name)
+        return out
 
     def close(self) -> None:
         for engine in self._engines.values():

@@ -149,6 +149,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def pytest_collection_finish(session: pytest.Session) -> None:
     """Tell the sweep which variants this run selected (after -k/-m): a merged base trains them all first."""
     sweep = session.config.stash[SWEEP_KEY]
+    if hasattr(session.config, "workerinput"):  # xdist: a worker runs an unknown share; it trains what it runs
+        sweep.select(())
+        return
     wanted = {variant_of(item) for item in session.items} - {None}
     if any(item.get_closest_marker("qlora_speed") for item in session.items):
         wanted.add(sweep.profile.inference.speed_variant)

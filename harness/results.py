@@ -7,7 +7,7 @@ Two files hold a profile's figures, in the same format:
   card and is the card block's only source, so a run that measures r16 alone re-renders baseline, r8 and r32 from
   it unchanged, byte for byte, also on a fresh clone where ``runs/`` is empty.
 
-A section (``quality``, ``latency``, ``memory``, ``training``, ``gates``, ``speed``, ``info``) is replaced whole
+A section (``quality``, ``parity``, ``latency``, ``memory``, ``training``, ``gates``, ``speed``, ``info``) is replaced whole
 when a session measured it, and carries its own ``provenance``: git sha (``-dirty`` when the tree was modified),
 profile, config hash, data fingerprint, engine, device, time and session id. Writes are atomic and locked.
 """
@@ -26,7 +26,7 @@ from .config import Profile, config_hash
 __all__ = ["ResultsRecorder", "load_results", "results_path", "card_results_path", "merge_results", "save_results",
            "session_sections", "new_session_id", "SECTIONS"]
 
-SECTIONS = ("info", "quality", "gates", "latency", "memory", "training", "speed")
+SECTIONS = ("info", "quality", "gates", "parity", "latency", "memory", "training", "speed")
 
 
 def results_path(runs_dir: Path, profile_name: str) -> Path:

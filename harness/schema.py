@@ -156,9 +156,10 @@ class InferenceConfig:
     cache_bucket: int = _spec("static cache length is rounded up to a multiple of this (fewer compiled shapes)",
                               default=256, lo=1)
     speed_variant: str = _spec("variant the speed suite compares engines on", default="r16")
-    speed_engines: tuple[str, ...] = _spec("engines the speed suite measures, the seed path first",
+    speed_engines: tuple[str, ...] = _spec("engines the speed suite measures, the seed path first; merged-int8 "
+                                           "(int8 weight-only, not exact) is measured here only",
                                            default=("seed", "nf4-compiled", "merged"),
-                                           choices=("seed", "nf4-compiled", "merged"))
+                                           choices=("seed", "nf4-compiled", "merged", "merged-int8"))
     speed_rounds: int = _spec("timed rounds per engine in the speed suite", default=5, lo=1)
     speed_min_speedup: float | None = _spec("the configured engine's p50 must beat the seed path's by this factor",
                                             default=None, lo=1.0)

@@ -14,31 +14,25 @@ into it in turn.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .artifacts import PROJECT_ROOT, atomic_write_text, file_lock, source_digest
-from .config import Profile, Variant, config_hash, load_profile
+from .artifacts import PROJECT_ROOT
+from .config import Profile, Variant, load_profile
 from .data import fingerprint
 from .evaluate import SplitScores, compare_to_baseline, score_split
 from .gates import quality_failures, quality_gate_count, vram_failures, vram_gate_count
 from .inputs import check_profile_data
 from .memory import free_memory, peak_memory, reset_peak_memory
 from .oom import VariantOutOfMemory, call_with_oom_guard
+from .predictions import eval_key, predictions_path, read_matching, write_predictions
 from .prompt import encode_prompt
 from .results import ResultsRecorder, card_results_path, results_path, save_results
 from .timing import machine_load, summarize_samples
 from .variants import ensure_adapter
 
-__all__ = ["Sweep", "Loaded", "VariantEval", "EVAL_SOURCES"]
-
-_HERE = Path(__file__).resolve().parent
-# The code that turns a model into predictions: a change here makes stored predictions incomparable.
-EVAL_SOURCES = tuple(p for p in (_HERE / n for n in ("decoding.py", "merged.py", "evaluate.py", "prompt.py",
-                                                        "metrics.py", "models.py", "pretrained.py")) if p.is_file())
-
+__all__ = ["Sweep", "Loaded", "VariantEval"]
 
 @dataclass
 class Loaded:
@@ -126,12 +120,39 @@ class Sweep:
                                                                                   scores.items()}),
                              vram_failures(self.profile, name, "inference", memory.get("peak_allocated_gib")),
                              memory, note)
-        self._write_predictions(name, scores)
+        write_predictions(predictions_path(self.runs_dir, self.profile, name),
+                          [r for s in scores.values() for r in s.rows], self.eval_key())
         if record:
             self._record_eval(result, loaded)
             self._recorded.add(name)
         self._evals[name] = result
         return result
+
+    def parity(self, name: str) -> tuple[dict[str, Any], list[str]]:
+        """The profile's engine for ``name`` against the seed path, built separately (a fresh NF4 base with the
+        variant's adapter unmerged, HF generate): greedy tokens and teacher-forced logits on every evaluation
+        prompt, held to ``inference.parity_*``. Returns (figures, gate failures) and records both."""
+        from .decoding import HFGreedy
+        from .merged import load_nf4_with_adapter
+        from .parity import parity, parity_failures
+
+        loaded, inf = self.load(name), self.profile.inference
+        adapter_dir = None if loaded.variant.is_baseline else self.adapter(name)[0] / "adapter"
+        reference = self._guard(name, "inference", load_nf4_with_adapter, self.profile, adapter_dir,
+                                self.runs_dir / "_models")
+        try:
+            result = self._guard(name, "inference", parity, HFGreedy(reference, self.tokenizer),
+                                 self.load(name).engine, self.tokenizer, self.eval_prompts(), inf.parity_new_tokens,
+                                 self.profile.eval.batch_size)
+        finally:
+            del reference
+            free_memory()
+        failures = parity_failures(result, inf, label=f"{name}: {loaded.engine.name} vs seed path")
+        engine = loaded.engine.name
+        self._record_variant(name)
+        self.recorder.record(name, "parity", {**result, "engine": engine, "failures": failures}, engine=engine)
+        self.recorder.record(name, "gates", {"parity": {"checked": 2, "failures": failures}}, engine=engine)
+        return result, failures
 
     def decode_call(self, name: str) -> Callable[[], list[list[int]]]:
         """One timed unit of the latency benchmark: greedy-decode the fixed prompt to exactly
@@ -156,6 +177,7 @@ class Sweep:
                    "warmup_rounds": self.profile.latency.warmup_rounds, "prompt_id": self.latency_example().id,
                    "engine": engine.name, "engine_note": engine.note, "compiled": engine.compiled,
                    "first_call_s": dict(engine.compile_s)}
+        self._record_variant(name)
         self.recorder.record(name, "latency", figures, engine=engine.name)
         return figures
 
@@ -243,10 +265,6 @@ class Sweep:
             engine = (HFGreedy(model, self.tokenizer) if self.profile.inference.engine == "seed"
                       else StaticGreedy(model, self.tokenizer, self.profile.inference.engine, self.profile.inference))
         self._loaded = Loaded(variant, model, engine, manifest)
-        self.recorder.record(name, "info", {"label": variant.label, "description": variant.description,
-                                            "engine": engine.name, "engine_note": engine.note}, engine=engine.name)
-        if manifest:
-            self._record_training(name, manifest)
         return self._loaded
 
     def release(self) -> None:
@@ -308,6 +326,16 @@ class Sweep:
 
         return self._merged
 
+    def _record_variant(self, name: str) -> None:
+        """What a recorded figure of ``name`` stands on: its label and engine, and its adapter's training figures
+        (stamped by the run that trained it). Only a variant this session measures gets a row."""
+        loaded = self.load(name)
+        self.recorder.record(name, "info", {"label": loaded.variant.label, "description": loaded.variant.description,
+                                            "engine": loaded.engine.name, "engine_note": loaded.engine.note},
+                             engine=loaded.engine.name)
+        if loaded.manifest and not self.recorder.get(name, "training"):
+            self._record_training(name, loaded.manifest)
+
     def _record_training(self, name: str, m: dict[str, Any]) -> None:
         stamp = {"git_sha": m.get("git_sha"), "profile": self.profile.name, "config_hash": m.get("config_hash"),
                  "data_fingerprint": self.recorder.data_fingerprint, "engine": None, "device": m.get("device"),
@@ -325,6 +353,7 @@ class Sweep:
 
     def _record_eval(self, result: VariantEval, loaded: Loaded) -> None:
         name, engine = result.variant, loaded.engine.name
+        self._record_variant(name)
         self.recorder.record(name, "quality", {k: v.summary for k, v in result.scores.items()}, engine=engine)
         mem = {"peak_rss_gib": result.peak_memory["peak_rss_gib"]}
         if "peak_allocated_gib" in result.peak_memory:
@@ -341,34 +370,16 @@ class Sweep:
 
     def eval_key(self) -> str:
         """What stored predictions must match to be paired: config, all data, and the code that decodes."""
-        return config_hash({"config": config_hash(self.profile), "data": self.recorder.data_fingerprint,
-                            "code": source_digest(EVAL_SOURCES)})
-
-    def _predictions(self, name: str) -> Path:
-        return self.runs_dir / self.profile.name / "predictions" / f"{name}.jsonl"
-
-    def _write_predictions(self, name: str, scores: dict[str, SplitScores]) -> None:
-        path = self._predictions(name)
-        rows = [r for s in scores.values() for r in s.rows]
-        with file_lock(path):
-            atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-            atomic_write_text(path.with_suffix(".key.json"), json.dumps(
-                {"eval_key": self.eval_key(), "config_hash": config_hash(self.profile),
-                 "data_fingerprint": self.recorder.data_fingerprint, "rows": len(rows)}, indent=2) + "\n")
+        return eval_key(self.profile, self.recorder.data_fingerprint)
 
     def _baseline_rows(self) -> tuple[dict[str, list[dict]] | None, str | None]:
         """The baseline's per-example rows to pair ΔF1 with: this session's, a stored file made under the same
         eval key, or (when the profile sweeps a baseline) a fresh evaluation. Never another config's."""
         if "baseline" in self._evals:
             return {k: v.rows for k, v in self._evals["baseline"].scores.items()}, None
-        path = self._predictions("baseline")
-        key_file = path.with_suffix(".key.json")
-        if path.exists() and key_file.exists():
-            key = json.loads(key_file.read_text(encoding="utf-8"))
-            if key.get("eval_key") == self.eval_key():
-                rows = [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
-                if len(rows) == key.get("rows"):
-                    return {s: [r for r in rows if r["split"] == s] for s in self.profile.data.eval_splits}, None
+        rows = read_matching(predictions_path(self.runs_dir, self.profile, "baseline"), self.eval_key())
+        if rows is not None:
+            return {s: [r for r in rows if r["split"] == s] for s in self.profile.data.eval_splits}, None
         if "baseline" not in self.profile.variants:
             return None, "ΔF1 n/a: the profile sweeps no baseline, and no baseline predictions match this config"
         try:

@@ -40,6 +40,16 @@ def test_predictions_report_is_written(evaluation, sweep, variant_name):
     assert all(REPORT_KEYS <= set(r) for r in rows), f"{path}: rows lack {REPORT_KEYS}"
 
 
+def test_engine_reproduces_the_seed_path(sweep, loaded, variant_name):
+    """The engine every figure goes through (e.g. merged: NF4 dequantized, adapter merged, compiled decode) gives
+    the seed path's greedy answers, built separately from NF4 + the variant's unmerged adapter."""
+    if sweep.profile.inference.engine == "seed":
+        pytest.skip(f"{sweep.profile.source_file}: inference.engine is the seed path itself")
+    result, failures = sweep.parity(variant_name)
+    assert not failures, "\n".join(failures)
+    assert result["prompts"] == len(sweep.eval_prompts())
+
+
 def test_batched_generation_equals_one_by_one(sweep, loaded, variant_name):
     """Left-padded batched greedy decoding gives the same tokens as decoding each prompt alone."""
     if not sweep.profile.show_quality:

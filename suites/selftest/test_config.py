@@ -85,8 +85,6 @@ BAD = [
                  "-16 is out of range; must be >= 1", id="variants-negative-rank"),
     pytest.param(BADVARIANTS / "alpha_string" / "profile.yaml", "variants.yaml", r'^  alpha: "32"', "r16.alpha",
                  "expected an integer, got '32' (str)", id="variants-alpha-is-a-string"),
-    pytest.param(CORPUS / "configs_novariants" / "profile.yaml", "variants.yaml", None, None,
-                 "file not found; a profile's variants are defined in variants.yaml beside it", id="no-variants-file"),
 ]
 
 
@@ -346,3 +344,23 @@ def test_duplicate_key_fuzz_case_is_rejected(text_fuzz_dir):
     (text_fuzz_dir / "profile.yaml").write_text(BASE_TEXTS["profile.yaml"], encoding="utf-8")
     with pytest.raises(ConfigError, match=r"variants\.yaml:\d+: r8\.alpha: duplicate key 'alpha'"):
         load_profile(text_fuzz_dir / "profile.yaml")
+
+
+def test_a_profile_without_variants_yaml_beside_it_uses_the_shipped_variants():
+    """Your own profile needs no copy of variants.yaml: the shipped r8/r16/r32 are found."""
+    profile = load_profile(CORPUS / "configs_novariants" / "profile.yaml")
+    assert profile.variant("r16").r == 16
+
+
+def test_a_copy_that_keeps_a_shipped_name_but_not_its_data_gets_a_clear_error(tmp_path):
+    """Results of other data must not be filed as the shipped profile's (its runs/ folder and card block)."""
+    import shutil
+
+    for split in ("train", "validation", "test"):
+        shutil.copy(DATA / f"{split}.jsonl", tmp_path / f"{split}.jsonl")
+    text = (CONFIG_DIR / "tiny.yaml").read_text(encoding="utf-8").replace("../domain_qa/", "")
+    (tmp_path / "my.yaml").write_text(text, encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"my.yaml:\d+: name: 'tiny' is the name of the shipped profile"):
+        load_profile(tmp_path / "my.yaml")
+    (tmp_path / "my.yaml").write_text(text.replace("name: tiny", "name: my-data"), encoding="utf-8")
+    assert load_profile(tmp_path / "my.yaml").name == "my-data"

@@ -132,7 +132,7 @@ def test_malformed_file_stops_pytest_with_one_usage_error(run_as_user, tmp_path,
 def _profile_for(folder: Path, *files: str, **overrides) -> Path:
     """A tiny profile whose first splits are the given corpus files (the rest are the shipped ones)."""
     data = {split: str(CORPUS / name) for split, name in zip(SPLITS, files)}
-    return write_profile(folder / "profile", {"data": data, **overrides})
+    return write_profile(folder / "profile", {"name": "my-data", "data": data, **overrides})
 
 
 def test_answer_that_does_not_fit_max_length_is_rejected_before_any_test(run_as_user, tmp_path):

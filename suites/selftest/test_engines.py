@@ -1,6 +1,8 @@
 """Inference engines on the tiny profile: the merged engine matches an independently built NF4 + adapter model,
 the parity gate fails when the wrong adapter is merged, the static-cache loop reproduces ``generate``, a merge that
-moves parameter storage is caught, and a recompile inside ``no_recompile()`` raises.
+moves parameter storage is caught, and a recompile inside ``no_recompile()`` raises. The int8 engine
+(``merged-int8``) quantizes every decoder projection, stays close to the fp32 merged model, leaves the merged base
+untouched, and its decode step traces as one graph.
 
 Every reference model is built separately (a fresh NF4 base with the adapter on top, unmerged), never the object
 under test. The adapters are trained once for the file, at 8 epochs instead of the profile's 40: enough for r16
@@ -21,6 +23,7 @@ from harness.decoding import HFGreedy, StaticGreedy, no_recompile
 from harness.merged import MergedBase, load_nf4_with_adapter
 from harness.models import load_tokenizer
 from harness.parity import parity, parity_failures
+from harness.quantized import INDUCTOR_OPTIONS, Int8Merged, Int8WeightOnlyLinear, resident_gib
 from harness.prompt import encode_prompt
 from harness.variants import ensure_adapter
 
@@ -65,6 +68,13 @@ def tiny(tmp_path_factory) -> Tiny:
 @pytest.fixture(scope="module")
 def merged(tiny) -> MergedBase:
     return MergedBase(tiny.profile, tiny.cache_root, tiny.tokenizer)
+
+
+@pytest.fixture(scope="module")
+def int8(tiny, merged) -> Int8Merged:
+    """The merged-int8 engine of r16: an int8 copy of the merged base with r16 merged in (a snapshot)."""
+    merged.activate("r16", tiny.adapters["r16"])
+    return Int8Merged(merged.model, tiny.tokenizer, tiny.profile.inference)
 
 
 def test_merged_r16_matches_a_separately_built_nf4_r16(tiny, merged):
@@ -147,3 +157,78 @@ def test_recompile_inside_no_recompile_raises():
         with pytest.raises(torch._dynamo.exc.RecompileError, match="Recompiling function step"):
             step(torch.ones(3))
     assert step(torch.ones(3)).tolist() == [3.0, 3.0, 3.0]  # outside the block a recompile is allowed again
+
+
+# -- merged-int8 ---------------------------------------------------------------------------------------------------
+
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# Measured on this file's r16 (8 epochs): max relative (Frobenius) logit error 1.35e-2 over the 25 eval prompts
+# (the random-init base alone: 1.16e-2). Per-channel int8 moves each weight by at most max|row| / 254.
+INT8_MAX_REL_LOGIT_ERR = 2e-2
+# Measured: token agreement 1.000 (identical sequences 1.00) with merged fp32 r16, 32 greedy tokens x 25 prompts,
+# max |logit diff| 0.034 teacher-forced. Not with margin: the smallest top-2 gap on merged's greedy path is 0.003,
+# under that difference, so a flip is possible; the floor allows two or three prompts to part at their first token.
+INT8_MIN_AGREEMENT = 0.9
+
+
+def _logits(model, ids: list[int]) -> torch.Tensor:
+    return model(input_ids=torch.tensor([ids]), use_cache=False).logits[0].float()
+
+
+def test_int8_quantizes_every_decoder_projection_and_stays_close_to_the_fp32_merged_model(tiny, merged, int8):
+    layers = merged.model.config.num_hidden_layers
+    assert int8.quantized_layers == len(PROJECTIONS) * layers == 14
+    quantized = [n for n, m in int8.model.named_modules() if isinstance(m, Int8WeightOnlyLinear)]
+    assert sorted(n.rsplit(".", 1)[1] for n in quantized) == sorted(PROJECTIONS * layers)
+    assert [n for n, m in int8.model.named_modules() if isinstance(m, torch.nn.Linear)] == ["lm_head"]
+    q = int8.model.get_submodule(quantized[0])
+    assert q.weight.dtype == torch.int8 and q.scales.dtype == torch.float32  # tiny's merged_dtype
+    assert not any(p.dtype == torch.int8 for p in int8.model.parameters())  # buffers: peft never sees them
+    merged.activate("r16", tiny.adapters["r16"])
+    with torch.inference_mode():
+        errors = [((a - b).norm() / a.norm()).item()
+                  for p in tiny.prompts for a, b in [(_logits(merged.model, p), _logits(int8.model, p))]]
+    print(f"merged-int8 vs merged fp32 (r16): max relative logit error {max(errors):.3g}")
+    assert 0 < max(errors) <= INT8_MAX_REL_LOGIT_ERR, f"relative logit errors: {errors}"
+
+
+def test_building_the_int8_engine_leaves_the_merged_base_untouched(tiny, merged):
+    merged.activate("r16", tiny.adapters["r16"])
+    before = {n: (p.data_ptr(), p.detach().clone()) for n, p in merged.model.named_parameters()}
+    types = {n: type(m) for n, m in merged.model.named_modules()}
+    engine = Int8Merged(merged.model, tiny.tokenizer, tiny.profile.inference)
+    after = dict(merged.model.named_parameters())
+    assert after.keys() == before.keys()
+    for name, (ptr, values) in before.items():
+        assert after[name].data_ptr() == ptr and torch.equal(after[name], values), name
+    assert {n: type(m) for n, m in merged.model.named_modules()} == types
+    merged.check_storage()  # the compiled merged graphs would still read the right weights
+    storages = lambda m: {t.untyped_storage().data_ptr() for t in (*m.parameters(), *m.buffers())}  # noqa: E731
+    assert not storages(merged.model) & storages(engine.model)  # later merges into the base cannot reach it
+    int8_bytes = sum(b.numel() for n, b in engine.model.named_buffers() if b.dtype == torch.int8)
+    projection_params = sum(m.weight.numel() for n, m in merged.model.named_modules()
+                            if isinstance(m, torch.nn.Linear) and n != "lm_head")
+    assert int8_bytes == projection_params
+    assert engine.weights_gib == resident_gib(engine.model) < resident_gib(merged.model)
+
+
+def test_int8_engine_greedy_tokens_on_learned_r16_answers(tiny, merged, int8):
+    """Not exact by design: the agreement with merged fp32 is measured and held to a floor, not to 1.0."""
+    merged.activate("r16", tiny.adapters["r16"])
+    result = tiny.parity(merged.engine, int8)
+    print(f"merged-int8 vs merged (r16): {result}")
+    assert result["token_agreement"] >= INT8_MIN_AGREEMENT, result
+    assert result["max_logit_diff"] > 0, result  # it is quantized: the logits moved
+
+
+def test_int8_decode_step_traces_as_one_graph(tiny, int8):
+    """CUDA compiles the decode step with fullgraph=True: trace it here with dynamo's eager backend (no inductor on
+    the CPU) and check the tokens; and the engine's inductor options are ones torch.compile accepts."""
+    prompts = tiny.prompts[:2]
+    eager = int8.generate(prompts, 8, batch_size=2)
+    traced = StaticGreedy(int8.model, tiny.tokenizer, "merged-int8", tiny.profile.inference)
+    traced._step = torch.compile(traced._decode_one, backend="eager", fullgraph=True)
+    assert traced.generate(prompts, 8, batch_size=2) == eager
+    compiled = StaticGreedy(int8.model, tiny.tokenizer, "merged-int8", tiny.profile.inference, compile_on_cpu=True,
+                            inductor_options=INDUCTOR_OPTIONS)  # an unknown inductor option raises here
+    assert compiled.compiled and compiled._step is not compiled._decode_one

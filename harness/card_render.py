@@ -25,6 +25,16 @@ ENGINE_LABELS = {
 }
 
 
+def md_table(rows: list[list], headers: list[str], padded: bool = False) -> str:
+    """A GitHub markdown table. Unpadded in the card: column widths that depend on every row would change every
+    line when one row's cell grows, and the card must keep the lines of rows a run did not measure byte for byte.
+    Padded (tabulate) for the terminal."""
+    if padded:
+        return md_table(rows, headers, padded)
+    line = lambda cells: "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"  # noqa: E731
+    return "\n".join([line(headers), "|" + "---|" * len(headers)] + [line(r) for r in rows])
+
+
 def _fmt(x, spec=".3f", unit=""):
     return "n/a" if x is None else f"{x:{spec}}{unit}"
 
@@ -60,7 +70,7 @@ def _parity(p: dict | None) -> str:
     return "n/a" if not p else f"{p['token_agreement']:.2f} tok, {p['max_logit_diff']:.1e} logit"
 
 
-def results_table(results: dict[str, Any]) -> str:
+def results_table(results: dict[str, Any], padded: bool = False) -> str:
     """The seed's table (Model Variant | EM | F1 | Latency p50 | Latency p95 | VRAM (GB)) plus CIs, gates, costs."""
     split = (results.get("eval_splits") or ["validation"])[0]
     show = results.get("show_quality", True)
@@ -93,9 +103,10 @@ def results_table(results: dict[str, Any]) -> str:
             _fmt(lat.get("tokens_per_s"), ",.1f"),
         ])
     headers = ["Model Variant", "EM", "F1", "Latency p50", "Latency p95", "VRAM (GB)", "EM 95% CI", "F1 95% CI",
-               "ΔF1 vs baseline [95% CI]", "Gates", "Parity vs seed path", "Trainable params", "Train time", "Train tok/s",
+               "ΔF1 vs baseline [95% CI]", "Gates", "Parity vs seed path", "Trainable params", "Train time",
+               "Train tok/s",
                "Train VRAM (GB)", "Decode tok/s"]
-    return tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True)
+    return md_table(rows, headers, padded)
 
 
 def _sections(row: dict[str, Any]) -> list[tuple[str, Any]]:
@@ -134,8 +145,8 @@ def _detail_table(results: dict[str, Any]) -> str:
                          _fmt(q.get("em_en")), _fmt(q.get("em_fr")), _fmt(q.get("f1_en")), _fmt(q.get("f1_fr"))])
     if not rows:
         return ""
-    return tabulate(rows, headers=["Variant", "Split", "n", "EM", "F1", "F1 95% CI", "ΔF1 [95% CI]", "EM (en)",
-                                   "EM (fr)", "F1 (en)", "F1 (fr)"], tablefmt="github", disable_numparse=True)
+    return md_table(rows, ["Variant", "Split", "n", "EM", "F1", "F1 95% CI", "ΔF1 [95% CI]", "EM (en)", "EM (fr)",
+                           "F1 (en)", "F1 (fr)"])
 
 
 def _speed_table(results: dict[str, Any]) -> list[str]:
@@ -145,7 +156,7 @@ def _speed_table(results: dict[str, Any]) -> list[str]:
         return []
     rows = []
     for engine, f in speed.items():
-        if engine == "provenance" or engine.startswith("parity") or not isinstance(f, dict):
+        if engine == "provenance" or engine.startswith(("parity", "quality_")) or not isinstance(f, dict):
             continue
         first = f.get("first_call_s") or {}
         compile_cell = (", ".join(f"{k}: {v:.0f}s" for k, v in first.items()) or "none") if f.get("compiled") \
@@ -155,8 +166,8 @@ def _speed_table(results: dict[str, Any]) -> list[str]:
                      _fmt(f.get("p50_s"), unit="s") + ("‡" if f.get("busy") else ""), _fmt(f.get("p95_s"), unit="s"),
                      ratio, _fmt(f.get("peak_vram_gib"), ".1f") if "peak_vram_gib" in f else "n/a (CPU)",
                      compile_cell, str(f.get("rounds", "n/a"))])
-    table = tabulate(rows, headers=["Engine", "What", "p50", "p95", "vs seed", "Peak VRAM (GB)", "First call (compile)",
-                                    "Rounds"], tablefmt="github", disable_numparse=True)
+    table = md_table(rows, ["Engine", "What", "p50", "p95", "vs seed", "Peak VRAM (GB)", "First call (compile)",
+                            "Rounds"])
     prov = speed.get("provenance") or {}
     out = [f"**Inference engines**, variant `{name}`, {results.get('latency_tokens', 128)} greedy tokens, one "
            f"session on {prov.get('device', 'n/a')} (git `{prov.get('git_sha', 'n/a')}`, {prov.get('time', 'n/a')}):",
@@ -167,6 +178,15 @@ def _speed_table(results: dict[str, Any]) -> list[str]:
                         f"prompts, {par['new_tokens']} greedy tokens): token agreement {par['token_agreement']:.3f}, "
                         f"identical sequences {par['identical_sequences']:.2f}, max |logit diff| "
                         f"{par['max_logit_diff']:.4f} (largest |logit| {par['max_abs_logit']:.2f})."]
+    for key, per_split in speed.items():
+        if key.startswith("quality_") and isinstance(per_split, dict):
+            for split, q in per_split.items():
+                out += ["", f"What `{q['engine']}` costs against `merged` (variant `{q['variant']}`, `{split}`, n = "
+                            f"{q.get('n')}): EM {q['em']:.3f} vs {q['em_merged']:.3f}, F1 {q['f1']:.3f} vs "
+                            f"{q['f1_merged']:.3f}, ΔF1 "
+                            + (f"{q['f1_delta_vs_merged']:+.3f} {_ci(q.get('f1_delta_vs_merged_ci'))}"
+                               if "f1_delta_vs_merged" in q else "n/a")
+                            + f", identical answers {q['identical_predictions']:.2f}."]
     return out
 
 
@@ -180,8 +200,7 @@ def _provenance_table(results: dict[str, Any]) -> str:
             rows.append([name, section, f"`{prov.get('git_sha') or 'unknown (set QLORA_GIT_SHA)'}`",
                          prov.get("engine") or "-", prov.get("device") or "n/a", prov.get("time") or "n/a",
                          f"`{str(prov.get('config_hash'))[:12]}`"])
-    return tabulate(rows, headers=["Variant", "Section", "git", "Engine", "Device", "Measured (UTC)", "Config"],
-                    tablefmt="github", disable_numparse=True) if rows else ""
+    return md_table(rows, ["Variant", "Section", "git", "Engine", "Device", "Measured (UTC)", "Config"]) if rows else ""
 
 
 def render_section(results: dict[str, Any], plots: dict[str, str] | None = None) -> str:

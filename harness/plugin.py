@@ -23,7 +23,7 @@ __all__ = ["SWEEP_KEY", "MARKERS", "end_variant", "variant_of"]
 
 SWEEP_KEY = pytest.StashKey["object"]()
 _ENDED_KEY = pytest.StashKey[dict]()  # variant -> why its remaining tests do not run (out of memory)
-_SESSION_OPTION = "qlora_session"
+_SESSION_OPTION, _GPU_OPTION = "qlora_session", "qlora_gpu"
 
 MARKERS = (
     "gpu: needs a CUDA GPU (VRAM ceilings, the synthetic-7b and mistral-7b profiles); skips without one",
@@ -89,6 +89,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
     for line in MARKERS:
         config.addinivalue_line("markers", line)
+    _pin_worker_gpu(config)
     rounds = config.getoption("latency_runs")
     if rounds is not None and rounds < 1:
         raise pytest.UsageError(f"--latency-runs {rounds}: give at least 1 timed round")
@@ -107,8 +108,23 @@ def pytest_configure(config: pytest.Config) -> None:
 @pytest.hookimpl(optionalhook=True)
 def pytest_configure_node(node) -> None:
     """xdist: every worker stamps its figures with the controller's session id, so the controller can tell them
-    from older ones when it writes the card."""
+    from older ones when it writes the card; with several GPUs, worker N gets GPU N mod count to itself."""
     node.workerinput[_SESSION_OPTION] = node.config.stash[SWEEP_KEY].recorder.session_id
+    import torch
+
+    gpus = torch.cuda.device_count()  # the controller never runs CUDA work itself
+    if gpus > 1:
+        index = int(str(node.workerinput.get("workerid", "gw0")).removeprefix("gw"))
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if os.environ.get("CUDA_VISIBLE_DEVICES") \
+            else [str(i) for i in range(gpus)]
+        node.workerinput[_GPU_OPTION] = visible[index % len(visible)]
+
+
+def _pin_worker_gpu(config: pytest.Config) -> None:
+    """Before anything in this worker touches CUDA: see only the GPU the controller gave it."""
+    gpu = getattr(config, "workerinput", {}).get(_GPU_OPTION)
+    if gpu is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpu
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -243,5 +259,6 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
     if not mine:
         return
     terminalreporter.section(f"qlora results: profile {sweep.profile.name} (this session's rows)")
-    terminalreporter.write_line(results_table({**results, "variants": {k: results["variants"][k] for k in mine}}))
+    terminalreporter.write_line(results_table({**results, "variants": {k: results["variants"][k] for k in mine}},
+                                              padded=True))
     terminalreporter.write_line(f"results: {path}")

@@ -7,8 +7,8 @@ Two files hold a profile's figures, in the same format:
   card and is the card block's only source, so a run that measures r16 alone re-renders baseline, r8 and r32 from
   it unchanged, byte for byte, also on a fresh clone where ``runs/`` is empty.
 
-A section (``quality``, ``parity``, ``latency``, ``memory``, ``training``, ``gates``, ``speed``, ``info``) is replaced whole
-when a session measured it, and carries its own ``provenance``: git sha (``-dirty`` when the tree was modified),
+A section (``quality``, ``parity``, ``latency``, ``memory``, ``training``, ``gates``, ``speed``, ``info``) is replaced
+whole when a session measured it, and carries its own ``provenance``: git sha (``-dirty`` when the tree was modified),
 profile, config hash, data fingerprint, engine, device, time and session id. Writes are atomic and locked.
 """
 

@@ -145,7 +145,8 @@ class DistributedConfig:
 @dataclass(frozen=True)
 class InferenceConfig:
     engine: str = _spec("how eval and latency decode: seed (NF4 + unmerged adapter, HF generate), nf4-compiled, "
-                        "or merged (dequantized base + merged adapter); see harness/decoding.py and harness/merged.py", default="seed",
+                        "or merged (dequantized base + merged adapter); see harness/decoding.py and harness/merged.py",
+                        default="seed",
                         choices=("seed", "nf4-compiled", "merged"))
     merged_dtype: str = _spec("dtype the NF4 base is dequantized to and the adapter merged in", default="bfloat16",
                               choices=("bfloat16", "float16", "float32"))
@@ -161,6 +162,8 @@ class InferenceConfig:
                                            default=("seed", "nf4-compiled", "merged"),
                                            choices=("seed", "nf4-compiled", "merged", "merged-int8"))
     speed_rounds: int = _spec("timed rounds per engine in the speed suite", default=5, lo=1)
+    speed_seed_rounds: int | None = _spec("timed rounds of the seed path (only the ratio's base; ~10 s a round for "
+                                          "7B): null = speed_rounds", default=None, lo=1)
     speed_min_speedup: float | None = _spec("the configured engine's p50 must beat the seed path's by this factor",
                                             default=None, lo=1.0)
     speed_max_p50_s: float | None = _spec("the configured engine's p50 must be at most this", default=None, lo=0.0,

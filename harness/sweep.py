@@ -14,6 +14,7 @@ into it in turn.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -170,13 +171,14 @@ class Sweep:
 
         return once
 
-    def record_latency(self, name: str, samples: list[float], load_before: dict, load_after: dict) -> dict[str, Any]:
+    def record_latency(self, name: str, samples: list[float], load_before: dict, load_after: dict,
+                       timer: str = "pytest-benchmark") -> dict[str, Any]:
         """Summarize timed rounds of ``decode_call(name)`` (p50/p95, spread, machine load) and record them."""
         engine = self.load(name).engine
         figures = {**summarize_samples(samples, self.profile.latency.max_new_tokens, load_before, load_after),
                    "warmup_rounds": self.profile.latency.warmup_rounds, "prompt_id": self.latency_example().id,
                    "engine": engine.name, "engine_note": engine.note, "compiled": engine.compiled,
-                   "first_call_s": dict(engine.compile_s)}
+                   "first_call_s": dict(engine.compile_s), "timer": timer}
         self._record_variant(name)
         self.recorder.record(name, "latency", figures, engine=engine.name)
         return figures
@@ -193,7 +195,10 @@ class Sweep:
             start = time.perf_counter()
             call()
             samples.append(time.perf_counter() - start)
-        return self.record_latency(name, samples, before, machine_load())
+        worker = os.environ.get("PYTEST_XDIST_WORKER")
+        timer = "harness perf_counter" + (f" (xdist {worker}, GPU {os.environ.get('CUDA_VISIBLE_DEVICES')})"
+                                          if worker else "")
+        return self.record_latency(name, samples, before, machine_load(), timer=timer)
 
     def engine_bench(self):
         """The engines compared side by side on ``inference.speed_variant`` (harness.engine_bench)."""

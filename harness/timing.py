@@ -11,7 +11,7 @@ import os
 import statistics
 from typing import Any
 
-__all__ = ["percentile", "machine_load", "summarize_samples", "NOISY_SPREAD"]
+__all__ = ["percentile", "machine_load", "summarize_samples", "own_gpu", "NOISY_SPREAD"]
 
 NOISY_SPREAD = 0.10  # IQR / median above this: the rounds disagree by more than 10%, so the machine was not quiet
 
@@ -54,3 +54,9 @@ def summarize_samples(samples: list[float], new_tokens: int, load_before: dict[s
         "iqr_over_median": spread, "load_before": load_before, "load_after": load_after,
         "busy": bool(reasons), "busy_reason": "; ".join(reasons) or None, "samples_s": list(samples),
     }
+
+
+def own_gpu() -> bool:
+    """An xdist worker that the plugin pinned to one GPU of its own (``CUDA_VISIBLE_DEVICES`` of one device)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+    return bool(os.environ.get("PYTEST_XDIST_WORKER")) and visible != "" and "," not in visible

@@ -22,7 +22,9 @@ def test_engine_speed(benchmark, engine_name, engine_bench, profile):
     call = engine_bench.call(engine_name)
     benchmark.group = "speed"
     before = machine_load()
-    out = benchmark.pedantic(call, rounds=profile.inference.speed_rounds, warmup_rounds=1, iterations=1)
+    inf = profile.inference
+    rounds = inf.speed_seed_rounds if engine_name == "seed" and inf.speed_seed_rounds else inf.speed_rounds
+    out = benchmark.pedantic(call, rounds=rounds, warmup_rounds=1, iterations=1)
     assert len(out[0]) == profile.latency.max_new_tokens
     if benchmark.disabled:
         pytest.skip("benchmarks disabled (--benchmark-disable or xdist): no speed figures")
@@ -39,3 +41,16 @@ def test_engine_matches_seed(engine_bench, profile, candidate):
         pytest.skip(f"{profile.source_file}: {candidate} is not in inference.speed_engines")
     failures = parity_failures(engine_bench.parity(candidate), profile.inference)
     assert not failures, "\n".join(failures)
+
+
+def test_quantized_engine_quality_cost_is_measured(engine_bench, profile):
+    """What the int8 engine's speed costs: its EM/F1 against the merged engine on every evaluation split, paired
+    per example. Reported, not gated (a trade-off the user chooses); only real weights make it mean anything."""
+    if "merged-int8" not in profile.inference.speed_engines:
+        pytest.skip(f"{profile.source_file}: merged-int8 is not in inference.speed_engines")
+    if profile.weights != "real":
+        pytest.skip(f"{profile.name}: random weights, so a quality difference would mean nothing")
+    result = engine_bench.quality("merged-int8")
+    for split, q in result.items():
+        assert q["n"] == q["n_paired"] == len(engine_bench.sweep.splits[split])
+        assert 0.0 <= q["identical_predictions"] <= 1.0

@@ -6,7 +6,8 @@ from huggingface_hub import ModelCard
 
 from harness.card import END, START, update_card
 
-CARD = ("---\nlicense: mit\nbase_model: mistralai/Mistral-7B-Instruct-v0.3\nmy_team: search-quality\n---\n\n# Our card\n\nWritten by hand  \nwith\ta tab.\n\n"
+CARD = ("---\nlicense: mit\nbase_model: mistralai/Mistral-7B-Instruct-v0.3\nmy_team: search-quality\n---\n\n"
+        "# Our card\n\nWritten by hand  \nwith\ta tab.\n\n"
         f"{START}\n{END}\n\nAfter our region, no newline at the end")
 RESULTS = {"profile": "tiny", "variant_order": ["r16"], "eval_splits": ["validation"], "show_quality": True,
            "variants": {"r16": {"info": {"label": "LoRA r16/a32"},

@@ -100,7 +100,8 @@ def test_two_xdist_workers_needing_one_variant_train_it_exactly_once(tmp_path):
     the other worker after the manifest says training finished. Without the lock both would train."""
     profile = quick_profile(tmp_path / "p")
     runs, card = tmp_path / "runs", tmp_path / "MODEL_CARD.md"
-    result = run_pytest(profile, runs, card, "-n", "2", "suites/benchmark/test_quality.py", "suites/benchmark/test_latency.py",
+    result = run_pytest(profile, runs, card, "-n", "2", "suites/benchmark/test_quality.py",
+                        "suites/benchmark/test_latency.py",
                         "-k", "r8 and (predictions or latency)")
     assert result.returncode == 0, result.stdout[-3000:]
     log = train_log(runs)

@@ -30,7 +30,7 @@ def md_table(rows: list[list], headers: list[str], padded: bool = False) -> str:
     line when one row's cell grows, and the card must keep the lines of rows a run did not measure byte for byte.
     Padded (tabulate) for the terminal."""
     if padded:
-        return md_table(rows, headers, padded)
+        return tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True)
     line = lambda cells: "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"  # noqa: E731
     return "\n".join([line(headers), "|" + "---|" * len(headers)] + [line(r) for r in rows])
 

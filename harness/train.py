@@ -18,6 +18,7 @@ import torch
 
 from .config import Profile, Variant
 from .data import Example
+from .loss_mask import check_loss_mask
 from .memory import peak_memory, reset_peak_memory
 from .prompt import training_rows
 
@@ -124,6 +125,7 @@ def train_adapter(profile: Profile, variant: Variant, examples: list[Example], t
     if t.compile_layers:  # regional compilation: one graph serves every decoder layer (docs/performance.md)
         for layer in trainer.model.get_base_model().model.layers:
             layer.compile()
+    check_loss_mask(trainer, tokenizer, examples)  # labels -100 on every prompt token, before any step (loss_mask.py)
     trainable, total = trainer.model.get_nb_trainable_parameters()
     reset_peak_memory()
     start = time.perf_counter()

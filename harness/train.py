@@ -122,6 +122,12 @@ def train_adapter(profile: Profile, variant: Variant, examples: list[Example], t
     for param in trainer.model.parameters():
         if param.requires_grad:
             param.data = param.data.to(getattr(torch, t.adapter_dtype))
+    if getattr(trainer.accelerator.state, "fsdp_plugin", None) is not None:
+        # PEFT's FSDP-QLoRA recipe: every LoRA module becomes an FSDP unit of its own, so no flat parameter mixes the
+        # frozen base (NF4 stored as quant_storage) with trainable adapters of another dtype or requires_grad
+        from peft.utils.other import fsdp_auto_wrap_policy
+
+        trainer.accelerator.state.fsdp_plugin.auto_wrap_policy = fsdp_auto_wrap_policy(trainer.model)
     if t.compile_layers:  # regional compilation: one graph serves every decoder layer (docs/performance.md)
         for layer in trainer.model.get_base_model().model.layers:
             layer.compile()

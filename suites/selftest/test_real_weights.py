@@ -26,7 +26,8 @@ from harness.data import SPLITS, load_splits
 from harness.evaluate import score_split
 from harness.gates import quality_failures
 from harness.loss_mask import LossMaskError, loss_mask_failures
-from harness.models import free_model, load_base, load_tokenizer
+from harness.memory import free_memory
+from harness.models import load_base, load_tokenizer
 
 pytestmark = pytest.mark.slow
 
@@ -66,7 +67,7 @@ def r8(smol, tmp_path_factory):
     out = tmp_path_factory.mktemp("smollm2-r8")
     base = load_base(profile.model, profile.quantization, cache_root)
     figures = train_adapter(profile, profile.variant(VARIANT), splits["train"], tokenizer, base, out)
-    free_model(base)
+    free_memory()
     return out / "adapter", figures
 
 
@@ -87,11 +88,11 @@ def score(smol):
         if adapter_dir is not None:
             model = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
         summary = score_split(model.eval(), tokenizer, examples, profile.eval).summary
-        free_model(model)
+        free_memory()
         return summary
 
     yield _score
-    free_model(pristine)
+    free_memory()
 
 
 def _train_failures(profile, summary) -> list[str]:
@@ -153,4 +154,4 @@ def test_loss_on_prompt_fails_the_loss_mask_gate(smol, monkeypatch, tmp_path):
         with pytest.raises(LossMaskError, match=r"prompt tokens carry a label"):
             train_adapter(profile, profile.variant(VARIANT), splits["train"], tokenizer, base, tmp_path)
     finally:
-        free_model(base)
+        free_memory()

@@ -127,8 +127,9 @@ class EngineBench:
         from .parity import parity
 
         inf = self.profile.inference
+        # the candidate decodes one prompt at a time: its timed 1-row graph serves, no other shape is compiled
         result = parity(self.engine("seed"), self._active(candidate), self.sweep.tokenizer, self.sweep.eval_prompts(),
-                        inf.parity_new_tokens, self.profile.eval.batch_size)
+                        inf.parity_new_tokens, self.profile.eval.batch_size, candidate_batch_size=1)
         result["candidate"], result["merged_dtype"] = candidate, inf.merged_dtype
         key = "parity" if candidate == "merged" else f"parity_{candidate.replace('-', '_')}"
         self.sweep.recorder.record(self.variant, "speed", {key: result}, engine=candidate)

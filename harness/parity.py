@@ -18,7 +18,7 @@ __all__ = ["parity", "parity_failures"]
 
 @torch.inference_mode()
 def parity(reference, candidate, tokenizer, prompts: list[list[int]], max_new_tokens: int,
-           batch_size: int) -> dict[str, Any]:
+           batch_size: int, candidate_batch_size: int | None = None) -> dict[str, Any]:
     """Greedy outputs of ``candidate`` against ``reference`` (engines with ``generate`` and ``model``), and their
     logits on the same tokens.
 
@@ -29,7 +29,7 @@ def parity(reference, candidate, tokenizer, prompts: list[list[int]], max_new_to
     if not prompts:
         raise ValueError("parity needs at least one prompt")
     ref = reference.generate(prompts, max_new_tokens, batch_size)
-    cand = candidate.generate(prompts, max_new_tokens, batch_size)
+    cand = candidate.generate(prompts, max_new_tokens, candidate_batch_size or batch_size)
     agreements, identical = [], 0
     for r, c in zip(ref, cand, strict=True):
         common = next((i for i, (a, b) in enumerate(zip(r, c)) if a != b), min(len(r), len(c)))

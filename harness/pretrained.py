@@ -99,8 +99,9 @@ def convert_gguf(gguf_path: Path, cache_root: Path, dtype: str = "bfloat16") -> 
 
     ``save_pretrained`` refuses a model loaded from GGUF (it carries a GGUF quantization config), so the
     dequantized weights are moved into a model built from the same config without it. They are saved in
-    ``dtype``: bf16 halves the folder (the GGUF's Q4_1/Q8_0 values have at most 8 significant bits per block
-    scale step, and the profile quantizes them to NF4 anyway).
+    ``dtype``: bf16 halves the folder (269 MB instead of 538 MB for SmolLM2-135M), and since the profile
+    quantizes them to NF4 anyway, NF4 loads of the bf16 and of an fp32 conversion gave the same greedy answers
+    on all 30 domain_qa prompts.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -34,7 +34,7 @@ def test_inference_vram_within_ceiling(sweep, evaluation, variant_name):
 
 
 def test_real_cuda_oom_names_variant_phase_ceiling_and_memory_and_frees_it(tmp_path):
-    """For real: all but 48 MiB of the GPU is taken by a ballast tensor, so r16's training (a tiny model on CUDA)
+    """For real: all but 4 MiB of the GPU is taken by ballast tensors, so r16's training (a tiny model on CUDA)
     hits a true cudaMalloc failure. The error names variant, phase, ceiling and memory; the memory comes back;
     r8 then trains. (``set_per_process_memory_fraction`` did not cap training on the H100: the test passed the cap.)"""
     from fixtures.user_runs import quick_profile
@@ -48,9 +48,11 @@ def test_real_cuda_oom_names_variant_phase_ceiling_and_memory_and_frees_it(tmp_p
     (torch.ones(256, 256, device="cuda") @ torch.ones(256, 256, device="cuda")).sum().item()  # cuBLAS handle
     torch.cuda.empty_cache()
     allocated_before = torch.cuda.memory_allocated()
-    ballast, leave = [], 48 * 2**20
+    ballast, leave = [], 4 * 2**20
     while (free := torch.cuda.mem_get_info()[0]) > leave + 2**20:
         ballast.append(torch.empty(min(free - leave, 2**30), dtype=torch.uint8, device="cuda"))
+    with pytest.raises(torch.cuda.OutOfMemoryError):  # the cap is real: 32 MiB more cannot be had
+        torch.empty(32 * 2**20, dtype=torch.uint8, device="cuda")
     try:
         with pytest.raises(VariantOutOfMemory) as info:
             sweep.adapter("r16")

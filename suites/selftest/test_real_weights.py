@@ -25,7 +25,7 @@ from harness.config import load_profile
 from harness.data import SPLITS, load_splits
 from harness.evaluate import score_split
 from harness.gates import quality_failures
-from harness.loss_mask import LossMaskError, loss_mask_failures
+from harness.loss_mask import LossMaskError
 from harness.memory import free_memory
 from harness.models import load_base, load_tokenizer
 

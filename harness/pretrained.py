@@ -30,6 +30,7 @@ __all__ = [
     "gguf_sha256",
     "convert_gguf",
     "resolve_pypi_gguf",
+    "converted_from",
 ]
 
 PYPI_PREFIX = "pypi:"

@@ -18,6 +18,7 @@ for mode in ("fsdp", "none"):
     dist = {"mode": mode, "num_processes": 2 if mode == "fsdp" else 1}
     profile = write_profile(Path(f"/tmp/fsdp-{mode}"), {
         "name": f"tiny-{mode}", "distributed": dist, "variants": ["baseline", "r16"],
+        "quality_gates": [{"variants": ["r16"], "split": "train", "metric": "em", "min": 0.9}],
         "quantization": {"quant_storage": "float32"}, "training": {"batch_size": 2 if mode == "fsdp" else 4}})
     sweep = Sweep.prepare(profile, runs_dir=f"/tmp/fsdp-runs-{mode}", card=f"/tmp/fsdp-card-{mode}/MODEL_CARD.md")
     try:

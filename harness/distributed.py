@@ -218,6 +218,8 @@ def main(argv: list[str] | None = None) -> None:
     splits = load_splits({s: profile.data_path(s) for s in ("train", "validation", "test")})
     cache_root = args.runs_dir / "_models"
     tokenizer = load_tokenizer(profile.model, cache_root)
+    if torch.cuda.is_available():  # bitsandbytes quantizes onto the current device: make it this rank's GPU
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     base = load_base(profile.model, profile.quantization, cache_root, fsdp=profile.distributed.mode == "fsdp")
     figures = train_adapter(profile, profile.variant(args.variant), splits["train"], tokenizer, base, args.out)
     if is_main_process():

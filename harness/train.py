@@ -114,6 +114,10 @@ def train_adapter(profile: Profile, variant: Variant, examples: list[Example], t
         # MistralCommonBackend names its pad id '<pad>', which is not in its vocab; give trl the id's own token.
         pad_token=tokenizer.convert_ids_to_tokens(tokenizer.pad_token_id), **dist_args,
     )
+    if world == 1 and on_gpu and args.n_gpu > 1:
+        # one process on a machine with several GPUs: the Trainer would wrap the model in nn.DataParallel, which
+        # trl refuses; the model sits on one GPU (models.device), so train there
+        args._n_gpu = 1
     train_ds = datasets.Dataset.from_list(rows)
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, processing_class=tokenizer,
                          peft_config=peft_config(profile.lora, variant))

@@ -139,13 +139,15 @@ def _detail_table(results: dict[str, Any]) -> str:
         for split, q in (results["variants"][name].get("quality") or {}).items():
             if split == "provenance":
                 continue
-            rows.append([name, split, q.get("n"), _fmt(q.get("em")), _fmt(q.get("f1")), _ci(q.get("f1_ci")),
+            rows.append([name, split, q.get("n"), _fmt(q.get("em")), _ci(q.get("em_ci")), _fmt(q.get("f1")),
+                         _ci(q.get("f1_ci")),
                          (f"{q['f1_delta_vs_baseline']:+.2f} {_ci(q['f1_delta_vs_baseline_ci'])}"
                           if "f1_delta_vs_baseline" in q else "n/a"),
                          _fmt(q.get("em_en")), _fmt(q.get("em_fr")), _fmt(q.get("f1_en")), _fmt(q.get("f1_fr"))])
     if not rows:
         return ""
-    return md_table(rows, ["Variant", "Split", "n", "EM", "F1", "F1 95% CI", "ΔF1 [95% CI]", "EM (en)", "EM (fr)",
+    return md_table(rows, ["Variant", "Split", "n", "EM", "EM 95% CI", "F1", "F1 95% CI", "ΔF1 [95% CI]", "EM (en)",
+                           "EM (fr)",
                            "F1 (en)", "F1 (fr)"])
 
 

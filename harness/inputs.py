@@ -51,6 +51,13 @@ def _check_model_source(profile: Profile) -> None:
             hint = did_you_mean(source, names)
             raise ConfigError([f"{_where(profile, 'model', 'source')}: no synthetic model {source!r}; {hint}"
                                f"choose one of: {', '.join(names)}"])
+    elif source.startswith("pypi:"):  # a missing wheel would error every test: one message, with the install line
+        from .pretrained import MissingWheelError, parse_pypi_source, wheel_gguf
+
+        try:
+            wheel_gguf(*parse_pypi_source(source))
+        except (MissingWheelError, ValueError) as e:
+            raise ConfigError([f"{_where(profile, 'model', 'source')}: {e}"]) from None
     elif source.startswith(("/", "./", "../", "~")) and not Path(source).expanduser().is_dir():
         raise ConfigError([f"{_where(profile, 'model', 'source')}: {source!r} is not a directory; give a local "
                            f"checkpoint directory or a hub id such as mistralai/Mistral-7B-Instruct-v0.3"])

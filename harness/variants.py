@@ -45,11 +45,20 @@ def adapter_source_digest(files=None) -> str:
     return source_digest(files or ADAPTER_SOURCES)
 
 
+def _base_file(profile: Profile) -> str | None:
+    """A GGUF shipped in a wheel is keyed by its content: a new release at the same path retrains."""
+    if not profile.model.source.startswith("pypi:"):
+        return None
+    from .pretrained import gguf_sha256, parse_pypi_source, wheel_gguf
+
+    return gguf_sha256(wheel_gguf(*parse_pypi_source(profile.model.source)))
+
+
 def artifact_key(profile: Profile, variant: Variant, train_examples: list[Example]) -> dict[str, Any]:
     """Everything that changes a trained adapter. Its hash names the artifact directory."""
     versions = library_versions()
     return {
-        "base": {"source": profile.model.source, "revision": profile.model.revision,
+        "base": {"source": profile.model.source, "revision": profile.model.revision, "file": _base_file(profile),
                  "synthetic_seed": profile.model.synthetic_seed, "tokenizer": profile.model.tokenizer,
                  "attn_implementation": profile.model.attn_implementation},
         "quantization": dataclasses.asdict(profile.quantization),

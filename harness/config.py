@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError, closest, did_you_mean
+from . import schema
 from .schema import (
     DataConfig,
     DistributedConfig,
@@ -37,27 +38,8 @@ from .schema import (
 )
 from .yamlload import read_yaml
 
-__all__ = [
-    "ConfigError",
-    "ModelConfig",
-    "QuantConfig",
-    "LoraConfig",
-    "Variant",
-    "TrainConfig",
-    "DataConfig",
-    "EvalConfig",
-    "LatencyConfig",
-    "InferenceConfig",
-    "DistributedConfig",
-    "Gate",
-    "Profile",
-    "CONFIG_DIR",
-    "VARIANTS_FILE",
-    "load_profile",
-    "profile_path",
-    "available_profiles",
-    "config_hash",
-]
+__all__ = [*schema.__all__, "ConfigError", "CONFIG_DIR", "VARIANTS_FILE", "load_profile", "profile_path",
+           "available_profiles", "config_hash"]
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "data" / "configs"
 VARIANTS_FILE = "variants.yaml"

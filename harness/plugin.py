@@ -147,8 +147,13 @@ def variant_of(item: pytest.Item) -> str | None:
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """On a GPU profile every variant and engine test is a gpu test, so ``-m gpu`` selects the whole sweep."""
+    """On a GPU profile every variant and engine test is a gpu test, so ``-m gpu`` selects the whole sweep. Under
+    xdist every test of a variant is one ``xdist_group``: ``--dist loadgroup`` gives a variant to one worker (GPU)."""
     profile = config.stash[SWEEP_KEY].profile
+    if getattr(config.option, "numprocesses", None):
+        for item in items:
+            if variant_of(item):
+                item.add_marker(pytest.mark.xdist_group(name=f"variant-{variant_of(item)}"))
     if not profile.requires_gpu:
         return
     import torch

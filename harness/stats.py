@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["percentile", "bootstrap_ci", "paired_bootstrap"]
+__all__ = ["bootstrap_ci", "paired_bootstrap"]
 
 
 def bootstrap_ci(scores: Sequence[float], resamples: int = 1000, confidence: float = 0.95,
@@ -29,12 +29,3 @@ def paired_bootstrap(a: Sequence[float], b: Sequence[float], resamples: int = 10
     if a.shape != b.shape:
         raise ValueError(f"paired scores differ in length: {a.size} vs {b.size}; score the same examples")
     return bootstrap_ci(a - b, resamples, confidence, seed)
-
-
-def percentile(samples: list[float], q: float) -> float:
-    """Linear-interpolated percentile (numpy's default), q in [0, 100]."""
-    xs = sorted(samples)
-    pos = (len(xs) - 1) * q / 100
-    lo = int(pos)
-    hi = min(lo + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)

@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from harness.artifacts import PROJECT_ROOT
 from harness.config import load_profile
 from harness.data import SPLITS, load_splits
 from harness.evaluate import score_split
@@ -51,8 +52,8 @@ def smol(pytestconfig):
     from harness.pretrained import MissingWheelError
 
     profile = load_profile(PROFILE)
-    runs = Path(pytestconfig.getoption("runs_dir"))
-    cache_root = (runs if runs.is_absolute() else Path(pytestconfig.rootpath) / runs) / "_models"
+    runs = pytestconfig.getoption("runs_dir")  # the converted checkpoint is shared with the benchmark's runs/
+    cache_root = (pytestconfig.invocation_params.dir / runs if runs else PROJECT_ROOT / "runs") / "_models"
     try:
         tokenizer = load_tokenizer(profile.model, cache_root)  # converts the GGUF on first use (~20 s)
     except MissingWheelError as e:

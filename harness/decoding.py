@@ -32,7 +32,7 @@ import torch
 from .config import InferenceConfig
 
 __all__ = ["ENGINES", "FULLGRAPH_ENGINES", "EOS_CHECK_EVERY", "round_up", "left_pad", "generate_greedy", "HFGreedy",
-           "StaticGreedy", "no_recompile"]
+           "StaticGreedy", "no_recompile", "timed_round"]
 
 ENGINES = ("seed", "nf4-compiled", "merged", "merged-int8")
 FULLGRAPH_ENGINES = ("merged", "merged-int8")  # compiled with fullgraph=cfg.compile_fullgraph
@@ -78,6 +78,21 @@ def no_recompile() -> Iterator[None]:
 
     with torch._dynamo.config.patch(error_on_recompile=True):
         yield
+
+
+def timed_round(engine, prompt: list[int], tokens: int):
+    """One timed unit of a latency benchmark: ``engine`` greedy-decodes ``prompt`` to exactly ``tokens`` tokens; a
+    recompilation inside it is an error, and on CUDA the round ends when the GPU is done, not when its kernels are
+    queued."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+
+    def once() -> list[list[int]]:
+        with no_recompile():
+            out = engine.generate([prompt], tokens, batch_size=1, fixed_length=True)
+        sync()
+        return out
+
+    return once
 
 
 @contextlib.contextmanager

@@ -84,19 +84,10 @@ class EngineBench:
         """One timed unit: 128 (``latency.max_new_tokens``) greedy tokens of the fixed prompt with ``name``."""
         import torch
 
-        from .decoding import no_recompile
+        from .decoding import timed_round
 
-        engine, prompt = self._active(name), self.sweep.latency_prompt()
-        tokens, cuda = self.profile.latency.max_new_tokens, torch.cuda.is_available()
-
-        def once():
-            with no_recompile():
-                out = engine.generate([prompt], tokens, batch_size=1, fixed_length=True)
-            if cuda:
-                torch.cuda.synchronize()
-            return out
-
-        if cuda:
+        once = timed_round(self._active(name), self.sweep.latency_prompt(), self.profile.latency.max_new_tokens)
+        if torch.cuda.is_available():
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         self._at_start = _allocated_gib()

@@ -63,12 +63,14 @@ class ResultsRecorder:
         self.profile, self.data_fingerprint = profile, data_fingerprint
         self.session_id = session_id or new_session_id()
         self.figures: dict[str, dict[str, Any]] = {}
+        self._session_stamp: dict[str, Any] | None = None
 
     def stamp(self, engine: str | None = None) -> dict[str, Any]:
-        return {"git_sha": git_sha(), "profile": self.profile.name, "config_hash": config_hash(self.profile),
-                "data_fingerprint": self.data_fingerprint, "engine": engine, "device": device_name(),
-                "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "session": self.session_id,
-                "versions": library_versions()}
+        if self._session_stamp is None:  # what holds for the whole session: read once (git runs a subprocess)
+            self._session_stamp = {"git_sha": git_sha(), "profile": self.profile.name,
+                                   "config_hash": config_hash(self.profile), "data_fingerprint": self.data_fingerprint,
+                                   "device": device_name(), "session": self.session_id, "versions": library_versions()}
+        return {**self._session_stamp, "engine": engine, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
     def record(self, variant: str, section: str, data: dict[str, Any], provenance: dict[str, Any] | None = None,
                engine: str | None = None) -> None:

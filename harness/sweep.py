@@ -158,18 +158,9 @@ class Sweep:
     def decode_call(self, name: str) -> Callable[[], list[list[int]]]:
         """One timed unit of the latency benchmark: greedy-decode the fixed prompt to exactly
         ``latency.max_new_tokens`` tokens with ``name`` loaded. A recompilation inside it is an error."""
-        from .decoding import no_recompile
+        from .decoding import timed_round
 
-        engine, prompt, tokens = self.load(name).engine, self.latency_prompt(), self.profile.latency.max_new_tokens
-        sync = _cuda_sync()
-
-        def once() -> list[list[int]]:
-            with no_recompile():
-                out = engine.generate([prompt], tokens, batch_size=1, fixed_length=True)
-            sync()  # the round ends when the GPU is done, not when its kernels are queued
-            return out
-
-        return once
+        return timed_round(self.load(name).engine, self.latency_prompt(), self.profile.latency.max_new_tokens)
 
     def record_latency(self, name: str, samples: list[float], load_before: dict, load_after: dict,
                        timer: str = "pytest-benchmark") -> dict[str, Any]:
@@ -393,8 +384,3 @@ class Sweep:
             return None, f"ΔF1 n/a: the baseline could not be evaluated ({e})"
         return {k: v.rows for k, v in result.scores.items()}, None
 
-
-def _cuda_sync() -> Callable[[], None]:
-    import torch
-
-    return torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)

@@ -235,7 +235,8 @@ def test_a_partial_run_on_a_fresh_clone_keeps_every_other_line_of_the_card(three
     after = clone_card.read_text(encoding="utf-8").splitlines()
     others = [line for line in before if "r8" not in line]
     assert others == [line for line in after if "r8" not in line]
-    assert len(before) == len(after) and before != after, "r8's own lines must carry the new figures"
+    # r8 may gain or lose its own lines (a ‡ footnote when its rounds were timed on a busy machine)
+    assert before != after, "r8's own lines must carry the new figures"
 
 
 def test_retrain_trains_each_selected_variant_exactly_once(three_runs, tmp_path):

@@ -180,16 +180,28 @@ def _speed_table(results: dict[str, Any]) -> list[str]:
                         f"prompts, {par['new_tokens']} greedy tokens): token agreement {par['token_agreement']:.3f}, "
                         f"identical sequences {par['identical_sequences']:.2f}, max |logit diff| "
                         f"{par['max_logit_diff']:.4f} (largest |logit| {par['max_abs_logit']:.2f})."]
-    for key, per_split in speed.items():
-        if key.startswith("quality_") and isinstance(per_split, dict):
-            for split, q in per_split.items():
-                out += ["", f"What `{q['engine']}` costs against `merged` (variant `{q['variant']}`, `{split}`, n = "
-                            f"{q.get('n')}): EM {q['em']:.3f} vs {q['em_merged']:.3f}, F1 {q['f1']:.3f} vs "
-                            f"{q['f1_merged']:.3f}, ΔF1 "
-                            + (f"{q['f1_delta_vs_merged']:+.3f} {_ci(q.get('f1_delta_vs_merged_ci'))}"
-                               if "f1_delta_vs_merged" in q else "n/a")
-                            + f", identical answers {q['identical_predictions']:.2f}."]
+    for key, per_variant in speed.items():
+        if key.startswith("quality_") and isinstance(per_variant, dict):
+            out += [""] + _quality_cost(per_variant)
     return out
+
+
+def _quality_cost(per_variant: dict[str, Any]) -> list[str]:
+    """The table of what a quantized engine costs against ``merged``, a row per variant and split. Results written
+    before every variant was measured hold one variant as {split: figures}."""
+    if any("em" in q for q in per_variant.values()):
+        per_variant = {next(iter(per_variant.values()))["variant"]: per_variant}
+    rows, engine = [], None
+    for variant, per_split in per_variant.items():
+        for split, q in per_split.items():
+            engine = q["engine"]
+            delta = (f"{q['f1_delta_vs_merged']:+.3f} {_ci(q.get('f1_delta_vs_merged_ci'))}"
+                     if "f1_delta_vs_merged" in q else "n/a")
+            rows.append([f"`{variant}`", f"`{split}`", str(q.get("n")), f"{q['em']:.3f} / {q['em_merged']:.3f}",
+                         f"{q['f1']:.3f} / {q['f1_merged']:.3f}", delta, f"{q['identical_predictions']:.2f}"])
+    return [f"What `{engine}` costs against `merged` (same variant, same examples, paired):", "",
+            md_table(rows, ["Variant", "Split", "n", f"EM {engine} / merged", f"F1 {engine} / merged", "ΔF1 (95% CI)",
+                            "Identical answers"])]
 
 
 def _provenance_table(results: dict[str, Any]) -> str:

@@ -175,6 +175,10 @@ class StaticGreedy:
             else:
                 self._step = torch.compile(self._decode_one, mode=cfg.compile_mode, fullgraph=fullgraph)
 
+    def cache_length(self, width: int, max_new_tokens: int) -> int:
+        """Cache slots for a ``width``-token prompt and ``max_new_tokens`` new ones: one compiled shape a bucket."""
+        return round_up(width + max_new_tokens, self.cfg.cache_bucket)
+
     def _decode_one(self, tok, position_ids, cache_position, attention_mask, cache):
         logits = self.model(input_ids=tok, position_ids=position_ids, cache_position=cache_position,
                             attention_mask=attention_mask, past_key_values=cache, use_cache=True).logits
@@ -204,7 +208,7 @@ class StaticGreedy:
             rows = batch_size if self.compiled else len(chunk)  # one compiled shape per batch size
             ids, mask = left_pad(chunk, pad_id, rows)
             width = ids.shape[1]
-            length = round_up(width + max_new_tokens, self.cfg.cache_bucket)
+            length = self.cache_length(width, max_new_tokens)
             shape = f"{rows}x{length}"
             first = shape not in self.compile_s
             t0 = time.perf_counter()

@@ -4,7 +4,8 @@ on one variant (``inference.speed_variant``), one prompt, one machine and one se
 Each engine is built once per session. ``seed`` and ``nf4-compiled`` each get their own NF4 + adapter model, built
 separately, so the parity of the two compares two models, never one object with itself; ``merged`` is the
 sweep's own merged base with the speed variant merged in; ``merged-int8`` is an int8 weight-only copy of that
-(harness/quantized.py), and ``quality`` scores what its speed costs against ``merged``. ``parity`` holds a fast
+(harness/quantized.py), ``merged-int4`` a 4-bit copy of its fused projections (harness/int4.py, CUDA only), and
+``quality`` scores what a quantized engine's speed costs against ``merged``, for every variant of the sweep. ``parity`` holds a fast
 engine's greedy tokens and logits against the seed path on every evaluation prompt (thresholds in
 ``inference.parity_*``).
 """
@@ -61,6 +62,9 @@ class EngineBench:
             before = _allocated_gib()
             engine = Int8Merged(merged.model, sweep.tokenizer, self.profile.inference)
             weights = _allocated_gib() - before  # CUDA: the int8 model's resident bytes (CPU: 0, not reported)
+        elif name == "merged-int4":
+            engine = self._int4(self._active("merged"))
+            weights = engine.weights_gib
         else:
             from .decoding import HFGreedy, StaticGreedy
             from .merged import load_nf4_with_adapter
@@ -72,6 +76,27 @@ class EngineBench:
                       else StaticGreedy(model, sweep.tokenizer, name, self.profile.inference))
         self._engines[name], self._weights_gib[name] = engine, weights
         return engine
+
+    def _int4(self, merged):
+        """A ``merged-int4`` snapshot of the variant now merged into ``merged`` (a ``FusedGreedy``)."""
+        from .int4 import Int4Merged
+        from .memory import free_memory
+
+        if getattr(merged, "decoder", None) is None:
+            raise ValueError(f"merged-int4 quantizes the fused merged engine's projections; this base has none "
+                             f"({merged.note})")
+        free_memory()
+        return Int4Merged(merged.model, merged.decoder.projections, self.sweep.tokenizer, self.profile.inference)
+
+    def _snapshot(self, name: str, variant: str):
+        """``name`` (a quantized engine) built from ``variant`` merged into the sweep's base, and that merged
+        engine: (quantized, merged)."""
+        from .quantized import Int8Merged
+
+        merged = self.sweep.load(variant).engine
+        if name == "merged-int4":
+            return self._int4(merged), merged
+        return Int8Merged(merged.model, self.sweep.tokenizer, self.profile.inference), merged
 
     def _active(self, name: str):
         """The engine, with the speed variant's weights in place (a variant test may have merged another since)."""
@@ -127,25 +152,38 @@ class EngineBench:
         return result
 
     def quality(self, name: str) -> dict[str, Any]:
-        """``name``'s EM/F1 on every evaluation split, paired with the ``merged`` engine's on the same examples:
-        {split: summary}. Besides ``score_split``'s summary: ``em_merged``/``f1_merged``, ``em_delta_vs_merged``
-        (difference of means), ``f1_delta_vs_merged`` with its paired-bootstrap ``f1_delta_vs_merged_ci`` and
-        ``n_paired`` (``compare_to_baseline``, its ``*_vs_baseline`` keys renamed: the reference is ``merged``
-        here, not the baseline variant), and ``identical_predictions`` (share of answers that are the same text)."""
+        """What quantized engine ``name`` costs: its EM/F1 against the ``merged`` engine, for every variant of the
+        sweep on every evaluation split, paired per example: {variant: {split: summary}}. Each variant gets its own
+        snapshot of ``name``, built from that variant merged into the sweep's base. Besides ``score_split``'s
+        summary: ``em_merged``/``f1_merged``, ``em_delta_vs_merged`` (difference of means), ``f1_delta_vs_merged``
+        with its paired-bootstrap ``f1_delta_vs_merged_ci`` and ``n_paired`` (``compare_to_baseline``, its
+        ``*_vs_baseline`` keys renamed: the reference is ``merged`` here, not the baseline variant), and
+        ``identical_predictions`` (share of answers that are the same text)."""
         from .evaluate import compare_to_baseline, score_split
+        from .memory import free_memory
 
+        if self.profile.inference.engine != "merged":
+            raise ValueError(f"{self.profile.source_file}: quality of {name} is measured against the sweep's merged "
+                             f"engine; inference.engine is {self.profile.inference.engine!r}")
         ev, tok, out = self.profile.eval, self.sweep.tokenizer, {}
-        for split in self.profile.data.eval_splits:
-            examples = self.sweep.splits[split]
-            mine = score_split(self._active(name), tok, examples, ev)
-            ref = score_split(self._active("merged"), tok, examples, ev)
-            paired = {k.replace("_vs_baseline", "_vs_merged"): v
-                      for k, v in compare_to_baseline(mine.rows, ref.rows, ev).items()}
-            same = sum(a["prediction"] == b["prediction"] for a, b in zip(mine.rows, ref.rows, strict=True))
-            out[split] = {**mine.summary, "em_merged": ref.summary["em"], "f1_merged": ref.summary["f1"],
-                          "em_delta_vs_merged": mine.summary["em"] - ref.summary["em"], **paired,
-                          "identical_predictions": same / max(len(mine.rows), 1), "engine": name,
-                          "variant": self.variant}
+        for variant in self.profile.variants:
+            quantized, merged = self._snapshot(name, variant)
+            out[variant] = {}
+            for split in self.profile.data.eval_splits:
+                examples = self.sweep.splits[split]
+                mine = score_split(quantized, tok, examples, ev)
+                ref = score_split(merged, tok, examples, ev)
+                paired = {k.replace("_vs_baseline", "_vs_merged"): v
+                          for k, v in compare_to_baseline(mine.rows, ref.rows, ev).items()}
+                same = sum(a["prediction"] == b["prediction"] for a, b in zip(mine.rows, ref.rows, strict=True))
+                out[variant][split] = {**mine.summary, "em_merged": ref.summary["em"], "f1_merged": ref.summary["f1"],
+                                       "em_delta_vs_merged": mine.summary["em"] - ref.summary["em"], **paired,
+                                       "identical_predictions": same / max(len(mine.rows), 1), "engine": name,
+                                       "variant": variant}
+            quantized.model = quantized.decoder = None
+            del quantized
+            free_memory()
+        self._active("merged")  # the speed variant's weights back in place for the engines that follow
         key = f"quality_{name.replace('-', '_')}"  # like parity_*: not an engine row of the speed table
         self.sweep.recorder.record(self.variant, "speed", {key: out}, engine=name)
         return out

@@ -1,7 +1,8 @@
 """The merged engine's base: one dequantized model for a sweep, each variant's adapter merged into it in place.
 
 ``merged`` is the deployable artifact: the NF4 base dequantized to ``merged_dtype``, the adapter merged in that
-dtype (never into 4-bit: peft #2321, transformers #31293), decoded by ``harness.decoding.StaticGreedy``.
+dtype (never into 4-bit: peft #2321, transformers #31293), decoded by ``harness.fused.FusedGreedy`` (fused
+projections, decode steps captured as CUDA graphs; ``StaticGreedy`` for architectures it does not cover).
 
 ``MergedBase`` keeps the dequantized weights for the whole sweep and merges each variant into them in place
 (restoring the pristine weights first), so the compiled decode graphs, which hold the weights' addresses, are
@@ -26,7 +27,8 @@ from typing import Any
 import torch
 
 from .config import Profile
-from .decoding import StaticGreedy, round_up
+from .decoding import StaticGreedy
+from .fused import FusedDecoder, FusedGreedy, check_supported, fuse_projections_
 
 __all__ = ["MergedBase", "load_nf4_with_adapter", "disable_cpu_bf16_4bit_kernel"]
 
@@ -98,6 +100,11 @@ class MergedBase:
                 self.model = nf4.dequantize()
         self.model.to(dtype)
         self.model.eval()
+        try:
+            check_supported(self.model)
+            self.projections, unsupported = fuse_projections_(self.model), None
+        except ValueError as e:  # another architecture: the model's own forward, one compiled step per token
+            self.projections, unsupported = None, str(e)
         self.dequantize_s = time.perf_counter() - start
         del nf4
         gc.collect()  # the replaced 4-bit modules are cyclic garbage: count only what stays resident
@@ -108,7 +115,12 @@ class MergedBase:
         self.active: str | None = None
         self._activating: str | None = None  # the variant being merged, for check_storage's message
         self.merge_s = 0.0
-        self.engine = StaticGreedy(self.model, tokenizer, "merged", profile.inference)
+        if self.projections is None:
+            self.engine = StaticGreedy(self.model, tokenizer, "merged", profile.inference)
+            self.engine.note += f" (not fused: {unsupported})"
+        else:
+            self.engine = FusedGreedy(self.model, FusedDecoder(self.model, self.projections), tokenizer, "merged",
+                                      profile.inference)
 
     def _storage_map(self) -> dict[str, tuple[int, tuple[int, ...], torch.dtype]]:
         return {n: (p.data_ptr(), tuple(p.shape), p.dtype) for n, p in self.model.named_parameters()}
@@ -137,7 +149,7 @@ class MergedBase:
         seen = set()
         for start in range(0, len(eval_prompts), eval_cfg.batch_size):
             chunk = eval_prompts[start:start + eval_cfg.batch_size]
-            length = round_up(max(len(p) for p in chunk) + eval_cfg.max_new_tokens, self.engine.cfg.cache_bucket)
+            length = self.engine.cache_length(max(len(p) for p in chunk), eval_cfg.max_new_tokens)
             if length not in seen:
                 seen.add(length)
                 self.engine.generate(chunk, eval_cfg.max_new_tokens, eval_cfg.batch_size)

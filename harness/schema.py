@@ -156,11 +156,16 @@ class InferenceConfig:
     compile_fullgraph: bool = _spec("fail on graph breaks in the merged engine's decode step", default=True)
     cache_bucket: int = _spec("static cache length is rounded up to a multiple of this (fewer compiled shapes)",
                               default=256, lo=1)
+    graph_tokens: int = _spec("merged engines: decode steps captured in one CUDA graph (the host waits only between "
+                              "graphs, to look for EOS)", default=16, lo=1, hi=256)
+    int4_group_size: int = _spec("merged-int4: inputs per 4-bit scale/zero group; must divide every projection's "
+                                 "input size (128 for Mistral-7B; SmolLM2's 576 needs 64)", default=128,
+                                 choices=(32, 64, 128, 256))
     speed_variant: str = _spec("variant the speed suite compares engines on", default="r16")
-    speed_engines: tuple[str, ...] = _spec("engines the speed suite measures, the seed path first; merged-int8 "
-                                           "(int8 weight-only, not exact) is measured here only",
-                                           default=("seed", "nf4-compiled", "merged"),
-                                           choices=("seed", "nf4-compiled", "merged", "merged-int8"))
+    speed_engines: tuple[str, ...] = _spec("engines the speed suite measures, the seed path first; merged-int8 and "
+                                           "merged-int4 (weight-only, not exact; int4 needs CUDA) are measured here "
+                                           "only", default=("seed", "nf4-compiled", "merged"),
+                                           choices=("seed", "nf4-compiled", "merged", "merged-int8", "merged-int4"))
     speed_rounds: int = _spec("timed rounds per engine in the speed suite", default=5, lo=1)
     speed_seed_rounds: int | None = _spec("timed rounds of the seed path (only the ratio's base; ~10 s a round for "
                                           "7B): null = speed_rounds", default=None, lo=1)

@@ -43,14 +43,18 @@ def test_engine_matches_seed(engine_bench, profile, candidate):
     assert not failures, "\n".join(failures)
 
 
-def test_quantized_engine_quality_cost_is_measured(engine_bench, profile):
-    """What the int8 engine's speed costs: its EM/F1 against the merged engine on every evaluation split, paired
-    per example. Reported, not gated (a trade-off the user chooses); only real weights make it mean anything."""
-    if "merged-int8" not in profile.inference.speed_engines:
-        pytest.skip(f"{profile.source_file}: merged-int8 is not in inference.speed_engines")
+@pytest.mark.parametrize("quantized", ["merged-int8", "merged-int4"])
+def test_quantized_engine_quality_cost_is_measured(engine_bench, profile, quantized):
+    """What a quantized engine's speed costs: its EM/F1 against the merged engine, for every variant on every
+    evaluation split, paired per example. Reported, not gated (a trade-off the user chooses); only real weights make
+    it mean anything."""
+    if quantized not in profile.inference.speed_engines:
+        pytest.skip(f"{profile.source_file}: {quantized} is not in inference.speed_engines")
     if profile.weights != "real":
         pytest.skip(f"{profile.name}: random weights, so a quality difference would mean nothing")
-    result = engine_bench.quality("merged-int8")
-    for split, q in result.items():
-        assert q["n"] == q["n_paired"] == len(engine_bench.sweep.splits[split])
-        assert 0.0 <= q["identical_predictions"] <= 1.0
+    result = engine_bench.quality(quantized)
+    assert set(result) == set(profile.variants)
+    for variant, per_split in result.items():
+        for split, q in per_split.items():
+            assert q["n"] == q["n_paired"] == len(engine_bench.sweep.splits[split]), (variant, split)
+            assert 0.0 <= q["identical_predictions"] <= 1.0

@@ -1,0 +1,224 @@
+"""Decode probe (issue 17): time candidate merged engines on the Mistral-7B shape with random bf16 weights, in one
+process on one GPU, so every ratio comes from one run. Not part of the harness: the winners move into
+harness/fused.py and are measured again by ``python -m harness.bench_decode``.
+
+  OUT=/tmp/probe python .ci/decode_probe.py [config ...]
+
+Writes $OUT/decode-probe.json and prints a table last.
+"""
+
+import json
+import os
+import statistics
+import sys
+import time
+import traceback
+
+import torch
+from torch import nn
+
+sys.path.insert(0, os.getcwd())
+from harness.decoding import StaticGreedy  # noqa: E402
+from harness.fused import FusedDecoder, FusedGreedy, fuse_projections_  # noqa: E402
+from harness.models import synthetic_config  # noqa: E402
+
+OUT = os.environ.get("OUT", "/tmp")
+TOKENS, ROUNDS, BUDGET_S = 128, 10, float(os.environ.get("PROBE_BUDGET_S", 480))
+START = time.time()
+results: dict = {"tries": [], "gemv": [], "device": torch.cuda.get_device_name(), "torch": torch.__version__}
+
+
+def log(*a):
+    print(f"[{time.time() - START:6.1f}s]", *a, flush=True)
+
+
+def save():
+    with open(os.path.join(OUT, "decode-probe.json"), "w") as f:
+        json.dump(results, f, indent=1, default=str)
+
+
+class Tok:
+    pad_token_id, eos_token_id = 0, 2
+
+
+class Cfg:
+    def __init__(self, mode):
+        self.compile, self.compile_mode, self.compile_fullgraph, self.cache_bucket = True, mode, True, 256
+
+
+def kernel_ms(fn) -> float:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return sum(e.device_time_total for e in prof.events()
+               if e.device_type == torch.autograd.DeviceType.CUDA) / 1e3
+
+
+def time_engine(name, engine, prompt, reference=None, extra=None):
+    run = lambda: engine.generate([prompt], TOKENS, batch_size=1, fixed_length=True)  # noqa: E731
+    t0 = time.perf_counter()
+    out = run()
+    torch.cuda.synchronize()
+    first = time.perf_counter() - t0
+    run()
+    samples = []
+    for _ in range(ROUNDS):
+        t = time.perf_counter()
+        run()
+        torch.cuda.synchronize()
+        samples.append(time.perf_counter() - t)
+    p50 = statistics.median(samples)
+    gpu = kernel_ms(run)
+    agree = None
+    if reference is not None:
+        agree = sum(a == b for a, b in zip(out[0], reference[0])) / TOKENS
+    row = {"name": name, "p50_s": p50, "ms_per_token": p50 / TOKENS * 1e3, "kernel_ms_per_token": gpu / TOKENS,
+           "first_call_s": first, "min_s": min(samples), "max_s": max(samples), "agreement_vs_first": agree,
+           **(extra or {})}
+    results["tries"].append(row)
+    save()
+    log(f"{name}: p50 {p50:.4f} s ({row['ms_per_token']:.2f} ms/token, kernels {row['kernel_ms_per_token']:.2f}), "
+        f"first {first:.1f} s, agreement {agree}")
+    return out
+
+
+def quantized(projections, config) -> nn.ModuleList:
+    from torchao.quantization import quantize_
+
+    out = nn.ModuleList()
+    for p in projections:
+        m = nn.Module()
+        for name in ("qkv", "o", "gate_up", "down"):
+            src = getattr(p, name)
+            lin = nn.Linear(src.in_features, src.out_features, bias=False, device="meta")
+            lin.weight = nn.Parameter(src.weight.detach().clone(), requires_grad=False)
+            quantize_(lin, config)
+            setattr(m, name, lin)
+        out.append(m)
+    torch.cuda.empty_cache()
+    return out
+
+
+def gemv_bench(model, projections):
+    """Each projection's GEMV alone at batch 1: bf16 (cuBLAS through F.linear) against the quantized candidates."""
+    import triton.testing
+
+    shapes = {"qkv": projections[0].qkv, "o": projections[0].o, "gate_up": projections[0].gate_up,
+              "down": projections[0].down, "lm_head": model.lm_head,
+              "k_alone": model.model.layers[0].self_attn.k_proj, "gate_alone": model.model.layers[0].mlp.gate_proj}
+    candidates = {"bf16": lambda lin: lin}
+    try:
+        from torchao.prototype.quantization.quant_api import UIntxWeightOnlyConfig
+
+        candidates["int4-g128-gemlite"] = lambda lin: quantized_one(lin, UIntxWeightOnlyConfig(
+            group_size=128, bit_width=4, set_inductor_config=False))
+        candidates["int8-gemlite"] = lambda lin: quantized_one(lin, UIntxWeightOnlyConfig(
+            group_size=None, bit_width=8, set_inductor_config=False))
+    except Exception as e:  # noqa: BLE001
+        log("torchao/gemlite import failed:", repr(e))
+    for shape_name, lin in shapes.items():
+        n, k = lin.weight.shape
+        for cand, make in candidates.items():
+            try:
+                mod = make(lin)
+                xs = [torch.randn(1, k, device="cuda", dtype=torch.bfloat16) for _ in range(4)]
+                i = [0]
+
+                def f():
+                    i[0] = (i[0] + 1) % 4
+                    return mod(xs[i[0]])
+
+                ms = triton.testing.do_bench(f, warmup=25, rep=100, return_mode="median")
+                bytes_read = n * k * (2 if cand == "bf16" else 0.5 if "int4" in cand else 1)
+                row = {"shape": shape_name, "n": n, "k": k, "candidate": cand, "us": ms * 1e3,
+                       "tb_s_weights": bytes_read / (ms / 1e3) / 1e12}
+                results["gemv"].append(row)
+                log(f"gemv {shape_name} {n}x{k} {cand}: {ms * 1e3:.1f} us, {row['tb_s_weights']:.2f} TB/s")
+            except Exception as e:  # noqa: BLE001
+                log(f"gemv {shape_name} {cand} failed: {e!r}")
+    save()
+
+
+def quantized_one(lin, config):
+    from torchao.quantization import quantize_
+
+    q = nn.Linear(lin.in_features, lin.out_features, bias=False, device="meta")
+    q.weight = nn.Parameter(lin.weight.detach().clone(), requires_grad=False)
+    quantize_(q, config)
+    return q
+
+
+def main(selected):
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        torch.set_default_dtype(torch.bfloat16)
+        model = MistralForCausalLM(synthetic_config("mistral-7b"))
+        torch.set_default_dtype(torch.float32)
+    model.eval()
+    log("model built", torch.cuda.memory_allocated() / 2**30, "GiB")
+    projections = fuse_projections_(model)
+    prompt = [1] + torch.randint(3, 32000, (30,)).tolist()
+    try:
+        import gemlite
+        from gemlite import core
+
+        if core.selected_tag is None:
+            path = os.path.join(os.path.dirname(gemlite.__file__), "configs", "h100.json")
+            log("no gemlite config for this GPU name; loading", path, core.GemLiteLinear.load_config(path))
+        results["gemlite"] = getattr(gemlite, "__version__", "?")
+    except Exception as e:  # noqa: BLE001
+        log("gemlite import failed", repr(e))
+    if "gemv" in selected:
+        gemv_bench(model, projections)
+    reference = None
+    tries = {
+        "fused-cublas": lambda: FusedGreedy(model, FusedDecoder(model, projections), Tok(), "merged", Cfg("default")),
+        "fused-cdt": lambda: FusedGreedy(model, FusedDecoder(model, projections), Tok(), "merged", Cfg("default"),
+                                         inductor_options={"coordinate_descent_tuning": True}),
+        "control-hf-step-graph": lambda: StaticGreedy(model, Tok(), "merged", Cfg("reduce-overhead")),
+    }
+    from torchao.prototype.quantization.quant_api import UIntxWeightOnlyConfig
+
+    def int_engine(group, bits, cdt=False):
+        def build():
+            q = quantized(projections, UIntxWeightOnlyConfig(group_size=group, bit_width=bits,
+                                                             set_inductor_config=False))
+            return FusedGreedy(model, FusedDecoder(model, q), Tok(), "merged-int", Cfg("default"),
+                               inductor_options={"coordinate_descent_tuning": True} if cdt else None)
+        return build
+
+    tries["int4-g128-gemlite"] = int_engine(128, 4)
+    tries["int4-g64-gemlite"] = int_engine(64, 4)
+    tries["int8-gemlite"] = int_engine(None, 8)
+    order = [t for t in selected if t in tries]
+    for name in order:
+        if time.time() - START > BUDGET_S:
+            log(f"skipping {name}: probe budget spent")
+            continue
+        try:
+            torch._dynamo.reset()
+            engine = tries[name]()
+            mem0 = torch.cuda.memory_allocated()
+            out = time_engine(name, engine, prompt, reference, {"resident_gib": mem0 / 2**30})
+            reference = reference or out
+            del engine
+            torch.cuda.empty_cache()
+        except Exception:  # noqa: BLE001
+            tb = traceback.format_exc()
+            results["tries"].append({"name": name, "error": tb[-3000:]})
+            save()
+            log(f"{name} FAILED:\n{tb[-2000:]}")
+    print("\nname | p50 s | ms/token | kernels ms/token | first s | agreement")
+    for r in results["tries"]:
+        if "error" in r:
+            print(f"{r['name']} | FAILED")
+        else:
+            print(f"{r['name']} | {r['p50_s']:.4f} | {r['ms_per_token']:.2f} | {r['kernel_ms_per_token']:.2f} | "
+                  f"{r['first_call_s']:.1f} | {r['agreement_vs_first']}")
+
+
+if __name__ == "__main__":
+    from transformers import MistralForCausalLM
+
+    main(sys.argv[1:] or ["gemv", "fused-cublas", "int4-g128-gemlite", "fused-cdt", "control-hf-step-graph",
+                          "int8-gemlite", "int4-g64-gemlite"])

@@ -1,0 +1,53 @@
+"""merged-int4's kernel computes the right function on every projection shape of the shipped bases (CUDA only).
+
+  python .ci/int4_check.py
+
+For each shape: a random bf16 weight, ``harness.int4.quantize_linear``, then gemlite's output against the float64
+product of the input with torchao's dequantized weight (the function the kernel should compute: bf16-rounding
+error, ~1e-3) and with the original weight (what 4 bits cost, ~1e-1 on random weights). Fresh inputs per check.
+"""
+
+import sys
+
+import torch
+
+sys.path.insert(0, ".")
+from harness.int4 import quantize_linear  # noqa: E402
+
+SHAPES = {  # (out, in): Mistral-7B's fused qkv, o, gate_up, down; then SmolLM2-135M's
+    "mistral-7b": [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)],
+    "smollm2-135m": [(960, 576), (576, 576), (3072, 576), (576, 1536)],
+}
+GROUPS = {"mistral-7b": 128, "smollm2-135m": 64}
+
+
+def main() -> int:
+    from torchao.quantization.quant_primitives import _choose_qparams_and_quantize_affine_hqq
+
+    worst = 0.0
+    for model, shapes in SHAPES.items():
+        for out_f, in_f in shapes:
+            lin = torch.nn.Linear(in_f, out_f, bias=False, device="cuda", dtype=torch.bfloat16)
+            torch.nn.init.normal_(lin.weight, std=0.02)
+            q = quantize_linear(lin, GROUPS[model])
+            w_q, scale, zero, _ = _choose_qparams_and_quantize_affine_hqq(
+                lin.weight.detach(), nbits=4, group_size=GROUPS[model], raw_output=True)
+            g = GROUPS[model]
+            w_deq = ((w_q.double().view(out_f, in_f // g, g) - zero.double().view(out_f, -1, 1))
+                     * scale.double().view(out_f, -1, 1)).view(out_f, in_f)
+            for rows in (1, 8):
+                x = torch.randn(rows, 1, in_f, device="cuda", dtype=torch.bfloat16)
+                y = q(x).double()
+                ref = x.double() @ w_deq.T
+                kernel_err = ((y - ref).norm() / ref.norm()).item()
+                quant_err = ((y - x.double() @ lin.weight.double().T).norm() / ref.norm()).item()
+                finite = bool(torch.isfinite(y).all())
+                print(f"{model} {out_f}x{in_f} g{g} rows {rows}: kernel rel err {kernel_err:.2e}, "
+                      f"4-bit rel err {quant_err:.3f}, finite {finite}", flush=True)
+                worst = max(worst, kernel_err if finite else float("inf"))
+    print(f"worst kernel error {worst:.2e}: {'PASS' if worst < 1e-2 else 'FAIL'}")
+    return 0 if worst < 1e-2 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,298 @@
+"""The merged engines' forward: fused projections and a decode loop captured as CUDA graphs.
+
+A merged Llama-family model (Mistral, Llama, SmolLM2) decodes one token as 7 matrix-vector products per layer.
+At batch 1 each is bound by reading its weight, and small ones (k/v: 8 MB in Mistral-7B) never reach the memory
+bandwidth; cuBLAS also splits most of them along K and adds a reduce kernel. ``fuse_projections_`` moves each
+layer's q/k/v weights into one tensor and gate/up into another, and makes the model's own ``q_proj.weight`` (and
+the others) views of those tensors, so the model's forward, peft's in-place merges and ``MergedBase``'s restores keep
+working and write into the fused storage. ``FusedDecoder`` then runs a layer as 4 products instead of 7.
+
+``FusedGreedy`` decodes with it: a prefill, then decode steps that read their inputs from device buffers and advance
+them in place, so a chunk of ``chunk_tokens`` steps is captured once as one CUDA graph and replayed until the
+answer is long enough. The host never waits between tokens (only every chunk, and only when it must look for EOS).
+On the CPU nothing is compiled or captured: the same steps run eagerly, which is what the CPU self-tests compare
+with the model's own forward.
+
+Only models whose decoder layers are the Llama/Mistral block are taken (``check_supported``): no projection biases,
+no sliding window shorter than the cache, the default RoPE applied by the model's own ``rotary_emb``.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["check_supported", "fuse_projections_", "FusedDecoder", "FusedGreedy"]
+
+SUPPORTED = ("MistralForCausalLM", "LlamaForCausalLM")
+
+
+def check_supported(model) -> None:
+    """Raise ValueError, saying why, when ``model`` is not a decoder that ``FusedDecoder`` computes exactly."""
+    kind = type(model).__name__
+    if kind not in SUPPORTED:
+        raise ValueError(f"the fused merged engine supports {', '.join(SUPPORTED)}, not {kind}")
+    cfg = model.config
+    if getattr(cfg, "attention_bias", False) or getattr(cfg, "mlp_bias", False):
+        raise ValueError(f"{kind}: projection biases are not supported by the fused merged engine")
+    if getattr(cfg, "sliding_window", None):
+        raise ValueError(f"{kind}: sliding_window={cfg.sliding_window} is not supported by the fused merged engine")
+    if getattr(cfg, "hidden_act", "silu") != "silu":
+        raise ValueError(f"{kind}: hidden_act={cfg.hidden_act!r}; the fused merged engine computes SiLU")
+
+
+def _fuse(modules: list[nn.Linear]) -> torch.Tensor:
+    """One tensor holding ``modules``' weights stacked by rows; each module's weight becomes a view of it. A
+    second call finds the views and returns the same tensor."""
+    weights = [m.weight for m in modules]
+    base = weights[0]._base
+    if base is not None and all(w._base is base for w in weights):
+        return base
+    fused = torch.cat([w.detach() for w in weights], dim=0)
+    start = 0
+    for m in modules:
+        rows = m.weight.shape[0]
+        m.weight = nn.Parameter(fused[start:start + rows], requires_grad=False)
+        start += rows
+    return fused
+
+
+def fuse_projections_(model) -> nn.ModuleList:
+    """Fuse each decoder layer's q/k/v and gate/up weights in place (see the module docstring) and return, per
+    layer, a module with four bias-free Linears ``qkv``, ``o``, ``gate_up`` and ``down`` over the model's own
+    storage. Parameter addresses are fixed from here on; merges must write in place."""
+    check_supported(model)
+    layers = nn.ModuleList()
+    for layer in model.model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        projections = nn.Module()
+        for name, weight in (("qkv", _fuse([attn.q_proj, attn.k_proj, attn.v_proj])), ("o", attn.o_proj.weight),
+                             ("gate_up", _fuse([mlp.gate_proj, mlp.up_proj])), ("down", mlp.down_proj.weight)):
+            linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+            linear.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight, requires_grad=False)
+            setattr(projections, name, linear)
+        layers.append(projections)
+    return layers
+
+
+class FusedDecoder(nn.Module):
+    """``model``'s forward over a static KV cache, with ``projections`` (from ``fuse_projections_``, or a quantized
+    copy of them) in place of the seven per-layer Linears. Embeddings, norms, RoPE and ``lm_head`` are the model's
+    own modules. ``forward`` returns the logits of each row's last position."""
+
+    def __init__(self, model, projections: nn.ModuleList):
+        super().__init__()
+        check_supported(model)
+        cfg = model.config
+        inner = model.model
+        self.embed, self.norm, self.rotary, self.lm_head = inner.embed_tokens, inner.norm, inner.rotary_emb, model.lm_head
+        self.input_norms = nn.ModuleList(layer.input_layernorm for layer in inner.layers)
+        self.post_norms = nn.ModuleList(layer.post_attention_layernorm for layer in inner.layers)
+        self.projections = projections
+        self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.split = (self.heads * self.head_dim, self.kv_heads * self.head_dim, self.kv_heads * self.head_dim)
+
+    def new_cache(self, rows: int, length: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """A zeroed static KV cache: per layer (keys, values), each [rows, kv_heads, length, head_dim]."""
+        like = self.lm_head.weight
+        shape = (rows, self.kv_heads, length, self.head_dim)
+        return [(torch.zeros(shape, dtype=like.dtype, device=like.device),
+                 torch.zeros(shape, dtype=like.dtype, device=like.device)) for _ in self.projections]
+
+    def forward(self, ids, positions, cache_position, pad_mask, cache) -> torch.Tensor:
+        """ids, positions: [rows, T]; cache_position: [T], where these tokens go in the cache; pad_mask: [rows,
+        length] bool, False on left padding; cache: ``new_cache``'s list, written in place. Returns [rows, vocab]."""
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+        rows, steps = ids.shape
+        x = self.embed(ids)
+        cos, sin = self.rotary(x, positions)
+        key_index = torch.arange(pad_mask.shape[1], device=ids.device)
+        query_index = cache_position[:, None]
+        # causal over cache slots, pads hidden; a left-pad query still sees itself, so no row is all -inf
+        mask = (pad_mask[:, None, None, :] & (key_index <= query_index)) | (key_index == query_index)
+        for norm_in, norm_post, proj, (keys, values) in zip(self.input_norms, self.post_norms, self.projections,
+                                                            cache):
+            q, k, v = proj.qkv(norm_in(x)).split(self.split, dim=-1)
+            q = q.view(rows, steps, self.heads, self.head_dim).transpose(1, 2)
+            k = k.view(rows, steps, self.kv_heads, self.head_dim).transpose(1, 2)
+            v = v.view(rows, steps, self.kv_heads, self.head_dim).transpose(1, 2)
+            q, k = apply_rotary_pos_emb(q, k, cos, sin)
+            keys.index_copy_(2, cache_position, k)
+            values.index_copy_(2, cache_position, v)
+            attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
+            x = x + proj.o(attn.transpose(1, 2).reshape(rows, steps, -1))
+            gate, up = proj.gate_up(norm_post(x)).chunk(2, dim=-1)
+            x = x + proj.down(F.silu(gate) * up)
+        return self.lm_head(self.norm(x[:, -1]))
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+class _Shape:
+    """The static buffers of one (rows, cache length) shape: the KV cache, the step's inputs, the output tokens,
+    and (on CUDA) the captured graph of one chunk of decode steps."""
+
+    def __init__(self, decoder: FusedDecoder, rows: int, length: int):
+        dev = decoder.lm_head.weight.device
+        self.cache = decoder.new_cache(rows, length)
+        self.pad_mask = torch.zeros((rows, length), dtype=torch.bool, device=dev)
+        self.token = torch.zeros((rows, 1), dtype=torch.long, device=dev)
+        self.position = torch.zeros((rows, 1), dtype=torch.long, device=dev)
+        self.cache_position = torch.zeros((1,), dtype=torch.long, device=dev)
+        self.out = torch.zeros((rows, length), dtype=torch.long, device=dev)
+        self.out_index = torch.zeros((1,), dtype=torch.long, device=dev)
+        self.logits = torch.zeros((rows, decoder.lm_head.weight.shape[0]), dtype=decoder.lm_head.weight.dtype,
+                                  device=dev)
+        self.graph: Any = None
+
+
+class FusedGreedy:
+    """Greedy decoding over a ``FusedDecoder``; same interface as ``decoding.StaticGreedy``.
+
+    Per (batch rows, cache length) shape: the decode step is compiled once (``cfg.compile_mode`` without CUDA
+    graphs of its own; ``inductor_options`` on top), then ``cfg.graph_tokens`` steps are captured as one CUDA graph.
+    The cache length is ``max_new_tokens`` past the prompt rounded up to ``cfg.cache_bucket``, with room for the
+    last chunk's overshoot (whose tokens are dropped).
+    """
+
+    def __init__(self, model, decoder: FusedDecoder, tokenizer, name: str, cfg,
+                 inductor_options: dict[str, Any] | None = None):
+        self.model, self.decoder, self.tokenizer, self.name, self.cfg = model, decoder, tokenizer, name, cfg
+        self.chunk_tokens = chunk_tokens = cfg.graph_tokens
+        self.device = decoder.lm_head.weight.device
+        self.compiled = bool(cfg.compile) and self.device.type == "cuda"
+        self.note = (f"fused q/k/v and gate/up, static KV cache, decode step compiled, {chunk_tokens} steps per "
+                     "CUDA graph" if self.compiled else
+                     "fused q/k/v and gate/up, static KV cache, eager: compilation and CUDA graphs need CUDA")
+        self.compile_s: dict[str, float] = {}
+        self._shapes: dict[tuple[int, int], _Shape] = {}
+        self._step = self._decode_one
+        if self.compiled:
+            from torch._inductor import list_mode_options
+
+            options = {**list_mode_options(cfg.compile_mode), "triton.cudagraphs": False, **(inductor_options or {})}
+            self._step = torch.compile(self._decode_one, fullgraph=True, dynamic=False, options=options)
+
+    def _decode_one(self, s: _Shape) -> None:
+        s.logits.copy_(self.decoder(s.token, s.position, s.cache_position, s.pad_mask, s.cache))
+        s.token.copy_(s.logits.argmax(-1, keepdim=True))
+        s.out.index_copy_(1, s.out_index, s.token)
+        s.position.add_(1)
+        s.cache_position.add_(1)
+        s.out_index.add_(1)
+
+    def _chunk(self, s: _Shape) -> None:
+        for _ in range(self.chunk_tokens):
+            self._step(s)
+
+    def _capture(self, s: _Shape) -> None:
+        """Compile the step (a warm-up chunk on a side stream, as CUDA graph capture requires), then capture one
+        chunk. The warm-up writes into the cache and buffers; the prefill that follows overwrites what it uses."""
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self._chunk(s)
+        torch.cuda.current_stream().wait_stream(side)
+        s.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(s.graph):
+            self._chunk(s)
+
+    @torch.inference_mode()
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, batch_size: int = 8,
+                 fixed_length: bool = False) -> list[list[int]]:
+        from .decoding import left_pad
+
+        tok = self.tokenizer
+        pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        eos_id = None if fixed_length else tok.eos_token_id
+        out: list[list[int]] = []
+        for start in range(0, len(prompts), batch_size):
+            chunk = prompts[start:start + batch_size]
+            rows = batch_size if self.compiled else len(chunk)  # one captured shape per batch size
+            ids, mask = left_pad(chunk, pad_id, rows)
+            new = self._generate_batch(ids, mask, max_new_tokens, eos_id)
+            for row in new[:len(chunk)].tolist():
+                out.append(row[:row.index(eos_id) + 1] if eos_id is not None and eos_id in row else row)
+        return out
+
+    def cache_length(self, width: int, max_new_tokens: int) -> int:
+        """Cache slots for a ``width``-token prompt and ``max_new_tokens`` new ones, the last graph's overshoot
+        included, rounded up to ``cfg.cache_bucket``: one captured shape per bucket."""
+        steps = _round_up(max(max_new_tokens - 1, 0), self.chunk_tokens)
+        return _round_up(width + steps + 1, self.cfg.cache_bucket)
+
+    def _shape(self, rows: int, width: int, max_new_tokens: int) -> tuple[_Shape, bool]:
+        key = (rows, self.cache_length(width, max_new_tokens))
+        first = key not in self._shapes
+        if first:
+            self._shapes[key] = _Shape(self.decoder, *key)
+        return self._shapes[key], first
+
+    def _generate_batch(self, ids, mask, max_new_tokens: int, eos_id: int | None) -> torch.Tensor:
+        rows, width = ids.shape
+        s, first = self._shape(rows, width, max_new_tokens)
+        label = f"{rows}x{s.pad_mask.shape[1]}"
+        t0 = time.perf_counter()
+        if first and self.compiled:
+            from .decoding import _allow_compile
+
+            # dynamo keys compiled code on _decode_one, which every FusedGreedy shares: a new engine's first
+            # compile counts as a recompile, which timed rounds forbid (decoding.no_recompile); it is never timed
+            with _allow_compile(True):
+                self._capture(s)
+        dev = self.device
+        mask = mask.to(dev)
+        s.pad_mask.zero_()
+        s.pad_mask[:, :width] = mask.bool()
+        s.pad_mask[:, width:] = True  # slots for new tokens; the causal rule hides the ones not yet written
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        logits = self.decoder(ids.to(dev), positions, torch.arange(width, device=dev), s.pad_mask, s.cache)
+        s.token.copy_(logits.argmax(-1, keepdim=True))
+        s.position.copy_(positions[:, -1:] + 1)
+        s.cache_position.fill_(width)
+        s.out_index.zero_()
+        first_token = s.token.clone()
+        done = 1
+        while done < max_new_tokens:
+            if s.graph is not None:
+                s.graph.replay()
+            else:
+                self._chunk(s)
+            done += self.chunk_tokens
+            if eos_id is not None and done < max_new_tokens:
+                seen = torch.cat([first_token, s.out[:, :done - 1]], dim=1)
+                if bool((seen == eos_id).any(1).all()):
+                    break
+        if first:
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            self.compile_s[label] = time.perf_counter() - t0
+        return torch.cat([first_token, s.out[:, :min(done, max_new_tokens) - 1]], dim=1).cpu()
+
+    @torch.inference_mode()
+    def forced_logits(self, prompt: list[int], forced: list[int]) -> torch.Tensor:
+        """Teacher-forced logits through this engine's own decode step: prefill ``prompt``, then feed each token of
+        ``forced`` but the last through the step that greedy decoding runs (compiled, on CUDA; outside the captured
+        graph, which holds the same kernels). Returns [len(forced), vocab] float32 on the CPU: row i is the
+        distribution after ``prompt + forced[:i]``."""
+        dev = self.device
+        s, _ = self._shape(1, len(prompt), len(forced))
+        s.pad_mask.fill_(True)
+        at = torch.arange(len(prompt), device=dev)
+        rows = [self.decoder(torch.tensor([prompt], device=dev), at[None], at, s.pad_mask, s.cache)]
+        s.position.fill_(len(prompt))
+        s.cache_position.fill_(len(prompt))
+        s.out_index.zero_()
+        for token in forced[:-1]:
+            s.token.fill_(token)
+            self._step(s)
+            rows.append(s.logits.clone())
+        return torch.cat(rows).float().cpu()

@@ -55,7 +55,9 @@ def quantize_linear(linear: nn.Linear, group_size: int) -> nn.Module:
                          "choose a group size that divides every projection's input (inference.int4_group_size)")
     w_q, scale, zero, _ = _choose_qparams_and_quantize_affine_hqq(linear.weight.detach(), nbits=4,
                                                                   group_size=group_size, raw_output=True)
-    return gemlite.helper.A16Wn(device=linear.weight.device).from_weights(w_q, scale, zero, 4, group_size, bias=None)
+    # gemlite takes its compute dtype from the scales unless told (HQQ returns float16 ones): keep the model's
+    return gemlite.helper.A16Wn(device=linear.weight.device, dtype=linear.weight.dtype).from_weights(
+        w_q, scale, zero, 4, group_size, bias=None)
 
 
 def int4_projections(projections: nn.ModuleList, group_size: int) -> nn.ModuleList:

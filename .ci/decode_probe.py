@@ -4,7 +4,8 @@ harness/fused.py and are measured again by ``python -m harness.bench_decode``.
 
   OUT=/tmp/probe python .ci/decode_probe.py [config ...]
 
-Writes $OUT/decode-probe.json and prints a table last.
+Writes $OUT/decode-probe.json and prints a table last. ``gemv`` times each projection's product alone (bf16 through
+cuBLAS against gemlite's 4-bit kernels), replayed from a CUDA graph so launch costs stay out.
 """
 
 import json
@@ -15,7 +16,6 @@ import time
 import traceback
 
 import torch
-from torch import nn
 
 sys.path.insert(0, os.getcwd())
 from harness.decoding import StaticGreedy  # noqa: E402
@@ -25,7 +25,7 @@ from harness.models import synthetic_config  # noqa: E402
 OUT = os.environ.get("OUT", "/tmp")
 TOKENS, ROUNDS, BUDGET_S = 128, 10, float(os.environ.get("PROBE_BUDGET_S", 480))
 START = time.time()
-results: dict = {"tries": [], "gemv": [], "device": torch.cuda.get_device_name(), "torch": torch.__version__}
+results: dict = {"tries": [], "gemv": [], "torch": torch.__version__}
 
 
 def log(*a):
@@ -42,8 +42,9 @@ class Tok:
 
 
 class Cfg:
-    def __init__(self, mode):
+    def __init__(self, mode, graph_tokens=16, int4_group_size=128):
         self.compile, self.compile_mode, self.compile_fullgraph, self.cache_bucket = True, mode, True, 256
+        self.graph_tokens, self.int4_group_size, self.merged_dtype = graph_tokens, int4_group_size, "bfloat16"
 
 
 def kernel_ms(fn) -> float:
@@ -82,23 +83,6 @@ def time_engine(name, engine, prompt, reference=None, extra=None):
     return out
 
 
-def quantized(projections, config) -> nn.ModuleList:
-    from torchao.quantization import quantize_
-
-    out = nn.ModuleList()
-    for p in projections:
-        m = nn.Module()
-        for name in ("qkv", "o", "gate_up", "down"):
-            src = getattr(p, name)
-            lin = nn.Linear(src.in_features, src.out_features, bias=False, device="meta")
-            lin.weight = nn.Parameter(src.weight.detach().clone(), requires_grad=False)
-            quantize_(lin, config)
-            setattr(m, name, lin)
-        out.append(m)
-    torch.cuda.empty_cache()
-    return out
-
-
 def gemv_bench(model, projections):
     """Each projection's GEMV alone at batch 1: bf16 (cuBLAS through F.linear) against the quantized candidates."""
     import triton.testing
@@ -106,16 +90,10 @@ def gemv_bench(model, projections):
     shapes = {"qkv": projections[0].qkv, "o": projections[0].o, "gate_up": projections[0].gate_up,
               "down": projections[0].down, "lm_head": model.lm_head,
               "k_alone": model.model.layers[0].self_attn.k_proj, "gate_alone": model.model.layers[0].mlp.gate_proj}
-    candidates = {"bf16": lambda lin: lin}
-    try:
-        from torchao.prototype.quantization.quant_api import UIntxWeightOnlyConfig
+    from harness.int4 import quantize_linear
 
-        candidates["int4-g128-gemlite"] = lambda lin: quantized_one(lin, UIntxWeightOnlyConfig(
-            group_size=128, bit_width=4, set_inductor_config=False))
-        candidates["int8-gemlite"] = lambda lin: quantized_one(lin, UIntxWeightOnlyConfig(
-            group_size=None, bit_width=8, set_inductor_config=False))
-    except Exception as e:  # noqa: BLE001
-        log("torchao/gemlite import failed:", repr(e))
+    candidates = {"bf16": lambda lin: lin, "int4-g128": lambda lin: quantize_linear(lin, 128),
+                  "int4-g64": lambda lin: quantize_linear(lin, 64)}
     for shape_name, lin in shapes.items():
         n, k = lin.weight.shape
         for cand, make in candidates.items():
@@ -128,7 +106,7 @@ def gemv_bench(model, projections):
                     i[0] = (i[0] + 1) % 4
                     return mod(xs[i[0]])
 
-                ms = triton.testing.do_bench(f, warmup=25, rep=100, return_mode="median")
+                ms = triton.testing.do_bench_cudagraph(f, rep=50, return_mode="median")
                 bytes_read = n * k * (2 if cand == "bf16" else 0.5 if "int4" in cand else 1)
                 row = {"shape": shape_name, "n": n, "k": k, "candidate": cand, "us": ms * 1e3,
                        "tb_s_weights": bytes_read / (ms / 1e3) / 1e12}
@@ -139,16 +117,30 @@ def gemv_bench(model, projections):
     save()
 
 
-def quantized_one(lin, config):
-    from torchao.quantization import quantize_
+class EfficientAttention(FusedDecoder):
+    def attend(self, q, keys, values, mask):
+        from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    q = nn.Linear(lin.in_features, lin.out_features, bias=False, device="meta")
-    q.weight = nn.Parameter(lin.weight.detach().clone(), requires_grad=False)
-    quantize_(q, config)
-    return q
+        with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION]):
+            return torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
+                                                                    enable_gqa=True)
+
+
+class MathAttention(FusedDecoder):
+    """Two small batched products and a softmax that inductor can fuse with the mask."""
+
+    def attend(self, q, keys, values, mask):
+        rows, heads, steps, dim = q.shape
+        group = heads // self.kv_heads
+        qg = q.reshape(rows, self.kv_heads, group * steps, dim)
+        scores = (qg @ keys.transpose(-1, -2)).float() * dim ** -0.5
+        scores = scores.view(rows, self.kv_heads, group, steps, -1).masked_fill(~mask[:, :, None], float("-inf"))
+        probs = scores.softmax(-1).to(q.dtype).view(rows, self.kv_heads, group * steps, -1)
+        return (probs @ values).view(rows, heads, steps, dim)
 
 
 def main(selected):
+    results["device"] = torch.cuda.get_device_name()
     torch.manual_seed(0)
     with torch.device("cuda"):
         torch.set_default_dtype(torch.bfloat16)
@@ -176,20 +168,17 @@ def main(selected):
         "fused-cdt": lambda: FusedGreedy(model, FusedDecoder(model, projections), Tok(), "merged", Cfg("default"),
                                          inductor_options={"coordinate_descent_tuning": True}),
         "control-hf-step-graph": lambda: StaticGreedy(model, Tok(), "merged", Cfg("reduce-overhead")),
+        "fused-efficient-attn": lambda: FusedGreedy(model, EfficientAttention(model, projections), Tok(), "merged",
+                                                    Cfg("default")),
+        "fused-math-attn": lambda: FusedGreedy(model, MathAttention(model, projections), Tok(), "merged",
+                                               Cfg("default")),
+        "fused-graph-64": lambda: FusedGreedy(model, FusedDecoder(model, projections), Tok(), "merged",
+                                              Cfg("default", graph_tokens=64)),
     }
-    from torchao.prototype.quantization.quant_api import UIntxWeightOnlyConfig
+    from harness.int4 import Int4Merged
 
-    def int_engine(group, bits, cdt=False):
-        def build():
-            q = quantized(projections, UIntxWeightOnlyConfig(group_size=group, bit_width=bits,
-                                                             set_inductor_config=False))
-            return FusedGreedy(model, FusedDecoder(model, q), Tok(), "merged-int", Cfg("default"),
-                               inductor_options={"coordinate_descent_tuning": True} if cdt else None)
-        return build
-
-    tries["int4-g128-gemlite"] = int_engine(128, 4)
-    tries["int4-g64-gemlite"] = int_engine(64, 4)
-    tries["int8-gemlite"] = int_engine(None, 8)
+    tries["int4-g128"] = lambda: Int4Merged(model, projections, Tok(), Cfg("default", int4_group_size=128))
+    tries["int4-g64"] = lambda: Int4Merged(model, projections, Tok(), Cfg("default", int4_group_size=64))
     order = [t for t in selected if t in tries]
     for name in order:
         if time.time() - START > BUDGET_S:
@@ -220,5 +209,5 @@ def main(selected):
 if __name__ == "__main__":
     from transformers import MistralForCausalLM
 
-    main(sys.argv[1:] or ["gemv", "fused-cublas", "int4-g128-gemlite", "fused-cdt", "control-hf-step-graph",
-                          "int8-gemlite", "int4-g64-gemlite"])
+    main(sys.argv[1:] or ["fused-cublas", "int4-g128", "fused-math-attn", "fused-efficient-attn", "int4-g64",
+                          "fused-graph-64", "fused-cdt", "control-hf-step-graph"])

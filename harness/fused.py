@@ -125,11 +125,15 @@ class FusedDecoder(nn.Module):
             q, k = apply_rotary_pos_emb(q, k, cos, sin)
             keys.index_copy_(2, cache_position, k)
             values.index_copy_(2, cache_position, v)
-            attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
+            attn = self.attend(q, keys, values, mask)
             x = x + proj.o(attn.transpose(1, 2).reshape(rows, steps, -1))
             gate, up = proj.gate_up(norm_post(x)).chunk(2, dim=-1)
             x = x + proj.down(F.silu(gate) * up)
         return self.lm_head(self.norm(x[:, -1]))
+
+    def attend(self, q, keys, values, mask) -> torch.Tensor:
+        """Attention of q [rows, heads, T, dim] over the whole cache under ``mask`` (grouped KV heads)."""
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
 
 
 def _round_up(n: int, multiple: int) -> int:

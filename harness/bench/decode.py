@@ -1,4 +1,4 @@
-"""Where a decode step's time goes: ``python -m harness.bench_decode --profile synthetic-7b --out decode.json``.
+"""Where a decode step's time goes: ``python -m harness.bench.decode --profile synthetic-7b --out decode.json``.
 
 Builds the merged engine for the profile's base (no adapter), compiles it as the sweep does, then runs one
 ``latency.max_new_tokens``-token greedy decode under ``torch.profiler`` and reports: wall time per token, GPU kernel
@@ -21,12 +21,12 @@ __all__ = ["profile_decode", "main"]
 
 
 def profile_decode(profile_name: str, runs_dir: Path, bandwidth_tbs: float, top: int = 15) -> dict:
-    from .artifacts import provenance
-    from .config import load_profile
-    from .inputs import check_profile_data
-    from .merged import MergedBase
-    from .models import load_tokenizer
-    from .prompt import encode_prompt
+    from ..report.provenance import provenance
+    from ..config.profiles import load_profile
+    from ..config.preflight import check_profile_data
+    from ..engines.merged import MergedBase
+    from ..models.base import load_tokenizer
+    from ..data.prompt import encode_prompt
 
     profile = load_profile(profile_name)
     splits = check_profile_data(profile)
@@ -70,7 +70,7 @@ def profile_decode(profile_name: str, runs_dir: Path, bandwidth_tbs: float, top:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--profile", default="synthetic-7b")
-    ap.add_argument("--runs-dir", type=Path, default=Path(__file__).resolve().parent.parent / "runs")
+    ap.add_argument("--runs-dir", type=Path, default=Path(__file__).resolve().parents[2] / "runs")
     ap.add_argument("--bandwidth-tbs", type=float, default=3.0)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)

@@ -1,6 +1,6 @@
 """QLoRA training-step benchmark: one packed row of ``--tokens`` tokens, LoRA on the profile's base, several setups.
 
-    python -m harness.bench_train --profile synthetic-7b --variant r16 --tokens 2048 --out runs/train_bench.json
+    python -m harness.bench.train --profile synthetic-7b --variant r16 --tokens 2048 --out runs/train_bench.json
 
 Each setup loads the base afresh, applies peft the way trl does for a quantized model
 (``prepare_model_for_kbit_training`` then ``get_peft_model``), and times ``steps`` optimizer steps after
@@ -29,12 +29,13 @@ from pathlib import Path
 
 import torch
 
-from .artifacts import atomic_write_json, provenance
-from .config import load_profile
-from .data import load_splits
-from .memory import free_memory
-from .models import load_base, load_tokenizer, peft_config
-from .prompt import training_rows
+from ..report.atomic import atomic_write_json
+from ..report.provenance import provenance
+from ..config.profiles import load_profile
+from ..data.dataset import load_splits
+from ..measure.memory import free_memory
+from ..models.base import load_base, load_tokenizer, peft_config
+from ..data.prompt import training_rows
 
 __all__ = ["SETUPS", "packed_row", "run_setup", "main"]
 

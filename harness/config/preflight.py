@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .config import Profile
-from .data import SPLITS, Example, load_splits
+from .schema import Profile
+from ..data.dataset import SPLITS, Example, load_splits
 from .errors import ConfigError, DataError, did_you_mean
 from .yamlload import read_yaml
 
@@ -44,7 +44,7 @@ def _check_model_source(profile: Profile) -> None:
     """A synthetic name or a local directory that does not exist would fail in every test; say so once."""
     source = profile.model.source
     if source.startswith("synthetic:"):
-        from .models import SYNTHETIC_SHAPES
+        from ..models.base import SYNTHETIC_SHAPES
 
         names = [f"synthetic:{name}" for name in SYNTHETIC_SHAPES]
         if source not in names:
@@ -52,7 +52,7 @@ def _check_model_source(profile: Profile) -> None:
             raise ConfigError([f"{_where(profile, 'model', 'source')}: no synthetic model {source!r}; {hint}"
                                f"choose one of: {', '.join(names)}"])
     elif source.startswith("pypi:"):  # a missing wheel would error every test: one message, with the install line
-        from .pretrained import MissingWheelError, parse_pypi_source, wheel_gguf
+        from ..models.pretrained import MissingWheelError, parse_pypi_source, wheel_gguf
 
         try:
             wheel_gguf(*parse_pypi_source(source))
@@ -65,7 +65,7 @@ def _check_model_source(profile: Profile) -> None:
 
 def _check_lengths(profile: Profile, train: list[Example]) -> None:
     """Every train example must fit ``training.max_length`` whole; when none does, the limit is the mistake."""
-    from .prompt import build_training_example, training_rows, v3_tokenizer
+    from ..data.prompt import build_training_example, training_rows, v3_tokenizer
 
     tokenizer, max_length = v3_tokenizer(), profile.training.max_length
     try:

@@ -2,11 +2,11 @@
 
 A profile YAML (``data/configs/<name>.yaml``) names the base model, quantization, LoRA settings, the variants to
 sweep (defined in a variants YAML beside it), the training recipe, the data files, evaluation, latency and the
-gates. ``load_profile`` validates all of it against the dataclasses of ``harness.schema`` and raises one
+gates. ``load_profile`` validates all of it against the dataclasses of ``harness.config.schema`` and raises one
 ``ConfigError`` that lists every problem as ``file:line: key: what is wrong; how to fix it``.
 
-The schema (``harness.schema``), the YAML reader (``harness.yamlload``) and the error type (``harness.errors``) live
-in their own modules; their public names are re-exported here.
+The schema (``harness.config.schema``), the YAML reader (``harness.config.yamlload``) and the error type
+(``harness.config.errors``) live in their own modules: import their names from there.
 """
 
 from __future__ import annotations
@@ -21,30 +21,19 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError, closest, did_you_mean
-from . import schema
 from .schema import (
-    DataConfig,
     DistributedConfig,
-    EvalConfig,
-    Gate,
     InferenceConfig,
-    LatencyConfig,
-    LoraConfig,
-    ModelConfig,
     Profile,
     QuantConfig,
-    TrainConfig,
     Variant,
 )
 from .yamlload import read_yaml
 
-__all__ = [*schema.__all__, "ConfigError", "CONFIG_DIR", "VARIANTS_FILE", "load_profile", "profile_path",
-           "available_profiles", "config_hash"]
+__all__ = ["CONFIG_DIR", "VARIANTS_FILE", "load_profile", "profile_path", "available_profiles", "config_hash"]
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "data" / "configs"
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "data" / "configs"
 VARIANTS_FILE = "variants.yaml"
-
-_read_yaml = read_yaml  # the old private name; harness.yamlload.read_yaml is the one to use
 
 
 class _Checker:

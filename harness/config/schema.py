@@ -1,7 +1,8 @@
 """The profile schema: frozen dataclasses, one per profile section, with each field's doc, default and bounds.
 
-``_spec`` attaches the metadata (doc, lo/hi bounds, choices) that ``harness.config`` checks a YAML value against
-and that the error messages quote. Nothing here reads a file; ``harness.config.load_profile`` builds these.
+``_spec`` attaches the metadata (doc, lo/hi bounds, choices) that ``harness.config.profiles`` checks a YAML value
+against and that the error messages quote. Nothing here reads a file; ``harness.config.profiles.load_profile``
+builds these.
 """
 
 from __future__ import annotations
@@ -145,7 +146,8 @@ class DistributedConfig:
 @dataclass(frozen=True)
 class InferenceConfig:
     engine: str = _spec("how eval and latency decode: seed (NF4 + unmerged adapter, HF generate), nf4-compiled, "
-                        "or merged (dequantized base + merged adapter); see harness/decoding.py and harness/merged.py",
+                        "or merged (dequantized base + merged adapter); see harness/engines/decoding.py and "
+                        "harness/engines/merged.py",
                         default="seed",
                         choices=("seed", "nf4-compiled", "merged"))
     merged_dtype: str = _spec("dtype the NF4 base is dequantized to and the adapter merged in", default="bfloat16",

@@ -13,10 +13,10 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import DataError, closest, did_you_mean
-from .metrics import SUPPORTED_LANGS, normalize_answer
+from ..config.errors import DataError, closest, did_you_mean
+from ..measure.metrics import SUPPORTED_LANGS, normalize_answer
 
-__all__ = ["DataError", "Example", "read_jsonl", "load_splits", "to_hf_dataset", "fingerprint", "SPLITS"]
+__all__ = ["Example", "read_jsonl", "load_splits", "fingerprint", "SPLITS"]
 
 SPLITS = ("train", "validation", "test")
 _REQUIRED = ("id", "lang", "instruction", "input", "output")
@@ -204,16 +204,6 @@ def load_splits(paths: dict[str, str | Path]) -> dict[str, list[Example]]:
     if problems:
         raise DataError(problems)
     return splits
-
-
-def to_hf_dataset(examples: list[Example]):
-    """A ``datasets.Dataset`` with one row per example (references as a list)."""
-    import datasets
-
-    return datasets.Dataset.from_list([
-        {"id": e.id, "lang": e.lang, "instruction": e.instruction, "input": e.input, "output": e.output,
-         "references": list(e.references)} for e in examples
-    ])
 
 
 def fingerprint(examples: list[Example]) -> str:

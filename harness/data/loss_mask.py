@@ -10,7 +10,7 @@ token ids (``encode_prompt``), independently of the mask under test, so a wrong 
 
 from __future__ import annotations
 
-from .data import Example
+from .dataset import Example
 from .prompt import encode_prompt
 
 __all__ = ["IGNORE_INDEX", "LossMaskError", "loss_mask_failures", "check_loss_mask"]
@@ -32,7 +32,7 @@ def _find(row: list[int], needle: list[int], start: int = 0) -> int:
     return -1
 
 
-def loss_mask_failures(trainer, tokenizer, examples: list[Example], max_batches: int | None = None) -> list[str]:
+def loss_mask_failures(trainer, tokenizer, examples: list[Example]) -> list[str]:
     """Collate ``trainer.train_dataset`` with ``trainer.data_collator`` and check every example found in it.
 
     For each collated row, every occurrence of an example's generation prompt must carry label -100 on all its
@@ -45,10 +45,7 @@ def loss_mask_failures(trainer, tokenizer, examples: list[Example], max_batches:
     batch_size = max(1, trainer.args.per_device_train_batch_size)
     failures: list[str] = []
     found: dict[str, int] = {ex_id: 0 for ex_id in prompts}
-    starts = range(0, len(dataset), batch_size)
-    for b, start in enumerate(starts):
-        if max_batches is not None and b >= max_batches:
-            break
+    for start in range(0, len(dataset), batch_size):
         batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
         for ids_t, labels_t in zip(batch["input_ids"], batch["labels"], strict=True):
             ids, labels = ids_t.tolist(), labels_t.tolist()
@@ -69,12 +66,11 @@ def loss_mask_failures(trainer, tokenizer, examples: list[Example], max_batches:
                 answer_end = spans[k + 1][0] if k + 1 < len(spans) else len(ids)
                 if all(label == IGNORE_INDEX for label in labels[end:answer_end]):
                     failures.append(f"{ex_id}: no answer token carries a label: the loss never sees this answer")
-    if max_batches is None:
-        missing = sorted(ex_id for ex_id, n in found.items() if n == 0)
-        if missing:
-            failures.append(f"{len(missing)} example(s) whose prompt is in no collated row (e.g. {missing[0]}): the "
-                            f"training rows do not start with encode_prompt's ids, so training and serving prompts "
-                            f"differ")
+    missing = sorted(ex_id for ex_id, n in found.items() if n == 0)
+    if missing:
+        failures.append(f"{len(missing)} example(s) whose prompt is in no collated row (e.g. {missing[0]}): the "
+                        f"training rows do not start with encode_prompt's ids, so training and serving prompts "
+                        f"differ")
     return failures
 
 

@@ -15,10 +15,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .errors import DataError
+from ..config.errors import DataError
 
 if TYPE_CHECKING:
-    from .data import Example
+    from .dataset import Example
 
 __all__ = [
     "PROMPT_FORMAT",

@@ -4,7 +4,7 @@ on one variant (``inference.speed_variant``), one prompt, one machine and one se
 Each engine is built once per session. ``seed`` and ``nf4-compiled`` each get their own NF4 + adapter model, built
 separately, so the parity of the two compares two models, never one object with itself; ``merged`` is the
 sweep's own merged base with the speed variant merged in; ``merged-int8`` is an int8 weight-only copy of that
-(harness/quantized.py), and ``quality`` scores what its speed costs against ``merged``. ``parity`` holds a fast
+(harness/engines/int8.py), and ``quality`` scores what its speed costs against ``merged``. ``parity`` holds a fast
 engine's greedy tokens and logits against the seed path on every evaluation prompt (thresholds in
 ``inference.parity_*``).
 """
@@ -13,9 +13,9 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from .timing import summarize_samples
+from ..measure.timing import summarize_samples
 
-__all__ = ["EngineBench"]
+__all__ = ["EngineComparison"]
 
 
 def _allocated_gib() -> float:
@@ -24,7 +24,7 @@ def _allocated_gib() -> float:
     return torch.cuda.memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
 
 
-class EngineBench:
+class EngineComparison:
     def __init__(self, sweep):
         self.sweep, self.profile = sweep, sweep.profile
         self.variant = self.profile.inference.speed_variant
@@ -45,7 +45,7 @@ class EngineBench:
         if name == "merged":
             if self.profile.inference.engine == "merged":
                 engine = sweep.load(self.variant).engine  # the sweep's base, with the speed variant merged in
-                weights = sweep._merged.resident_gib
+                weights = sweep.state.merged.resident_gib
             else:
                 from .merged import MergedBase
 
@@ -53,8 +53,8 @@ class EngineBench:
                 base.activate(self.variant, path / "adapter")
                 engine, weights = base.engine, base.resident_gib
         elif name == "merged-int8":
-            from .memory import free_memory
-            from .quantized import Int8Merged
+            from ..measure.memory import free_memory
+            from .int8 import Int8Merged
 
             merged = self._active("merged")  # the bf16 base with the speed variant merged in: read, never changed
             free_memory()
@@ -63,7 +63,7 @@ class EngineBench:
             weights = _allocated_gib() - before  # CUDA: the int8 model's resident bytes (CPU: 0, not reported)
         else:
             from .decoding import HFGreedy, StaticGreedy
-            from .merged import load_nf4_with_adapter
+            from ..models.nf4 import load_nf4_with_adapter
 
             before = _allocated_gib()
             model = load_nf4_with_adapter(self.profile, path / "adapter", sweep.runs_dir / "_models")
@@ -115,7 +115,7 @@ class EngineBench:
 
     def parity(self, candidate: str) -> dict[str, Any]:
         """``candidate``'s greedy tokens and logits against the seed path's, on every evaluation prompt."""
-        from .parity import parity
+        from ..measure.parity import parity
 
         inf = self.profile.inference
         # the candidate decodes one prompt at a time: its timed 1-row graph serves, no other shape is compiled
@@ -132,7 +132,7 @@ class EngineBench:
         (difference of means), ``f1_delta_vs_merged`` with its paired-bootstrap ``f1_delta_vs_merged_ci`` and
         ``n_paired`` (``compare_to_baseline``, its ``*_vs_baseline`` keys renamed: the reference is ``merged``
         here, not the baseline variant), and ``identical_predictions`` (share of answers that are the same text)."""
-        from .evaluate import compare_to_baseline, score_split
+        from ..measure.evaluate import compare_to_baseline, score_split
 
         ev, tok, out = self.profile.eval, self.sweep.tokenizer, {}
         for split in self.profile.data.eval_splits:
@@ -155,6 +155,6 @@ class EngineBench:
             if engine is not None and getattr(engine, "name", "") != "merged":
                 engine.model = None
         self._engines.clear()
-        from .memory import free_memory
+        from ..measure.memory import free_memory
 
         free_memory()

@@ -5,8 +5,8 @@
 ``nf4-compiled``  the same weights (low memory), decoded with a static KV cache and a compiled decode step
                   (``StaticGreedy``).
 ``merged``        the deployable artifact: ``StaticGreedy`` over the dequantized base with the adapter merged in
-                  (harness/merged.py).
-``merged-int8``   ``merged`` with int8 weight-only decoder projections: faster, not exact (harness/quantized.py);
+                  (harness/engines/merged.py).
+``merged-int8``   ``merged`` with int8 weight-only decoder projections: faster, not exact (harness/engines/int8.py);
                   the speed suite only.
 
 The compiled decode step follows transformers' documented static-cache recipe (``decode_one_tokens`` in its
@@ -29,12 +29,11 @@ from typing import Any
 
 import torch
 
-from .config import InferenceConfig
+from ..config.schema import InferenceConfig
 
-__all__ = ["ENGINES", "FULLGRAPH_ENGINES", "EOS_CHECK_EVERY", "round_up", "left_pad", "generate_greedy", "HFGreedy",
+__all__ = ["FULLGRAPH_ENGINES", "EOS_CHECK_EVERY", "round_up", "left_pad", "generate_greedy", "HFGreedy",
            "StaticGreedy", "no_recompile", "timed_round"]
 
-ENGINES = ("seed", "nf4-compiled", "merged", "merged-int8")
 FULLGRAPH_ENGINES = ("merged", "merged-int8")  # compiled with fullgraph=cfg.compile_fullgraph
 EOS_CHECK_EVERY = 16  # host syncs while decoding: one per this many tokens, only when stopping at EOS
 

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import InferenceConfig
+from ..config.schema import InferenceConfig
 from .decoding import StaticGreedy
 
 __all__ = ["Int8WeightOnlyLinear", "quantize_int8_", "int8_copy", "resident_gib", "Int8Merged", "INDUCTOR_OPTIONS"]

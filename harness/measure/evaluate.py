@@ -5,14 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .config import EvalConfig
-from .data import Example
-from .decoding import HFGreedy, generate_greedy  # generate_greedy re-exported: it used to live here
+from ..config.schema import EvalConfig
+from ..data.dataset import Example
+from ..engines.decoding import HFGreedy
 from .metrics import exact_match, f1
-from .prompt import decode_answer, encode_prompt, user_content
+from ..data.prompt import decode_answer, encode_prompt, user_content
 from .stats import bootstrap_ci, paired_bootstrap
 
-__all__ = ["generate_greedy", "score_split", "SplitScores", "compare_to_baseline"]
+__all__ = ["score_split", "SplitScores", "compare_to_baseline"]
 
 
 @dataclass
@@ -41,7 +41,7 @@ def _summarize(rows: list[dict], cfg: EvalConfig) -> dict[str, Any]:
 def score_split(decoder, tokenizer, examples: list[Example], cfg: EvalConfig) -> SplitScores:
     """Generate for every example of a split and score it: per-example rows plus EM/F1 with bootstrap CIs.
 
-    ``decoder`` is an engine from ``harness.decoding`` (or a bare model, decoded the seed's way).
+    ``decoder`` is an engine from ``harness.engines.decoding`` (or a bare model, decoded the seed's way).
     """
     if not hasattr(decoder, "compile_s"):
         decoder = HFGreedy(decoder, tokenizer)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .config import Profile
+from ..config.schema import Profile
 
 __all__ = ["quality_failures", "quality_gate_count", "vram_failures", "vram_gate_count", "speed_failures",
            "gate_status"]

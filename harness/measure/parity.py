@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from .config import InferenceConfig
+from ..config.schema import InferenceConfig
 
 __all__ = ["parity", "parity_failures"]
 

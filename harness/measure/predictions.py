@@ -12,14 +12,17 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .artifacts import atomic_write_text, file_lock, source_digest
-from .config import Profile, config_hash
+from ..report.atomic import atomic_write_text, file_lock
+from ..report.provenance import source_digest
+from ..config.schema import Profile
+from ..config.profiles import config_hash
 
 __all__ = ["EVAL_SOURCES", "eval_key", "predictions_path", "write_predictions", "read_matching"]
 
-_HERE = Path(__file__).resolve().parent
-EVAL_SOURCES = tuple(p for p in (_HERE / n for n in ("decoding.py", "merged.py", "evaluate.py", "prompt.py",
-                                                        "metrics.py", "models.py", "pretrained.py")) if p.is_file())
+_HARNESS = Path(__file__).resolve().parents[1]
+EVAL_SOURCES = tuple(_HARNESS / n for n in ("engines/decoding.py", "engines/merged.py", "models/nf4.py",
+                                            "measure/evaluate.py", "data/prompt.py", "measure/metrics.py",
+                                            "models/base.py", "models/pretrained.py"))
 
 
 def eval_key(profile: Profile, data_fingerprint: str) -> str:

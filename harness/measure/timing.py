@@ -11,18 +11,11 @@ import os
 import statistics
 from typing import Any
 
-__all__ = ["percentile", "machine_load", "summarize_samples", "own_gpu", "NOISY_SPREAD"]
+import numpy as np
+
+__all__ = ["machine_load", "summarize_samples", "own_gpu", "NOISY_SPREAD"]
 
 NOISY_SPREAD = 0.10  # IQR / median above this: the rounds disagree by more than 10%, so the machine was not quiet
-
-
-def percentile(samples: list[float], q: float) -> float:
-    """Linear-interpolated percentile (numpy's default), q in [0, 100]."""
-    xs = sorted(samples)
-    pos = (len(xs) - 1) * q / 100
-    lo = int(pos)
-    hi = min(lo + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
 def machine_load() -> dict[str, float]:
@@ -39,8 +32,8 @@ def summarize_samples(samples: list[float], new_tokens: int, load_before: dict[s
     """p50/p95/mean, tokens/s, IQR/median and whether the machine looked busy, from per-round seconds."""
     if not samples:
         raise ValueError("no timed rounds to summarize; run at least one round")
-    p50 = percentile(samples, 50)
-    spread = (percentile(samples, 75) - percentile(samples, 25)) / p50 if p50 > 0 else 0.0
+    p25, p50, p75, p95 = (float(q) for q in np.percentile(samples, [25, 50, 75, 95]))
+    spread = (p75 - p25) / p50 if p50 > 0 else 0.0
     loads = [x["load1"] for x in (load_before, load_after) if x["load1"] == x["load1"]]  # drop NaN
     overloaded = any(load > load_before["cpus"] for load in loads)
     reasons = []
@@ -49,7 +42,7 @@ def summarize_samples(samples: list[float], new_tokens: int, load_before: dict[s
     if overloaded:
         reasons.append(f"load {max(loads):.1f} on {load_before['cpus']} cores")
     return {
-        "p50_s": p50, "p95_s": percentile(samples, 95), "mean_s": statistics.fmean(samples),
+        "p50_s": p50, "p95_s": p95, "mean_s": statistics.fmean(samples),
         "rounds": len(samples), "new_tokens": new_tokens, "tokens_per_s": new_tokens / p50 if p50 else None,
         "iqr_over_median": spread, "load_before": load_before, "load_after": load_after,
         "busy": bool(reasons), "busy_reason": "; ".join(reasons) or None, "samples_s": list(samples),

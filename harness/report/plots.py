@@ -17,7 +17,7 @@ def write_plots(results: dict[str, Any], out_dir: Path, link_prefix: str) -> dic
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .artifacts import atomic_write_bytes
+    from .atomic import atomic_write_bytes
 
     profile = results["profile"]
     order = [v for v in results.get("variant_order", []) if v in results["variants"]]

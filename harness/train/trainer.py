@@ -1,6 +1,6 @@
 """QLoRA training of one variant with trl's SFTTrainer: validate recipe -> data -> model -> train -> save.
 
-The data is tokenized by ``harness.prompt.training_rows`` in Mistral's own format (prompt ids + answer ids + EOS,
+The data is tokenized by ``harness.data.prompt.training_rows`` in Mistral's own format (prompt ids + answer ids + EOS,
 loss on the answer and EOS only) and handed to SFTTrainer already tokenized, so what is trained is exactly what
 ``encode_prompt`` serves.
 """
@@ -16,21 +16,18 @@ from typing import Any
 
 import torch
 
-from .config import Profile, Variant
-from .data import Example
-from .loss_mask import check_loss_mask
-from .memory import peak_memory, reset_peak_memory
-from .prompt import training_rows
+from ..config.schema import Profile, Variant
+from ..data.dataset import Example
+from ..data.loss_mask import check_loss_mask
+from ..measure.memory import peak_memory, reset_peak_memory
+from ..data.prompt import training_rows
 
 __all__ = [
     "DegenerateRecipeWarning",
     "PackingDisabledWarning",
-    "training_rows",  # re-exported from harness.prompt
     "count_rows",
     "optimizer_steps",
     "train_adapter",
-    "peak_memory",  # re-exported from harness.memory
-    "reset_peak_memory",  # re-exported from harness.memory
 ]
 
 # Attention kernels that isolate packed examples using position ids (transformers builds a block-diagonal mask
@@ -92,13 +89,13 @@ def train_adapter(profile: Profile, variant: Variant, examples: list[Example], t
     import datasets
     from trl import SFTConfig, SFTTrainer
 
-    from .models import peft_config
+    from ..models.base import peft_config
 
     t = profile.training
     rows = training_rows(tokenizer, examples, t.max_length)
     packing, n_rows, planned_steps = _check_recipe(profile, rows)
     on_gpu = torch.cuda.is_available()
-    world = int(os.environ.get("WORLD_SIZE", "1"))  # > 1 under accelerate launch (harness.distributed)
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # > 1 under accelerate launch (harness.train.distributed)
     dist_args = {} if world == 1 else {"ddp_find_unused_parameters": False,
                                        **({} if on_gpu else {"ddp_backend": "gloo"})}
     args = SFTConfig(

@@ -8,8 +8,8 @@ figures. No pytest: a script or a notebook runs the code the benchmark suites ru
     print(result.summary("validation"))      # EM/F1 with 95% CIs, ΔF1 vs the baseline, gate failures
     sweep.save()                             # runs/tiny/results.json, and the card
 
-The phases are explicit: ``train`` is the only method that trains, and nothing loads a model for it; ``load``,
-``evaluate``, ``parity`` and the latency calls use adapters already trained. One model is resident at a time. With
+The phases are explicit: ``train`` and ``train_selected`` are the only methods that train; ``load``, ``evaluate``,
+``parity`` and the latency calls use adapters already trained, and say so when one is missing. One model is resident at a time. With
 ``inference.engine: merged`` one dequantized base serves the whole sweep, so ``train_selected`` trains every
 selected adapter before the first ``load`` (no training then shares the GPU with it), and each variant is merged
 into the base in turn. The session's lazy state is a ``SweepState``; what it records beside the scores is
@@ -120,12 +120,12 @@ class Sweep:
 
     def evaluate(self, name: str, record: bool = True) -> VariantEval:
         """Score ``name`` on every evaluation split, pair it with the baseline and hold it to the gates."""
-        s = self.state
-        if name in s.evals:
-            if record and name not in s.recorded:  # evaluated earlier only to pair ΔF1; now asked for
-                record_eval(self.recorder, s.evals[name], self.load(name))
-                s.recorded.add(name)
-            return s.evals[name]
+        done = self.state.evals
+        if name in done:
+            if record and name not in self.state.recorded:  # evaluated earlier only to pair ΔF1; now asked for
+                record_eval(self.recorder, done[name], self.load(name))
+                self.state.recorded.add(name)
+            return done[name]
         baseline, note = (None, None) if name == "baseline" else self._baseline_rows()
         loaded = self.load(name)
         reset_peak_memory()
@@ -147,8 +147,8 @@ class Sweep:
                           [r for s in scores.values() for r in s.rows], self.eval_key())
         if record:
             record_eval(self.recorder, result, loaded)
-            s.recorded.add(name)
-        s.evals[name] = result
+            self.state.recorded.add(name)
+        done[name] = result
         return result
 
     def parity(self, name: str) -> tuple[dict[str, Any], list[str]]:

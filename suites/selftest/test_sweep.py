@@ -201,6 +201,18 @@ def test_the_harness_layout_follows_the_data_path_and_the_code_digests_name_real
         assert src.is_file() and HARNESS in src.parents, src
 
 
+def test_nothing_trains_inside_load_or_evaluate(tmp_path):
+    """Training is its own phase: loading or evaluating a variant that was never trained says to train it, and
+    has written nothing (a ``load`` that trained as a side effect would pass a weaker test that only checks the
+    result)."""
+    profile = quick_profile(tmp_path / "p", {"variants": ["r8"]})
+    sweep = Sweep.prepare(profile, runs_dir=tmp_path / "runs", card=tmp_path / "MODEL_CARD.md")
+    for call in (sweep.load, sweep.evaluate, sweep.parity):
+        with pytest.raises(RuntimeError, match=r"call sweep\.train\('r8'\)"):
+            call("r8")
+    assert not (tmp_path / "runs").exists()
+
+
 def test_a_profile_outside_the_project_writes_into_the_project(tmp_path):
     """Your own data: a profile anywhere on disk files its runs and card under the project, not beside the YAML."""
     profile = write_profile(tmp_path / "elsewhere", {"name": "my-data"})

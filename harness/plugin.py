@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from .config.profiles import available_profiles
 from .config.errors import InputError
+from .config.profiles import available_profiles
 from .train.oom import VariantOutOfMemory
 
 __all__ = ["SWEEP_KEY", "MARKERS", "end_variant", "variant_of"]

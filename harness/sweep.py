@@ -23,22 +23,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .report.provenance import PROJECT_ROOT
-from .config.schema import Profile
+from .config.preflight import check_profile_data
 from .config.profiles import load_profile
+from .config.schema import Profile
 from .data.dataset import fingerprint
+from .data.prompt import encode_prompt
 from .measure.evaluate import SplitScores, compare_to_baseline, score_split
 from .measure.gates import quality_failures, vram_failures
-from .config.preflight import check_profile_data
 from .measure.memory import free_memory, peak_memory, reset_peak_memory
-from .train.oom import VariantOutOfMemory, call_with_oom_guard
 from .measure.predictions import eval_key, predictions_path, read_matching, write_predictions
-from .data.prompt import encode_prompt
+from .measure.timing import machine_load, summarize_samples
+from .report.provenance import PROJECT_ROOT
 from .report.recording import record_eval, record_variant
 from .report.results import ResultsRecorder, card_results_path, results_path, save_results
-from .measure.timing import machine_load, summarize_samples
 from .sweep_state import Loaded, SweepState
 from .train.adapters import ensure_adapter
+from .train.oom import VariantOutOfMemory, call_with_oom_guard
 
 __all__ = ["Sweep", "VariantEval"]
 
@@ -156,8 +156,8 @@ class Sweep:
         variant's adapter unmerged, HF generate): greedy tokens and teacher-forced logits on every evaluation
         prompt, held to ``inference.parity_*``. Returns (figures, gate failures) and records both."""
         from .engines.decoding import HFGreedy
-        from .models.nf4 import load_nf4_with_adapter
         from .measure.parity import parity, parity_failures
+        from .models.nf4 import load_nf4_with_adapter
 
         loaded, inf = self.load(name), self.profile.inference
         adapter_dir = None if loaded.variant.is_baseline else self.adapter(name)[0] / "adapter"

@@ -21,12 +21,12 @@ __all__ = ["profile_decode", "main"]
 
 
 def profile_decode(profile_name: str, runs_dir: Path, bandwidth_tbs: float, top: int = 15) -> dict:
-    from ..report.provenance import provenance
-    from ..config.profiles import load_profile
     from ..config.preflight import check_profile_data
+    from ..config.profiles import load_profile
+    from ..data.prompt import encode_prompt
     from ..engines.merged import MergedBase
     from ..models.base import load_tokenizer
-    from ..data.prompt import encode_prompt
+    from ..report.provenance import provenance
 
     profile = load_profile(profile_name)
     splits = check_profile_data(profile)

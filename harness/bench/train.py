@@ -29,13 +29,13 @@ from pathlib import Path
 
 import torch
 
-from ..report.atomic import atomic_write_json
-from ..report.provenance import provenance
 from ..config.profiles import load_profile
 from ..data.dataset import load_splits
+from ..data.prompt import training_rows
 from ..measure.memory import free_memory
 from ..models.base import load_base, load_tokenizer, peft_config
-from ..data.prompt import training_rows
+from ..report.atomic import atomic_write_json
+from ..report.provenance import provenance
 
 __all__ = ["SETUPS", "packed_row", "run_setup", "main"]
 

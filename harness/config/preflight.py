@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .schema import Profile
 from ..data.dataset import SPLITS, Example, load_splits
 from .errors import ConfigError, DataError, did_you_mean
+from .schema import Profile
 from .yamlload import read_yaml
 
 __all__ = ["check_profile_data"]

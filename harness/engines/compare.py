@@ -62,8 +62,8 @@ class EngineComparison:
             engine = Int8Merged(merged.model, sweep.tokenizer, self.profile.inference)
             weights = _allocated_gib() - before  # CUDA: the int8 model's resident bytes (CPU: 0, not reported)
         else:
-            from .decoding import HFGreedy, StaticGreedy
             from ..models.nf4 import load_nf4_with_adapter
+            from .decoding import HFGreedy, StaticGreedy
 
             before = _allocated_gib()
             model = load_nf4_with_adapter(self.profile, path / "adapter", sweep.runs_dir / "_models")

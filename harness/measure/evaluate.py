@@ -7,9 +7,9 @@ from typing import Any
 
 from ..config.schema import EvalConfig
 from ..data.dataset import Example
+from ..data.prompt import decode_answer, encode_prompt, user_content
 from ..engines.decoding import HFGreedy
 from .metrics import exact_match, f1
-from ..data.prompt import decode_answer, encode_prompt, user_content
 from .stats import bootstrap_ci, paired_bootstrap
 
 __all__ = ["score_split", "SplitScores", "compare_to_baseline"]

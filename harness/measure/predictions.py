@@ -12,10 +12,10 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ..config.profiles import config_hash
+from ..config.schema import Profile
 from ..report.atomic import atomic_write_text, file_lock
 from ..report.provenance import source_digest
-from ..config.schema import Profile
-from ..config.profiles import config_hash
 
 __all__ = ["EVAL_SOURCES", "eval_key", "predictions_path", "write_predictions", "read_matching"]
 

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import torch
 
-from ..report.atomic import atomic_dir, file_lock
-from ..config.schema import LoraConfig, ModelConfig, QuantConfig, Variant
 from ..config.profiles import config_hash
+from ..config.schema import LoraConfig, ModelConfig, QuantConfig, Variant
 from ..measure.memory import free_memory
+from ..report.atomic import atomic_dir, file_lock
 
 __all__ = [
     "SYNTHETIC_SHAPES",

@@ -20,10 +20,10 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from ..config.profiles import config_hash
+from ..config.schema import Profile
 from .atomic import atomic_write_json, file_lock
 from .provenance import device_name, git_sha, library_versions
-from ..config.schema import Profile
-from ..config.profiles import config_hash
 
 __all__ = ["ResultsRecorder", "load_results", "results_path", "card_results_path", "merge_results", "save_results",
            "session_sections", "new_session_id", "SECTIONS"]

@@ -20,14 +20,14 @@ from typing import Any
 import torch
 import yaml
 
-from ..report.atomic import atomic_dir, atomic_write_text, file_lock, sweep_partial
-from ..report.provenance import library_versions, provenance, source_digest
-from ..config.schema import Profile, Variant
 from ..config.profiles import config_hash
+from ..config.schema import Profile, Variant
 from ..data.dataset import Example, fingerprint
+from ..data.prompt import PROMPT_FORMAT
 from ..measure.memory import free_memory
 from ..models.base import device, load_base
-from ..data.prompt import PROMPT_FORMAT
+from ..report.atomic import atomic_dir, atomic_write_text, file_lock, sweep_partial
+from ..report.provenance import library_versions, provenance, source_digest
 
 __all__ = ["ADAPTER_SOURCES", "MANIFEST", "adapter_source_digest", "artifact_key", "artifact_dir", "ensure_adapter",
            "is_complete"]

@@ -34,8 +34,8 @@ from typing import Any
 import torch
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from ..config.schema import Profile, Variant
 from ..config.profiles import config_hash
+from ..config.schema import Profile, Variant
 
 __all__ = ["DistributedTrainingError", "launch_command", "launch_training", "is_main_process"]
 
@@ -195,10 +195,10 @@ def launch_training(profile: Profile, variant: Variant, runs_dir: Path, out_dir:
 @record  # a Python exception here writes this rank's traceback to torchrun's error.json
 def main(argv: list[str] | None = None) -> None:
     """One process of a launched run (started by accelerate, never by hand)."""
-    from ..report.atomic import atomic_write_json
     from ..config.profiles import load_profile
     from ..data.dataset import load_splits
     from ..models.base import load_base, load_tokenizer
+    from ..report.atomic import atomic_write_json
     from .trainer import train_adapter
 
     ap = argparse.ArgumentParser(description="one process of a distributed QLoRA training run")

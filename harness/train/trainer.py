@@ -19,8 +19,8 @@ import torch
 from ..config.schema import Profile, Variant
 from ..data.dataset import Example
 from ..data.loss_mask import check_loss_mask
-from ..measure.memory import peak_memory, reset_peak_memory
 from ..data.prompt import training_rows
+from ..measure.memory import peak_memory, reset_peak_memory
 
 __all__ = [
     "DegenerateRecipeWarning",

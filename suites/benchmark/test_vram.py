@@ -39,8 +39,8 @@ def test_real_cuda_oom_names_variant_phase_ceiling_and_memory_and_frees_it(tmp_p
     r8 then trains. (``set_per_process_memory_fraction`` did not cap training on the H100: the test passed the cap.)"""
     from fixtures.user_runs import quick_profile
     from harness.models.base import resolve_source
-    from harness.train.oom import VariantOutOfMemory
     from harness.sweep import Sweep
+    from harness.train.oom import VariantOutOfMemory
 
     sweep = Sweep.prepare(quick_profile(tmp_path / "p", {"vram_ceilings_gib": {"train": {"r16": 0.01}}}),
                           runs_dir=tmp_path / "runs", card=tmp_path / "MODEL_CARD.md")

@@ -15,8 +15,8 @@ import yaml
 from hypothesis import given
 from hypothesis import strategies as st
 
-from harness.config.profiles import CONFIG_DIR, available_profiles, config_hash, load_profile
 from harness.config.errors import ConfigError
+from harness.config.profiles import CONFIG_DIR, available_profiles, config_hash, load_profile
 from harness.config.schema import Profile
 
 HERE = Path(__file__).resolve().parent

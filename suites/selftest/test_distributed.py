@@ -16,8 +16,8 @@ import pytest
 from fixtures.user_runs import quick_profile, write_profile
 from harness.config.errors import ConfigError
 from harness.config.profiles import load_profile
-from harness.train.distributed import DistributedTrainingError, launch_command
 from harness.train.adapters import artifact_key, ensure_adapter
+from harness.train.distributed import DistributedTrainingError, launch_command
 
 
 def test_tiny_ddp_profile_is_two_processes_with_the_same_global_batch():

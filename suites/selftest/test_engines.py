@@ -19,13 +19,13 @@ import torch
 
 from harness.config.profiles import load_profile
 from harness.data.dataset import load_splits
-from harness.engines.decoding import HFGreedy, StaticGreedy, no_recompile
-from harness.engines.merged import MergedBase
-from harness.models.nf4 import load_nf4_with_adapter
-from harness.models.base import load_tokenizer
-from harness.measure.parity import parity, parity_failures
-from harness.engines.int8 import INDUCTOR_OPTIONS, Int8Merged, Int8WeightOnlyLinear, resident_gib
 from harness.data.prompt import encode_prompt
+from harness.engines.decoding import HFGreedy, StaticGreedy, no_recompile
+from harness.engines.int8 import INDUCTOR_OPTIONS, Int8Merged, Int8WeightOnlyLinear, resident_gib
+from harness.engines.merged import MergedBase
+from harness.measure.parity import parity, parity_failures
+from harness.models.base import load_tokenizer
+from harness.models.nf4 import load_nf4_with_adapter
 from harness.train.adapters import ensure_adapter
 
 pytestmark = pytest.mark.slow

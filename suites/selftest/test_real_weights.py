@@ -24,14 +24,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from harness.report.provenance import PROJECT_ROOT
 from harness.config.profiles import load_profile
 from harness.data.dataset import SPLITS, load_splits
+from harness.data.loss_mask import LossMaskError
 from harness.measure.evaluate import score_split
 from harness.measure.gates import quality_failures
-from harness.data.loss_mask import LossMaskError
 from harness.measure.memory import free_memory
 from harness.models.base import load_base, load_tokenizer
+from harness.report.provenance import PROJECT_ROOT
 
 pytestmark = pytest.mark.slow
 

@@ -13,14 +13,14 @@ from pathlib import Path
 
 import pytest
 
-import harness.train.adapters as variants
+import harness.train.adapters as adapters
 from fixtures.user_runs import REPO, quick_profile, write_profile
-from harness.report.provenance import PROJECT_ROOT
+from harness.config.preflight import check_profile_data
+from harness.config.profiles import config_hash, load_profile
 from harness.report.atomic import atomic_write_text
 from harness.report.card import write_card
 from harness.report.card_render import fmt_ratio, render_section
-from harness.config.profiles import config_hash, load_profile
-from harness.config.preflight import check_profile_data
+from harness.report.provenance import PROJECT_ROOT
 from harness.sweep import Sweep
 
 HARNESS = REPO / "harness"
@@ -30,9 +30,9 @@ def test_editing_a_line_of_the_training_code_changes_the_adapter_key(tmp_path, m
     """An adapter trained by old code must not be reused after the training code changed."""
     profile = load_profile("tiny")
     splits = check_profile_data(profile)
-    before = config_hash(variants.artifact_key(profile, profile.variant("r16"), splits["train"]))
+    before = config_hash(adapters.artifact_key(profile, profile.variant("r16"), splits["train"]))
     copies = []
-    for src in variants.ADAPTER_SOURCES:
+    for src in adapters.ADAPTER_SOURCES:
         dst = tmp_path / src.name
         text = src.read_text(encoding="utf-8")
         if src.name == "trainer.py":
@@ -40,8 +40,8 @@ def test_editing_a_line_of_the_training_code_changes_the_adapter_key(tmp_path, m
             assert text != src.read_text(encoding="utf-8"), "the edited line is gone from trainer.py"
         dst.write_text(text, encoding="utf-8")
         copies.append(dst)
-    monkeypatch.setattr(variants, "ADAPTER_SOURCES", tuple(copies))
-    after = config_hash(variants.artifact_key(profile, profile.variant("r16"), splits["train"]))
+    monkeypatch.setattr(adapters, "ADAPTER_SOURCES", tuple(copies))
+    after = config_hash(adapters.artifact_key(profile, profile.variant("r16"), splits["train"]))
     assert after != before
     assert [p.name for p in copies][:1] == ["trainer.py"]
 
@@ -197,7 +197,7 @@ def test_the_harness_layout_follows_the_data_path_and_the_code_digests_name_real
     packages = {p.parent.name for p in HARNESS.glob("*/__init__.py")}
     assert packages == {"config", "data", "models", "train", "engines", "measure", "report", "bench"}, packages
     assert {p.name for p in HARNESS.glob("*.py")} == {"__init__.py", "sweep.py", "sweep_state.py", "plugin.py"}
-    for src in (*variants.ADAPTER_SOURCES, *EVAL_SOURCES):
+    for src in (*adapters.ADAPTER_SOURCES, *EVAL_SOURCES):
         assert src.is_file() and HARNESS in src.parents, src
 
 

@@ -1,6 +1,6 @@
 """Decode probe (issue 17): time candidate merged engines on the Mistral-7B shape with random bf16 weights, in one
 process on one GPU, so every ratio comes from one run. Not part of the harness: the winners move into
-harness/fused.py and are measured again by ``python -m harness.bench_decode``.
+harness/engines/fused.py and are measured again by ``python -m harness.bench.decode``.
 
   OUT=/tmp/probe python .ci/decode_probe.py [config ...]
 
@@ -18,9 +18,9 @@ import traceback
 import torch
 
 sys.path.insert(0, os.getcwd())
-from harness.decoding import StaticGreedy  # noqa: E402
-from harness.fused import FusedDecoder, FusedGreedy, fuse_projections_  # noqa: E402
-from harness.models import synthetic_config  # noqa: E402
+from harness.engines.decoding import StaticGreedy  # noqa: E402
+from harness.engines.fused import FusedDecoder, FusedGreedy, fuse_projections_  # noqa: E402
+from harness.models.base import synthetic_config  # noqa: E402
 
 OUT = os.environ.get("OUT", "/tmp")
 TOKENS, ROUNDS, BUDGET_S = 128, 10, float(os.environ.get("PROBE_BUDGET_S", 480))
@@ -90,7 +90,7 @@ def gemv_bench(model, projections):
     shapes = {"qkv": projections[0].qkv, "o": projections[0].o, "gate_up": projections[0].gate_up,
               "down": projections[0].down, "lm_head": model.lm_head,
               "k_alone": model.model.layers[0].self_attn.k_proj, "gate_alone": model.model.layers[0].mlp.gate_proj}
-    from harness.int4 import quantize_linear
+    from harness.engines.int4 import quantize_linear
 
     candidates = {"bf16": lambda lin: lin, "int4-g128": lambda lin: quantize_linear(lin, 128),
                   "int4-g64": lambda lin: quantize_linear(lin, 64)}
@@ -175,7 +175,7 @@ def main(selected):
         "fused-graph-64": lambda: FusedGreedy(model, FusedDecoder(model, projections), Tok(), "merged",
                                               Cfg("default", graph_tokens=64)),
     }
-    from harness.int4 import Int4Merged
+    from harness.engines.int4 import Int4Merged
 
     tries["int4-g128"] = lambda: Int4Merged(model, projections, Tok(), Cfg("default", int4_group_size=128))
     tries["int4-g64"] = lambda: Int4Merged(model, projections, Tok(), Cfg("default", int4_group_size=64))

@@ -22,8 +22,8 @@ for mode in ("fsdp", "none"):
         "quantization": {"quant_storage": "float32"}, "training": {"batch_size": 2 if mode == "fsdp" else 4}})
     sweep = Sweep.prepare(profile, runs_dir=f"/tmp/fsdp-runs-{mode}", card=f"/tmp/fsdp-card-{mode}/MODEL_CARD.md")
     try:
+        manifest = sweep.train("r16")[1]
         ev = sweep.evaluate("r16")
-        manifest = sweep.adapter("r16")[1]
         results[mode] = {"train_em": ev.summary("train")["em"], "gate_failures": ev.quality_failures,
                          "train_memory": manifest["train_memory"], "world_size": manifest.get("world_size"),
                          "optimizer_steps": manifest.get("optimizer_steps"), "train_wall_s": manifest["train_wall_s"],

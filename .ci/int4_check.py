@@ -2,7 +2,7 @@
 
   python .ci/int4_check.py
 
-For each shape: a random bf16 weight, ``harness.int4.quantize_linear``, then gemlite's output against the float64
+For each shape: a random bf16 weight, ``harness.engines.int4.quantize_linear``, then gemlite's output against the float64
 product of the input with torchao's dequantized weight (the function the kernel should compute: bf16-rounding
 error, ~1e-3) and with the original weight (what 4 bits cost, ~1e-1 on random weights). Fresh inputs per check.
 """
@@ -12,7 +12,7 @@ import sys
 import torch
 
 sys.path.insert(0, ".")
-from harness.int4 import quantize_linear  # noqa: E402
+from harness.engines.int4 import quantize_linear  # noqa: E402
 
 SHAPES = {  # (out, in): Mistral-7B's fused qkv, o, gate_up, down; then SmolLM2-135M's
     "mistral-7b": [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)],

@@ -1,7 +1,9 @@
 """qlora-bench: a QLoRA fine-tuning benchmark as a library (``Sweep``) with one pytest plugin (``harness.plugin``).
 
     from harness import Sweep
-    result = Sweep.prepare("tiny").evaluate("r16")
+    sweep = Sweep.prepare("tiny")
+    sweep.train("r16")
+    result = sweep.evaluate("r16")
 """
 
 __all__ = ["Sweep", "load_profile"]
@@ -13,7 +15,7 @@ def __getattr__(name):  # lazy: importing the plugin (pytest --help) must not im
 
         return Sweep
     if name == "load_profile":
-        from .config import load_profile
+        from .config.profiles import load_profile
 
         return load_profile
     raise AttributeError(f"module 'harness' has no attribute {name!r}")

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from .config import available_profiles
-from .errors import InputError
-from .oom import VariantOutOfMemory
+from .config.errors import InputError
+from .config.profiles import available_profiles
+from .train.oom import VariantOutOfMemory
 
 __all__ = ["SWEEP_KEY", "MARKERS", "end_variant", "variant_of"]
 
@@ -61,7 +61,7 @@ def pytest_load_initial_conftests(early_config, parser, args) -> None:
     took the path for a test path, lost pytest.ini (markers, warning policy, testpaths) and collected from the
     path's folder. Start again with ``--profile=/abs/my.yaml``, which it reads correctly (same for our other
     options that take a value)."""
-    from .artifacts import PROJECT_ROOT
+    from .report.provenance import PROJECT_ROOT
 
     argv = list(early_config.invocation_params.args)
     if (sys.argv[1:] != argv or early_config.inipath == PROJECT_ROOT / "pytest.ini"
@@ -168,7 +168,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
-    """Tell the sweep which variants this run selected (after -k/-m): a merged base trains them all first."""
+    """Tell the sweep which variants this run selected (after -k/-m): ``train_selected`` trains them all before any
+    model loads."""
     sweep = session.config.stash[SWEEP_KEY]
     if hasattr(session.config, "workerinput"):  # xdist: a worker runs an unknown share; it trains what it runs
         sweep.select(())
@@ -218,8 +219,8 @@ def pytest_runtest_call(item: pytest.Item):
         if variant is None or not isinstance(e, VariantOutOfMemory) and (
                 torch is None or not isinstance(e, torch.cuda.OutOfMemoryError)):
             raise
-        from .memory import memory_now
-        from .oom import describe_oom
+        from .measure.memory import memory_now
+        from .train.oom import describe_oom
 
         sweep = item.config.stash[SWEEP_KEY]
         message = str(e) if isinstance(e, VariantOutOfMemory) else describe_oom(sweep.profile, variant, "inference",
@@ -243,7 +244,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 
 def _card_from_workers(sweep) -> None:
     """xdist controller: the workers saved their figures to runs/; put this session's into the card."""
-    from .results import load_results, results_path, session_sections
+    from .report.results import load_results, results_path, session_sections
 
     figures = session_sections(load_results(results_path(sweep.runs_dir, sweep.profile.name)),
                                sweep.recorder.session_id)
@@ -254,8 +255,8 @@ def _card_from_workers(sweep) -> None:
 def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
     if SWEEP_KEY not in config.stash or hasattr(config, "workerinput"):
         return
-    from .card import results_table
-    from .results import load_results, results_path, session_sections
+    from .report.card_render import results_table
+    from .report.results import load_results, results_path, session_sections
 
     sweep = config.stash[SWEEP_KEY]
     path = results_path(sweep.runs_dir, sweep.profile.name)

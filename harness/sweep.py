@@ -3,13 +3,17 @@ figures. No pytest: a script or a notebook runs the code the benchmark suites ru
 
     from harness import Sweep
     sweep = Sweep.prepare("tiny")            # validates the profile and its data (one error lists every problem)
-    result = sweep.evaluate("r16")           # trains r16 unless a matching adapter exists, then scores every split
+    sweep.train("r16")                       # trains r16 unless a matching adapter exists in runs/
+    result = sweep.evaluate("r16")           # loads r16 with the profile's engine and scores every split
     print(result.summary("validation"))      # EM/F1 with 95% CIs, ΔF1 vs the baseline, gate failures
     sweep.save()                             # runs/tiny/results.json, and the card
 
-One model is resident at a time. With ``inference.engine: merged`` one dequantized base serves the whole sweep:
-every selected adapter is trained first (so no training shares the GPU with it), then each variant is merged
-into it in turn.
+The phases are explicit: ``train`` and ``train_selected`` are the only methods that train; ``load``, ``evaluate``,
+``parity`` and the latency calls use adapters already trained, and say so when one is missing. One model is resident at a time. With
+``inference.engine: merged`` one dequantized base serves the whole sweep, so ``train_selected`` trains every
+selected adapter before the first ``load`` (no training then shares the GPU with it), and each variant is merged
+into the base in turn. The session's lazy state is a ``SweepState``; what it records beside the scores is
+``harness.report.recording``.
 """
 
 from __future__ import annotations
@@ -19,30 +23,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .artifacts import PROJECT_ROOT
-from .config import Profile, Variant, load_profile
-from .data import fingerprint
-from .evaluate import SplitScores, compare_to_baseline, score_split
-from .gates import quality_failures, quality_gate_count, vram_failures, vram_gate_count
-from .inputs import check_profile_data
-from .memory import free_memory, peak_memory, reset_peak_memory
-from .oom import VariantOutOfMemory, call_with_oom_guard
-from .predictions import eval_key, predictions_path, read_matching, write_predictions
-from .prompt import encode_prompt
-from .results import ResultsRecorder, card_results_path, results_path, save_results
-from .timing import machine_load, summarize_samples
-from .variants import ensure_adapter
+from .config.preflight import check_profile_data
+from .config.profiles import load_profile
+from .config.schema import Profile
+from .data.dataset import fingerprint
+from .data.prompt import encode_prompt
+from .measure.evaluate import SplitScores, compare_to_baseline, score_split
+from .measure.gates import quality_failures, vram_failures
+from .measure.memory import free_memory, peak_memory, reset_peak_memory
+from .measure.predictions import eval_key, predictions_path, read_matching, write_predictions
+from .measure.timing import machine_load, summarize_samples
+from .report.provenance import PROJECT_ROOT
+from .report.recording import record_eval, record_variant
+from .report.results import ResultsRecorder, card_results_path, results_path, save_results
+from .sweep_state import Loaded, SweepState
+from .train.adapters import ensure_adapter
+from .train.oom import VariantOutOfMemory, call_with_oom_guard
 
-__all__ = ["Sweep", "Loaded", "VariantEval"]
-
-@dataclass
-class Loaded:
-    """A variant ready to generate: its model, the engine that decodes with it, and its adapter's manifest."""
-
-    variant: Variant
-    model: Any
-    engine: Any
-    manifest: dict[str, Any]
+__all__ = ["Sweep", "VariantEval"]
 
 
 @dataclass
@@ -68,16 +66,7 @@ class Sweep:
     card: Path | None
     retrain: bool = False
     recorder: ResultsRecorder = None  # type: ignore[assignment]
-    _tokenizer: Any = None
-    _selected: list[str] | None = None
-    _adapters: dict[str, tuple[Path, dict]] = field(default_factory=dict)
-    _adapter_errors: dict[str, BaseException] = field(default_factory=dict)
-    _retrained: set[str] = field(default_factory=set)
-    _merged: Any = None
-    _merged_error: BaseException | None = None
-    _loaded: Loaded | None = None
-    _evals: dict[str, VariantEval] = field(default_factory=dict)
-    _recorded: set[str] = field(default_factory=set)
+    state: SweepState = field(default_factory=SweepState)
 
     # -- the recipe -------------------------------------------------------------------------------------------
 
@@ -94,16 +83,49 @@ class Sweep:
                    ResultsRecorder(profile, data_fp, session_id))
 
     def select(self, names) -> None:
-        """The variants this session will run (train them all before a merged base takes the GPU)."""
-        self._selected = [v for v in self.profile.variants if v in set(names)]
+        """The variants this session will run: ``train_selected`` trains these (default: all of the profile's)."""
+        self.state.selected = [v for v in self.profile.variants if v in set(names)]
+
+    def train(self, name: str) -> tuple[Path, dict[str, Any]] | None:
+        """The one place that decides to train: reuse a complete artifact under the variant's key, unless
+        ``retrain`` asks for a fresh one and this session has not trained it yet. Returns (artifact dir, manifest),
+        None for the baseline. A failure is remembered, so a variant that failed to train is not trained again in
+        the same session, and raised again whenever the variant is used."""
+        s = self.state
+        if self.profile.variant(name).is_baseline:
+            return None
+        if name in s.adapter_errors:
+            raise s.adapter_errors[name]
+        if name not in s.adapters:
+            retrain = self.retrain and name not in s.retrained
+            s.retrained.add(name)
+            try:
+                path, manifest = self._guard(name, "train", ensure_adapter, self.profile, self.profile.variant(name),
+                                             self.splits, self.tokenizer, self.runs_dir, retrain)
+            except Exception as e:  # noqa: BLE001 - kept and raised again for this variant alone
+                s.adapter_errors[name] = e
+                raise
+            s.adapters[name] = (path, {**manifest, "artifact_dir": str(path)})
+        return s.adapters[name]
+
+    def train_selected(self) -> None:
+        """The training phase: every selected variant (all of the profile's when none were selected) before any
+        model is loaded, so a merged base never shares the GPU with training. A variant that fails keeps its
+        error, raised when that variant is trained, loaded or evaluated: one variant's failure ends only it."""
+        for name in self.state.selected if self.state.selected is not None else self.profile.variants:
+            try:
+                self.train(name)
+            except Exception:  # noqa: BLE001 - the variant meets its own error when it is used
+                pass
 
     def evaluate(self, name: str, record: bool = True) -> VariantEval:
         """Score ``name`` on every evaluation split, pair it with the baseline and hold it to the gates."""
-        if name in self._evals:
-            if record and name not in self._recorded:  # evaluated earlier only to pair ΔF1; now asked for
-                self._record_eval(self._evals[name], self.load(name))
-                self._recorded.add(name)
-            return self._evals[name]
+        done = self.state.evals
+        if name in done:
+            if record and name not in self.state.recorded:  # evaluated earlier only to pair ΔF1; now asked for
+                record_eval(self.recorder, done[name], self.load(name))
+                self.state.recorded.add(name)
+            return done[name]
         baseline, note = (None, None) if name == "baseline" else self._baseline_rows()
         loaded = self.load(name)
         reset_peak_memory()
@@ -124,18 +146,18 @@ class Sweep:
         write_predictions(predictions_path(self.runs_dir, self.profile, name),
                           [r for s in scores.values() for r in s.rows], self.eval_key())
         if record:
-            self._record_eval(result, loaded)
-            self._recorded.add(name)
-        self._evals[name] = result
+            record_eval(self.recorder, result, loaded)
+            self.state.recorded.add(name)
+        done[name] = result
         return result
 
     def parity(self, name: str) -> tuple[dict[str, Any], list[str]]:
         """The profile's engine for ``name`` against the seed path, built separately (a fresh NF4 base with the
         variant's adapter unmerged, HF generate): greedy tokens and teacher-forced logits on every evaluation
         prompt, held to ``inference.parity_*``. Returns (figures, gate failures) and records both."""
-        from .decoding import HFGreedy
-        from .merged import load_nf4_with_adapter
-        from .parity import parity, parity_failures
+        from .engines.decoding import HFGreedy
+        from .measure.parity import parity, parity_failures
+        from .models.nf4 import load_nf4_with_adapter
 
         loaded, inf = self.load(name), self.profile.inference
         adapter_dir = None if loaded.variant.is_baseline else self.adapter(name)[0] / "adapter"
@@ -150,7 +172,7 @@ class Sweep:
             free_memory()
         failures = parity_failures(result, inf, label=f"{name}: {loaded.engine.name} vs seed path")
         engine = loaded.engine.name
-        self._record_variant(name)
+        record_variant(self.recorder, loaded)
         self.recorder.record(name, "parity", {**result, "engine": engine, "failures": failures}, engine=engine)
         self.recorder.record(name, "gates", {"parity": {"checked": 2, "failures": failures}}, engine=engine)
         return result, failures
@@ -158,19 +180,20 @@ class Sweep:
     def decode_call(self, name: str) -> Callable[[], list[list[int]]]:
         """One timed unit of the latency benchmark: greedy-decode the fixed prompt to exactly
         ``latency.max_new_tokens`` tokens with ``name`` loaded. A recompilation inside it is an error."""
-        from .decoding import timed_round
+        from .engines.decoding import timed_round
 
         return timed_round(self.load(name).engine, self.latency_prompt(), self.profile.latency.max_new_tokens)
 
     def record_latency(self, name: str, samples: list[float], load_before: dict, load_after: dict,
                        timer: str = "pytest-benchmark") -> dict[str, Any]:
         """Summarize timed rounds of ``decode_call(name)`` (p50/p95, spread, machine load) and record them."""
-        engine = self.load(name).engine
+        loaded = self.load(name)
+        engine = loaded.engine
         figures = {**summarize_samples(samples, self.profile.latency.max_new_tokens, load_before, load_after),
                    "warmup_rounds": self.profile.latency.warmup_rounds, "prompt_id": self.latency_example().id,
                    "engine": engine.name, "engine_note": engine.note, "compiled": engine.compiled,
                    "first_call_s": dict(engine.compile_s), "timer": timer}
-        self._record_variant(name)
+        record_variant(self.recorder, loaded)
         self.recorder.record(name, "latency", figures, engine=engine.name)
         return figures
 
@@ -191,11 +214,12 @@ class Sweep:
                                           if worker else "")
         return self.record_latency(name, samples, before, machine_load(), timer=timer)
 
-    def engine_bench(self):
-        """The engines compared side by side on ``inference.speed_variant`` (harness.engine_bench)."""
-        from .engine_bench import EngineBench
+    def compare_engines(self):
+        """The engines side by side on ``inference.speed_variant`` (``harness.engines.compare``); train that
+        variant first (``train``)."""
+        from .engines.compare import EngineComparison
 
-        return EngineBench(self)
+        return EngineComparison(self)
 
     def save(self, card: bool = True) -> dict[str, Any]:
         """Merge this session's figures into ``runs/<profile>/results.json`` and, with ``card``, into the card."""
@@ -207,7 +231,7 @@ class Sweep:
         return results
 
     def write_card(self, figures: dict[str, dict[str, Any]]) -> None:
-        from .card import write_card
+        from .report.card import write_card
 
         write_card(self.card, card_results_path(self.card, self.profile.name), self.profile, figures,
                    self.recorder.data_fingerprint)
@@ -216,65 +240,58 @@ class Sweep:
 
     @property
     def tokenizer(self):
-        if self._tokenizer is None:
-            from .models import load_tokenizer
+        if self.state.tokenizer is None:
+            from .models.base import load_tokenizer
 
-            self._tokenizer = load_tokenizer(self.profile.model, self.runs_dir / "_models")
-        return self._tokenizer
+            self.state.tokenizer = load_tokenizer(self.profile.model, self.runs_dir / "_models")
+        return self.state.tokenizer
 
     def adapter(self, name: str) -> tuple[Path, dict[str, Any]]:
-        """The one place that decides to train: reuse a complete artifact under the variant's key, unless
-        ``retrain`` asks for a fresh one and this session has not trained it yet. A failure is remembered, so a
-        variant that failed to train is not trained again in the same session."""
-        if name in self._adapter_errors:
-            raise self._adapter_errors[name]
-        if name not in self._adapters:
-            retrain = self.retrain and name not in self._retrained
-            self._retrained.add(name)
-            try:
-                path, manifest = self._guard(name, "train", ensure_adapter, self.profile, self.profile.variant(name),
-                                             self.splits, self.tokenizer, self.runs_dir, retrain)
-            except Exception as e:  # noqa: BLE001 - kept and raised again for this variant alone
-                self._adapter_errors[name] = e
-                raise
-            self._adapters[name] = (path, {**manifest, "artifact_dir": str(path)})
-        return self._adapters[name]
+        """``name``'s trained adapter: (artifact dir, manifest). Trains nothing: ``train(name)`` comes first."""
+        if name in self.state.adapter_errors:
+            raise self.state.adapter_errors[name]
+        if name not in self.state.adapters:
+            raise RuntimeError(f"variant {name!r} has no adapter in this session yet; call sweep.train({name!r}) "
+                               f"(or sweep.train_selected()) before loading or evaluating it")
+        return self.state.adapters[name]
 
     def load(self, name: str) -> Loaded:
-        """``name`` ready to generate, with the profile's engine; the previously loaded variant is released."""
-        if self._loaded is not None and self._loaded.variant.name == name:
-            return self._loaded
+        """``name`` ready to generate, with the profile's engine; the previously loaded variant is released.
+        Trains nothing: a LoRA variant needs ``train(name)`` (or ``train_selected``) first."""
+        s = self.state
+        if s.loaded is not None and s.loaded.variant.name == name:
+            return s.loaded
         self.release()
         variant = self.profile.variant(name)
-        merged = self._merged_base() if self.profile.inference.engine == "merged" else None
         path, manifest = (None, {}) if variant.is_baseline else self.adapter(name)
+        merged = self._merged_base() if self.profile.inference.engine == "merged" else None
         adapter_dir = None if path is None else path / "adapter"
         if merged is not None:
             model = self._guard(name, "inference", merged.activate, name, adapter_dir)
             engine = merged.engine
         else:
-            from .decoding import HFGreedy, StaticGreedy
-            from .merged import load_nf4_with_adapter
+            from .engines.decoding import HFGreedy, StaticGreedy
+            from .models.nf4 import load_nf4_with_adapter
 
             model = self._guard(name, "inference", load_nf4_with_adapter, self.profile, adapter_dir,
                                 self.runs_dir / "_models")
             engine = (HFGreedy(model, self.tokenizer) if self.profile.inference.engine == "seed"
                       else StaticGreedy(model, self.tokenizer, self.profile.inference.engine, self.profile.inference))
-        self._loaded = Loaded(variant, model, engine, manifest)
-        return self._loaded
+        s.loaded = Loaded(variant, model, engine, manifest)
+        return s.loaded
 
     def release(self) -> None:
         """Drop the loaded variant (the merged base, shared by the sweep, stays until ``close``)."""
-        if self._loaded is not None:
-            self._loaded.model = self._loaded.engine = None
-            self._loaded = None
+        if self.state.loaded is not None:
+            self.state.loaded.model = self.state.loaded.engine = None
+            self.state.loaded = None
             free_memory()
 
     def close(self) -> None:
         self.release()
-        if self._merged is not None:
-            self._merged.model = self._merged.engine = None
-            self._merged = None
+        if self.state.merged is not None:
+            self.state.merged.model = self.state.merged.engine = None
+            self.state.merged = None
         free_memory()
 
     def latency_example(self):
@@ -295,17 +312,11 @@ class Sweep:
         return call_with_oom_guard(self.profile, name, phase, fn, *args)
 
     def _merged_base(self):
-        if self._merged_error is not None:
-            raise self._merged_error
-        if self._merged is None:
-            from .merged import MergedBase
-
-            for name in self._selected if self._selected is not None else self.profile.variants:
-                if not self.profile.variant(name).is_baseline:
-                    try:
-                        self.adapter(name)
-                    except Exception:  # noqa: BLE001 - the variant meets its own error when it loads
-                        pass
+        s = self.state
+        if s.merged_error is not None:
+            raise s.merged_error
+        if s.merged is None:
+            from .engines.merged import MergedBase
 
             def build():
                 base = MergedBase(self.profile, self.runs_dir / "_models", self.tokenizer)
@@ -315,54 +326,12 @@ class Sweep:
 
             # the bf16 base serves every variant: an OOM here ends all of them, with one message
             try:
-                self._merged = self._guard("merged base (all variants)", "inference", build)
+                s.merged = self._guard("merged base (all variants)", "inference", build)
             except VariantOutOfMemory as e:
-                self._merged_error = e
+                s.merged_error = e
                 raise
 
-        return self._merged
-
-    def _record_variant(self, name: str) -> None:
-        """What a recorded figure of ``name`` stands on: its label and engine, and its adapter's training figures
-        (stamped by the run that trained it). Only a variant this session measures gets a row."""
-        loaded = self.load(name)
-        self.recorder.record(name, "info", {"label": loaded.variant.label, "description": loaded.variant.description,
-                                            "engine": loaded.engine.name, "engine_note": loaded.engine.note},
-                             engine=loaded.engine.name)
-        if loaded.manifest and not self.recorder.get(name, "training"):
-            self._record_training(name, loaded.manifest)
-
-    def _record_training(self, name: str, m: dict[str, Any]) -> None:
-        stamp = {"git_sha": m.get("git_sha"), "profile": self.profile.name, "config_hash": m.get("config_hash"),
-                 "data_fingerprint": self.recorder.data_fingerprint, "engine": None, "device": m.get("device"),
-                 "time": m.get("train_finished"), "session": self.recorder.session_id,
-                 "versions": m.get("versions"), "adapter": m.get("key_hash", "")[:12]}
-        keys = ("trainable_params", "train_wall_s", "train_tokens_per_s", "optimizer_steps",
-                "planned_optimizer_steps", "key_hash", "world_size")
-        self.recorder.record(name, "training", {k: m[k] for k in keys if k in m}, provenance=stamp)
-        mem = m.get("train_memory", {})
-        train = {k2: mem[k] for k, k2 in (("peak_allocated_gib", "train_peak_allocated_gib"),
-                                          ("peak_reserved_gib", "train_peak_reserved_gib"),
-                                          ("peak_rss_gib", "train_peak_rss_gib")) if k in mem}
-        failures = vram_failures(self.profile, name, "train", mem.get("peak_allocated_gib"))
-        self.recorder.record(name, "training", {**train, "vram_failures": failures}, provenance=stamp)
-
-    def _record_eval(self, result: VariantEval, loaded: Loaded) -> None:
-        name, engine = result.variant, loaded.engine.name
-        self._record_variant(name)
-        self.recorder.record(name, "quality", {k: v.summary for k, v in result.scores.items()}, engine=engine)
-        mem = {"peak_rss_gib": result.peak_memory["peak_rss_gib"]}
-        if "peak_allocated_gib" in result.peak_memory:
-            mem.update(inference_peak_allocated_gib=result.peak_memory["peak_allocated_gib"],
-                       inference_peak_reserved_gib=result.peak_memory["peak_reserved_gib"])
-        self.recorder.record(name, "memory", mem, engine=engine)
-        train_failures = self.recorder.get(name, "training").get("vram_failures", [])
-        peaks = {"inference": result.peak_memory.get("peak_allocated_gib"),
-                 "train": self.recorder.get(name, "training").get("train_peak_allocated_gib")}
-        gates = {"quality": {"checked": quality_gate_count(self.profile, name), "failures": result.quality_failures},
-                 "vram": {"checked": vram_gate_count(self.profile, name, peaks),
-                          "failures": result.vram_failures + train_failures}}
-        self.recorder.record(name, "gates", gates, engine=engine)
+        return s.merged
 
     def eval_key(self) -> str:
         """What stored predictions must match to be paired: config, all data, and the code that decodes."""
@@ -371,8 +340,8 @@ class Sweep:
     def _baseline_rows(self) -> tuple[dict[str, list[dict]] | None, str | None]:
         """The baseline's per-example rows to pair ΔF1 with: this session's, a stored file made under the same
         eval key, or (when the profile sweeps a baseline) a fresh evaluation. Never another config's."""
-        if "baseline" in self._evals:
-            return {k: v.rows for k, v in self._evals["baseline"].scores.items()}, None
+        if "baseline" in self.state.evals:
+            return {k: v.rows for k, v in self.state.evals["baseline"].scores.items()}, None
         rows = read_matching(predictions_path(self.runs_dir, self.profile, "baseline"), self.eval_key())
         if rows is not None:
             return {s: [r for r in rows if r["split"] == s] for s in self.profile.data.eval_splits}, None

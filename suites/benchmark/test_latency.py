@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import pytest
 
-from harness.timing import machine_load, own_gpu
+from harness.measure.timing import machine_load, own_gpu
 
 pytestmark = [pytest.mark.slow, pytest.mark.benchmark]
 

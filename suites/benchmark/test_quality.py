@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from harness.prompt import encode_prompt
+from harness.data.prompt import encode_prompt
 
 pytestmark = pytest.mark.slow
 

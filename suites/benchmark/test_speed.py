@@ -1,4 +1,4 @@
-"""Engines compared in one session (``harness.engine_bench``): the seed path (NF4 + unmerged adapter, HF generate)
+"""Engines compared in one session (``harness.engines.compare``): the seed path (NF4 + unmerged adapter, HF generate)
 against the fast paths, on the same machine, variant (``inference.speed_variant``) and prompt.
 
 Group ``speed``: pytest-benchmark times one library call per engine; ``extra_info`` carries p50/p95, the first call
@@ -10,16 +10,16 @@ from __future__ import annotations
 
 import pytest
 
-from harness.gates import speed_failures
-from harness.parity import parity_failures
-from harness.timing import machine_load
+from harness.measure.gates import speed_failures
+from harness.measure.parity import parity_failures
+from harness.measure.timing import machine_load
 
 pytestmark = [pytest.mark.slow, pytest.mark.benchmark, pytest.mark.qlora_speed]
 
 
-def test_engine_speed(benchmark, engine_name, engine_bench, profile):
+def test_engine_speed(benchmark, engine_name, engine_comparison, profile):
     """128 greedy tokens of the speed variant, per engine; the seed path runs first and sets the ratio's base."""
-    call = engine_bench.call(engine_name)
+    call = engine_comparison.call(engine_name)
     benchmark.group = "speed"
     before = machine_load()
     inf = profile.inference
@@ -28,23 +28,23 @@ def test_engine_speed(benchmark, engine_name, engine_bench, profile):
     assert len(out[0]) == profile.latency.max_new_tokens
     if benchmark.disabled:
         pytest.skip("benchmarks disabled (--benchmark-disable or xdist): no speed figures")
-    figures = engine_bench.record(engine_name, list(benchmark.stats.stats.data), before, machine_load())
+    figures = engine_comparison.record(engine_name, list(benchmark.stats.stats.data), before, machine_load())
     benchmark.extra_info.update({k: v for k, v in figures.items() if k != "samples_s"})
     failures = speed_failures(profile, engine_name, figures["p50_s"], figures.get("speedup_vs_seed"))
     assert not failures, "\n".join(failures)
 
 
 @pytest.mark.parametrize("candidate", ["merged", "nf4-compiled"])
-def test_engine_matches_seed(engine_bench, profile, candidate):
+def test_engine_matches_seed(engine_comparison, profile, candidate):
     """A fast engine reproduces the seed path's greedy tokens (and logits, teacher-forced) on every eval prompt."""
     if candidate not in profile.inference.speed_engines:
         pytest.skip(f"{profile.source_file}: {candidate} is not in inference.speed_engines")
-    failures = parity_failures(engine_bench.parity(candidate), profile.inference)
+    failures = parity_failures(engine_comparison.parity(candidate), profile.inference)
     assert not failures, "\n".join(failures)
 
 
 @pytest.mark.parametrize("quantized", ["merged-int8", "merged-int4"])
-def test_quantized_engine_quality_cost_is_measured(engine_bench, profile, quantized):
+def test_quantized_engine_quality_cost_is_measured(engine_comparison, profile, quantized):
     """What a quantized engine's speed costs: its EM/F1 against the merged engine, for every variant on every
     evaluation split, paired per example. Reported, not gated (a trade-off the user chooses); only real weights make
     it mean anything."""
@@ -52,9 +52,9 @@ def test_quantized_engine_quality_cost_is_measured(engine_bench, profile, quanti
         pytest.skip(f"{profile.source_file}: {quantized} is not in inference.speed_engines")
     if profile.weights != "real":
         pytest.skip(f"{profile.name}: random weights, so a quality difference would mean nothing")
-    result = engine_bench.quality(quantized)
+    result = engine_comparison.quality(quantized)
     assert set(result) == set(profile.variants)
     for variant, per_split in result.items():
         for split, q in per_split.items():
-            assert q["n"] == q["n_paired"] == len(engine_bench.sweep.splits[split]), (variant, split)
+            assert q["n"] == q["n_paired"] == len(engine_comparison.sweep.splits[split]), (variant, split)
             assert 0.0 <= q["identical_predictions"] <= 1.0

@@ -38,9 +38,9 @@ def test_real_cuda_oom_names_variant_phase_ceiling_and_memory_and_frees_it(tmp_p
     hits a true cudaMalloc failure. The error names variant, phase, ceiling and memory; the memory comes back;
     r8 then trains. (``set_per_process_memory_fraction`` did not cap training on the H100: the test passed the cap.)"""
     from fixtures.user_runs import quick_profile
-    from harness.models import resolve_source
-    from harness.oom import VariantOutOfMemory
+    from harness.models.base import resolve_source
     from harness.sweep import Sweep
+    from harness.train.oom import VariantOutOfMemory
 
     sweep = Sweep.prepare(quick_profile(tmp_path / "p", {"vram_ceilings_gib": {"train": {"r16": 0.01}}}),
                           runs_dir=tmp_path / "runs", card=tmp_path / "MODEL_CARD.md")
@@ -63,7 +63,7 @@ def test_real_cuda_oom_names_variant_phase_ceiling_and_memory_and_frees_it(tmp_p
                     "OOM tests (suites/selftest/test_reliability.py, test_plugin.py) cover the message and cleanup")
     try:
         with pytest.raises(VariantOutOfMemory) as info:
-            sweep.adapter("r16")
+            sweep.train("r16")
     finally:
         del ballast
         torch.cuda.empty_cache()
@@ -71,5 +71,5 @@ def test_real_cuda_oom_names_variant_phase_ceiling_and_memory_and_frees_it(tmp_p
     assert message.startswith("r16: out of memory during train (CUDA out of memory"), message
     assert "vram_ceilings_gib.train.r16 = 0.01 GiB" in message and "GiB allocated" in message, message
     assert torch.cuda.memory_allocated() <= allocated_before + 2**20, "the failed variant's memory was not freed"
-    path, manifest = sweep.adapter("r8")
+    path, manifest = sweep.train("r8")
     assert manifest["complete"] and (path / "adapter").is_dir()

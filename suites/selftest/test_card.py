@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from huggingface_hub import ModelCard
 
-from harness.card import END, START, update_card
+from harness.report.card import END, START, update_card
 
 CARD = ("---\nlicense: mit\nbase_model: mistralai/Mistral-7B-Instruct-v0.3\nmy_team: search-quality\n---\n\n"
         "# Our card\n\nWritten by hand  \nwith\ta tab.\n\n"

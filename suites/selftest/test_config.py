@@ -15,7 +15,9 @@ import yaml
 from hypothesis import given
 from hypothesis import strategies as st
 
-from harness.config import CONFIG_DIR, ConfigError, Profile, available_profiles, config_hash, load_profile
+from harness.config.errors import ConfigError
+from harness.config.profiles import CONFIG_DIR, available_profiles, config_hash, load_profile
+from harness.config.schema import Profile
 
 HERE = Path(__file__).resolve().parent
 CORPUS = HERE / "corpus"

@@ -11,10 +11,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from fixtures.user_runs import write_profile
-from harness.config import load_profile
-from harness.data import DataError, fingerprint, load_splits
-from harness.inputs import check_profile_data
-from harness.prompt import EmptyAnswer, build_training_example, v3_tokenizer
+from harness.config.errors import DataError
+from harness.config.preflight import check_profile_data
+from harness.config.profiles import load_profile
+from harness.data.dataset import fingerprint, load_splits
+from harness.data.prompt import EmptyAnswer, build_training_example, v3_tokenizer
 
 HERE = Path(__file__).resolve().parent
 CORPUS = HERE / "corpus" / "data"

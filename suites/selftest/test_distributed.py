@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 
 from fixtures.user_runs import quick_profile, write_profile
-from harness.config import ConfigError, load_profile
-from harness.distributed import DistributedTrainingError, launch_command
-from harness.variants import artifact_key, ensure_adapter
+from harness.config.errors import ConfigError
+from harness.config.profiles import load_profile
+from harness.train.adapters import artifact_key, ensure_adapter
+from harness.train.distributed import DistributedTrainingError, launch_command
 
 
 def test_tiny_ddp_profile_is_two_processes_with_the_same_global_batch():
@@ -45,7 +46,7 @@ def test_launch_command_runs_the_worker_module_under_accelerate(tmp_path):
     cmd = launch_command(ddp, ddp.variant("r16"), tmp_path / "runs", tmp_path / "out")
     assert cmd[1:3] == ["-m", "accelerate.commands.launch"]
     assert cmd[cmd.index("--num_processes") + 1] == "2" and "--multi_gpu" in cmd and "--use_fsdp" not in cmd
-    assert cmd[cmd.index("-m", 3) + 1] == "harness.distributed"
+    assert cmd[cmd.index("-m", 3) + 1] == "harness.train.distributed"
     assert cmd[cmd.index("--profile") + 1] == ddp.source_file and cmd[cmd.index("--variant") + 1] == "r16"
     fsdp = load_profile(write_profile(tmp_path, {"distributed": {"mode": "fsdp", "num_processes": 2},
                                                  "quantization": {"quant_storage": "float32"}}))
@@ -65,8 +66,8 @@ def test_world_size_is_part_of_the_cache_key():
 @pytest.mark.slow
 def test_two_process_training_shards_the_data_and_records_the_world_size(tmp_path):
     """A real 2-process gloo run: each process takes half the micro-batches; rank 0 saves one adapter."""
-    from harness.data import load_splits
-    from harness.models import load_tokenizer
+    from harness.data.dataset import load_splits
+    from harness.models.base import load_tokenizer
 
     path = quick_profile(tmp_path / "cfg", {"training": {"batch_size": 2, "epochs": 2},
                                             "distributed": {"mode": "ddp", "num_processes": 2, "timeout_s": 600}})
@@ -82,7 +83,7 @@ def test_two_process_training_shards_the_data_and_records_the_world_size(tmp_pat
 
 
 # Put on PYTHONPATH as sitecustomize.py: every Python process imports it at start-up, so rank 1 of the launched run
-# fails inside harness.distributed.main without any test hook in the library.
+# fails inside harness.train.distributed.main without any test hook in the library.
 _FAIL_RANK_1 = """
 import os, sys
 
@@ -91,7 +92,7 @@ def fail_on_rank_1(*args, **kwargs):
     raise RuntimeError("injected failure on rank 1")
 
 
-if os.environ.get("RANK") == "1" and "harness.distributed" in sys.orig_argv:
+if os.environ.get("RANK") == "1" and "harness.train.distributed" in sys.orig_argv:
     import argparse
 
     argparse.ArgumentParser.parse_args = fail_on_rank_1
@@ -102,8 +103,8 @@ if os.environ.get("RANK") == "1" and "harness.distributed" in sys.orig_argv:
 def test_a_failing_rank_is_named_with_its_traceback_and_its_logs_are_kept(tmp_path, monkeypatch):
     """Rank 1 raises on purpose: the error names it, shows its own traceback, and points at logs that outlive the
     deleted temp dir; no partial or final artifact is left for the variant."""
-    from harness.data import load_splits
-    from harness.models import load_tokenizer
+    from harness.data.dataset import load_splits
+    from harness.models.base import load_tokenizer
 
     inject = tmp_path / "inject"
     inject.mkdir()

@@ -17,15 +17,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from harness.config import load_profile
-from harness.data import load_splits
-from harness.decoding import HFGreedy, StaticGreedy, no_recompile
-from harness.merged import MergedBase, load_nf4_with_adapter
-from harness.models import load_tokenizer
-from harness.parity import parity, parity_failures
-from harness.quantized import INDUCTOR_OPTIONS, Int8Merged, Int8WeightOnlyLinear, resident_gib
-from harness.prompt import encode_prompt
-from harness.variants import ensure_adapter
+from harness.config.profiles import load_profile
+from harness.data.dataset import load_splits
+from harness.data.prompt import encode_prompt
+from harness.engines.decoding import HFGreedy, StaticGreedy, no_recompile
+from harness.engines.int8 import INDUCTOR_OPTIONS, Int8Merged, Int8WeightOnlyLinear, resident_gib
+from harness.engines.merged import MergedBase
+from harness.measure.parity import parity, parity_failures
+from harness.models.base import load_tokenizer
+from harness.models.nf4 import load_nf4_with_adapter
+from harness.train.adapters import ensure_adapter
 
 pytestmark = pytest.mark.slow
 

@@ -1,4 +1,4 @@
-"""harness.metrics: SQuAD v1.1 normalization for English, the French rule, exact match and token F1.
+"""harness.measure.metrics: SQuAD v1.1 normalization for English, the French rule, exact match and token F1.
 
 The first half pins the rules on examples; the second half states invariants that hypothesis checks on text built
 to hit the rules (French letters, both apostrophes, NBSP and narrow NBSP, punctuation, articles, elisions).
@@ -15,7 +15,7 @@ import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from harness.metrics import SUPPORTED_LANGS, exact_match, f1, normalize_answer
+from harness.measure.metrics import SUPPORTED_LANGS, exact_match, f1, normalize_answer
 
 
 def _squad_v11_normalize(s: str) -> str:
@@ -38,7 +38,8 @@ def _squad_v11_normalize(s: str) -> str:
 
 
 def _squad_v11_f1(prediction: str, ground_truth: str) -> float:
-    """f1_score from the official SQuAD v1.1 evaluate.py (0 when both sides are empty, unlike harness.metrics)."""
+    """f1_score from the official SQuAD v1.1 evaluate.py (0 when both sides are empty, unlike
+    harness.measure.metrics)."""
     prediction_tokens = _squad_v11_normalize(prediction).split()
     ground_truth_tokens = _squad_v11_normalize(ground_truth).split()
     common = collections.Counter(prediction_tokens) & collections.Counter(ground_truth_tokens)

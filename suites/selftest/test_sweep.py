@@ -13,14 +13,14 @@ from pathlib import Path
 
 import pytest
 
-import harness.variants as variants
+import harness.train.adapters as adapters
 from fixtures.user_runs import REPO, quick_profile, write_profile
-from harness.artifacts import PROJECT_ROOT, atomic_write_text
-from harness.card import write_card
-from harness.card_render import fmt_ratio, render_section
-from harness.config import config_hash, load_profile
-from harness.inputs import check_profile_data
-from harness.results import load_results
+from harness.config.preflight import check_profile_data
+from harness.config.profiles import config_hash, load_profile
+from harness.report.atomic import atomic_write_text
+from harness.report.card import write_card
+from harness.report.card_render import fmt_ratio, render_section
+from harness.report.provenance import PROJECT_ROOT
 from harness.sweep import Sweep
 
 HARNESS = REPO / "harness"
@@ -30,20 +30,20 @@ def test_editing_a_line_of_the_training_code_changes_the_adapter_key(tmp_path, m
     """An adapter trained by old code must not be reused after the training code changed."""
     profile = load_profile("tiny")
     splits = check_profile_data(profile)
-    before = config_hash(variants.artifact_key(profile, profile.variant("r16"), splits["train"]))
+    before = config_hash(adapters.artifact_key(profile, profile.variant("r16"), splits["train"]))
     copies = []
-    for src in variants.ADAPTER_SOURCES:
+    for src in adapters.ADAPTER_SOURCES:
         dst = tmp_path / src.name
         text = src.read_text(encoding="utf-8")
-        if src.name == "train.py":
+        if src.name == "trainer.py":
             text = text.replace("wall_s = time.perf_counter() - start", "wall_s = time.perf_counter() - start  # x")
-            assert text != src.read_text(encoding="utf-8"), "the edited line is gone from train.py"
+            assert text != src.read_text(encoding="utf-8"), "the edited line is gone from trainer.py"
         dst.write_text(text, encoding="utf-8")
         copies.append(dst)
-    monkeypatch.setattr(variants, "ADAPTER_SOURCES", tuple(copies))
-    after = config_hash(variants.artifact_key(profile, profile.variant("r16"), splits["train"]))
+    monkeypatch.setattr(adapters, "ADAPTER_SOURCES", tuple(copies))
+    after = config_hash(adapters.artifact_key(profile, profile.variant("r16"), splits["train"]))
     assert after != before
-    assert [p.name for p in copies][:1] == ["train.py"]
+    assert [p.name for p in copies][:1] == ["trainer.py"]
 
 
 def _baseline_file(sweep: Sweep, eval_key: str) -> None:
@@ -100,7 +100,7 @@ def test_a_card_block_without_its_results_file_is_not_rewritten(tmp_path):
     text = "# Card\n<!-- results:start -->\n<!-- results:tiny:start -->\nrows\n<!-- results:tiny:end -->\n" \
            "<!-- results:end -->\n"
     card.write_text(text, encoding="utf-8")
-    from harness.card import CardError
+    from harness.report.card import CardError
 
     with pytest.raises(CardError, match="tiny-results.json is missing"):
         write_card(card, tmp_path / "card_assets" / "tiny-results.json", profile, {"r16": {}}, "fp")
@@ -144,21 +144,35 @@ def test_fixtures_only_map_the_library_onto_pytest_scopes():
         assert not names & {"open", "write_text", "perf_counter", "train_adapter", "ensure_adapter", "save"}, fn.name
 
 
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(REPO).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
 def _imports(path: Path) -> set[str]:
-    tree = ast.parse(path.read_text(encoding="utf-8"))
+    """The harness modules ``path`` imports, lazy imports included, as dotted names."""
+    name, tree = _module_name(path), ast.parse(path.read_text(encoding="utf-8"))
+    package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
     out = set()
     for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module:
-            out.add(node.module.split(".")[0])
-        elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("harness."):
-            out.add(node.module.split(".")[1])
+        if isinstance(node, ast.ImportFrom) and node.level:
+            base = package.split(".")[:len(package.split(".")) - (node.level - 1)]
+            target = ".".join(base + ([node.module] if node.module else []))
+            out.add(target)
+            out.update(f"{target}.{a.name}" for a in node.names)  # ``from . import schema``
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("harness"):
+            out.add(node.module)
+            out.update(f"{node.module}.{a.name}" for a in node.names)
+        elif isinstance(node, ast.Import):
+            out.update(a.name for a in node.names if a.name.startswith("harness"))
     return out
 
 
 def test_harness_has_no_import_cycle_and_small_modules_with_all():
-    """Every import, lazy ones included, forms no cycle; each module stays under 400 lines and has an __all__."""
-    modules = {p.stem: p for p in HARNESS.glob("*.py") if p.stem != "__init__"}
-    graph = {m: _imports(p) & set(modules) for m, p in modules.items()}
+    """Every import, lazy ones included, forms no cycle; each module stays under 400 lines and has an __all__, and
+    so does every package's __init__.py."""
+    modules = {_module_name(p): p for p in HARNESS.rglob("*.py")}
+    graph = {m: _imports(p) & set(modules) - {m} for m, p in modules.items()}
 
     def visit(node, stack):
         if node in stack:
@@ -168,10 +182,35 @@ def test_harness_has_no_import_cycle_and_small_modules_with_all():
 
     for m in graph:
         visit(m, [])
+    assert "harness.config.profiles" in graph["harness.sweep"], "the import graph lost the subpackages"
     for m, p in modules.items():
         text = p.read_text(encoding="utf-8")
-        assert len(text.splitlines()) <= 400, f"harness/{m}.py has {len(text.splitlines())} lines"
-        assert "__all__" in text, f"harness/{m}.py has no __all__"
+        assert len(text.splitlines()) <= 400, f"{p.relative_to(REPO)} has {len(text.splitlines())} lines"
+        assert "__all__" in text, f"{p.relative_to(REPO)} has no __all__"
+
+
+def test_the_harness_layout_follows_the_data_path_and_the_code_digests_name_real_files():
+    """The subpackages along the data path, only the recipe and the plugin at the top, and every file an adapter
+    key or an eval key digests exists (a renamed module must not silently drop out of the key)."""
+    from harness.measure.predictions import EVAL_SOURCES
+
+    packages = {p.parent.name for p in HARNESS.glob("*/__init__.py")}
+    assert packages == {"config", "data", "models", "train", "engines", "measure", "report", "bench"}, packages
+    assert {p.name for p in HARNESS.glob("*.py")} == {"__init__.py", "sweep.py", "sweep_state.py", "plugin.py"}
+    for src in (*adapters.ADAPTER_SOURCES, *EVAL_SOURCES):
+        assert src.is_file() and HARNESS in src.parents, src
+
+
+def test_nothing_trains_inside_load_or_evaluate(tmp_path):
+    """Training is its own phase: loading or evaluating a variant that was never trained says to train it, and
+    has written nothing (a ``load`` that trained as a side effect would pass a weaker test that only checks the
+    result)."""
+    profile = quick_profile(tmp_path / "p", {"variants": ["r8"]})
+    sweep = Sweep.prepare(profile, runs_dir=tmp_path / "runs", card=tmp_path / "MODEL_CARD.md")
+    for call in (sweep.load, sweep.evaluate, sweep.parity):
+        with pytest.raises(RuntimeError, match=r"call sweep\.train\('r8'\)"):
+            call("r8")
+    assert not (tmp_path / "runs").exists()
 
 
 def test_a_profile_outside_the_project_writes_into_the_project(tmp_path):

@@ -9,12 +9,12 @@ import json
 import pytest
 import torch
 
-from harness.config import config_hash, load_profile
-from harness.data import load_splits
-from harness.models import lora_trainable_params, synthetic_config
-from harness.prompt import v3_tokenizer
-from harness.train import DegenerateRecipeWarning, _check_recipe, optimizer_steps, training_rows
-from harness.variants import artifact_key, ensure_adapter
+from harness.config.profiles import config_hash, load_profile
+from harness.data.dataset import load_splits
+from harness.data.prompt import training_rows, v3_tokenizer
+from harness.models.base import lora_trainable_params, synthetic_config
+from harness.train.adapters import artifact_key, ensure_adapter
+from harness.train.trainer import DegenerateRecipeWarning, _check_recipe, optimizer_steps
 
 # The 7B shape, all 7 targets: 2,621,440 trainable params per unit of rank.
 SEVEN_B_TRAINABLE = [("r8", 20_971_520), ("r16", 41_943_040), ("r32", 83_886_080)]

@@ -1,0 +1,199 @@
+"""The inference engines side by side: the seed path (NF4 + unmerged adapter, HF generate) against the fast paths,
+on one variant (``inference.speed_variant``), one prompt, one machine and one session, so their ratios hold.
+
+Each engine is built once per session. ``seed`` and ``nf4-compiled`` each get their own NF4 + adapter model, built
+separately, so the parity of the two compares two models, never one object with itself; ``merged`` is the
+sweep's own merged base with the speed variant merged in; ``merged-int8`` is an int8 weight-only copy of that
+(harness/engines/int8.py), ``merged-int4`` a 4-bit copy of its fused projections (harness/engines/int4.py, CUDA only), and
+``quality`` scores what a quantized engine's speed costs against ``merged``, for every variant of the sweep. ``parity`` holds a fast
+engine's greedy tokens and logits against the seed path on every evaluation prompt (thresholds in
+``inference.parity_*``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from ..measure.timing import summarize_samples
+
+__all__ = ["EngineComparison"]
+
+
+def _allocated_gib() -> float:
+    import torch
+
+    return torch.cuda.memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
+
+
+class EngineComparison:
+    def __init__(self, sweep):
+        self.sweep, self.profile = sweep, sweep.profile
+        self.variant = self.profile.inference.speed_variant
+        if self.variant not in self.profile.variants or self.profile.variant(self.variant).is_baseline:
+            raise ValueError(f"{self.profile.source_file}: inference.speed_variant {self.variant!r} is not a LoRA "
+                             f"variant of this sweep ({', '.join(self.profile.variants)})")
+        self._engines: dict[str, Any] = {}
+        self._weights_gib: dict[str, float | None] = {}
+        self._at_start = 0.0
+        self.seed_p50: float | None = None
+
+    def engine(self, name: str):
+        """Build ``name`` for the speed variant once; later calls return the same engine."""
+        if name in self._engines:
+            return self._engines[name]
+        sweep = self.sweep
+        path, _ = sweep.adapter(self.variant)
+        if name == "merged":
+            if self.profile.inference.engine == "merged":
+                engine = sweep.load(self.variant).engine  # the sweep's base, with the speed variant merged in
+                weights = sweep.state.merged.resident_gib
+            else:
+                from .merged import MergedBase
+
+                base = MergedBase(self.profile, sweep.runs_dir / "_models", sweep.tokenizer)
+                base.activate(self.variant, path / "adapter")
+                engine, weights = base.engine, base.resident_gib
+        elif name == "merged-int8":
+            from ..measure.memory import free_memory
+            from .int8 import Int8Merged
+
+            merged = self._active("merged")  # the bf16 base with the speed variant merged in: read, never changed
+            free_memory()
+            before = _allocated_gib()
+            engine = Int8Merged(merged.model, sweep.tokenizer, self.profile.inference)
+            weights = _allocated_gib() - before  # CUDA: the int8 model's resident bytes (CPU: 0, not reported)
+        elif name == "merged-int4":
+            engine = self._int4(self._active("merged"))
+            weights = engine.weights_gib
+        else:
+            from ..models.nf4 import load_nf4_with_adapter
+            from .decoding import HFGreedy, StaticGreedy
+
+            before = _allocated_gib()
+            model = load_nf4_with_adapter(self.profile, path / "adapter", sweep.runs_dir / "_models")
+            weights = _allocated_gib() - before
+            engine = (HFGreedy(model, sweep.tokenizer) if name == "seed"
+                      else StaticGreedy(model, sweep.tokenizer, name, self.profile.inference))
+        self._engines[name], self._weights_gib[name] = engine, weights
+        return engine
+
+    def _int4(self, merged):
+        """A ``merged-int4`` snapshot of the variant now merged into ``merged`` (a ``FusedGreedy``)."""
+        from .int4 import Int4Merged
+        from ..measure.memory import free_memory
+
+        if getattr(merged, "decoder", None) is None:
+            raise ValueError(f"merged-int4 quantizes the fused merged engine's projections; this base has none "
+                             f"({merged.note})")
+        free_memory()
+        return Int4Merged(merged.model, merged.decoder.projections, self.sweep.tokenizer, self.profile.inference)
+
+    def _snapshot(self, name: str, variant: str):
+        """``name`` (a quantized engine) built from ``variant`` merged into the sweep's base, and that merged
+        engine: (quantized, merged)."""
+        from .int8 import Int8Merged
+
+        self.sweep.train(variant)
+        merged = self.sweep.load(variant).engine
+        if name == "merged-int4":
+            return self._int4(merged), merged
+        return Int8Merged(merged.model, self.sweep.tokenizer, self.profile.inference), merged
+
+    def _active(self, name: str):
+        """The engine, with the speed variant's weights in place (a variant test may have merged another since)."""
+        engine = self.engine(name)
+        if name == "merged" and self.profile.inference.engine == "merged":
+            self.sweep.load(self.variant)
+        return engine
+
+    def call(self, name: str) -> Callable[[], list[list[int]]]:
+        """One timed unit: 128 (``latency.max_new_tokens``) greedy tokens of the fixed prompt with ``name``."""
+        import torch
+
+        from .decoding import timed_round
+
+        once = timed_round(self._active(name), self.sweep.latency_prompt(), self.profile.latency.max_new_tokens)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        self._at_start = _allocated_gib()
+        return once
+
+    def record(self, name: str, samples: list[float], load_before: dict, load_after: dict) -> dict[str, Any]:
+        """Summarize ``name``'s rounds, with its ratio to the seed path measured earlier in this session."""
+        import torch
+
+        engine = self._engines[name]
+        figures = {**summarize_samples(samples, self.profile.latency.max_new_tokens, load_before, load_after),
+                   "engine": name, "note": engine.note, "compiled": engine.compiled,
+                   "first_call_s": dict(engine.compile_s), "variant": self.variant,
+                   "prompt_id": self.sweep.latency_example().id}
+        if torch.cuda.is_available():
+            weights = self._weights_gib[name] or 0.0
+            figures["weights_gib"] = weights
+            figures["peak_vram_gib"] = weights + torch.cuda.max_memory_allocated() / 2**30 - self._at_start
+        if name == "seed":
+            self.seed_p50 = figures["p50_s"]
+        elif self.seed_p50 is not None:
+            figures["speedup_vs_seed"] = self.seed_p50 / figures["p50_s"]
+        self.sweep.recorder.record(self.variant, "speed", {name: figures}, engine=name)
+        return figures
+
+    def parity(self, candidate: str) -> dict[str, Any]:
+        """``candidate``'s greedy tokens and logits against the seed path's, on every evaluation prompt."""
+        from ..measure.parity import parity
+
+        inf = self.profile.inference
+        # the candidate decodes one prompt at a time: its timed 1-row graph serves, no other shape is compiled
+        result = parity(self.engine("seed"), self._active(candidate), self.sweep.tokenizer, self.sweep.eval_prompts(),
+                        inf.parity_new_tokens, self.profile.eval.batch_size, candidate_batch_size=1)
+        result["candidate"], result["merged_dtype"] = candidate, inf.merged_dtype
+        key = "parity" if candidate == "merged" else f"parity_{candidate.replace('-', '_')}"
+        self.sweep.recorder.record(self.variant, "speed", {key: result}, engine=candidate)
+        return result
+
+    def quality(self, name: str) -> dict[str, Any]:
+        """What quantized engine ``name`` costs: its EM/F1 against the ``merged`` engine, for every variant of the
+        sweep on every evaluation split, paired per example: {variant: {split: summary}}. Each variant gets its own
+        snapshot of ``name``, built from that variant merged into the sweep's base. Besides ``score_split``'s
+        summary: ``em_merged``/``f1_merged``, ``em_delta_vs_merged`` (difference of means), ``f1_delta_vs_merged``
+        with its paired-bootstrap ``f1_delta_vs_merged_ci`` and ``n_paired`` (``compare_to_baseline``, its
+        ``*_vs_baseline`` keys renamed: the reference is ``merged`` here, not the baseline variant), and
+        ``identical_predictions`` (share of answers that are the same text)."""
+        from ..measure.evaluate import compare_to_baseline, score_split
+        from ..measure.memory import free_memory
+
+        if self.profile.inference.engine != "merged":
+            raise ValueError(f"{self.profile.source_file}: quality of {name} is measured against the sweep's merged "
+                             f"engine; inference.engine is {self.profile.inference.engine!r}")
+        ev, tok, out = self.profile.eval, self.sweep.tokenizer, {}
+        for variant in self.profile.variants:
+            quantized, merged = self._snapshot(name, variant)
+            out[variant] = {}
+            for split in self.profile.data.eval_splits:
+                examples = self.sweep.splits[split]
+                mine = score_split(quantized, tok, examples, ev)
+                ref = score_split(merged, tok, examples, ev)
+                paired = {k.replace("_vs_baseline", "_vs_merged"): v
+                          for k, v in compare_to_baseline(mine.rows, ref.rows, ev).items()}
+                same = sum(a["prediction"] == b["prediction"] for a, b in zip(mine.rows, ref.rows, strict=True))
+                out[variant][split] = {**mine.summary, "em_merged": ref.summary["em"], "f1_merged": ref.summary["f1"],
+                                       "em_delta_vs_merged": mine.summary["em"] - ref.summary["em"], **paired,
+                                       "identical_predictions": same / max(len(mine.rows), 1), "engine": name,
+                                       "variant": variant}
+            quantized.model = quantized.decoder = None
+            del quantized
+            free_memory()
+        self._active("merged")  # the speed variant's weights back in place for the engines that follow
+        key = f"quality_{name.replace('-', '_')}"  # like parity_*: not an engine row of the speed table
+        self.sweep.recorder.record(self.variant, "speed", {key: out}, engine=name)
+        return out
+
+    def close(self) -> None:
+        for engine in self._engines.values():
+            if engine is not None and getattr(engine, "name", "") != "merged":
+                engine.model = None
+        self._engines.clear()
+        from ..measure.memory import free_memory
+
+        free_memory()

@@ -1,0 +1,249 @@
+"""Decode loops: how evaluation and latency turn prompt ids into greedy tokens.
+
+``seed``          the seed's path: NF4 base + unmerged PEFT adapter, ``model.generate`` with its dynamic cache
+                  (``HFGreedy``, ``generate_greedy``).
+``nf4-compiled``  the same weights (low memory), decoded with a static KV cache and a compiled decode step
+                  (``StaticGreedy``).
+``merged``        the deployable artifact: ``StaticGreedy`` over the dequantized base with the adapter merged in
+                  (harness/engines/merged.py).
+``merged-int8``   ``merged`` with int8 weight-only decoder projections: faster, not exact (harness/engines/int8.py);
+                  the speed suite only.
+
+The compiled decode step follows transformers' documented static-cache recipe (``decode_one_tokens`` in its
+"Optimizing inference" guide): prefill eagerly into a ``StaticCache``, then one compiled call per token with fixed
+shapes, so CUDA graphs replay. Unlike ``generate`` it does not check for EOS on the host every token (that sync
+keeps the CPU from queueing the next step while the GPU works); it checks every ``EOS_CHECK_EVERY`` tokens.
+Compilation needs CUDA; on the CPU the same loop runs eagerly, and the engine says so in ``note``.
+
+Timed rounds run inside ``no_recompile()``: after warm-up every shape is compiled, so a recompile there would put
+compile time into a measurement; it raises instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..config.schema import InferenceConfig
+
+__all__ = ["FULLGRAPH_ENGINES", "EOS_CHECK_EVERY", "round_up", "left_pad", "generate_greedy", "HFGreedy",
+           "StaticGreedy", "no_recompile", "timed_round"]
+
+FULLGRAPH_ENGINES = ("merged", "merged-int8")  # compiled with fullgraph=cfg.compile_fullgraph
+EOS_CHECK_EVERY = 16  # host syncs while decoding: one per this many tokens, only when stopping at EOS
+
+
+def round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def left_pad(prompts: list[list[int]], pad_id: int, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, mask) of shape (rows, width); prompts end at the right edge; missing rows repeat the last prompt."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((rows, width), pad_id, dtype=torch.long)
+    mask = torch.zeros((rows, width), dtype=torch.long)
+    for i in range(rows):
+        p = prompts[min(i, len(prompts) - 1)]
+        ids[i, width - len(p):] = torch.tensor(p)
+        mask[i, width - len(p):] = 1
+    return ids, mask
+
+
+def _pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def _trim_after_eos(row: list[int], eos_id: int | None) -> list[int]:
+    if eos_id is not None and eos_id in row:
+        return row[:row.index(eos_id) + 1]
+    return row
+
+
+@contextlib.contextmanager
+def no_recompile() -> Iterator[None]:
+    """Within this block a torch.compile recompilation (a guard failure on an already compiled function: a new
+    shape, dtype or weight identity) raises ``torch._dynamo.exc.RecompileError`` instead of compiling again.
+
+    Wrap timed rounds in it, after warm-up has compiled every shape they use. A first compilation of a function
+    never compiled before is not a recompile and is allowed. Where nothing is compiled (the CPU's eager decode
+    step) it changes nothing.
+    """
+    import torch._dynamo
+
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        yield
+
+
+def timed_round(engine, prompt: list[int], tokens: int):
+    """One timed unit of a latency benchmark: ``engine`` greedy-decodes ``prompt`` to exactly ``tokens`` tokens; a
+    recompilation inside it is an error, and on CUDA the round ends when the GPU is done, not when its kernels are
+    queued."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+
+    def once() -> list[list[int]]:
+        with no_recompile():
+            out = engine.generate([prompt], tokens, batch_size=1, fixed_length=True)
+        sync()
+        return out
+
+    return once
+
+
+@contextlib.contextmanager
+def _allow_compile(allowed: bool) -> Iterator[None]:
+    if not allowed:
+        yield
+        return
+    import torch._dynamo
+
+    limit = max(torch._dynamo.config.recompile_limit, 64)  # engines x shapes share one code object's cache
+    with torch._dynamo.config.patch(error_on_recompile=False, recompile_limit=limit):
+        yield
+
+
+@torch.inference_mode()
+def generate_greedy(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int = 8,
+                    min_new_tokens: int | None = None) -> list[list[int]]:
+    """Greedy-decode each prompt (token ids) with ``model.generate`` and return only the new tokens, in input
+    order (left-padded batches: every prompt ends where generation starts)."""
+    device = next(model.parameters()).device
+    pad_id = _pad_id(tokenizer)
+    out: list[list[int]] = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start:start + batch_size]
+        ids, mask = left_pad(chunk, pad_id, len(chunk))
+        gen = model.generate(
+            input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False, max_new_tokens=max_new_tokens,
+            min_new_tokens=min_new_tokens, pad_token_id=pad_id, eos_token_id=tokenizer.eos_token_id,
+            temperature=None, top_p=None, top_k=None,
+        )
+        out.extend(row[ids.shape[1]:].tolist() for row in gen.cpu())
+    return out
+
+
+@dataclass
+class HFGreedy:
+    """The seed's decode: ``model.generate`` (dynamic cache, eager), left-padded batches."""
+
+    model: Any
+    tokenizer: Any
+    name: str = "seed"
+    compiled: bool = False
+    note: str = "transformers generate, dynamic KV cache, eager"
+    compile_s: dict[str, float] = field(default_factory=dict)
+
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, batch_size: int = 8,
+                 fixed_length: bool = False) -> list[list[int]]:
+        rows = generate_greedy(self.model, self.tokenizer, prompts, max_new_tokens, batch_size,
+                               min_new_tokens=max_new_tokens if fixed_length else None)
+        return rows if fixed_length else [_trim_after_eos(r, self.tokenizer.eos_token_id) for r in rows]
+
+
+class StaticGreedy:
+    """Greedy decoding with a static KV cache and (on CUDA) a compiled, CUDA-graphed decode step.
+
+    Shapes are fixed per (batch rows, cache length): batches are padded to ``batch_size`` rows and the cache length
+    is rounded up to ``bucket`` tokens, so a sweep compiles one graph for evaluation and one for latency.
+    """
+
+    def __init__(self, model, tokenizer, name: str, cfg: InferenceConfig, compile_on_cpu: bool = False,
+                 inductor_options: dict[str, Any] | None = None):
+        """``inductor_options``: inductor config applied to this engine's decode step alone, on top of
+        ``cfg.compile_mode`` (``merged-int8`` passes ``coordinate_descent_tuning``)."""
+        self.model, self.tokenizer, self.name, self.cfg = model, tokenizer, name, cfg
+        self.device = next(model.parameters()).device
+        self.compiled = cfg.compile and (self.device.type == "cuda" or compile_on_cpu)
+        self.note = (f"static KV cache, decode step compiled (mode={cfg.compile_mode})" if self.compiled else
+                     "static KV cache, eager decode step: compilation needs CUDA, so the CPU runs the same loop "
+                     "without it")
+        self.compile_s: dict[str, float] = {}  # first call of each shape, compile included
+        self._caches: dict[tuple[int, int], Any] = {}
+        self._step = self._decode_one
+        if self.compiled:
+            fullgraph = cfg.compile_fullgraph and name in FULLGRAPH_ENGINES  # bnb 4-bit layers may break the graph
+            if inductor_options:  # torch.compile takes mode or options, not both: spell the mode out as options
+                from torch._inductor import list_mode_options
+
+                self._step = torch.compile(self._decode_one, fullgraph=fullgraph,
+                                           options={**list_mode_options(cfg.compile_mode), **inductor_options})
+            else:
+                self._step = torch.compile(self._decode_one, mode=cfg.compile_mode, fullgraph=fullgraph)
+
+    def cache_length(self, width: int, max_new_tokens: int) -> int:
+        """Cache slots for a ``width``-token prompt and ``max_new_tokens`` new ones: one compiled shape a bucket."""
+        return round_up(width + max_new_tokens, self.cfg.cache_bucket)
+
+    def _decode_one(self, tok, position_ids, cache_position, attention_mask, cache):
+        logits = self.model(input_ids=tok, position_ids=position_ids, cache_position=cache_position,
+                            attention_mask=attention_mask, past_key_values=cache, use_cache=True).logits
+        return logits[:, -1].argmax(-1, keepdim=True)
+
+    def _cache(self, rows: int, length: int):
+        from transformers import StaticCache
+
+        key = (rows, length)
+        if key not in self._caches:
+            config = self.model.config
+            self._caches[key] = StaticCache(config=getattr(config, "get_text_config", lambda: config)(),
+                                            max_cache_len=length)
+        cache = self._caches[key]
+        cache.reset()
+        return cache
+
+    @torch.inference_mode()
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, batch_size: int = 8,
+                 fixed_length: bool = False) -> list[list[int]]:
+        tok = self.tokenizer
+        pad_id = _pad_id(tok)
+        eos_id = None if fixed_length else tok.eos_token_id
+        out: list[list[int]] = []
+        for start in range(0, len(prompts), batch_size):
+            chunk = prompts[start:start + batch_size]
+            rows = batch_size if self.compiled else len(chunk)  # one compiled shape per batch size
+            ids, mask = left_pad(chunk, pad_id, rows)
+            width = ids.shape[1]
+            length = self.cache_length(width, max_new_tokens)
+            shape = f"{rows}x{length}"
+            first = shape not in self.compile_s
+            t0 = time.perf_counter()
+            # The first call of a shape compiles it: for this engine that is a first compile, but dynamo keys its
+            # cache on the code of _decode_one, which every engine shares, so it counts as a recompile of another
+            # engine's graph. It is never a timed round; later calls of the shape must not recompile.
+            with _allow_compile(first and self.compiled):
+                new = self._generate_batch(ids, mask, length, max_new_tokens, eos_id)
+            if first:
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize()
+                self.compile_s[shape] = time.perf_counter() - t0
+            out.extend(_trim_after_eos(row, eos_id) for row in new[:len(chunk)].tolist())
+        return out
+
+    def _generate_batch(self, ids, mask, length, max_new_tokens, eos_id) -> torch.Tensor:
+        dev = self.device
+        rows, width = ids.shape
+        ids, mask = ids.to(dev), mask.to(dev)
+        full_mask = torch.ones((rows, length), dtype=torch.long, device=dev)
+        full_mask[:, :width] = mask  # pads stay masked; positions not yet written are masked by causality
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache_positions = torch.arange(length, device=dev)
+        cache = self._cache(rows, length)
+        logits = self.model(input_ids=ids, attention_mask=full_mask, position_ids=positions,
+                            cache_position=cache_positions[:width], past_key_values=cache, use_cache=True).logits
+        token = logits[:, -1].argmax(-1, keepdim=True)
+        new = torch.empty((rows, max_new_tokens), dtype=torch.long, device=dev)
+        new[:, 0] = token[:, 0]
+        next_pos = positions[:, -1:] + 1
+        for t in range(1, max_new_tokens):
+            if self.compiled:
+                torch.compiler.cudagraph_mark_step_begin()
+            token = self._step(token, next_pos + (t - 1), cache_positions[width + t - 1:width + t].clone(),
+                               full_mask, cache).clone()  # a CUDA-graph output is overwritten by the next replay
+            new[:, t] = token[:, 0]
+            if eos_id is not None and t % EOS_CHECK_EVERY == 0 and bool((new[:, :t + 1] == eos_id).any(1).all()):
+                return new[:, :t + 1]
+        return new

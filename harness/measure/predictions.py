@@ -1,0 +1,54 @@
+"""Per-example predictions on disk, and the key that says whether two runs' predictions may be paired.
+
+``runs/<profile>/predictions/<variant>.jsonl`` holds one row per evaluated example; ``<variant>.key.json`` beside it
+holds the eval key it was made under: a hash of the profile's config, the data's fingerprint and the code that turns
+a model into predictions (``EVAL_SOURCES``). ΔF1 against the baseline pairs a stored baseline only under an equal
+key, so predictions of another config, another dataset or older decoding code are never compared.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from ..config.profiles import config_hash
+from ..config.schema import Profile
+from ..report.atomic import atomic_write_text, file_lock
+from ..report.provenance import source_digest
+
+__all__ = ["EVAL_SOURCES", "eval_key", "predictions_path", "write_predictions", "read_matching"]
+
+_HARNESS = Path(__file__).resolve().parents[1]
+EVAL_SOURCES = tuple(_HARNESS / n for n in ("engines/decoding.py", "engines/fused.py", "engines/merged.py",
+                                            "models/nf4.py", "measure/evaluate.py", "data/prompt.py",
+                                            "measure/metrics.py", "models/base.py", "models/pretrained.py"))
+
+
+def eval_key(profile: Profile, data_fingerprint: str) -> str:
+    return config_hash({"config": config_hash(profile), "data": data_fingerprint, "code": source_digest(EVAL_SOURCES)})
+
+
+def predictions_path(runs_dir: Path, profile: Profile, variant: str) -> Path:
+    return Path(runs_dir) / profile.name / "predictions" / f"{variant}.jsonl"
+
+
+def write_predictions(path: Path, rows: list[dict[str, Any]], key: str) -> None:
+    """The rows, then their key (both atomic, under one lock): a key file always describes the rows beside it."""
+    with file_lock(path):
+        atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        atomic_write_text(path.with_suffix(".key.json"), json.dumps({"eval_key": key, "rows": len(rows)}) + "\n")
+
+
+def read_matching(path: Path, key: str) -> list[dict[str, Any]] | None:
+    """The stored rows if they were made under ``key`` (and are complete), else None."""
+    key_file = path.with_suffix(".key.json")
+    if not (path.exists() and key_file.exists()):
+        return None
+    with file_lock(path):
+        try:
+            stored = json.loads(key_file.read_text(encoding="utf-8"))
+            rows = [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
+        except (OSError, json.JSONDecodeError):
+            return None
+    return rows if stored.get("eval_key") == key and len(rows) == stored.get("rows") else None

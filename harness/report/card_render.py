@@ -1,0 +1,253 @@
+"""One profile's block of the model card, rendered from its results file alone (a pure function of it).
+
+Every line belongs to one variant, one section of one variant, or the profile: so a run that measured r16 changes
+r16's lines and no other. A figure that may mislead says so where it stands: † measured under another config or
+data than the profile's current one, ‡ timed on a busy machine. Provenance (git sha, engine, device, time, config)
+is listed per variant and section.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tabulate import tabulate
+
+from ..measure.gates import gate_status
+from .results import SECTIONS
+
+__all__ = ["render_section", "results_table", "ENGINE_LABELS", "fmt_ratio"]
+
+NA_RANDOM = "n/a (random weights)"
+ENGINE_LABELS = {
+    "seed": "NF4 + unmerged LoRA, HF generate (the seed's path)",
+    "nf4-compiled": "NF4 + unmerged LoRA, static KV cache, decode step compiled on CUDA (low memory)",
+    "merged": "dequantized base + merged LoRA, static KV cache, decode step compiled on CUDA (fast)",
+}
+
+
+def md_table(rows: list[list], headers: list[str], padded: bool = False) -> str:
+    """A GitHub markdown table. Unpadded in the card: column widths that depend on every row would change every
+    line when one row's cell grows, and the card must keep the lines of rows a run did not measure byte for byte.
+    Padded (tabulate) for the terminal."""
+    if padded:
+        return tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True)
+    line = lambda cells: "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"  # noqa: E731
+    return "\n".join([line(headers), "|" + "---|" * len(headers)] + [line(r) for r in rows])
+
+
+def _fmt(x, spec=".3f", unit=""):
+    return "n/a" if x is None else f"{x:{spec}}{unit}"
+
+
+def _ci(pair):
+    return "n/a" if not pair else f"[{pair[0]:.2f}, {pair[1]:.2f}]"
+
+
+def fmt_ratio(x: float | None) -> str:
+    """0.95 prints as 0.95x, not 1.0x: a slowdown must read as one."""
+    return "n/a" if x is None else (f"{x:.2f}x" if x < 10 else f"{x:.1f}x")
+
+
+def _stale(results: dict[str, Any], section: dict[str, Any] | None) -> bool:
+    prov = (section or {}).get("provenance") or {}
+    if not prov or "config_hash" not in results:
+        return False
+    return (prov.get("config_hash") != results["config_hash"]
+            or prov.get("data_fingerprint") not in (None, results.get("data_fingerprint")))
+
+
+def _mark(text: str, results: dict, section: dict | None, busy: bool = False) -> str:
+    return text + ("†" if _stale(results, section) else "") + ("‡" if busy else "")
+
+
+def _order(results: dict[str, Any]) -> list[str]:
+    order = results.get("variant_order") or []
+    return [v for v in order if v in results["variants"]] + [v for v in results["variants"] if v not in order]
+
+
+def _parity(p: dict | None) -> str:
+    """Token agreement / max |logit diff| of the profile's engine against the separately built seed path."""
+    return "n/a" if not p else f"{p['token_agreement']:.2f} tok, {p['max_logit_diff']:.1e} logit"
+
+
+def results_table(results: dict[str, Any], padded: bool = False) -> str:
+    """The seed's table (Model Variant | EM | F1 | Latency p50 | Latency p95 | VRAM (GB)) plus CIs, gates, costs."""
+    split = (results.get("eval_splits") or ["validation"])[0]
+    show = results.get("show_quality", True)
+    rows = []
+    for name in _order(results):
+        row = results["variants"][name]
+        qs, lat, mem = row.get("quality"), row.get("latency") or {}, row.get("memory") or {}
+        train = row.get("training") or {}
+        q = (qs or {}).get(split, {})
+        busy = bool(lat.get("busy"))
+        vram = mem.get("inference_peak_allocated_gib")
+        delta = (f"{q['f1_delta_vs_baseline']:+.2f} {_ci(q['f1_delta_vs_baseline_ci'])}"
+                 if "f1_delta_vs_baseline" in q else "n/a")
+        rows.append([
+            (row.get("info") or {}).get("label", name),
+            _mark(_fmt(q.get("em")), results, qs) if show else NA_RANDOM,
+            _mark(_fmt(q.get("f1")), results, qs) if show else NA_RANDOM,
+            _mark(_fmt(lat.get("p50_s"), unit="s"), results, lat, busy) if lat else "n/a",
+            _mark(_fmt(lat.get("p95_s"), unit="s"), results, lat, busy) if lat else "n/a",
+            _fmt(vram, ".1f") if vram is not None else "n/a (CPU)",
+            _ci(q.get("em_ci")) if show else NA_RANDOM,
+            _ci(q.get("f1_ci")) if show else NA_RANDOM,
+            delta if show else NA_RANDOM,
+            gate_status({k: v for k, v in (row.get("gates") or {}).items() if k != "provenance"}),
+            _parity(row.get("parity")),
+            f"{train['trainable_params']:,}" if "trainable_params" in train else "n/a",
+            _mark(_fmt(train.get("train_wall_s"), ".1f", "s"), results, train) if train else "n/a",
+            _fmt(train.get("train_tokens_per_s"), ",.0f"),
+            _fmt(train.get("train_peak_allocated_gib"), ".1f"),
+            _fmt(lat.get("tokens_per_s"), ",.1f"),
+        ])
+    headers = ["Model Variant", "EM", "F1", "Latency p50", "Latency p95", "VRAM (GB)", "EM 95% CI", "F1 95% CI",
+               "ΔF1 vs baseline [95% CI]", "Gates", "Parity vs seed path", "Trainable params", "Train time",
+               "Train tok/s",
+               "Train VRAM (GB)", "Decode tok/s"]
+    return md_table(rows, headers, padded)
+
+
+def _sections(row: dict[str, Any]) -> list[tuple[str, Any]]:
+    """A row's sections in one fixed order, whatever order the file or the session recorded them in."""
+    return sorted(row.items(), key=lambda kv: (SECTIONS.index(kv[0]) if kv[0] in SECTIONS else len(SECTIONS), kv[0]))
+
+
+def _footnotes(results: dict[str, Any]) -> list[str]:
+    lines = []
+    for name in _order(results):
+        for section, data in _sections(results["variants"][name]):
+            if not isinstance(data, dict) or section in ("info", "gates"):
+                continue
+            prov = data.get("provenance") or {}
+            if _stale(results, data):
+                lines.append(f"- † `{name}` {section}: measured under config `{str(prov.get('config_hash'))[:12]}`, "
+                             f"data `{str(prov.get('data_fingerprint'))[:12]}`; the profile or its data changed "
+                             f"since. Re-run `-k {name}` to refresh it.")
+            if data.get("busy"):
+                lines.append(f"- ‡ `{name}` {section}: timed on a busy machine ({data.get('busy_reason')}); "
+                             f"not the code's speed.")
+            for failure in (data.get("vram_failures") or []) if section == "training" else []:
+                lines.append(f"- `{name}` training: {failure}")
+    return lines
+
+
+def _detail_table(results: dict[str, Any]) -> str:
+    rows = []
+    for name in _order(results):
+        for split, q in (results["variants"][name].get("quality") or {}).items():
+            if split == "provenance":
+                continue
+            rows.append([name, split, q.get("n"), _fmt(q.get("em")), _ci(q.get("em_ci")), _fmt(q.get("f1")),
+                         _ci(q.get("f1_ci")),
+                         (f"{q['f1_delta_vs_baseline']:+.2f} {_ci(q['f1_delta_vs_baseline_ci'])}"
+                          if "f1_delta_vs_baseline" in q else "n/a"),
+                         _fmt(q.get("em_en")), _fmt(q.get("em_fr")), _fmt(q.get("f1_en")), _fmt(q.get("f1_fr"))])
+    if not rows:
+        return ""
+    return md_table(rows, ["Variant", "Split", "n", "EM", "EM 95% CI", "F1", "F1 95% CI", "ΔF1 [95% CI]", "EM (en)",
+                           "EM (fr)",
+                           "F1 (en)", "F1 (fr)"])
+
+
+def _speed_table(results: dict[str, Any]) -> list[str]:
+    name, speed = next(((n, results["variants"][n]["speed"]) for n in _order(results)
+                        if results["variants"][n].get("speed")), (None, None))
+    if not speed:
+        return []
+    rows = []
+    for engine, f in speed.items():
+        if engine == "provenance" or engine.startswith(("parity", "quality_")) or not isinstance(f, dict):
+            continue
+        first = f.get("first_call_s") or {}
+        compile_cell = (", ".join(f"{k}: {v:.0f}s" for k, v in first.items()) or "none") if f.get("compiled") \
+            else "not compiled"
+        ratio = fmt_ratio(f.get("speedup_vs_seed")) if engine != "seed" else "1.00x"
+        rows.append([f"`{engine}`", f.get("note") or ENGINE_LABELS.get(engine, ""),
+                     _fmt(f.get("p50_s"), unit="s") + ("‡" if f.get("busy") else ""), _fmt(f.get("p95_s"), unit="s"),
+                     ratio, _fmt(f.get("peak_vram_gib"), ".1f") if "peak_vram_gib" in f else "n/a (CPU)",
+                     compile_cell, str(f.get("rounds", "n/a"))])
+    table = md_table(rows, ["Engine", "What", "p50", "p95", "vs seed", "Peak VRAM (GB)", "First call (compile)",
+                            "Rounds"])
+    prov = speed.get("provenance") or {}
+    out = [f"**Inference engines**, variant `{name}`, {results.get('latency_tokens', 128)} greedy tokens, one "
+           f"session on {prov.get('device', 'n/a')} (git `{prov.get('git_sha', 'n/a')}`, {prov.get('time', 'n/a')}):",
+           "", table]
+    for key, par in speed.items():
+        if key.startswith("parity") and isinstance(par, dict):
+            out += ["", f"Parity of `{par.get('candidate', 'merged')}` against the seed path ({par['prompts']} "
+                        f"prompts, {par['new_tokens']} greedy tokens): token agreement {par['token_agreement']:.3f}, "
+                        f"identical sequences {par['identical_sequences']:.2f}, max |logit diff| "
+                        f"{par['max_logit_diff']:.4f} (largest |logit| {par['max_abs_logit']:.2f})."]
+    for key, per_variant in speed.items():
+        if key.startswith("quality_") and isinstance(per_variant, dict):
+            out += [""] + _quality_cost(per_variant)
+    return out
+
+
+def _quality_cost(per_variant: dict[str, Any]) -> list[str]:
+    """The table of what a quantized engine costs against ``merged``, a row per variant and split. Results written
+    before every variant was measured hold one variant as {split: figures}."""
+    if any("em" in q for q in per_variant.values()):
+        per_variant = {next(iter(per_variant.values()))["variant"]: per_variant}
+    rows, engine = [], None
+    for variant, per_split in per_variant.items():
+        for split, q in per_split.items():
+            engine = q["engine"]
+            delta = (f"{q['f1_delta_vs_merged']:+.3f} {_ci(q.get('f1_delta_vs_merged_ci'))}"
+                     if "f1_delta_vs_merged" in q else "n/a")
+            rows.append([f"`{variant}`", f"`{split}`", str(q.get("n")), f"{q['em']:.3f} / {q['em_merged']:.3f}",
+                         f"{q['f1']:.3f} / {q['f1_merged']:.3f}", delta, f"{q['identical_predictions']:.2f}"])
+    return [f"What `{engine}` costs against `merged` (same variant, same examples, paired):", "",
+            md_table(rows, ["Variant", "Split", "n", f"EM {engine} / merged", f"F1 {engine} / merged", "ΔF1 (95% CI)",
+                            "Identical answers"])]
+
+
+def _provenance_table(results: dict[str, Any]) -> str:
+    rows = []
+    for name in _order(results):
+        for section, data in _sections(results["variants"][name]):
+            prov = data.get("provenance") if isinstance(data, dict) else None
+            if section == "info" or not prov:
+                continue
+            rows.append([name, section, f"`{prov.get('git_sha') or 'unknown (set QLORA_GIT_SHA)'}`",
+                         prov.get("engine") or "-", prov.get("device") or "n/a", prov.get("time") or "n/a",
+                         f"`{str(prov.get('config_hash'))[:12]}`"])
+    return md_table(rows, ["Variant", "Section", "git", "Engine", "Device", "Measured (UTC)", "Config"]) if rows else ""
+
+
+def render_section(results: dict[str, Any], plots: dict[str, str] | None = None) -> str:
+    """One profile's block: caption, results table, footnotes, engines, per-split detail, provenance, plots."""
+    split = (results.get("eval_splits") or ["validation"])[0]
+    weights = "real weights" if results.get("weights") == "real" else "synthetic (random) weights"
+    lines = [
+        f"### Profile `{results['profile']}`", "",
+        f"*{results.get('description', '')}.* Base: `{results.get('base_model', 'n/a')}`, **{weights}**.", "",
+        f"EM/F1 on the `{split}` split (greedy, up to {results.get('max_new_tokens', 128)} new tokens), 95% bootstrap "
+        f"CIs; the other evaluated splits are under 'Per split and language'. Latency: p50/p95 of greedy generation "
+        f"of {results.get('latency_tokens', 128)} tokens. VRAM: peak `torch.cuda.max_memory_allocated` (GiB). Gates: "
+        f"the profile's quality gates and VRAM ceilings.", "",
+        results_table(results),
+    ]
+    notes = _footnotes(results)
+    if notes:
+        lines += [""] + notes
+    if not results.get("show_quality", True):
+        lines += ["", "Quality is not reported: the weights are random, so EM/F1 would say nothing about the model. "
+                      "Latency, VRAM and throughput are true for the model's shape."]
+    elif results.get("weights") != "real":
+        lines += ["", "These EM/F1 figures come from a random-init toy model: they measure memorisation by the "
+                      "pipeline, not the quality of any real model."]
+    speed = _speed_table(results)
+    if speed:
+        lines += [""] + speed
+    detail = _detail_table(results) if results.get("show_quality", True) else ""
+    if detail:
+        lines += ["", "<details><summary>Per split and language</summary>", "", detail, "", "</details>"]
+    prov = _provenance_table(results)
+    if prov:
+        lines += ["", "<details><summary>Provenance of each figure</summary>", "", prov, "", "</details>"]
+    for title, href in (plots or {}).items():
+        lines += ["", f"![{title}]({href})"]
+    return "\n".join(lines)

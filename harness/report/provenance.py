@@ -1,0 +1,85 @@
+"""The provenance stamped on every artifact: library versions, git sha, device, and digests of the code.
+
+Every file written under runs/ carries it, so a figure can be traced to the code and machine that made it.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+__all__ = ["library_versions", "git_sha", "device_name", "provenance", "source_digest", "PROJECT_ROOT",
+           "TRACKED_LIBRARIES"]
+
+TRACKED_LIBRARIES = ("torch", "transformers", "peft", "trl", "bitsandbytes", "datasets", "mistral-common",
+                     "accelerate", "huggingface_hub")
+PROJECT_ROOT = Path(__file__).resolve().parents[2]  # runs/, the card and data/ live here, whatever pytest's rootdir
+_REPO_ROOT = PROJECT_ROOT
+SHA_ENV, SHA_FILE = "QLORA_GIT_SHA", ".git_sha"  # where a copy without .git (the GPU machine) gets its sha
+
+
+def library_versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in TRACKED_LIBRARIES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "missing"
+    return out
+
+
+def git_sha() -> str:
+    """The repo's commit sha, with ``-dirty`` when tracked files are modified.
+
+    Without ``.git`` (a copy of the tree on another machine) it comes from ``$QLORA_GIT_SHA`` or the file
+    ``.git_sha`` at the project root; with neither, ``unknown`` (the card then says where to set it).
+    """
+    if os.environ.get(SHA_ENV):
+        return os.environ[SHA_ENV].strip()
+    if not (_REPO_ROOT / ".git").exists():
+        file = _REPO_ROOT / SHA_FILE
+        return file.read_text().strip() if file.is_file() else "unknown"
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=_REPO_ROOT, capture_output=True, text=True,
+                             timeout=10, check=True).stdout.strip()
+        # the card and its assets are the harness's own output, not code: writing them does not make a run dirty
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                ":(exclude)MODEL_CARD.md", ":(exclude)card_assets"], cwd=_REPO_ROOT,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def source_digest(files) -> str:
+    """sha256 over the bytes of ``files`` (paths, in the given order): a cache key part that changes with the code."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for f in files:
+        h.update(Path(f).name.encode() + b"\0" + Path(f).read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def device_name() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
+def provenance() -> dict[str, Any]:
+    """What every file in runs/ records about where it came from."""
+    return {
+        "versions": library_versions(),
+        "git_sha": git_sha(),
+        "device": device_name(),
+        "hostname": platform.node(),
+        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }

@@ -27,7 +27,7 @@ from .gates import quality_failures, quality_gate_count, vram_failures, vram_gat
 from .inputs import check_profile_data
 from .memory import free_memory, peak_memory, reset_peak_memory
 from .oom import VariantOutOfMemory, call_with_oom_guard
-from .predictions import eval_key, predictions_path, read_matching, write_predictions
+from .predictions import eval_key, eval_key_parts, predictions_path, read_matching, write_predictions
 from .prompt import encode_prompt
 from .results import ResultsRecorder, card_results_path, results_path, save_results
 from .timing import machine_load, summarize_samples
@@ -84,9 +84,12 @@ class Sweep:
     @classmethod
     def prepare(cls, profile: str | Path | Profile, runs_dir: str | Path | None = None,
                 card: str | Path | None = None, retrain: bool = False, session_id: str | None = None) -> Sweep:
-        """Validate the profile and its data; nothing is loaded or written yet. ``runs_dir`` and ``card`` default
+        """Validate the profile and its data, and pin a hub model's revision to a commit (harness.revision); nothing
+        is loaded or written yet. ``runs_dir`` and ``card`` default
         to the project's own ``runs/`` and ``MODEL_CARD.md``, wherever the profile file lives."""
-        profile = profile if isinstance(profile, Profile) else load_profile(profile)
+        from .revision import pin_revision
+
+        profile = pin_revision(profile if isinstance(profile, Profile) else load_profile(profile))
         splits = check_profile_data(profile)
         data_fp = fingerprint([e for s in splits.values() for e in s])
         return cls(profile, splits, Path(runs_dir) if runs_dir else PROJECT_ROOT / "runs",
@@ -122,7 +125,8 @@ class Sweep:
                              vram_failures(self.profile, name, "inference", memory.get("peak_allocated_gib")),
                              memory, note)
         write_predictions(predictions_path(self.runs_dir, self.profile, name),
-                          [r for s in scores.values() for r in s.rows], self.eval_key())
+                          [r for s in scores.values() for r in s.rows], self.eval_key(),
+                          eval_key_parts(self.profile, self.recorder.data_fingerprint))
         if record:
             self._record_eval(result, loaded)
             self._recorded.add(name)
@@ -336,7 +340,8 @@ class Sweep:
         stamp = {"git_sha": m.get("git_sha"), "profile": self.profile.name, "config_hash": m.get("config_hash"),
                  "data_fingerprint": self.recorder.data_fingerprint, "engine": None, "device": m.get("device"),
                  "time": m.get("train_finished"), "session": self.recorder.session_id,
-                 "versions": m.get("versions"), "adapter": m.get("key_hash", "")[:12]}
+                 "versions": m.get("versions"), "adapter": m.get("key_hash", "")[:12],
+                 **({"code_digest": m["code_digest"]} if "code_digest" in m else {})}
         keys = ("trainable_params", "train_wall_s", "train_tokens_per_s", "optimizer_steps",
                 "planned_optimizer_steps", "key_hash", "world_size")
         self.recorder.record(name, "training", {k: m[k] for k in keys if k in m}, provenance=stamp)
@@ -365,7 +370,8 @@ class Sweep:
         self.recorder.record(name, "gates", gates, engine=engine)
 
     def eval_key(self) -> str:
-        """What stored predictions must match to be paired: config, all data, and the code that decodes."""
+        """What stored predictions must match to be paired: config, all data, the code that decodes, the library
+        versions and the device."""
         return eval_key(self.profile, self.recorder.data_fingerprint)
 
     def _baseline_rows(self) -> tuple[dict[str, list[dict]] | None, str | None]:

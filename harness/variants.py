@@ -28,21 +28,22 @@ from .data import Example, fingerprint
 from .memory import free_memory
 from .models import device, load_base
 from .prompt import PROMPT_FORMAT
+from .results import code_digest
 
 __all__ = ["ADAPTER_SOURCES", "MANIFEST", "adapter_source_digest", "artifact_key", "artifact_dir", "ensure_adapter",
            "is_complete"]
 
 MANIFEST = "manifest.json"
-_KEY_LIBRARIES = ("torch", "transformers", "peft", "trl", "bitsandbytes", "mistral-common")
+# accelerate launches DDP/FSDP training and drives the trainer's mixed precision; datasets packs the rows trl trains on
+_KEY_LIBRARIES = ("torch", "transformers", "peft", "trl", "bitsandbytes", "mistral-common", "accelerate", "datasets")
 _HERE = Path(__file__).resolve().parent
 # The modules whose code decides what an adapter learns: data layout, tokenization, base loading, the trainer and
-# its launcher. Editing any of them changes every adapter key.
-ADAPTER_SOURCES = tuple(p for p in (_HERE / n for n in (
-    "train.py", "prompt.py", "tokenize_rows.py", "models.py", "pretrained.py", "distributed.py")) if p.is_file())
+# its launcher. Editing any of them changes every adapter key; a listed file that is missing is an error.
+ADAPTER_SOURCES = tuple(_HERE / n for n in ("train.py", "prompt.py", "models.py", "pretrained.py", "distributed.py"))
 
 
 def adapter_source_digest(files=None) -> str:
-    return source_digest(files or ADAPTER_SOURCES)
+    return source_digest(files or ADAPTER_SOURCES, "harness.variants.ADAPTER_SOURCES")
 
 
 def _base_file(profile: Profile) -> str | None:
@@ -129,7 +130,7 @@ def ensure_adapter(profile: Profile, variant: Variant, splits: dict[str, list[Ex
                 "complete": True, "profile": profile.name, "variant": variant.name, "key_hash": key_hash,
                 "key": key, "config_hash": config_hash(profile), "seed": profile.training.seed,
                 "train_started": started, "train_finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                **provenance(), **figures,
+                **provenance(), "code_digest": code_digest(), **figures,
             }
             atomic_write_text(tmp / "config.yaml", yaml.safe_dump(profile.to_dict(), sort_keys=False,
                                                                   allow_unicode=True))

@@ -128,6 +128,9 @@ def _footnotes(results: dict[str, Any]) -> list[str]:
     lines = []
     for name in _order(results):
         for section, data in _sections(results["variants"][name]):
+            if section == "gates" and isinstance(data, dict):  # a per-device limit this device has no entry in
+                lines += [f"- `{name}` gates: {note}" for kind in data.values() if isinstance(kind, dict)
+                          for note in kind.get("unchecked") or []]
             if not isinstance(data, dict) or section in ("info", "gates"):
                 continue
             prov = data.get("provenance") or {}

@@ -23,7 +23,9 @@ from .artifacts import PROJECT_ROOT
 from .config import Profile, Variant, load_profile
 from .data import fingerprint
 from .evaluate import SplitScores, compare_to_baseline, score_split
-from .gates import quality_failures, quality_gate_count, vram_failures, vram_gate_count
+from .artifacts import device_name
+from .gates import (latency_failures, per_device, quality_failures, quality_gate_count, unchecked_ceilings,
+                    vram_failures, vram_gate_count)
 from .inputs import check_profile_data
 from .memory import free_memory, peak_memory, reset_peak_memory
 from .oom import VariantOutOfMemory, call_with_oom_guard
@@ -122,7 +124,8 @@ class Sweep:
         memory = peak_memory()
         result = VariantEval(name, scores, quality_failures(self.profile, name, {k: v.summary for k, v in
                                                                                   scores.items()}),
-                             vram_failures(self.profile, name, "inference", memory.get("peak_allocated_gib")),
+                             vram_failures(self.profile, name, "inference", memory.get("peak_allocated_gib"),
+                                           device_name()),
                              memory, note)
         write_predictions(predictions_path(self.runs_dir, self.profile, name),
                           [r for s in scores.values() for r in s.rows], self.eval_key(),
@@ -174,8 +177,14 @@ class Sweep:
                    "warmup_rounds": self.profile.latency.warmup_rounds, "prompt_id": self.latency_example().id,
                    "engine": engine.name, "engine_note": engine.note, "compiled": engine.compiled,
                    "first_call_s": dict(engine.compile_s), "timer": timer}
+        device = device_name()
+        figures["failures"] = latency_failures(self.profile, name, figures["p50_s"], device)
         self._record_variant(name)
         self.recorder.record(name, "latency", figures, engine=engine.name)
+        gate = {"checked": int(per_device(self.profile.latency.max_p50_s, device)[0] is not None),
+                "failures": figures["failures"], "unchecked": unchecked_ceilings(self.profile, "latency", device)}
+        self.recorder.record(name, "gates", {"latency": gate},
+                             engine=engine.name)
         return figures
 
     def measure_latency(self, name: str, rounds: int | None = None) -> dict[str, Any]:
@@ -349,7 +358,8 @@ class Sweep:
         train = {k2: mem[k] for k, k2 in (("peak_allocated_gib", "train_peak_allocated_gib"),
                                           ("peak_reserved_gib", "train_peak_reserved_gib"),
                                           ("peak_rss_gib", "train_peak_rss_gib")) if k in mem}
-        failures = vram_failures(self.profile, name, "train", mem.get("peak_allocated_gib"))
+        failures = vram_failures(self.profile, name, "train", mem.get("peak_allocated_gib"),
+                                 m.get("device") or device_name())
         self.recorder.record(name, "training", {**train, "vram_failures": failures}, provenance=stamp)
 
     def _record_eval(self, result: VariantEval, loaded: Loaded) -> None:
@@ -365,8 +375,9 @@ class Sweep:
         peaks = {"inference": result.peak_memory.get("peak_allocated_gib"),
                  "train": self.recorder.get(name, "training").get("train_peak_allocated_gib")}
         gates = {"quality": {"checked": quality_gate_count(self.profile, name), "failures": result.quality_failures},
-                 "vram": {"checked": vram_gate_count(self.profile, name, peaks),
-                          "failures": result.vram_failures + train_failures}}
+                 "vram": {"checked": vram_gate_count(self.profile, name, peaks, device_name()),
+                          "failures": result.vram_failures + train_failures,
+                          "unchecked": unchecked_ceilings(self.profile, "vram", device_name(), name)}}
         self.recorder.record(name, "gates", gates, engine=engine)
 
     def eval_key(self) -> str:

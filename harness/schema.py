@@ -124,6 +124,8 @@ class EvalConfig:
     bootstrap_resamples: int = _spec("bootstrap resamples for CIs", default=1000, lo=100)
     confidence: float = _spec("CI level", default=0.95, lo=0.5, hi=1.0, lo_open=True)
     bootstrap_seed: int = _spec("seed of the bootstrap", default=0, lo=0)
+    max_f1_regression: float = _spec("--quality-compare fails a variant whose paired ΔF1 CI against the saved run "
+                                     "lies wholly below minus this", default=0.0, lo=0.0, hi=0.5)
 
 
 @dataclass(frozen=True)

@@ -80,6 +80,7 @@ class Sweep:
     _loaded: Loaded | None = None
     _evals: dict[str, VariantEval] = field(default_factory=dict)
     _recorded: set[str] = field(default_factory=set)
+    saved_runs_dir: Path | None = None  # --quality-compare: a saved run's runs dir to hold quality against
 
     # -- the recipe -------------------------------------------------------------------------------------------
 
@@ -122,8 +123,9 @@ class Sweep:
                 s.summary["f1_delta_vs_baseline_note"] = note
             scores[split] = s
         memory = peak_memory()
+        regressions = self._compare_with_saved(name, scores)
         result = VariantEval(name, scores, quality_failures(self.profile, name, {k: v.summary for k, v in
-                                                                                  scores.items()}),
+                                                                                  scores.items()}) + regressions,
                              vram_failures(self.profile, name, "inference", memory.get("peak_allocated_gib"),
                                            device_name()),
                              memory, note)
@@ -374,7 +376,9 @@ class Sweep:
         train_failures = self.recorder.get(name, "training").get("vram_failures", [])
         peaks = {"inference": result.peak_memory.get("peak_allocated_gib"),
                  "train": self.recorder.get(name, "training").get("train_peak_allocated_gib")}
-        gates = {"quality": {"checked": quality_gate_count(self.profile, name), "failures": result.quality_failures},
+        compared = len(result.scores) if self.saved_runs_dir is not None else 0  # one regression check per split
+        gates = {"quality": {"checked": quality_gate_count(self.profile, name) + compared,
+                             "failures": result.quality_failures},
                  "vram": {"checked": vram_gate_count(self.profile, name, peaks, device_name()),
                           "failures": result.vram_failures + train_failures,
                           "unchecked": unchecked_ceilings(self.profile, "vram", device_name(), name)}}
@@ -384,6 +388,19 @@ class Sweep:
         """What stored predictions must match to be paired: config, all data, the code that decodes, the library
         versions and the device."""
         return eval_key(self.profile, self.recorder.data_fingerprint)
+
+    def _compare_with_saved(self, name: str, scores: dict[str, SplitScores]) -> list[str]:
+        """``--quality-compare``: ΔF1 against the saved run's predictions, into each split's summary; failures."""
+        if self.saved_runs_dir is None:
+            return []
+        from .quality_compare import compare_with_saved
+
+        deltas, failures = compare_with_saved(self.saved_runs_dir, self.profile, name,
+                                              {k: v.rows for k, v in scores.items()}, self.eval_key(),
+                                              eval_key_parts(self.profile, self.recorder.data_fingerprint))
+        for split, figures in deltas.items():
+            scores[split].summary.update(figures)
+        return failures
 
     def _baseline_rows(self) -> tuple[dict[str, list[dict]] | None, str | None]:
         """The baseline's per-example rows to pair ΔF1 with: this session's, a stored file made under the same

@@ -2,8 +2,8 @@
 
 Every line belongs to one variant, one section of one variant, or the profile: so a run that measured r16 changes
 r16's lines and no other. A figure that may mislead says so where it stands: † measured under another config or
-data than the profile's current one, or made by other harness code (``code_digest``), ‡ timed on a busy machine. Provenance (git sha, engine, device, time, config)
-is listed per variant and section.
+data than the profile's current one, or made by other harness code (``code_digest``), ‡ timed on a busy machine.
+Provenance (git sha, engine, device, time, config) is listed per variant and section.
 """
 
 from __future__ import annotations

@@ -19,8 +19,9 @@ from typing import Any
 
 from .config import Profile
 
-__all__ = ["quality_failures", "quality_gate_count", "vram_failures", "vram_gate_count", "speed_failures",
-           "latency_failures", "gate_status", "device_key", "per_device", "vram_ceiling", "unchecked_ceilings"]
+__all__ = ["quality_failures", "quality_gate_count", "vram_failures", "vram_gate_count", "vram_gate", "speed_failures",
+           "latency_failures", "latency_gate", "gate_status", "device_key", "per_device", "vram_ceiling",
+           "unchecked_ceilings"]
 
 
 def _words(text: str) -> list[str]:
@@ -79,8 +80,10 @@ def unchecked_ceilings(profile: Profile, kind: str, device: str, variant: str | 
             + _unchecked(inf.speed_min_speedup, device, "inference.speed_min_speedup"))
 
 
-def quality_gate_count(profile: Profile, variant: str) -> int:
-    return sum(variant in gate.variants for gate in profile.quality_gates)
+def quality_gate_count(profile: Profile, variant: str, compared: bool = False) -> int:
+    """Quality gates naming ``variant``, plus one per evaluated split when compared with a saved run."""
+    return sum(variant in gate.variants for gate in profile.quality_gates) + (
+        len(profile.data.eval_splits) if compared else 0)
 
 
 def vram_gate_count(profile: Profile, variant: str, measured: dict[str, float | None], device: str) -> int:
@@ -109,6 +112,13 @@ def quality_failures(profile: Profile, variant: str, summaries: dict[str, dict[s
     return failures
 
 
+def vram_gate(profile: Profile, variant: str, measured: dict[str, float | None], failures: list[str],
+              device: str) -> dict[str, Any]:
+    """The ``gates`` entry of a variant's VRAM peaks: ceilings checked, failures, ceilings without ``device``."""
+    return {"checked": vram_gate_count(profile, variant, measured, device), "failures": failures,
+            "unchecked": unchecked_ceilings(profile, "vram", device, variant)}
+
+
 def vram_failures(profile: Profile, variant: str, phase: str, peak_gib: float | None, device: str) -> list[str]:
     """The phase's peak (``train`` or ``inference``) against ``vram_ceilings_gib.<phase>.<variant>`` for ``device``."""
     ceiling, key = per_device(profile.vram_ceilings_gib.get(phase, {}).get(variant), device)
@@ -127,6 +137,13 @@ def latency_failures(profile: Profile, variant: str, p50_s: float, device: str) 
         return []
     return [f"{variant} latency p50 {p50_s:.3f} s on {device} is over latency.max_p50_s{_label(key)} {ceiling} s "
             f"({profile.source_file})"]
+
+
+def latency_gate(profile: Profile, variant: str, p50_s: float, device: str) -> dict[str, Any]:
+    """The ``gates`` entry of a latency figure: limits checked, failures, limits with no entry for ``device``."""
+    return {"checked": int(per_device(profile.latency.max_p50_s, device)[0] is not None),
+            "failures": latency_failures(profile, variant, p50_s, device),
+            "unchecked": unchecked_ceilings(profile, "latency", device)}
 
 
 def speed_failures(profile: Profile, engine: str, p50_s: float, speedup: float | None, device: str) -> list[str]:

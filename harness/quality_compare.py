@@ -16,11 +16,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .config import Profile
+from .config import Profile, config_hash
 from .evaluate import compare_to_baseline
-from .predictions import predictions_path, read_key_file, read_matching
+from .predictions import eval_key_parts, predictions_path, read_key_file, read_matching
 
-__all__ = ["compare_with_saved", "key_differences"]
+__all__ = ["compare_with_saved", "regressions_against", "key_differences"]
 
 
 def compare_with_saved(saved_runs_dir: Path, profile: Profile, variant: str, rows: dict[str, list[dict]],
@@ -45,13 +45,25 @@ def compare_with_saved(saved_runs_dir: Path, profile: Profile, variant: str, row
             failures.append(f"{variant} on {split}: {paired['f1_delta_vs_baseline_note']} (saved run {path})")
             continue
         delta, (lo, hi) = paired["f1_delta_vs_baseline"], paired["f1_delta_vs_baseline_ci"]
-        out[split] = {"f1_delta_vs_saved": delta, "f1_delta_vs_saved_ci": [lo, hi], "n_paired_saved": paired["n_paired"],
-                      "saved_predictions": str(path)}
+        out[split] = {"f1_delta_vs_saved": delta, "f1_delta_vs_saved_ci": [lo, hi],
+                      "n_paired_saved": paired["n_paired"], "saved_predictions": str(path)}
         if hi < -margin:
             failures.append(f"{variant} F1 on {split} fell by {-delta:.3f} against the saved run {path} (paired 95% CI "
                             f"[{lo:+.3f}, {hi:+.3f}], wholly below -eval.max_f1_regression = -{margin} in "
                             f"{profile.source_file})")
     return out, failures
+
+
+def regressions_against(saved_runs_dir: Path, profile: Profile, variant: str, scores: dict[str, Any],
+                        data_fingerprint: str) -> list[str]:
+    """``compare_with_saved`` for a variant's ``SplitScores`` under this run's eval key: each split's summary gains
+    its ΔF1 vs the saved run; returns the failures."""
+    parts = eval_key_parts(profile, data_fingerprint)
+    deltas, failures = compare_with_saved(saved_runs_dir, profile, variant, {k: v.rows for k, v in scores.items()},
+                                          config_hash(parts), parts)
+    for split, figures in deltas.items():
+        scores[split].summary.update(figures)
+    return failures
 
 
 def key_differences(saved: dict[str, Any], now: dict[str, Any]) -> str:

@@ -24,13 +24,14 @@ from .config import Profile, Variant, load_profile
 from .data import fingerprint
 from .evaluate import SplitScores, compare_to_baseline, score_split
 from .artifacts import device_name
-from .gates import (latency_failures, per_device, quality_failures, quality_gate_count, unchecked_ceilings,
-                    vram_failures, vram_gate_count)
+from .gates import latency_gate, quality_failures, quality_gate_count, vram_failures, vram_gate
 from .inputs import check_profile_data
 from .memory import free_memory, peak_memory, reset_peak_memory
 from .oom import VariantOutOfMemory, call_with_oom_guard
 from .predictions import eval_key, eval_key_parts, predictions_path, read_matching, write_predictions
 from .prompt import encode_prompt
+from .quality_compare import regressions_against
+from .revision import pin_revision
 from .results import ResultsRecorder, card_results_path, results_path, save_results
 from .timing import machine_load, summarize_samples
 from .variants import ensure_adapter
@@ -90,8 +91,6 @@ class Sweep:
         """Validate the profile and its data, and pin a hub model's revision to a commit (harness.revision); nothing
         is loaded or written yet. ``runs_dir`` and ``card`` default
         to the project's own ``runs/`` and ``MODEL_CARD.md``, wherever the profile file lives."""
-        from .revision import pin_revision
-
         profile = pin_revision(profile if isinstance(profile, Profile) else load_profile(profile))
         splits = check_profile_data(profile)
         data_fp = fingerprint([e for s in splits.values() for e in s])
@@ -123,7 +122,8 @@ class Sweep:
                 s.summary["f1_delta_vs_baseline_note"] = note
             scores[split] = s
         memory = peak_memory()
-        regressions = self._compare_with_saved(name, scores)
+        regressions = [] if self.saved_runs_dir is None else regressions_against(  # --quality-compare
+            self.saved_runs_dir, self.profile, name, scores, self.recorder.data_fingerprint)
         result = VariantEval(name, scores, quality_failures(self.profile, name, {k: v.summary for k, v in
                                                                                   scores.items()}) + regressions,
                              vram_failures(self.profile, name, "inference", memory.get("peak_allocated_gib"),
@@ -179,14 +179,11 @@ class Sweep:
                    "warmup_rounds": self.profile.latency.warmup_rounds, "prompt_id": self.latency_example().id,
                    "engine": engine.name, "engine_note": engine.note, "compiled": engine.compiled,
                    "first_call_s": dict(engine.compile_s), "timer": timer}
-        device = device_name()
-        figures["failures"] = latency_failures(self.profile, name, figures["p50_s"], device)
+        gate = latency_gate(self.profile, name, figures["p50_s"], device_name())
+        figures["failures"] = gate["failures"]
         self._record_variant(name)
         self.recorder.record(name, "latency", figures, engine=engine.name)
-        gate = {"checked": int(per_device(self.profile.latency.max_p50_s, device)[0] is not None),
-                "failures": figures["failures"], "unchecked": unchecked_ceilings(self.profile, "latency", device)}
-        self.recorder.record(name, "gates", {"latency": gate},
-                             engine=engine.name)
+        self.recorder.record(name, "gates", {"latency": gate}, engine=engine.name)
         return figures
 
     def measure_latency(self, name: str, rounds: int | None = None) -> dict[str, Any]:
@@ -352,7 +349,7 @@ class Sweep:
                  "data_fingerprint": self.recorder.data_fingerprint, "engine": None, "device": m.get("device"),
                  "time": m.get("train_finished"), "session": self.recorder.session_id,
                  "versions": m.get("versions"), "adapter": m.get("key_hash", "")[:12],
-                 **({"code_digest": m["code_digest"]} if "code_digest" in m else {})}
+                 "code_digest": self.recorder.stamp()["code_digest"]}  # the adapter key holds the adapter code
         keys = ("trainable_params", "train_wall_s", "train_tokens_per_s", "optimizer_steps",
                 "planned_optimizer_steps", "key_hash", "world_size")
         self.recorder.record(name, "training", {k: m[k] for k in keys if k in m}, provenance=stamp)
@@ -360,8 +357,7 @@ class Sweep:
         train = {k2: mem[k] for k, k2 in (("peak_allocated_gib", "train_peak_allocated_gib"),
                                           ("peak_reserved_gib", "train_peak_reserved_gib"),
                                           ("peak_rss_gib", "train_peak_rss_gib")) if k in mem}
-        failures = vram_failures(self.profile, name, "train", mem.get("peak_allocated_gib"),
-                                 m.get("device") or device_name())
+        failures = vram_failures(self.profile, name, "train", mem.get("peak_allocated_gib"), m.get("device", ""))
         self.recorder.record(name, "training", {**train, "vram_failures": failures}, provenance=stamp)
 
     def _record_eval(self, result: VariantEval, loaded: Loaded) -> None:
@@ -376,31 +372,14 @@ class Sweep:
         train_failures = self.recorder.get(name, "training").get("vram_failures", [])
         peaks = {"inference": result.peak_memory.get("peak_allocated_gib"),
                  "train": self.recorder.get(name, "training").get("train_peak_allocated_gib")}
-        compared = len(result.scores) if self.saved_runs_dir is not None else 0  # one regression check per split
-        gates = {"quality": {"checked": quality_gate_count(self.profile, name) + compared,
+        gates = {"quality": {"checked": quality_gate_count(self.profile, name, self.saved_runs_dir is not None),
                              "failures": result.quality_failures},
-                 "vram": {"checked": vram_gate_count(self.profile, name, peaks, device_name()),
-                          "failures": result.vram_failures + train_failures,
-                          "unchecked": unchecked_ceilings(self.profile, "vram", device_name(), name)}}
+                 "vram": vram_gate(self.profile, name, peaks, result.vram_failures + train_failures, device_name())}
         self.recorder.record(name, "gates", gates, engine=engine)
 
     def eval_key(self) -> str:
-        """What stored predictions must match to be paired: config, all data, the code that decodes, the library
-        versions and the device."""
+        """What stored predictions must match to be paired (``harness.predictions.eval_key_parts``)."""
         return eval_key(self.profile, self.recorder.data_fingerprint)
-
-    def _compare_with_saved(self, name: str, scores: dict[str, SplitScores]) -> list[str]:
-        """``--quality-compare``: ΔF1 against the saved run's predictions, into each split's summary; failures."""
-        if self.saved_runs_dir is None:
-            return []
-        from .quality_compare import compare_with_saved
-
-        deltas, failures = compare_with_saved(self.saved_runs_dir, self.profile, name,
-                                              {k: v.rows for k, v in scores.items()}, self.eval_key(),
-                                              eval_key_parts(self.profile, self.recorder.data_fingerprint))
-        for split, figures in deltas.items():
-            scores[split].summary.update(figures)
-        return failures
 
     def _baseline_rows(self) -> tuple[dict[str, list[dict]] | None, str | None]:
         """The baseline's per-example rows to pair ΔF1 with: this session's, a stored file made under the same

@@ -28,7 +28,6 @@ from .data import Example, fingerprint
 from .memory import free_memory
 from .models import device, load_base
 from .prompt import PROMPT_FORMAT
-from .results import code_digest
 
 __all__ = ["ADAPTER_SOURCES", "MANIFEST", "adapter_source_digest", "artifact_key", "artifact_dir", "ensure_adapter",
            "is_complete"]
@@ -130,7 +129,7 @@ def ensure_adapter(profile: Profile, variant: Variant, splits: dict[str, list[Ex
                 "complete": True, "profile": profile.name, "variant": variant.name, "key_hash": key_hash,
                 "key": key, "config_hash": config_hash(profile), "seed": profile.training.seed,
                 "train_started": started, "train_finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                **provenance(), "code_digest": code_digest(), **figures,
+                **provenance(), **figures,
             }
             atomic_write_text(tmp / "config.yaml", yaml.safe_dump(profile.to_dict(), sort_keys=False,
                                                                   allow_unicode=True))

@@ -26,7 +26,8 @@ def _with(profile, section: str, **changes):
 
 
 @pytest.mark.parametrize(("name", "key"), [(H100, "H100"), (H200, "H200"), ("NVIDIA H100 PCIe", "H100"),
-                                           ("NVIDIA H100 NVL", "H100 NVL"), (A100, None), ("cpu (x86_64, 2 cores)", "cpu")])
+                                           ("NVIDIA H100 NVL", "H100 NVL"), (A100, None),
+                                           ("cpu (x86_64, 2 cores)", "cpu")])
 def test_a_device_key_matches_the_words_of_the_device_name(name, key):
     assert device_key(["H200", "H100", "H100 NVL", "cpu"], name) == key
 
@@ -78,7 +79,8 @@ def test_a_gpu_without_a_limit_is_not_gated_and_the_card_says_so():
     """An A100 runs the 7B profile: no figure is gated, and each unchecked limit is named in the gates cell and
     in a footnote, so the card never shows a bare 'pass'."""
     profile = load_profile("synthetic-7b")
-    assert latency_failures(profile, "r16", 5.0, A100) == [] and vram_failures(profile, "r16", "inference", 99, A100) == []
+    assert latency_failures(profile, "r16", 5.0, A100) == []
+    assert vram_failures(profile, "r16", "inference", 99.0, A100) == []
     notes = {kind: unchecked_ceilings(profile, kind, A100, "r16") for kind in ("latency", "vram", "speed")}
     assert notes["latency"] == [f"latency.max_p50_s has no limit for {A100!r} (set for H200, H100): not gated on this "
                                 f"device; add its measured figure to the profile"]

@@ -104,3 +104,20 @@ def test_per_device_limits_are_validated_naming_file_line_and_device(tmp_path, o
     with pytest.raises(ConfigError) as info:
         load_profile(write_profile(tmp_path / "p", overrides))
     assert expected in str(info.value) and "profile.yaml:" in str(info.value), str(info.value)
+
+
+@pytest.mark.slow
+def test_the_latency_suite_fails_a_ceiling_under_the_measured_p50_on_this_machine(tmp_path):
+    """End to end on the CPU: the benchmark's latency test, baseline of tiny, with ``latency.max_p50_s`` for ``cpu``
+    set far under any real p50, fails naming the key; the gates cell records the failure."""
+    from fixtures.user_runs import quick_profile, run_pytest
+    from harness.results import load_results
+
+    profile = quick_profile(tmp_path / "p", {"variants": ["baseline"], "latency": {"max_p50_s": {"cpu": 1e-6}}})
+    runs = tmp_path / "runs"
+    result = run_pytest(profile, runs, tmp_path / "MODEL_CARD.md", str(REPO / "suites/benchmark/test_latency.py"),
+                        "--no-card")
+    assert result.returncode == pytest.ExitCode.TESTS_FAILED, result.stdout[-3000:]
+    assert "is over latency.max_p50_s [cpu] 1e-06 s" in result.stdout, result.stdout[-3000:]
+    gates = load_results(runs / "tiny" / "results.json")["variants"]["baseline"]["gates"]
+    assert gates["latency"]["checked"] == 1 and gate_status(gates) == "FAIL (latency)"

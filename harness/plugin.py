@@ -10,7 +10,9 @@ comparison by the ``qlora_speed`` marker, never by fixture names.
 from __future__ import annotations
 
 import os
+import re
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -50,9 +52,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="timed rounds per variant in the latency suite (default: the profile's latency.rounds)")
     group.addoption("--no-card", action="store_true", default=False,
                     help="record results in runs/ but do not touch the model card")
+    group.addoption("--quality-compare", default=None, type=Path, metavar="RUNS_DIR",
+                    help="a saved runs dir (e.g. a copy of runs/ from the last good run): each variant's predictions "
+                         "are paired with the saved ones (same eval key) and fail when the paired ΔF1 CI lies wholly "
+                         "below -eval.max_f1_regression")
 
 
-_VALUE_OPTIONS = ("--profile", "--runs-dir", "--card", "--latency-runs")
+_VALUE_OPTIONS = ("--profile", "--runs-dir", "--card", "--latency-runs", "--quality-compare")
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -95,14 +101,18 @@ def pytest_configure(config: pytest.Config) -> None:
         raise pytest.UsageError(f"--latency-runs {rounds}: give at least 1 timed round")
     here = config.invocation_params.dir
     runs, card = config.getoption("runs_dir"), config.getoption("card")
+    saved = config.getoption("quality_compare")
     try:  # a bad profile or dataset is one error before any test runs, and nothing is written
         sweep = Sweep.prepare(config.getoption("profile"), runs_dir=runs and here / runs, card=card and here / card,
                               retrain=config.getoption("retrain"),
                               session_id=getattr(config, "workerinput", {}).get(_SESSION_OPTION))
     except InputError as e:
         raise pytest.UsageError(str(e)) from None
+    sweep.saved_runs_dir = saved and here / saved
     config.stash[SWEEP_KEY] = sweep
     config.stash[_ENDED_KEY] = {}
+    if _GPU_SELECTED.search(config.option.markexpr or "") and not hasattr(config, "workerinput"):
+        config.pluginmanager.register(MeasuredNothing(), "qlora-measured-nothing")
 
 
 @pytest.hookimpl(optionalhook=True)
@@ -240,6 +250,42 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         sweep.save(card=not worker and not config.getoption("no_card"))
     elif not worker and not config.getoption("no_card") and getattr(config.option, "numprocesses", None):
         _card_from_workers(sweep)
+
+
+_GPU_SELECTED = re.compile(r"(?<!not )\bgpu\b")  # -m gpu, -m "gpu and not slow"; not -m "not gpu"
+
+
+class MeasuredNothing:
+    """``-m gpu`` is the gate run: when every test it selected skipped (no CUDA, no weights), it measured nothing,
+    and it exits 1 with one line saying why, instead of pytest's 0 for a run of skips."""
+
+    def __init__(self):
+        self.outcomes: dict[str, str] = {}
+        self.reasons: Counter[str] = Counter()
+        self.line: str | None = None
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        if report.failed:
+            self.outcomes[report.nodeid] = "failed"
+        elif report.skipped:
+            self.outcomes.setdefault(report.nodeid, "skipped")
+            reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+            self.reasons[reason.removeprefix("Skipped: ")] += 1
+        elif report.when == "call":
+            self.outcomes[report.nodeid] = "passed"
+
+    def pytest_sessionfinish(self, session: pytest.Session) -> None:
+        if session.exitstatus != pytest.ExitCode.OK or not self.outcomes:
+            return
+        if all(outcome == "skipped" for outcome in self.outcomes.values()):
+            why = self.reasons.most_common(1)[0][0] if self.reasons else "skipped"
+            self.line = (f"qlora: the gpu gate measured nothing: all {len(self.outcomes)} selected tests skipped "
+                         f"({why}); run it where CUDA and the model's weights are")
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+    def pytest_terminal_summary(self, terminalreporter) -> None:
+        if self.line:
+            terminalreporter.write_line(self.line, red=True, bold=True)
 
 
 def _card_from_workers(sweep) -> None:

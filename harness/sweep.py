@@ -29,11 +29,13 @@ from .config.schema import Profile
 from .data.dataset import fingerprint
 from .data.prompt import encode_prompt
 from .measure.evaluate import SplitScores, compare_to_baseline, score_split
-from .measure.gates import quality_failures, vram_failures
+from .measure.gates import latency_gate, quality_failures, vram_failures
 from .measure.memory import free_memory, peak_memory, reset_peak_memory
-from .measure.predictions import eval_key, predictions_path, read_matching, write_predictions
+from .measure.predictions import eval_key, eval_key_parts, predictions_path, read_matching, write_predictions
+from .measure.quality_compare import regressions_against
 from .measure.timing import machine_load, summarize_samples
-from .report.provenance import PROJECT_ROOT
+from .models.revision import pin_revision
+from .report.provenance import PROJECT_ROOT, device_name
 from .report.recording import record_eval, record_variant
 from .report.results import ResultsRecorder, card_results_path, results_path, save_results
 from .sweep_state import Loaded, SweepState
@@ -67,15 +69,17 @@ class Sweep:
     retrain: bool = False
     recorder: ResultsRecorder = None  # type: ignore[assignment]
     state: SweepState = field(default_factory=SweepState)
+    saved_runs_dir: Path | None = None  # --quality-compare: a saved run's runs dir to hold quality against
 
     # -- the recipe -------------------------------------------------------------------------------------------
 
     @classmethod
     def prepare(cls, profile: str | Path | Profile, runs_dir: str | Path | None = None,
                 card: str | Path | None = None, retrain: bool = False, session_id: str | None = None) -> Sweep:
-        """Validate the profile and its data; nothing is loaded or written yet. ``runs_dir`` and ``card`` default
+        """Validate the profile and its data, and pin a hub model's revision to a commit (harness.revision); nothing
+        is loaded or written yet. ``runs_dir`` and ``card`` default
         to the project's own ``runs/`` and ``MODEL_CARD.md``, wherever the profile file lives."""
-        profile = profile if isinstance(profile, Profile) else load_profile(profile)
+        profile = pin_revision(profile if isinstance(profile, Profile) else load_profile(profile))
         splits = check_profile_data(profile)
         data_fp = fingerprint([e for s in splits.values() for e in s])
         return cls(profile, splits, Path(runs_dir) if runs_dir else PROJECT_ROOT / "runs",
@@ -123,7 +127,7 @@ class Sweep:
         done = self.state.evals
         if name in done:
             if record and name not in self.state.recorded:  # evaluated earlier only to pair ΔF1; now asked for
-                record_eval(self.recorder, done[name], self.load(name))
+                record_eval(self.recorder, done[name], self.load(name), self.saved_runs_dir is not None)
                 self.state.recorded.add(name)
             return done[name]
         baseline, note = (None, None) if name == "baseline" else self._baseline_rows()
@@ -139,14 +143,18 @@ class Sweep:
                 s.summary["f1_delta_vs_baseline_note"] = note
             scores[split] = s
         memory = peak_memory()
+        regressions = [] if self.saved_runs_dir is None else regressions_against(  # --quality-compare
+            self.saved_runs_dir, self.profile, name, scores, self.recorder.data_fingerprint)
         result = VariantEval(name, scores, quality_failures(self.profile, name, {k: v.summary for k, v in
-                                                                                  scores.items()}),
-                             vram_failures(self.profile, name, "inference", memory.get("peak_allocated_gib")),
+                                                                                  scores.items()}) + regressions,
+                             vram_failures(self.profile, name, "inference", memory.get("peak_allocated_gib"),
+                                           device_name()),
                              memory, note)
         write_predictions(predictions_path(self.runs_dir, self.profile, name),
-                          [r for s in scores.values() for r in s.rows], self.eval_key())
+                          [r for s in scores.values() for r in s.rows], self.eval_key(),
+                          eval_key_parts(self.profile, self.recorder.data_fingerprint))
         if record:
-            record_eval(self.recorder, result, loaded)
+            record_eval(self.recorder, result, loaded, self.saved_runs_dir is not None)
             self.state.recorded.add(name)
         done[name] = result
         return result
@@ -193,8 +201,11 @@ class Sweep:
                    "warmup_rounds": self.profile.latency.warmup_rounds, "prompt_id": self.latency_example().id,
                    "engine": engine.name, "engine_note": engine.note, "compiled": engine.compiled,
                    "first_call_s": dict(engine.compile_s), "timer": timer}
+        gate = latency_gate(self.profile, name, figures["p50_s"], device_name())
+        figures["failures"] = gate["failures"]
         record_variant(self.recorder, loaded)
         self.recorder.record(name, "latency", figures, engine=engine.name)
+        self.recorder.record(name, "gates", {"latency": gate}, engine=engine.name)
         return figures
 
     def measure_latency(self, name: str, rounds: int | None = None) -> dict[str, Any]:
@@ -334,7 +345,7 @@ class Sweep:
         return s.merged
 
     def eval_key(self) -> str:
-        """What stored predictions must match to be paired: config, all data, and the code that decodes."""
+        """What stored predictions must match to be paired (``harness.predictions.eval_key_parts``)."""
         return eval_key(self.profile, self.recorder.data_fingerprint)
 
     def _baseline_rows(self) -> tuple[dict[str, list[dict]] | None, str | None]:

@@ -77,6 +77,8 @@ class _Checker:
         return out
 
     def value(self, tp, v, meta, keypath):
+        if meta.get("per_device") and isinstance(v, dict):
+            return self.per_device(v, meta, keypath)
         origin, args = typing.get_origin(tp), typing.get_args(tp)
         if origin in (typing.Union, types.UnionType):
             if v is None:
@@ -112,6 +114,19 @@ class _Checker:
             return self.err(keypath, f"expected a string, got {v!r} ({type(v).__name__})")
         self.check_range(v, meta, keypath)
         return v
+
+    def per_device(self, v: dict, meta, keypath) -> dict | None:
+        """{device: number}: every device key a name, every value a number in the field's range."""
+        if not v:
+            return self.err(keypath, "an empty mapping gates nothing; give {device: number}, e.g. {H100: 1.0}, or "
+                                     "null")
+        out = {}
+        for device, x in v.items():
+            if not isinstance(device, str) or not device.strip():
+                self.err(keypath + (device,), f"device key {device!r} must be a GPU name such as H100 or H200")
+                continue
+            out[device] = self.value(float, x, {**meta, "per_device": False}, keypath + (device,))
+        return out
 
     def check_range(self, v, meta, keypath):
         lo, hi, choices = meta.get("lo"), meta.get("hi"), meta.get("choices")
@@ -265,13 +280,20 @@ def _check_ceilings(chk: _Checker, ceilings: dict, variants: tuple) -> None:
         if not isinstance(per_variant, dict):
             chk.err(("vram_ceilings_gib", phase), f"expected a mapping of variant -> GiB, got {per_variant!r}")
             continue
-        for v, gib in per_variant.items():
+        for v, per_device in per_variant.items():
             if v not in variants:
                 chk.err(("vram_ceilings_gib", phase, v), f"unknown variant {v!r}; this profile sweeps "
                                                          f"{', '.join(variants)}")
-            elif isinstance(gib, bool) or not isinstance(gib, (int, float)) or not 0 < gib < math.inf:
-                chk.err(("vram_ceilings_gib", phase, v), f"expected a positive, finite number of GiB, got {gib!r}; "
-                                                         f"write the most GiB this phase may use, e.g. 12.5")
+                continue
+            if isinstance(per_device, dict) and not per_device:
+                chk.err(("vram_ceilings_gib", phase, v), "an empty mapping gates nothing; give {device: GiB}, e.g. "
+                                                         "{H100: 15.0}, or one number for every device")
+            items = per_device.items() if isinstance(per_device, dict) else [(None, per_device)]
+            for device, gib in items:
+                where = ("vram_ceilings_gib", phase, v) + ((device,) if device is not None else ())
+                if isinstance(gib, bool) or not isinstance(gib, (int, float)) or not 0 < gib < math.inf:
+                    chk.err(where, f"expected a positive, finite number of GiB, got {gib!r}; write the most GiB this "
+                                   f"phase may use, e.g. 12.5, or per device, e.g. {{H100: 12.5, H200: 12.5}}")
 
 
 def config_hash(obj: Any) -> str:

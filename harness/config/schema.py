@@ -28,8 +28,10 @@ __all__ = [
 ]
 
 
-def _spec(doc: str = "", *, default: Any = dataclasses.MISSING, lo=None, hi=None, choices=None, lo_open=False):
-    meta = {"doc": doc, "lo": lo, "hi": hi, "choices": choices, "lo_open": lo_open}
+def _spec(doc: str = "", *, default: Any = dataclasses.MISSING, lo=None, hi=None, choices=None, lo_open=False,
+          per_device=False):
+    # per_device: one number for every device, or {device: number} (matching rule in harness.gates)
+    meta = {"doc": doc, "lo": lo, "hi": hi, "choices": choices, "lo_open": lo_open, "per_device": per_device}
     if default is dataclasses.MISSING:
         return field(metadata=meta)
     if isinstance(default, (list, dict)):
@@ -123,6 +125,8 @@ class EvalConfig:
     bootstrap_resamples: int = _spec("bootstrap resamples for CIs", default=1000, lo=100)
     confidence: float = _spec("CI level", default=0.95, lo=0.5, hi=1.0, lo_open=True)
     bootstrap_seed: int = _spec("seed of the bootstrap", default=0, lo=0)
+    max_f1_regression: float = _spec("--quality-compare fails a variant whose paired ΔF1 CI against the saved run "
+                                     "lies wholly below minus this", default=0.0, lo=0.0, hi=0.5)
 
 
 @dataclass(frozen=True)
@@ -131,6 +135,8 @@ class LatencyConfig:
     max_new_tokens: int = _spec("tokens per call, forced with min_new_tokens", lo=1)
     warmup_rounds: int = _spec("untimed calls first", default=1, lo=0)
     prompt_id: str = _spec("dataset id of the fixed latency prompt", default="")
+    max_p50_s: float | dict | None = _spec("most seconds a variant's p50 may take, per device ({H100: 1.0}) or one "
+                                           "number for all", default=None, lo=0.0, lo_open=True, per_device=True)
 
 
 @dataclass(frozen=True)
@@ -171,10 +177,12 @@ class InferenceConfig:
     speed_rounds: int = _spec("timed rounds per engine in the speed suite", default=5, lo=1)
     speed_seed_rounds: int | None = _spec("timed rounds of the seed path (only the ratio's base; ~10 s a round for "
                                           "7B): null = speed_rounds", default=None, lo=1)
-    speed_min_speedup: float | None = _spec("the configured engine's p50 must beat the seed path's by this factor",
-                                            default=None, lo=1.0)
-    speed_max_p50_s: float | None = _spec("the configured engine's p50 must be at most this", default=None, lo=0.0,
-                                          lo_open=True)
+    speed_min_speedup: float | dict | None = _spec("the configured engine's p50 must beat the seed path's by this "
+                                                   "factor, per device ({H100: 10}) or one number for all",
+                                                   default=None, lo=1.0, per_device=True)
+    speed_max_p50_s: float | dict | None = _spec("the configured engine's p50 must be at most this, per device "
+                                                 "({H100: 1.0}) or one number for all", default=None, lo=0.0,
+                                                 lo_open=True, per_device=True)
     parity_new_tokens: int = _spec("greedy tokens compared by the parity check", default=32, lo=1)
     parity_min_agreement: float = _spec("lowest mean token agreement of merged vs seed", default=0.9, lo=0.0,
                                         hi=1.0)
@@ -212,7 +220,8 @@ class Profile:
                                            default=DistributedConfig())
     requires_gpu: bool = _spec("every variant test is marked gpu and skips without CUDA", default=False)
     quality_gates: tuple[Gate, ...] = _spec("thresholds the quality suite asserts", default=())
-    vram_ceilings_gib: dict = _spec("{train|inference: {variant: GiB}} for the gpu suite", default={})
+    vram_ceilings_gib: dict = _spec("{train|inference: {variant: GiB or {device: GiB}}} for the gpu suite",
+                                    default={})
     variant_defs: dict = _spec("resolved variants, filled from variants.yaml", default={})
     source_file: str = _spec("the profile YAML this came from", default="")
 

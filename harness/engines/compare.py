@@ -14,7 +14,9 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+from ..measure.gates import per_device, speed_failures, unchecked_ceilings
 from ..measure.timing import summarize_samples
+from ..report.provenance import device_name
 
 __all__ = ["EngineComparison"]
 
@@ -120,7 +122,8 @@ class EngineComparison:
         return once
 
     def record(self, name: str, samples: list[float], load_before: dict, load_after: dict) -> dict[str, Any]:
-        """Summarize ``name``'s rounds, with its ratio to the seed path measured earlier in this session."""
+        """Summarize ``name``'s rounds, with its ratio to the seed path measured earlier in this session, held to
+        ``inference.speed_*`` for this device (``failures``; empty passes)."""
         import torch
 
         engine = self._engines[name]
@@ -136,7 +139,16 @@ class EngineComparison:
             self.seed_p50 = figures["p50_s"]
         elif self.seed_p50 is not None:
             figures["speedup_vs_seed"] = self.seed_p50 / figures["p50_s"]
+        device = device_name()
+        figures["failures"] = speed_failures(self.profile, name, figures["p50_s"], figures.get("speedup_vs_seed"),
+                                             device)
         self.sweep.recorder.record(self.variant, "speed", {name: figures}, engine=name)
+        if name == self.profile.inference.engine and name != "seed":  # the engine the speed gates hold
+            inf = self.profile.inference
+            checked = sum(per_device(v, device)[0] is not None for v in (inf.speed_max_p50_s, inf.speed_min_speedup))
+            self.sweep.recorder.record(self.variant, "gates", {"speed": {
+                "checked": checked, "failures": figures["failures"],
+                "unchecked": unchecked_ceilings(self.profile, "speed", device)}}, engine=name)
         return figures
 
     def parity(self, candidate: str) -> dict[str, Any]:

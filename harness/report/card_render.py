@@ -2,8 +2,8 @@
 
 Every line belongs to one variant, one section of one variant, or the profile: so a run that measured r16 changes
 r16's lines and no other. A figure that may mislead says so where it stands: † measured under another config or
-data than the profile's current one, ‡ timed on a busy machine. Provenance (git sha, engine, device, time, config)
-is listed per variant and section.
+data than the profile's current one, or made by other harness code (``code_digest``), ‡ timed on a busy machine.
+Provenance (git sha, engine, device, time, config) is listed per variant and section.
 """
 
 from __future__ import annotations
@@ -49,11 +49,21 @@ def fmt_ratio(x: float | None) -> str:
 
 
 def _stale(results: dict[str, Any], section: dict[str, Any] | None) -> bool:
+    return _stale_config(results, section) or _stale_code(results, section)
+
+
+def _stale_config(results: dict[str, Any], section: dict[str, Any] | None) -> bool:
     prov = (section or {}).get("provenance") or {}
     if not prov or "config_hash" not in results:
         return False
     return (prov.get("config_hash") != results["config_hash"]
             or prov.get("data_fingerprint") not in (None, results.get("data_fingerprint")))
+
+
+def _stale_code(results: dict[str, Any], section: dict[str, Any] | None) -> bool:
+    """Made by other harness code than the results file's latest run (sections from before the digest: unknown)."""
+    made_by = ((section or {}).get("provenance") or {}).get("code_digest")
+    return bool(made_by and results.get("code_digest") and made_by != results["code_digest"])
 
 
 def _mark(text: str, results: dict, section: dict | None, busy: bool = False) -> str:
@@ -118,10 +128,16 @@ def _footnotes(results: dict[str, Any]) -> list[str]:
     lines = []
     for name in _order(results):
         for section, data in _sections(results["variants"][name]):
+            if section == "gates" and isinstance(data, dict):  # a per-device limit this device has no entry in
+                lines += [f"- `{name}` gates: {note}" for kind in data.values() if isinstance(kind, dict)
+                          for note in kind.get("unchecked") or []]
             if not isinstance(data, dict) or section in ("info", "gates"):
                 continue
             prov = data.get("provenance") or {}
-            if _stale(results, data):
+            if _stale_code(results, data):
+                lines.append(f"- † `{name}` {section}: made by harness code `{prov['code_digest']}`, not the current "
+                             f"`{results['code_digest']}`. Re-run `-k {name}` to refresh it.")
+            if _stale_config(results, data):
                 lines.append(f"- † `{name}` {section}: measured under config `{str(prov.get('config_hash'))[:12]}`, "
                              f"data `{str(prov.get('data_fingerprint'))[:12]}`; the profile or its data changed "
                              f"since. Re-run `-k {name}` to refresh it.")

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..measure.gates import quality_gate_count, vram_failures, vram_gate_count
+from ..measure.gates import quality_gate_count, vram_failures, vram_gate
+from .provenance import device_name
 from .results import ResultsRecorder
 
 __all__ = ["record_variant", "record_training", "record_eval"]
@@ -28,7 +29,8 @@ def record_training(recorder: ResultsRecorder, name: str, m: dict[str, Any]) -> 
     stamp = {"git_sha": m.get("git_sha"), "profile": profile.name, "config_hash": m.get("config_hash"),
              "data_fingerprint": recorder.data_fingerprint, "engine": None, "device": m.get("device"),
              "time": m.get("train_finished"), "session": recorder.session_id,
-             "versions": m.get("versions"), "adapter": m.get("key_hash", "")[:12]}
+             "versions": m.get("versions"), "adapter": m.get("key_hash", "")[:12],
+             "code_digest": recorder.stamp()["code_digest"]}  # the adapter key holds the adapter code
     keys = ("trainable_params", "train_wall_s", "train_tokens_per_s", "optimizer_steps",
             "planned_optimizer_steps", "key_hash", "world_size")
     recorder.record(name, "training", {k: m[k] for k in keys if k in m}, provenance=stamp)
@@ -36,12 +38,13 @@ def record_training(recorder: ResultsRecorder, name: str, m: dict[str, Any]) -> 
     train = {k2: mem[k] for k, k2 in (("peak_allocated_gib", "train_peak_allocated_gib"),
                                       ("peak_reserved_gib", "train_peak_reserved_gib"),
                                       ("peak_rss_gib", "train_peak_rss_gib")) if k in mem}
-    failures = vram_failures(profile, name, "train", mem.get("peak_allocated_gib"))
+    failures = vram_failures(profile, name, "train", mem.get("peak_allocated_gib"), m.get("device", ""))
     recorder.record(name, "training", {**train, "vram_failures": failures}, provenance=stamp)
 
 
-def record_eval(recorder: ResultsRecorder, result, loaded) -> None:
-    """A ``VariantEval``'s quality and memory figures and its gates, with what they stand on."""
+def record_eval(recorder: ResultsRecorder, result, loaded, quality_compared: bool = False) -> None:
+    """A ``VariantEval``'s quality and memory figures and its gates, with what they stand on; ``quality_compared``:
+    the quality gates include the comparison with a saved run (``--quality-compare``)."""
     name, engine, profile = result.variant, loaded.engine.name, recorder.profile
     record_variant(recorder, loaded)
     recorder.record(name, "quality", {k: v.summary for k, v in result.scores.items()}, engine=engine)
@@ -53,7 +56,7 @@ def record_eval(recorder: ResultsRecorder, result, loaded) -> None:
     train_failures = recorder.get(name, "training").get("vram_failures", [])
     peaks = {"inference": result.peak_memory.get("peak_allocated_gib"),
              "train": recorder.get(name, "training").get("train_peak_allocated_gib")}
-    gates = {"quality": {"checked": quality_gate_count(profile, name), "failures": result.quality_failures},
-             "vram": {"checked": vram_gate_count(profile, name, peaks),
-                      "failures": result.vram_failures + train_failures}}
+    gates = {"quality": {"checked": quality_gate_count(profile, name, quality_compared),
+                         "failures": result.quality_failures},
+             "vram": vram_gate(profile, name, peaks, result.vram_failures + train_failures, device_name())}
     recorder.record(name, "gates", gates, engine=engine)

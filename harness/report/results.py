@@ -9,7 +9,8 @@ Two files hold a profile's figures, in the same format:
 
 A section (``quality``, ``parity``, ``latency``, ``memory``, ``training``, ``gates``, ``speed``, ``info``) is replaced
 whole when a session measured it, and carries its own ``provenance``: git sha (``-dirty`` when the tree was modified),
-profile, config hash, data fingerprint, engine, device, time and session id. Writes are atomic and locked.
+profile, config hash, data fingerprint, the digest of the harness code that makes figures (``code_digest``), engine,
+device, time and session id. Writes are atomic and locked.
 """
 
 from __future__ import annotations
@@ -23,10 +24,10 @@ from typing import Any
 from ..config.profiles import config_hash
 from ..config.schema import Profile
 from .atomic import atomic_write_json, file_lock
-from .provenance import device_name, git_sha, library_versions
+from .provenance import device_name, git_provenance, library_versions, source_digest
 
 __all__ = ["ResultsRecorder", "load_results", "results_path", "card_results_path", "merge_results", "save_results",
-           "session_sections", "new_session_id", "SECTIONS"]
+           "session_sections", "new_session_id", "code_digest", "SECTIONS"]
 
 SECTIONS = ("info", "quality", "gates", "parity", "latency", "memory", "training", "speed")
 
@@ -37,6 +38,16 @@ def results_path(runs_dir: Path, profile_name: str) -> Path:
 
 def card_results_path(card: Path, profile_name: str) -> Path:
     return Path(card).parent / "card_assets" / f"{profile_name}-results.json"
+
+
+def code_digest() -> str:
+    """The harness code that makes a figure: the adapter key's sources and the eval key's, hashed the way the adapter
+    key hashes its sources. A section stamped with another digest was made by other code (the card marks it †)."""
+    from ..measure.predictions import EVAL_SOURCES
+    from ..train.adapters import ADAPTER_SOURCES
+
+    files = list(dict.fromkeys(ADAPTER_SOURCES + EVAL_SOURCES))
+    return source_digest(files, "ADAPTER_SOURCES + EVAL_SOURCES")[:16]
 
 
 def new_session_id() -> str:
@@ -69,7 +80,7 @@ class ResultsRecorder:
 
     def stamp(self, engine: str | None = None) -> dict[str, Any]:
         if self._session_stamp is None:  # what holds for the whole session: read once (git runs a subprocess)
-            self._session_stamp = {"git_sha": git_sha(), "profile": self.profile.name,
+            self._session_stamp = {**git_provenance(), "code_digest": code_digest(), "profile": self.profile.name,
                                    "config_hash": config_hash(self.profile), "data_fingerprint": self.data_fingerprint,
                                    "device": device_name(), "session": self.session_id, "versions": library_versions()}
         return {**self._session_stamp, "engine": engine, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
@@ -107,7 +118,7 @@ def merge_results(base: dict[str, Any], profile: Profile, figures: dict[str, dic
         "show_quality": profile.show_quality, "base_model": profile.model.source,
         "eval_splits": list(profile.data.eval_splits), "variant_order": list(profile.variants),
         "max_new_tokens": profile.eval.max_new_tokens, "latency_tokens": profile.latency.max_new_tokens,
-        "config_hash": config_hash(profile), "data_fingerprint": data_fingerprint,
+        "config_hash": config_hash(profile), "data_fingerprint": data_fingerprint, "code_digest": code_digest(),
     })
     variants = merged.setdefault("variants", {})
     for name, sections in figures.items():

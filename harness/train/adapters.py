@@ -33,16 +33,17 @@ __all__ = ["ADAPTER_SOURCES", "MANIFEST", "adapter_source_digest", "artifact_key
            "is_complete"]
 
 MANIFEST = "manifest.json"
-_KEY_LIBRARIES = ("torch", "transformers", "peft", "trl", "bitsandbytes", "mistral-common")
+# accelerate launches DDP/FSDP training and drives the trainer's mixed precision; datasets packs the rows trl trains on
+_KEY_LIBRARIES = ("torch", "transformers", "peft", "trl", "bitsandbytes", "mistral-common", "accelerate", "datasets")
 _HARNESS = Path(__file__).resolve().parents[1]
 # The modules whose code decides what an adapter learns: data layout, tokenization, base loading, the trainer and
-# its launcher. Editing any of them changes every adapter key.
+# its launcher. Editing any of them changes every adapter key; a listed file that is missing is an error.
 ADAPTER_SOURCES = tuple(_HARNESS / n for n in (
     "train/trainer.py", "data/prompt.py", "models/base.py", "models/pretrained.py", "train/distributed.py"))
 
 
 def adapter_source_digest(files=None) -> str:
-    return source_digest(files or ADAPTER_SOURCES)
+    return source_digest(files or ADAPTER_SOURCES, "harness.train.adapters.ADAPTER_SOURCES")
 
 
 def _base_file(profile: Profile) -> str | None:

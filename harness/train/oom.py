@@ -36,10 +36,13 @@ def describe_oom(profile: Profile, variant: str, phase: str, memory: dict[str, f
     """The message for an OOM of ``variant`` during ``phase`` ('train' or 'inference')."""
     if phase not in PHASES:
         raise ValueError(f"unknown phase {phase!r}; use one of {PHASES}")
+    from ..measure.gates import vram_ceiling
+    from ..report.provenance import device_name
+
     section = phase
-    ceiling = profile.vram_ceilings_gib.get(section, {}).get(variant)
+    ceiling = vram_ceiling(profile, section, variant, device_name())
     ceiling_text = (f"configured ceiling vram_ceilings_gib.{section}.{variant} = {ceiling} GiB" if ceiling is not None
-                    else f"no ceiling configured (vram_ceilings_gib.{section}.{variant} is unset)")
+                    else f"no ceiling configured for this device (vram_ceilings_gib.{section}.{variant})")
     if "allocated_gib" in memory:
         at = (f"{memory['allocated_gib']:.2f} GiB allocated, {memory['reserved_gib']:.2f} GiB reserved, peak "
               f"{memory['peak_allocated_gib']:.2f} GiB of {memory['total_gib']:.1f} GiB on the device")

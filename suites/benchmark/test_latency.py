@@ -34,3 +34,4 @@ def test_generate_latency(benchmark, sweep, loaded, variant_name, pytestconfig):
         figures = sweep.record_latency(variant_name, list(benchmark.stats.stats.data), before, machine_load())
     benchmark.extra_info.update({k: v for k, v in figures.items() if k != "samples_s"})
     assert 0 < figures["p50_s"] <= figures["p95_s"]
+    assert not figures["failures"], "\n".join(figures["failures"])  # latency.max_p50_s for this device

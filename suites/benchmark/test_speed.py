@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import pytest
 
-from harness.measure.gates import speed_failures
 from harness.measure.parity import parity_failures
 from harness.measure.timing import machine_load
 
@@ -30,8 +29,7 @@ def test_engine_speed(benchmark, engine_name, engine_comparison, profile):
         pytest.skip("benchmarks disabled (--benchmark-disable or xdist): no speed figures")
     figures = engine_comparison.record(engine_name, list(benchmark.stats.stats.data), before, machine_load())
     benchmark.extra_info.update({k: v for k, v in figures.items() if k != "samples_s"})
-    failures = speed_failures(profile, engine_name, figures["p50_s"], figures.get("speedup_vs_seed"))
-    assert not failures, "\n".join(failures)
+    assert not figures["failures"], "\n".join(figures["failures"])  # inference.speed_* for this device
 
 
 @pytest.mark.parametrize("candidate", ["merged", "nf4-compiled"])

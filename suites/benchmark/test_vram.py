@@ -5,6 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from harness.report.provenance import device_name
+from harness.measure.gates import vram_ceiling
+
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: VRAM ceilings need a GPU "
@@ -13,10 +16,11 @@ pytestmark = [
 
 
 def _ceiling(profile, phase: str, variant: str) -> float:
-    ceilings = profile.vram_ceilings_gib.get(phase, {})
-    if variant not in ceilings:
-        pytest.skip(f"{profile.source_file}: no vram_ceilings_gib.{phase}.{variant}; add one to gate it")
-    return float(ceilings[variant])
+    ceiling = vram_ceiling(profile, phase, variant, device_name())
+    if ceiling is None:
+        pytest.skip(f"{profile.source_file}: no vram_ceilings_gib.{phase}.{variant} for {device_name()!r}; add one "
+                    f"to gate it")
+    return ceiling
 
 
 def test_train_vram_within_ceiling(sweep, loaded, evaluation, variant_name):

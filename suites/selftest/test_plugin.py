@@ -1,8 +1,12 @@
-"""The plugin through pytester: how a variant's out-of-memory ends its tests and no other variant's."""
+"""The plugin through pytester: how a variant's out-of-memory ends its tests and no other variant's, and a gpu gate
+run that measured nothing fails."""
 
 from __future__ import annotations
 
-from fixtures.user_runs import quick_profile
+import pytest
+import torch
+
+from fixtures.user_runs import REPO, quick_profile
 
 # A test body that runs out of memory for r8 only, as a latency round or a batched generate can.
 OOM_IN_A_TEST_BODY = """
@@ -38,3 +42,49 @@ def test_latency_runs_below_one_is_a_usage_error(pytester):
     result = pytester.runpytest("--latency-runs", "0")
     errors = [line for line in result.errlines if line.strip()]
     assert result.ret == 4 and errors == ["ERROR: --latency-runs 0: give at least 1 timed round"], errors
+
+
+def test_a_gpu_gate_run_that_measured_nothing_fails_with_one_line_saying_why(pytester, tmp_path):
+    """The README's gate command on a machine without CUDA: every selected test skips. pytest alone exits 0 ("39
+    skipped"), so a CI gate that measured nothing would pass; the plugin makes it exit 1 with the reason."""
+    result = pytester.runpytest(str(REPO / "suites" / "benchmark"), "-m", "gpu", "--profile", "synthetic-7b",
+                                "--runs-dir", str(tmp_path / "runs"), "--no-card", "-p", "no:cacheprovider")
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is here: the gpu tests run")
+    assert result.ret == pytest.ExitCode.TESTS_FAILED
+    outcomes = result.parseoutcomes()
+    assert set(outcomes) == {"skipped"} and outcomes["skipped"] >= 30, outcomes
+    lines = [x for x in result.outlines if x.startswith("qlora: the gpu gate measured nothing")]
+    assert lines == [f"qlora: the gpu gate measured nothing: all {outcomes['skipped']} selected tests skipped "
+                     f"(profile 'synthetic-7b' needs a CUDA GPU (requires_gpu: true in "
+                     f"{REPO / 'data' / 'configs' / 'synthetic-7b.yaml'})); run it where CUDA and the model's "
+                     f"weights are"], result.outlines
+
+
+GPU_TESTS = """
+import pytest
+
+@pytest.mark.gpu
+def test_measures():
+    pass
+
+@pytest.mark.gpu
+def test_needs_weights():
+    pytest.skip("no weights at /models/mistral")
+"""
+
+
+@pytest.mark.parametrize(("args", "ret", "says"), [
+    (["-m", "gpu"], pytest.ExitCode.OK, False),  # one gpu test measured: a pass
+    (["-m", "gpu", "-k", "needs_weights"], pytest.ExitCode.TESTS_FAILED, True),  # all skipped: fails, with why
+    (["-m", "not gpu", "-k", "needs_weights"], pytest.ExitCode.NO_TESTS_COLLECTED, False),  # not a gate run
+    (["-k", "needs_weights"], pytest.ExitCode.OK, False),  # no -m gpu: skips are ordinary
+], ids=["one-measured", "all-skipped", "not-gpu", "no-marker"])
+def test_only_a_gpu_run_whose_every_test_skipped_fails(pytester, tmp_path, args, ret, says):
+    pytester.makepyfile(test_gate=GPU_TESTS)
+    result = pytester.runpytest(*args, "--profile", str(quick_profile(tmp_path / "p")), "--runs-dir",
+                                str(tmp_path / "runs"), "--no-card", "-p", "no:cacheprovider")
+    assert result.ret == ret
+    line = "qlora: the gpu gate measured nothing: all 1 selected tests skipped (no weights at /models/mistral); run " \
+           "it where CUDA and the model's weights are"
+    assert (line in result.outlines) is says, result.outlines

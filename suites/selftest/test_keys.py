@@ -1,0 +1,135 @@
+"""Keys and provenance: what pairs predictions, what names an adapter, which commit a figure came from, and which
+harness code made it. Each test changes one input and asserts the key, stamp or mark follows it."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+
+import harness.measure.predictions as predictions
+import harness.train.adapters as variants
+from fixtures.user_runs import REPO, write_profile
+from harness.report import provenance as artifacts
+from harness.report.card_render import render_section
+from harness.config.errors import ConfigError
+from harness.config.profiles import config_hash, load_profile
+from harness.config.preflight import check_profile_data
+from harness.models.revision import pin_revision
+
+SHA = "0123456789abcdef0123456789abcdef01234567"
+
+
+def _with(fn, **changes):
+    """``fn`` returning its usual dict with ``changes`` applied (another library version, say)."""
+    return lambda *a, **k: {**fn(*a, **k), **changes}
+
+
+@pytest.mark.parametrize("library", ["bitsandbytes", "torch", "transformers"])
+def test_a_baseline_made_with_another_library_version_gets_another_eval_key(monkeypatch, library):
+    """A baseline decoded by another bitsandbytes (or torch, transformers) must not be paired into ΔF1."""
+    profile = load_profile("tiny")
+    before = predictions.eval_key(profile, "fp")
+    monkeypatch.setattr(predictions, "library_versions", _with(artifacts.library_versions, **{library: "0.0.1"}))
+    assert predictions.eval_key(profile, "fp") != before
+
+
+def test_a_baseline_decoded_on_another_device_gets_another_eval_key(monkeypatch):
+    profile = load_profile("tiny")
+    before = predictions.eval_key(profile, "fp")
+    monkeypatch.setattr(predictions, "device_kind", lambda: "cuda:NVIDIA H100 80GB HBM3")
+    assert predictions.eval_key(profile, "fp") != before
+    assert predictions.eval_key_parts(profile, "fp")["device"] == "cuda:NVIDIA H100 80GB HBM3"
+
+
+@pytest.mark.parametrize("library", ["accelerate", "datasets"])
+def test_accelerate_and_datasets_versions_change_the_adapter_key(monkeypatch, library):
+    profile = load_profile("tiny")
+    train = check_profile_data(profile)["train"]
+    before = config_hash(variants.artifact_key(profile, profile.variant("r8"), train))
+    monkeypatch.setattr(variants, "library_versions", _with(artifacts.library_versions, **{library: "0.0.1"}))
+    assert config_hash(variants.artifact_key(profile, profile.variant("r8"), train)) != before
+
+
+def test_every_listed_source_exists_and_a_missing_one_is_an_error(monkeypatch, tmp_path):
+    """A listed module that was renamed away would drop out of the digest, and its edits out of every key."""
+    for path in variants.ADAPTER_SOURCES + predictions.EVAL_SOURCES:
+        assert path.is_file(), f"{path} is listed as a key source but does not exist"
+    missing = tmp_path / "tokenize_rows.py"
+    monkeypatch.setattr(variants, "ADAPTER_SOURCES", variants.ADAPTER_SOURCES + (missing,))
+    profile = load_profile("tiny")
+    with pytest.raises(FileNotFoundError, match=r"tokenize_rows.py: listed in harness.train.adapters.ADAPTER_SOURCES"):
+        variants.artifact_key(profile, profile.variant("r8"), check_profile_data(profile)["train"])
+
+
+def _hub_profile(tmp_path, revision, source="mistralai/Mistral-7B-Instruct-v0.3"):
+    return load_profile(write_profile(tmp_path / "p", {"model": {"source": source, "revision": revision}}))
+
+
+def test_a_branch_revision_that_cannot_be_resolved_is_refused_naming_file_and_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no hub here; the cache folder is empty
+    profile = _hub_profile(tmp_path, "main")
+    with pytest.raises(ConfigError) as info:
+        pin_revision(profile, cache_dir=tmp_path / "hf-cache")
+    message = str(info.value)
+    line = next(i for i, x in enumerate(open(profile.source_file, encoding="utf-8"), 1) if "revision:" in x)
+    assert f"{profile.source_file}:{line}: model.revision: 'main' is a branch or tag, not a commit" in message, message
+    assert "HF_HUB_OFFLINE is set" in message and "refs/main" in message and "40-hex sha" in message
+
+
+def test_no_revision_on_a_hub_id_means_main_and_is_resolved_from_the_local_cache(tmp_path, monkeypatch):
+    """Offline, ``from_pretrained`` loads what the cache's refs/main points at: that commit is what gets keyed."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    ref = tmp_path / "hf-cache" / "models--mistralai--Mistral-7B-Instruct-v0.3" / "refs" / "main"
+    ref.parent.mkdir(parents=True)
+    ref.write_text(SHA)
+    for revision in ("main", None):
+        assert pin_revision(_hub_profile(tmp_path, revision), cache_dir=tmp_path / "hf-cache").model.revision == SHA
+
+
+def test_a_commit_sha_passes_and_a_local_source_needs_a_null_revision(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert pin_revision(_hub_profile(tmp_path, SHA), cache_dir=tmp_path).model.revision == SHA
+    tiny = load_profile("tiny")
+    assert pin_revision(tiny) is tiny  # synthetic, revision null
+    with pytest.raises(ConfigError, match=r"model.revision: 'main' is a hub revision, but model.source 'synthetic"):
+        pin_revision(_hub_profile(tmp_path, "main", source="synthetic:tiny"))
+
+
+def test_a_real_git_checkout_wins_over_qlora_git_sha_and_both_are_recorded(monkeypatch):
+    """A stale $QLORA_GIT_SHA in a shell must not relabel a run of the working tree (it can never say -dirty)."""
+    if not (REPO / ".git").exists():
+        pytest.skip("a copy of the tree without .git: the declared sha is all there is (next test)")
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    monkeypatch.setenv(artifacts.SHA_ENV, "feedface")
+    assert artifacts.git_sha().removesuffix("-dirty") == head
+    stamp = artifacts.git_provenance()
+    assert stamp["git_sha"].startswith(head) and stamp["git_sha_declared"] == "feedface"
+    assert artifacts.provenance()["git_sha_declared"] == "feedface"
+
+
+def test_without_git_the_declared_sha_is_used(monkeypatch, tmp_path):
+    monkeypatch.setattr(artifacts, "_REPO_ROOT", tmp_path)  # a copy of the tree without .git (the GPU machine)
+    monkeypatch.setenv(artifacts.SHA_ENV, "feedface")
+    assert artifacts.git_sha() == "feedface" and artifacts.git_provenance() == {"git_sha": "feedface"}
+
+
+def test_a_section_made_by_other_harness_code_is_marked_stale():
+    """Same config and data, but the section's code digest is not the results file's current one: †, with why."""
+    prov = {"config_hash": "c", "data_fingerprint": "fp"}
+    results = {"profile": "tiny", "variant_order": ["r8", "r16"], "eval_splits": ["validation"], "show_quality": True,
+               "config_hash": "c", "data_fingerprint": "fp", "code_digest": "new0000000000000", "variants": {
+                   "r8": {"quality": {"validation": {"n": 5, "em": 0.5, "f1": 0.5},
+                                      "provenance": {**prov, "code_digest": "old0000000000000"}}},
+                   "r16": {"quality": {"validation": {"n": 5, "em": 0.25, "f1": 0.25},
+                                       "provenance": {**prov, "code_digest": "new0000000000000"}}}}}
+    text = render_section(results)
+    assert "0.500†" in text and "0.250†" not in text and "0.250" in text
+    assert "`r8` quality: made by harness code `old0000000000000`, not the current `new0000000000000`" in text
+
+
+def test_every_stamp_carries_the_code_digest():
+    from harness.report.results import ResultsRecorder, code_digest
+
+    recorder = ResultsRecorder(load_profile("tiny"), "fp")
+    assert recorder.stamp()["code_digest"] == code_digest() and len(code_digest()) == 16

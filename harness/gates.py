@@ -77,9 +77,16 @@ def gate_status(gates: dict[str, Any] | None) -> str:
     """One card cell: ``pass (2 quality, 1 vram)``, ``FAIL (quality)``, ``no gates`` or ``not run``."""
     if not gates:
         return "not run"
-    kinds = {k: v for k, v in gates.items() if k != "provenance" and isinstance(v, dict)}
+    kinds = {k: gates[k] for k in sorted(gates, key=_gate_rank) if k != "provenance" and isinstance(gates[k], dict)}
     failed = [k for k, v in kinds.items() if v.get("failures")]
     if failed:
         return f"FAIL ({', '.join(failed)})"
     checked = [f"{v['checked']} {k}" for k, v in kinds.items() if v.get("checked")]
     return f"pass ({', '.join(checked)})" if checked else "no gates"
+
+
+GATE_ORDER = ("quality", "vram", "parity", "speed")  # the cell's order, whatever order a run recorded them in
+
+
+def _gate_rank(kind: str) -> tuple[int, str]:
+    return (GATE_ORDER.index(kind) if kind in GATE_ORDER else len(GATE_ORDER), kind)

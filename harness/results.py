@@ -103,7 +103,8 @@ def merge_results(base: dict[str, Any], profile: Profile, figures: dict[str, dic
     merged.update({
         "profile": profile.name, "description": profile.description, "weights": profile.weights,
         "show_quality": profile.show_quality, "base_model": profile.model.source,
-        "eval_splits": list(profile.data.eval_splits), "variant_order": list(profile.variants),
+        "eval_splits": list(profile.data.eval_splits), "headline_split": profile.data.headline,
+        "variant_order": list(profile.variants),
         "max_new_tokens": profile.eval.max_new_tokens, "latency_tokens": profile.latency.max_new_tokens,
         "config_hash": config_hash(profile), "data_fingerprint": data_fingerprint,
     })

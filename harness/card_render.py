@@ -219,6 +219,14 @@ def _provenance_table(results: dict[str, Any]) -> str:
     return md_table(rows, ["Variant", "Section", "git", "Engine", "Device", "Measured (UTC)", "Config"]) if rows else ""
 
 
+def _engine_caption(results: dict[str, Any]) -> str:
+    """How this profile decodes (files written before the keys say nothing rather than guess)."""
+    engine, dtype = results.get("engine"), results.get("merged_dtype")
+    if engine == "merged" and dtype:
+        return f" Engine: `merged`, the NF4 base dequantized to {dtype} with the adapter merged in {dtype}."
+    return f" Engine: `{engine}`." if engine else ""
+
+
 def render_section(results: dict[str, Any], plots: dict[str, str] | None = None) -> str:
     """One profile's block: caption, results table, footnotes, engines, per-split detail, provenance, plots."""
     split = headline_of(results)
@@ -229,7 +237,7 @@ def render_section(results: dict[str, Any], plots: dict[str, str] | None = None)
         f"EM/F1 on the `{split}` split (greedy, up to {results.get('max_new_tokens', 128)} new tokens), 95% bootstrap "
         f"CIs; the other evaluated splits are under 'Per split and language'. Latency: p50/p95 of greedy generation "
         f"of {results.get('latency_tokens', 128)} tokens. VRAM: peak `torch.cuda.max_memory_allocated` (GiB). Gates: "
-        f"the profile's quality gates and VRAM ceilings.", "",
+        f"the profile's quality gates and VRAM ceilings.{_engine_caption(results)}", "",
         results_table(results),
     ]
     notes = _footnotes(results)

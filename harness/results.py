@@ -106,6 +106,7 @@ def merge_results(base: dict[str, Any], profile: Profile, figures: dict[str, dic
         "eval_splits": list(profile.data.eval_splits), "headline_split": profile.data.headline,
         "variant_order": list(profile.variants),
         "max_new_tokens": profile.eval.max_new_tokens, "latency_tokens": profile.latency.max_new_tokens,
+        "engine": profile.inference.engine, "merged_dtype": profile.inference.merged_dtype,
         "config_hash": config_hash(profile), "data_fingerprint": data_fingerprint,
     })
     variants = merged.setdefault("variants", {})

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .artifacts import PROJECT_ROOT
-from .config import Profile, Variant, load_profile
+from .config import Profile, Variant, config_hash, load_profile
 from .data import fingerprint
 from .evaluate import SplitScores, compare_to_baseline, score_split
 from .gates import quality_failures, quality_gate_count, vram_failures, vram_gate_count
@@ -333,7 +333,9 @@ class Sweep:
             self._record_training(name, loaded.manifest)
 
     def _record_training(self, name: str, m: dict[str, Any]) -> None:
-        stamp = {"git_sha": m.get("git_sha"), "profile": self.profile.name, "config_hash": m.get("config_hash"),
+        # found by its key, which holds everything that changes training: its figures hold for this profile's config,
+        # whichever profile trained it (a † here would ask for a re-run that reuses the same adapter again)
+        stamp = {"git_sha": m.get("git_sha"), "profile": self.profile.name, "config_hash": config_hash(self.profile),
                  "data_fingerprint": self.recorder.data_fingerprint, "engine": None, "device": m.get("device"),
                  "time": m.get("train_finished"), "session": self.recorder.session_id,
                  "versions": m.get("versions"), "adapter": m.get("key_hash", "")[:12]}

@@ -2,6 +2,10 @@
 ``Sweep``, variant parametrization and markers, out-of-memory handling, and at session end the results file, the
 card and a summary table.
 
+Inert until asked: installed, the entry point is loaded by every project's pytest; only the harness's own checkout
+as rootdir, or a qlora option on the command line, wakes it (``_wanted``). Otherwise it registers its options and
+nothing else: no profile, no markers, no re-exec, no output, no file.
+
 This is the only module that knows pytest; everything it calls is plain library code (``harness.sweep``). It
 knows a per-variant test by its ``qlora_variant`` marker (set when ``variant_name`` is parametrized) and an engine
 comparison by the ``qlora_speed`` marker, never by fixture names.

@@ -136,8 +136,9 @@ def pytest_configure(config: pytest.Config) -> None:
         raise pytest.UsageError(f"--latency-runs {rounds}: give at least 1 timed round")
     here = config.invocation_params.dir
     runs, card = config.getoption("runs_dir"), config.getoption("card")
+    profile = config.getoption("profile") or os.environ.get("QLORA_PROFILE", "tiny")  # read once awake, never before
     try:  # a bad profile or dataset is one error before any test runs, and nothing is written
-        sweep = Sweep.prepare(config.getoption("profile") or os.environ.get("QLORA_PROFILE", "tiny"), runs_dir=runs and here / runs, card=card and here / card,
+        sweep = Sweep.prepare(profile, runs_dir=runs and here / runs, card=card and here / card,
                               retrain=bool(config.getoption("retrain")),
                               session_id=getattr(config, "workerinput", {}).get(_SESSION_OPTION))
     except InputError as e:

@@ -2,6 +2,10 @@
 ``Sweep``, variant parametrization and markers, out-of-memory handling, and at session end the results file, the
 card and a summary table.
 
+Inert until asked: installed, the entry point is loaded by every project's pytest; only the harness's own checkout
+as rootdir, or a qlora option on the command line, wakes it (``_wanted``). Otherwise it registers its options and
+nothing else: no profile, no markers, no re-exec, no output, no file.
+
 This is the only module that knows pytest; everything it calls is plain library code (``harness.sweep``). It
 knows a per-variant test by its ``qlora_variant`` marker (set when ``variant_name`` is parametrized) and an engine
 comparison by the ``qlora_speed`` marker, never by fixture names.
@@ -39,18 +43,18 @@ MARKERS = (
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("qlora", "QLoRA benchmark harness")
-    group.addoption("--profile", default=os.environ.get("QLORA_PROFILE", "tiny"),
+    group.addoption("--profile", default=None,
                     help=f"profile to run: a name from data/configs ({', '.join(available_profiles())}) or the path "
                          f"of a YAML file (default: tiny, or $QLORA_PROFILE)")
     group.addoption("--runs-dir", default=None, type=Path,
                     help="where adapters, manifests, predictions and results.json go (default: the project's runs/)")
     group.addoption("--card", default=None, type=Path,
                     help="model card to update between its results markers (default: the project's MODEL_CARD.md)")
-    group.addoption("--retrain", action="store_true", default=False,
+    group.addoption("--retrain", action="store_true", default=None,  # None: not given (see _wanted)
                     help="train every selected variant again, once, even when a matching artifact exists")
     group.addoption("--latency-runs", type=int, default=None,
                     help="timed rounds per variant in the latency suite (default: the profile's latency.rounds)")
-    group.addoption("--no-card", action="store_true", default=False,
+    group.addoption("--no-card", action="store_true", default=None,
                     help="record results in runs/ but do not touch the model card")
     group.addoption("--quality-compare", default=None, type=Path, metavar="RUNS_DIR",
                     help="a saved runs dir (e.g. a copy of runs/ from the last good run): each variant's predictions "
@@ -59,6 +63,39 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 _VALUE_OPTIONS = ("--profile", "--runs-dir", "--card", "--latency-runs", "--quality-compare")
+_OPTION_DESTS = ("profile", "runs_dir", "card", "retrain", "latency_runs", "no_card", "quality_compare")
+
+
+def _wanted(config: pytest.Config) -> bool:
+    """The plugin wakes for the harness's own project, or when a qlora option asks for it. Installed in an
+    environment, its entry point is loaded by every project's pytest run: those stay untouched (no profile read,
+    no re-exec, no markers, no output, nothing written)."""
+    from .report.provenance import PROJECT_ROOT
+
+    return (config.rootpath.resolve() == PROJECT_ROOT or _is_harness_checkout(config.rootpath)
+            or any(config.getoption(dest) is not None for dest in _OPTION_DESTS))
+
+
+def _is_harness_checkout(path: Path) -> bool:
+    pyproject = path / "pyproject.toml"
+    return pyproject.is_file() and re.search(r'^name\s*=\s*"qlora-bench"', pyproject.read_text(encoding="utf-8"),
+                                             re.MULTILINE) is not None
+
+
+def _check_installed_from(config: pytest.Config) -> None:
+    """The profiles, data, runs/ and the card live in the checkout qlora-bench is installed from; a copy in
+    site-packages (``pip install .``) has none of them."""
+    from .report.provenance import PROJECT_ROOT
+    from .config.profiles import CONFIG_DIR
+
+    if not CONFIG_DIR.is_dir():
+        raise pytest.UsageError(
+            f"qlora-bench is installed without -e: its package in {PROJECT_ROOT / 'harness'} has no data/configs, "
+            f"data or runs/. From the project's checkout run: pip install -e .")
+    if _is_harness_checkout(config.rootpath) and config.rootpath.resolve() != PROJECT_ROOT:
+        raise pytest.UsageError(
+            f"this checkout ({config.rootpath}) is not the one qlora-bench is imported from ({PROJECT_ROOT}): "
+            f"run pip install -e . in it, or start pytest as python -m pytest from it")
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -69,7 +106,7 @@ def pytest_load_initial_conftests(early_config, parser, args) -> None:
     options that take a value)."""
     from .report.provenance import PROJECT_ROOT
 
-    argv = list(early_config.invocation_params.args)
+    argv = list(early_config.invocation_params.args)  # the re-exec below needs a qlora option in argv: inert otherwise
     if (sys.argv[1:] != argv or early_config.inipath == PROJECT_ROOT / "pytest.ini"
             or not (PROJECT_ROOT / "pytest.ini").exists()):
         return
@@ -91,6 +128,9 @@ def pytest_load_initial_conftests(early_config, parser, args) -> None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    if not _wanted(config):
+        return
+    _check_installed_from(config)
     from .sweep import Sweep
 
     for line in MARKERS:
@@ -101,10 +141,11 @@ def pytest_configure(config: pytest.Config) -> None:
         raise pytest.UsageError(f"--latency-runs {rounds}: give at least 1 timed round")
     here = config.invocation_params.dir
     runs, card = config.getoption("runs_dir"), config.getoption("card")
+    profile = config.getoption("profile") or os.environ.get("QLORA_PROFILE", "tiny")  # read once awake, never before
     saved = config.getoption("quality_compare")
     try:  # a bad profile or dataset is one error before any test runs, and nothing is written
-        sweep = Sweep.prepare(config.getoption("profile"), runs_dir=runs and here / runs, card=card and here / card,
-                              retrain=config.getoption("retrain"),
+        sweep = Sweep.prepare(profile, runs_dir=runs and here / runs, card=card and here / card,
+                              retrain=bool(config.getoption("retrain")),
                               session_id=getattr(config, "workerinput", {}).get(_SESSION_OPTION))
     except InputError as e:
         raise pytest.UsageError(str(e)) from None
@@ -119,6 +160,8 @@ def pytest_configure(config: pytest.Config) -> None:
 def pytest_configure_node(node) -> None:
     """xdist: every worker stamps its figures with the controller's session id, so the controller can tell them
     from older ones when it writes the card; with several GPUs, worker N gets GPU N mod count to itself."""
+    if SWEEP_KEY not in node.config.stash:
+        return
     node.workerinput[_SESSION_OPTION] = node.config.stash[SWEEP_KEY].recorder.session_id
     import torch
 
@@ -140,6 +183,8 @@ def _pin_worker_gpu(config: pytest.Config) -> None:
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     """Parametrize ``variant_name`` over the profile's variants, ids baseline/r8/r16/r32 for ``-k``; each carries
     the ``qlora_variant`` marker."""
+    if SWEEP_KEY not in metafunc.config.stash:
+        return
     sweep = metafunc.config.stash[SWEEP_KEY]
     if "variant_name" in metafunc.fixturenames:
         names = list(sweep.profile.variants)
@@ -159,6 +204,8 @@ def variant_of(item: pytest.Item) -> str | None:
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """On a GPU profile every variant and engine test is a gpu test, so ``-m gpu`` selects the whole sweep. Under
     xdist every test of a variant is one ``xdist_group``: ``--dist loadgroup`` gives a variant to one worker (GPU)."""
+    if SWEEP_KEY not in config.stash:
+        return
     profile = config.stash[SWEEP_KEY].profile
     if getattr(config.option, "numprocesses", None):
         for item in items:
@@ -180,6 +227,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def pytest_collection_finish(session: pytest.Session) -> None:
     """Tell the sweep which variants this run selected (after -k/-m): ``train_selected`` trains them all before any
     model loads."""
+    if SWEEP_KEY not in session.config.stash:
+        return
     sweep = session.config.stash[SWEEP_KEY]
     if hasattr(session.config, "workerinput"):  # xdist: a worker runs an unknown share; it trains what it runs
         sweep.select(())

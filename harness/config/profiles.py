@@ -22,11 +22,13 @@ from typing import Any
 
 from .errors import ConfigError, closest, did_you_mean
 from .schema import (
+    DataConfig,
     DistributedConfig,
     InferenceConfig,
     Profile,
     QuantConfig,
     Variant,
+    headline_split,
 )
 from .yamlload import read_yaml
 
@@ -234,6 +236,10 @@ def load_profile(name_or_path: str | Path) -> Profile:
         if gate.min is None and gate.max is None:
             chk.err(("quality_gates", i), "a gate needs min, max or both")
     _check_ceilings(chk, built.get("vram_ceilings_gib", {}), built["variants"])
+    data = built.get("data")
+    if isinstance(data, DataConfig) and data.headline_split and data.headline_split not in data.eval_splits:
+        chk.err(("data", "headline_split"), f"{data.headline_split!r} is not evaluated; add it to data.eval_splits "
+                                            f"{list(data.eval_splits)} or headline one of those")
     if built["data"] is not None:
         for split in ("train", "validation", "test"):
             p = path.parent / getattr(built["data"], split)

@@ -25,6 +25,7 @@ __all__ = [
     "DistributedConfig",
     "Gate",
     "Profile",
+    "headline_split",
 ]
 
 
@@ -116,6 +117,21 @@ class DataConfig:
     test: str = _spec("test JSONL, relative to the profile file")
     eval_splits: tuple[str, ...] = _spec("splits the quality suite scores", default=("validation",),
                                          choices=("train", "validation", "test"))
+    headline_split: str | None = _spec("split of the card's headline table and quality plot; default: the held-out "
+                                       "one, test if evaluated, else validation", default=None,
+                                       choices=("train", "validation", "test"))
+
+    @property
+    def headline(self) -> str:
+        return headline_split(self.headline_split, self.eval_splits)
+
+
+def headline_split(chosen: str | None, eval_splits) -> str:
+    """The split a card headlines: the one chosen, else the held-out one (test, then validation) the profile
+    evaluates, else its first. Also applied to results files written before the key existed."""
+    if chosen:
+        return chosen
+    return next((s for s in ("test", "validation") if s in eval_splits), (list(eval_splits) or ["validation"])[0])
 
 
 @dataclass(frozen=True)
@@ -235,4 +251,6 @@ class Profile:
         d = dataclasses.asdict(self)
         d["variant_defs"] = {k: dataclasses.asdict(v) for k, v in self.variant_defs.items()}
         d.pop("source_file")
+        if d.get("data"):  # presentation only: no figure or cached prediction goes stale when it changes
+            d["data"].pop("headline_split", None)
         return d

@@ -9,8 +9,6 @@ transformers tokenizer. Other base models use their own chat template through th
 from __future__ import annotations
 
 import functools
-import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -62,12 +60,10 @@ def v3_tokenizer():
     """The Mistral v3 tokenizer as a transformers tokenizer (MistralCommonBackend), built offline."""
     from transformers import MistralCommonBackend
 
-    # MistralCommonBackend.from_pretrained wants a folder that holds the .model.v3 file, not the file itself.
-    folder = Path(tempfile.mkdtemp(prefix="v3-tokenizer-"))
-    shutil.copy(v3_model_file(), folder / V3_TOKENIZER_FILE)
-    tok = MistralCommonBackend.from_pretrained(str(folder))
-    tok.padding_side = "left"  # batched greedy generation needs left padding
-    return tok
+    # The constructor takes the wheel's own file: from_pretrained wants a folder holding one tokenizer file (the
+    # wheel's folder holds seven), and a copy in a temp folder outlived every process (a deepcopy reopens the path).
+    return MistralCommonBackend(tokenizer_path=str(v3_model_file()),
+                                padding_side="left")  # batched greedy generation needs left padding
 
 
 def user_content(instruction: str, input: str = "") -> str:

@@ -171,7 +171,7 @@ def gate_status(gates: dict[str, Any] | None) -> str:
     per-device limit has no entry for the device adds ``no vram limit for this device``."""
     if not gates:
         return "not run"
-    kinds = {k: v for k, v in gates.items() if k != "provenance" and isinstance(v, dict)}
+    kinds = {k: gates[k] for k in sorted(gates, key=_gate_rank) if k != "provenance" and isinstance(gates[k], dict)}
     unchecked = [k for k, v in kinds.items() if v.get("unchecked")]
     note = f"; no {', '.join(unchecked)} limit for this device" if unchecked else ""
     failed = [k for k, v in kinds.items() if v.get("failures")]
@@ -179,3 +179,10 @@ def gate_status(gates: dict[str, Any] | None) -> str:
         return f"FAIL ({', '.join(failed)}){note}"
     checked = [f"{v['checked']} {k}" for k, v in kinds.items() if v.get("checked")]
     return f"pass ({', '.join(checked)}{note})" if checked else ("no gates" + note)
+
+
+GATE_ORDER = ("quality", "vram", "latency", "parity", "speed")  # the cell's order, whatever order a run recorded them
+
+
+def _gate_rank(kind: str) -> tuple[int, str]:
+    return (GATE_ORDER.index(kind) if kind in GATE_ORDER else len(GATE_ORDER), kind)

@@ -14,8 +14,9 @@ from tabulate import tabulate
 
 from ..measure.gates import gate_status
 from .results import SECTIONS
+from ..config.schema import headline_split
 
-__all__ = ["render_section", "results_table", "ENGINE_LABELS", "fmt_ratio"]
+__all__ = ["render_section", "results_table", "headline_of", "ENGINE_LABELS", "fmt_ratio"]
 
 NA_RANDOM = "n/a (random weights)"
 ENGINE_LABELS = {
@@ -70,6 +71,11 @@ def _mark(text: str, results: dict, section: dict | None, busy: bool = False) ->
     return text + ("†" if _stale(results, section) else "") + ("‡" if busy else "")
 
 
+def headline_of(results: dict[str, Any]) -> str:
+    """The split the block headlines (``data.headline_split``); files written before the key get its default."""
+    return headline_split(results.get("headline_split"), results.get("eval_splits") or ["validation"])
+
+
 def _order(results: dict[str, Any]) -> list[str]:
     order = results.get("variant_order") or []
     return [v for v in order if v in results["variants"]] + [v for v in results["variants"] if v not in order]
@@ -82,7 +88,7 @@ def _parity(p: dict | None) -> str:
 
 def results_table(results: dict[str, Any], padded: bool = False) -> str:
     """The seed's table (Model Variant | EM | F1 | Latency p50 | Latency p95 | VRAM (GB)) plus CIs, gates, costs."""
-    split = (results.get("eval_splits") or ["validation"])[0]
+    split = headline_of(results)
     show = results.get("show_quality", True)
     rows = []
     for name in _order(results):
@@ -172,6 +178,7 @@ def _speed_table(results: dict[str, Any]) -> list[str]:
                         if results["variants"][n].get("speed")), (None, None))
     if not speed:
         return []
+    speed = {k: speed[k] for k in sorted(speed, key=_engine_rank)}  # one order, whatever order a session ran them
     rows = []
     for engine, f in speed.items():
         if engine == "provenance" or engine.startswith(("parity", "quality_")) or not isinstance(f, dict):
@@ -220,6 +227,13 @@ def _quality_cost(per_variant: dict[str, Any]) -> list[str]:
                             "Identical answers"])]
 
 
+ENGINE_ORDER = ("seed", "merged", "merged-int4", "merged-int8", "nf4-compiled")
+
+
+def _engine_rank(key: str) -> tuple[int, str]:
+    return (ENGINE_ORDER.index(key) if key in ENGINE_ORDER else len(ENGINE_ORDER), key)
+
+
 def _provenance_table(results: dict[str, Any]) -> str:
     rows = []
     for name in _order(results):
@@ -233,9 +247,17 @@ def _provenance_table(results: dict[str, Any]) -> str:
     return md_table(rows, ["Variant", "Section", "git", "Engine", "Device", "Measured (UTC)", "Config"]) if rows else ""
 
 
+def _engine_caption(results: dict[str, Any]) -> str:
+    """How this profile decodes (files written before the keys say nothing rather than guess)."""
+    engine, dtype = results.get("engine"), results.get("merged_dtype")
+    if engine == "merged" and dtype:
+        return f" Engine: `merged`, the NF4 base dequantized to {dtype} with the adapter merged in {dtype}."
+    return f" Engine: `{engine}`." if engine else ""
+
+
 def render_section(results: dict[str, Any], plots: dict[str, str] | None = None) -> str:
     """One profile's block: caption, results table, footnotes, engines, per-split detail, provenance, plots."""
-    split = (results.get("eval_splits") or ["validation"])[0]
+    split = headline_of(results)
     weights = "real weights" if results.get("weights") == "real" else "synthetic (random) weights"
     lines = [
         f"### Profile `{results['profile']}`", "",
@@ -243,7 +265,7 @@ def render_section(results: dict[str, Any], plots: dict[str, str] | None = None)
         f"EM/F1 on the `{split}` split (greedy, up to {results.get('max_new_tokens', 128)} new tokens), 95% bootstrap "
         f"CIs; the other evaluated splits are under 'Per split and language'. Latency: p50/p95 of greedy generation "
         f"of {results.get('latency_tokens', 128)} tokens. VRAM: peak `torch.cuda.max_memory_allocated` (GiB). Gates: "
-        f"the profile's quality gates and VRAM ceilings.", "",
+        f"the profile's quality gates and VRAM ceilings.{_engine_caption(results)}", "",
         results_table(results),
     ]
     notes = _footnotes(results)

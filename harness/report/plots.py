@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from ..config.schema import headline_split
+
 __all__ = ["write_plots"]
 
 
@@ -46,7 +48,7 @@ def write_plots(results: dict[str, Any], out_dir: Path, link_prefix: str) -> dic
         fig.suptitle(f"{profile}: greedy generation latency ({len(next(iter(samples.values())))} rounds)")
         save(fig, f"{profile}-latency.png", f"{profile} latency histogram")
 
-    split = (results.get("eval_splits") or ["validation"])[0]
+    split = headline_split(results.get("headline_split"), results.get("eval_splits") or ["validation"])
     quality = {v: (results["variants"][v].get("quality") or {}).get(split) for v in order}
     quality = {v: q for v, q in quality.items() if q}
     if quality and results.get("show_quality", True):
@@ -60,6 +62,6 @@ def write_plots(results: dict[str, Any], out_dir: Path, link_prefix: str) -> dic
         ax.set_xticks(range(len(quality)), list(quality))
         ax.set_ylim(0, 1.05)
         ax.legend()
-        ax.set_title(f"{profile}: EM / F1 on {split} (95% CI)")
+        ax.set_title(f"{profile}: EM / F1 on the {split} split (95% CI)")
         save(fig, f"{profile}-quality.png", f"{profile} EM/F1 with 95% CIs")
     return links

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..config.profiles import config_hash
 from ..measure.gates import quality_gate_count, vram_failures, vram_gate
 from .provenance import device_name
 from .results import ResultsRecorder
@@ -26,7 +27,9 @@ def record_variant(recorder: ResultsRecorder, loaded) -> None:
 
 def record_training(recorder: ResultsRecorder, name: str, m: dict[str, Any]) -> None:
     profile = recorder.profile
-    stamp = {"git_sha": m.get("git_sha"), "profile": profile.name, "config_hash": m.get("config_hash"),
+    # found by its key, which holds everything that changes training: its figures hold for this profile's config,
+    # whichever profile trained it (a † here would ask for a re-run that reuses the same adapter again)
+    stamp = {"git_sha": m.get("git_sha"), "profile": profile.name, "config_hash": config_hash(profile),
              "data_fingerprint": recorder.data_fingerprint, "engine": None, "device": m.get("device"),
              "time": m.get("train_finished"), "session": recorder.session_id,
              "versions": m.get("versions"), "adapter": m.get("key_hash", "")[:12],

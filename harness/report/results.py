@@ -116,8 +116,10 @@ def merge_results(base: dict[str, Any], profile: Profile, figures: dict[str, dic
     merged.update({
         "profile": profile.name, "description": profile.description, "weights": profile.weights,
         "show_quality": profile.show_quality, "base_model": profile.model.source,
-        "eval_splits": list(profile.data.eval_splits), "variant_order": list(profile.variants),
+        "eval_splits": list(profile.data.eval_splits), "headline_split": profile.data.headline,
+        "variant_order": list(profile.variants),
         "max_new_tokens": profile.eval.max_new_tokens, "latency_tokens": profile.latency.max_new_tokens,
+        "engine": profile.inference.engine, "merged_dtype": profile.inference.merged_dtype,
         "config_hash": config_hash(profile), "data_fingerprint": data_fingerprint, "code_digest": code_digest(),
     })
     variants = merged.setdefault("variants", {})

@@ -5,7 +5,8 @@ and ``manifest.json``. The hash covers everything that changes the adapter: base
 quantization, LoRA, the training recipe, the train data's content, the prompt format, library versions and the
 device type, and a digest of the harness source that trains it (``ADAPTER_SOURCES``): an edit to the training,
 prompt or model code makes a new key, so an adapter trained by old code is never reused. A file lock makes
-concurrent workers train a key once; an atomic rename means a half-trained artifact is never seen.
+concurrent workers train a key once; an atomic rename means a half-trained artifact is never seen. The key names
+no profile: another profile's folder with the same key is reused in place (``trained_elsewhere``).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from ..report.atomic import atomic_dir, atomic_write_text, file_lock, sweep_part
 from ..report.provenance import library_versions, provenance, source_digest
 
 __all__ = ["ADAPTER_SOURCES", "MANIFEST", "adapter_source_digest", "artifact_key", "artifact_dir", "ensure_adapter",
-           "is_complete"]
+           "is_complete", "trained_elsewhere"]
 
 MANIFEST = "manifest.json"
 # accelerate launches DDP/FSDP training and drives the trainer's mixed precision; datasets packs the rows trl trains on
@@ -89,6 +90,15 @@ def is_complete(path: Path) -> bool:
         return False
 
 
+def trained_elsewhere(runs_dir: Path, key_hash: str) -> Path | None:
+    """A complete artifact of ``key_hash`` in any profile's folder of ``runs_dir``. The key holds everything that
+    changes an adapter and no profile name, so a profile copied under a new name reuses what the original trained."""
+    for path in sorted(Path(runs_dir).glob(f"*/*-{key_hash[:12]}")):
+        if is_complete(path) and json.loads((path / MANIFEST).read_text()).get("key_hash") == key_hash:
+            return path
+    return None
+
+
 def _log(runs_dir: Path, profile: Profile, line: str) -> None:
     log = Path(runs_dir) / profile.name / "train.log"
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -108,6 +118,10 @@ def ensure_adapter(profile: Profile, variant: Variant, splits: dict[str, list[Ex
         if is_complete(final) and not retrain:
             _log(runs_dir, profile, f"reuse {final.name}")
             return final, json.loads((final / MANIFEST).read_text())
+        trained = None if retrain else trained_elsewhere(runs_dir, key_hash)
+        if trained is not None:  # the same adapter under another profile's name: a copy of a profile, say
+            _log(runs_dir, profile, f"reuse {trained.parent.name}/{trained.name}")
+            return trained, json.loads((trained / MANIFEST).read_text())
         sweep_partial(final)
         _log(runs_dir, profile, f"train-start {final.name}")
         started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

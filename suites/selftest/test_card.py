@@ -51,3 +51,33 @@ def test_only_the_cards_own_base_with_real_weights_puts_scores_in_the_model_inde
     assert {(r.dataset_name, r.metric_type, r.metric_value) for r in results} == {
         ("domain_qa (mistral-7b profile)", "exact_match", 0.4), ("domain_qa (mistral-7b profile)", "f1", 0.5)}
     assert ModelCard.load(card).data.to_dict()["my_team"] == "search-quality"
+
+
+def test_the_gates_cell_and_the_engines_table_keep_one_order_whatever_order_a_run_recorded():
+    """A partial run records the parity gate before the quality gate, and the engines in the order it ran them: the
+    card must not flip `pass (1 quality, 2 parity)` to `pass (2 parity, 1 quality)` nor move the seed row."""
+    from harness.report.card_render import render_section
+    from harness.measure.gates import gate_status
+
+    one, other = {"quality": {"checked": 1, "failures": []}}, {"parity": {"checked": 2, "failures": []}}
+    assert gate_status({**one, **other}) == gate_status({**other, **one}) == "pass (1 quality, 2 parity)"
+    engine = {"p50_s": 1.0, "p95_s": 1.0, "rounds": 2, "compiled": False}
+    speed = {"merged": {**engine, "speedup_vs_seed": 2.0}, "seed": engine}
+    first = {**RESULTS, "variants": {"r16": {**RESULTS["variants"]["r16"], "speed": speed}}}
+    again = {**RESULTS, "variants": {"r16": {**RESULTS["variants"]["r16"], "speed": dict(reversed(speed.items()))}}}
+    assert render_section(first) == render_section(again)
+    assert render_section(first).index("| `seed` |") < render_section(first).index("| `merged` |")
+
+
+def test_the_block_headlines_the_held_out_split_and_says_which():
+    """A results file with train first in eval_splits and no headline_split (written before the key) headlines
+    test; the caption names the split."""
+    from harness.report.card_render import render_section
+
+    q = {s: {"n": 5, "em": em, "f1": em} for s, em in (("train", 1.0), ("test", 0.125))}
+    results = {**RESULTS, "eval_splits": ["train", "validation", "test"],
+               "variants": {"r16": {**RESULTS["variants"]["r16"], "quality": q}}}
+    text = render_section(results)
+    assert "EM/F1 on the `test` split" in text and "| LoRA r16/a32 | 0.125 | 0.125 |" in text
+    assert "| LoRA r16/a32 | 0.125 |" in render_section({**results, "headline_split": "test"})
+    assert "| LoRA r16/a32 | 1.000 |" in render_section({**results, "headline_split": "train"})

@@ -366,3 +366,26 @@ def test_a_copy_that_keeps_a_shipped_name_but_not_its_data_gets_a_clear_error(tm
         load_profile(tmp_path / "my.yaml")
     (tmp_path / "my.yaml").write_text(text.replace("name: tiny", "name: my-data"), encoding="utf-8")
     assert load_profile(tmp_path / "my.yaml").name == "my-data"
+
+
+@pytest.mark.parametrize("eval_splits, headline", [(["train", "validation", "test"], "test"),
+                                                    (["train", "validation"], "validation"), (["train"], "train")])
+def test_the_headline_split_defaults_to_the_held_out_one(tmp_path, eval_splits, headline):
+    """A user's own held-out data is what the card headlines unless the profile says otherwise (eval_splits[0] was
+    train for smollm2, so the card headlined memorisation over the user's test figures)."""
+    from fixtures.user_runs import write_profile
+
+    doc_path = write_profile(tmp_path, {"data": {"eval_splits": eval_splits, "headline_split": None}})
+    profile = load_profile(doc_path)
+    assert profile.data.headline == headline
+    assert config_hash(profile) == config_hash(load_profile(write_profile(
+        tmp_path / "chosen", {"data": {"eval_splits": eval_splits, "headline_split": eval_splits[0]}}))), \
+        "choosing the headline changes no figure: it must not make the card's figures stale"
+
+
+def test_a_headline_split_that_is_not_evaluated_is_a_config_error(tmp_path):
+    from fixtures.user_runs import write_profile
+
+    path = write_profile(tmp_path, {"data": {"eval_splits": ["validation"], "headline_split": "test"}})
+    with pytest.raises(ConfigError, match=r"data\.headline_split: 'test' is not evaluated; add it to data\.eval_splits"):
+        load_profile(path)

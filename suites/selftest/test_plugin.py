@@ -88,3 +88,50 @@ def test_only_a_gpu_run_whose_every_test_skipped_fails(pytester, tmp_path, args,
     line = "qlora: the gpu gate measured nothing: all 1 selected tests skipped (no weights at /models/mistral); run " \
            "it where CUDA and the model's weights are"
     assert (line in result.outlines) is says, result.outlines
+
+
+# Another project's test: it passes only when the qlora plugin registered none of its markers there.
+UNRELATED_PROJECT_TEST = """
+def test_its_own_work(pytestconfig):
+    markers = " ".join(pytestconfig.getini("markers"))
+    assert "qlora_variant" not in markers and "gpu:" not in markers
+"""
+
+
+def _snapshot(folder) -> set[str]:
+    return {str(p.relative_to(folder)) for p in folder.rglob("*") if "__pycache__" not in p.parts}
+
+
+def test_another_projects_run_is_untouched(pytester, monkeypatch):
+    """With qlora-bench installed, a project that is not the harness's and gives no qlora option runs as if it were
+    not: no profile prepared (Sweep.prepare would raise here), no re-exec, no qlora output, no file written."""
+    from harness.sweep import Sweep
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the plugin woke up in another project")
+    monkeypatch.setattr(Sweep, "prepare", classmethod(refuse))
+    monkeypatch.setattr("os.execv", refuse)
+    pytester.makeini("[pytest]\naddopts = --strict-markers\n")
+    pytester.makepyfile(test_theirs=UNRELATED_PROJECT_TEST)
+    before = _snapshot(pytester.path)
+    # pytest-benchmark (installed with our [test] extra) makes .benchmarks/ in every project, ours or not
+    result = pytester.runpytest("-p", "no:cacheprovider", "-p", "no:benchmark")
+    result.assert_outcomes(passed=1)
+    ours = [line for line in result.outlines if "qlora" in line.lower() and not line.startswith("plugins:")]
+    assert not ours and not result.errlines, (ours, result.errlines)
+    assert _snapshot(pytester.path) == before
+
+
+def test_a_qlora_option_wakes_the_plugin_in_any_folder(pytester):
+    """The other side of the test above: the same kind of folder, with --profile, gets the harness (a bad profile
+    name is its usage error), so the inert plugin is inert because nobody asked, not because it is broken."""
+    result = pytester.runpytest("--profile", "no-such-profile", "-p", "no:cacheprovider")
+    assert result.ret == 4 and "no-such-profile" in result.stderr.str()
+
+
+def test_a_copy_installed_without_e_says_to_use_e(pytester, monkeypatch, tmp_path):
+    """``pip install .`` ships the package without data/configs; asked to run, it says so in one line."""
+    monkeypatch.setattr("harness.config.profiles.CONFIG_DIR", tmp_path / "site-packages" / "data" / "configs")
+    result = pytester.runpytest("--profile", "tiny", "-p", "no:cacheprovider")
+    errors = [line for line in result.errlines if line.strip()]
+    assert result.ret == 4 and len(errors) == 1 and errors[0].endswith("run: pip install -e ."), errors

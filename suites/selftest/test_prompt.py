@@ -252,3 +252,16 @@ class TestPromptInvariants:
         ex = build_training_example(tok, instruction, input, answer)
         completion = [t for t, m in zip(ex["input_ids"], ex["completion_mask"]) if m]
         assert decode_answer(tok, completion) == expected
+
+
+def test_building_the_v3_tokenizer_leaves_nothing_in_the_temp_dir(tmp_path, monkeypatch):
+    """Each process used to leave a v3-tokenizer-* copy of the model file behind (28 after one session); a copy
+    (trl and datasets copy the tokenizer) must still work, since it reopens its file by path."""
+    import copy
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    tok = prompt.v3_tokenizer.__wrapped__()
+    assert not list(tmp_path.iterdir())
+    assert copy.deepcopy(tok).encode("Que signifie ARR ?") == tok.encode("Que signifie ARR ?")
+    assert tok.padding_side == "left"

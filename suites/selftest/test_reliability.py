@@ -12,6 +12,7 @@ import json
 import re
 import signal
 import subprocess
+import sys
 import textwrap
 import time
 import xml.etree.ElementTree as ET
@@ -20,7 +21,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fixtures.user_runs import quick_profile, run_pytest, snapshot, start_pytest, train_log
+from fixtures.user_runs import REPO, quick_profile, run_pytest, snapshot, start_pytest, train_log, user_env
 from harness.report.card import END, START
 from harness.report.card_render import results_table
 from harness.report.results import card_results_path, load_results
@@ -238,6 +239,40 @@ def test_a_partial_run_on_a_fresh_clone_keeps_every_other_line_of_the_card(three
     assert others == [line for line in after if "r8" not in line]
     # r8 may gain or lose its own lines (a ‡ footnote when its rounds were timed on a busy machine)
     assert before != after, "r8's own lines must carry the new figures"
+
+
+def _summary_labels(output: str) -> list[str]:
+    """The first cell of each row of the terminal summary's table (padded by tabulate)."""
+    lines = output[output.index("qlora results: profile"):].splitlines()
+    return [line.split("|")[1].strip() for line in lines[1:] if line.startswith("| ") and "---" not in line][1:]
+
+
+def test_full_run_then_k_r16_then_the_card_command_keep_every_other_line_byte_for_byte(tmp_path):
+    """The full run, then ``-k r16``, then ``python -m harness.report.card tiny``: every card line that is not r16's keeps
+    its bytes (the Gates cells once flipped to ``pass (2 parity, 1 quality)`` after ``-k r16``, and the seed row
+    moved in the engines table), the card command re-renders the same bytes (it once changed r16's cell), and the
+    terminal summary lists its rows in the card's order."""
+    # a quality gate beside the parity gates, so a Gates cell has two kinds whose order can flip
+    gate = {"variants": ["baseline", "r8", "r16", "r32"], "split": "validation", "metric": "f1", "min": 0.0}
+    profile = quick_profile(tmp_path / "p", {"quality_gates": [gate]})
+    runs, card = tmp_path / "runs", tmp_path / "card" / "MODEL_CARD.md"
+    card.parent.mkdir()
+    card.write_bytes(USER_CARD.encode("utf-8"))
+    full = run_pytest(profile, runs, card)
+    assert full.returncode == 0, full.stdout[-3000:]
+    after_full = card.read_text(encoding="utf-8")
+    assert _summary_labels(full.stdout) == list(_rows(after_full)), full.stdout[-3000:]
+    assert "| `seed` |" in after_full and "pass (1 quality, 2 parity)" in after_full
+    partial = run_pytest(profile, runs, card, "-k", "r16")
+    assert partial.returncode == 0, partial.stdout[-3000:]
+    after_r16 = card.read_bytes()
+    rendered = subprocess.run([sys.executable, "-m", "harness.report.card", "tiny", "--card", str(card)], cwd=REPO,
+                              capture_output=True, text=True, env=user_env())
+    assert rendered.returncode == 0, rendered.stdout + rendered.stderr
+    assert card.read_bytes() == after_r16
+    not_r16 = lambda text: [line for line in text.splitlines() if "r16" not in line]  # noqa: E731
+    assert not_r16(after_r16.decode("utf-8")) == not_r16(after_full)
+    assert after_r16.decode("utf-8") != after_full, "r16's own lines must carry the new figures"
 
 
 def test_retrain_trains_each_selected_variant_exactly_once(three_runs, tmp_path):

@@ -105,6 +105,12 @@ def test_second_run_reuses_the_artifact_and_never_loads_a_partial_one(tiny, tiny
                 "loss_history", "optimizer_steps", "train_memory", "config_hash"):
         assert key in on_disk, f"manifest lacks {key!r}"
     assert (path / "config.yaml").is_file() and (path / "adapter" / "adapter_model.safetensors").is_file()
+    # The same recipe copied under a new profile name (a user's own copy) reuses the adapter instead of training.
+    copy = dataclasses.replace(quick, name="my-copy", description="my copy of tiny")
+    copy_path, copy_manifest = ensure_adapter(copy, copy.variant("r8"), tiny_splits, tok, tmp_path)
+    assert copy_path == path and copy_manifest["train_finished"] == manifest["train_finished"]
+    log = (tmp_path / "my-copy" / "train.log").read_text().splitlines()
+    assert [line.split()[2:] for line in log] == [["reuse", f"{quick.name}/{path.name}"]]
 
 
 @pytest.mark.slow

@@ -135,7 +135,7 @@ class Sweep:
         prompt, held to ``inference.parity_*``. Returns (figures, gate failures) and records both."""
         from .decoding import HFGreedy
         from .merged import load_nf4_with_adapter
-        from .parity import parity, parity_failures
+        from .parity import parity, parity_check_count, parity_failures
 
         loaded, inf = self.load(name), self.profile.inference
         adapter_dir = None if loaded.variant.is_baseline else self.adapter(name)[0] / "adapter"
@@ -152,7 +152,7 @@ class Sweep:
         engine = loaded.engine.name
         self._record_variant(name)
         self.recorder.record(name, "parity", {**result, "engine": engine, "failures": failures}, engine=engine)
-        self.recorder.record(name, "gates", {"parity": {"checked": 2, "failures": failures}}, engine=engine)
+        self.recorder.record(name, "gates", {"parity": {"checked": parity_check_count(result), "failures": failures}}, engine=engine)
         return result, failures
 
     def decode_call(self, name: str) -> Callable[[], list[list[int]]]:

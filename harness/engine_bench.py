@@ -6,7 +6,9 @@ separately, so the parity of the two compares two models, never one object with 
 sweep's own merged base with the speed variant merged in; ``merged-int8`` is an int8 weight-only copy of that
 (harness/quantized.py), and ``quality`` scores what its speed costs against ``merged``. ``parity`` holds a fast
 engine's greedy tokens and logits against the seed path on every evaluation prompt (thresholds in
-``inference.parity_*``).
+``inference.parity_*``): the fast engine's logits come through its own static cache and (compiled) decode step, the
+seed path's from a plain forward, and the error is also taken relative to the adapter's own effect
+(harness/parity.py).
 """
 
 from __future__ import annotations

@@ -277,7 +277,8 @@ class StaticGreedy:
             for i, tok in enumerate(forced):
                 if self.compiled:
                     torch.compiler.cudagraph_mark_step_begin()
-                logits, _ = self._step(torch.tensor([[tok]], device=dev), cache_positions[None, n + i:n + i + 1],
-                                       cache_positions[n + i:n + i + 1].clone(), full_mask, cache)
+                at = cache_positions[n + i:n + i + 1]
+                token = torch.tensor([[tok]], device=dev)
+                logits, _ = self._step(token, at[None].clone(), at.clone(), full_mask, cache)
                 rows.append(logits[0].float().cpu())  # copied out before the next replay overwrites it
         return torch.stack(rows)

@@ -97,8 +97,9 @@ def score(smol):
             model = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
         scores = score_split(model.eval(), tokenizer, examples, profile.eval)
         if id(tokenizer) not in baseline_rows:
-            baseline_rows[id(tokenizer)] = (scores.rows if adapter_dir is None else
-                                            score_split(copy.deepcopy(pristine), tokenizer, examples, profile.eval).rows)
+            base = scores if adapter_dir is None else score_split(copy.deepcopy(pristine), tokenizer, examples,
+                                                                   profile.eval)
+            baseline_rows[id(tokenizer)] = base.rows
         free_memory()
         return {**scores.summary, **compare_to_baseline(scores.rows, baseline_rows[id(tokenizer)], profile.eval)}
 

@@ -1,12 +1,14 @@
 """Inference engines on the tiny profile: the merged engine matches an independently built NF4 + adapter model,
 the parity gate fails when the wrong adapter is merged, the static-cache loop reproduces ``generate``, a merge that
-moves parameter storage is caught, and a recompile inside ``no_recompile()`` raises. The int8 engine
+moves parameter storage is caught, and a recompile inside ``no_recompile()`` raises. The relative parity gate (engine
+error / the adapter's own effect) passes a right merge and fails r16's merge skipped, r16 merged twice and r8's merge
+left under r16's, on tiny (fp32) and on the same random shape in bf16 under synthetic-7b's thresholds. The int8 engine
 (``merged-int8``) quantizes every decoder projection, stays close to the fp32 merged model, leaves the merged base
 untouched, and its decode step traces as one graph.
 
 Every reference model is built separately (a fresh NF4 base with the adapter on top, unmerged), never the object
-under test. The adapters are trained once for the file, at 8 epochs instead of the profile's 40: enough for r16
-and r32 to differ far beyond the parity tolerance, in a fraction of the time.
+under test. The adapters (r8, r16, r32) are trained once for the file, at 8 epochs instead of the profile's 40: enough
+for them to differ far beyond the parity tolerance, in a fraction of the time.
 """
 
 from __future__ import annotations

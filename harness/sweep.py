@@ -164,7 +164,7 @@ class Sweep:
         variant's adapter unmerged, HF generate): greedy tokens and teacher-forced logits on every evaluation
         prompt, held to ``inference.parity_*``. Returns (figures, gate failures) and records both."""
         from .engines.decoding import HFGreedy
-        from .measure.parity import parity, parity_failures
+        from .measure.parity import parity, parity_check_count, parity_failures
         from .models.nf4 import load_nf4_with_adapter
 
         loaded, inf = self.load(name), self.profile.inference
@@ -182,7 +182,7 @@ class Sweep:
         engine = loaded.engine.name
         record_variant(self.recorder, loaded)
         self.recorder.record(name, "parity", {**result, "engine": engine, "failures": failures}, engine=engine)
-        self.recorder.record(name, "gates", {"parity": {"checked": 2, "failures": failures}}, engine=engine)
+        self.recorder.record(name, "gates", {"parity": {"checked": parity_check_count(result), "failures": failures}}, engine=engine)
         return result, failures
 
     def decode_call(self, name: str) -> Callable[[], list[list[int]]]:

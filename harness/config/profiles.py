@@ -227,14 +227,7 @@ def load_profile(name_or_path: str | Path) -> Profile:
         chk.err(("variants",), "a variant is listed twice; list each once")
     if not built["variants"]:
         chk.err(("variants",), f"no variant to sweep; list at least one of: {', '.join(defs)}")
-    for i, gate in enumerate(built.get("quality_gates", ())):  # optional: may be absent
-        if gate is None:
-            continue
-        for v in gate.variants:
-            if v not in built["variants"]:
-                chk.err(("quality_gates", i, "variants"), f"gate names {v!r}, which this profile does not sweep")
-        if gate.min is None and gate.max is None:
-            chk.err(("quality_gates", i), "a gate needs min, max or both")
+    _check_gates(chk, built.get("quality_gates", ()), built["variants"])
     _check_ceilings(chk, built.get("vram_ceilings_gib", {}), built["variants"])
     data = built.get("data")
     if isinstance(data, DataConfig) and data.headline_split and data.headline_split not in data.eval_splits:
@@ -276,6 +269,40 @@ def _check_name(chk: _Checker, path: Path, built: dict) -> None:
         chk.err(("name",), f"{built['name']!r} is the name of the shipped profile {shipped}, whose data differs "
                            f"from this profile's; give this profile its own name (e.g. name: my-data), so its "
                            f"results are not filed as {built['name']!r}'s")
+
+
+def _check_gates(chk: _Checker, gates: tuple, variants: tuple) -> None:
+    """Each gate names swept variants and has a threshold that some measurement could fail: EM and F1 lie in
+    [0, 1], a gain in [-1, 1], so min 0, max 1 and min_gain -1 would pass anything."""
+    for i, gate in enumerate(gates):
+        if gate is None:
+            continue
+        for v in gate.variants:
+            if v not in variants:
+                chk.err(("quality_gates", i, "variants"), f"gate names {v!r}, which this profile does not sweep")
+        if gate.min is None and gate.max is None and gate.min_gain is None:
+            chk.err(("quality_gates", i), "a gate needs min, max, min_gain or a combination")
+        if gate.min is not None and gate.min <= 0:
+            chk.err(("quality_gates", i, "min"), f"min {gate.min!r} cannot fail ({gate.metric} is never below 0); "
+                                                 f"set the lowest value a variant must reach, or remove min")
+        if gate.max is not None and gate.max >= 1:
+            chk.err(("quality_gates", i, "max"), f"max {gate.max!r} cannot fail ({gate.metric} is never above 1); "
+                                                 f"set the highest value allowed, or remove max")
+        if gate.min_gain is None:
+            continue
+        if gate.min_gain <= -1:
+            chk.err(("quality_gates", i, "min_gain"), f"min_gain {gate.min_gain!r} cannot fail (a paired F1 "
+                                                      f"difference is never below -1); set the lowest gain over "
+                                                      f"the baseline a variant must show, e.g. 0.1")
+        if gate.metric != "f1":
+            chk.err(("quality_gates", i, "metric"), f"min_gain is gated on the paired F1 difference only; set "
+                                                    f"metric: f1 (got {gate.metric!r})")
+        if "baseline" in gate.variants:
+            chk.err(("quality_gates", i, "variants"), "min_gain compares a variant with the baseline; the "
+                                                      "baseline's gain over itself is 0: remove it from this gate")
+        if "baseline" not in variants:
+            chk.err(("quality_gates", i, "min_gain"), "min_gain pairs each variant with the baseline's "
+                                                      "predictions; add baseline to variants")
 
 
 def _check_ceilings(chk: _Checker, ceilings: dict, variants: tuple) -> None:

@@ -204,6 +204,11 @@ class InferenceConfig:
                                         hi=1.0)
     parity_max_logit_diff: float = _spec("largest |logit difference| of merged vs seed, teacher-forced",
                                          default=1.0, lo=0.0)
+    parity_max_relative_error: float = _spec("largest engine error as a fraction of the adapter's own effect on the "
+                                             "seed path's logits, Frobenius over every teacher-forced position "
+                                             "(harness/parity.py); a missing or doubled merge gives about 1; not "
+                                             "applied to the baseline (no adapter)", default=0.1, lo=0.0,
+                                             lo_open=True)
 
 
 @dataclass(frozen=True)
@@ -211,8 +216,11 @@ class Gate:
     variants: tuple[str, ...] = _spec("variants this gate applies to")
     split: str = _spec("split scored", choices=("train", "validation", "test"))
     metric: str = _spec("metric", choices=("em", "f1"))
-    min: float | None = _spec("lowest passing value", default=None, lo=0.0, hi=1.0)
-    max: float | None = _spec("highest passing value", default=None, lo=0.0, hi=1.0)
+    min: float | None = _spec("lowest passing value (> 0: a min of 0 cannot fail)", default=None, lo=0.0, hi=1.0)
+    max: float | None = _spec("highest passing value (< 1: a max of 1 cannot fail)", default=None, lo=0.0, hi=1.0)
+    min_gain: float | None = _spec("lowest passing lower end of the paired-bootstrap CI of (variant - baseline) on "
+                                   "this split, per example (harness.evaluate.compare_to_baseline); metric f1 only; "
+                                   "> -1: a gain of -1 or less cannot fail", default=None, lo=-1.0, hi=1.0)
 
 
 @dataclass(frozen=True)

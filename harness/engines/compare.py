@@ -7,7 +7,9 @@ sweep's own merged base with the speed variant merged in; ``merged-int8`` is an 
 (harness/engines/int8.py), ``merged-int4`` a 4-bit copy of its fused projections (harness/engines/int4.py, CUDA only), and
 ``quality`` scores what a quantized engine's speed costs against ``merged``, for every variant of the sweep. ``parity`` holds a fast
 engine's greedy tokens and logits against the seed path on every evaluation prompt (thresholds in
-``inference.parity_*``).
+``inference.parity_*``): the fast engine's logits come through its own static cache and (compiled) decode step, the
+seed path's from a plain forward, and the error is also taken relative to the adapter's own effect
+(harness/parity.py).
 """
 
 from __future__ import annotations

@@ -143,6 +143,14 @@ class HFGreedy:
                                min_new_tokens=max_new_tokens if fixed_length else None)
         return rows if fixed_length else [_trim_after_eos(r, self.tokenizer.eos_token_id) for r in rows]
 
+    @torch.inference_mode()
+    def forced_logits(self, prompt: list[int], forced: list[int]) -> torch.Tensor:
+        """The reference for ``StaticGreedy.forced_logits``: one plain teacher-forced forward of prompt + forced,
+        no cache; row i is the prediction after ``prompt + forced[:i + 1]``. [len(forced), vocab] float32, CPU."""
+        dev = next(self.model.parameters()).device
+        logits = self.model(input_ids=torch.tensor([prompt + forced], device=dev), use_cache=False).logits
+        return logits[0, len(prompt):].float().cpu()
+
 
 class StaticGreedy:
     """Greedy decoding with a static KV cache and (on CUDA) a compiled, CUDA-graphed decode step.
@@ -179,9 +187,11 @@ class StaticGreedy:
         return round_up(width + max_new_tokens, self.cfg.cache_bucket)
 
     def _decode_one(self, tok, position_ids, cache_position, attention_mask, cache):
+        """One decode step: (logits of the next token [rows, vocab], its greedy choice [rows, 1]). The argmax stays
+        inside the compiled graph; ``forced_logits`` reads the logits."""
         logits = self.model(input_ids=tok, position_ids=position_ids, cache_position=cache_position,
-                            attention_mask=attention_mask, past_key_values=cache, use_cache=True).logits
-        return logits[:, -1].argmax(-1, keepdim=True)
+                            attention_mask=attention_mask, past_key_values=cache, use_cache=True).logits[:, -1]
+        return logits, logits.argmax(-1, keepdim=True)
 
     def _cache(self, rows: int, length: int):
         from transformers import StaticCache
@@ -242,8 +252,36 @@ class StaticGreedy:
             if self.compiled:
                 torch.compiler.cudagraph_mark_step_begin()
             token = self._step(token, next_pos + (t - 1), cache_positions[width + t - 1:width + t].clone(),
-                               full_mask, cache).clone()  # a CUDA-graph output is overwritten by the next replay
+                               full_mask, cache)[1].clone()  # a CUDA-graph output is overwritten by the next replay
             new[:, t] = token[:, 0]
             if eos_id is not None and t % EOS_CHECK_EVERY == 0 and bool((new[:, :t + 1] == eos_id).any(1).all()):
                 return new[:, :t + 1]
         return new
+
+    @torch.inference_mode()
+    def forced_logits(self, prompt: list[int], forced: list[int]) -> torch.Tensor:
+        """Teacher-forced logits through this engine's own decode path: [len(forced), vocab] float32 on the CPU.
+
+        The prompt is prefilled into the static cache as ``_generate_batch`` does (one row); then each forced token
+        goes through the decode step (compiled where ``generate``'s is) and row i holds the logits after
+        ``prompt + forced[:i + 1]``, i.e. the prediction of the token after forced[i]. ``HFGreedy.forced_logits``
+        gives the same rows from one plain forward, so the two compare token for token.
+        """
+        dev, n = self.device, len(prompt)
+        length = round_up(n + len(forced), self.cfg.cache_bucket)
+        full_mask = torch.ones((1, length), dtype=torch.long, device=dev)
+        cache_positions = torch.arange(length, device=dev)
+        cache = self._cache(1, length)
+        with _allow_compile(self.compiled):  # never timed: a new shape may compile here
+            self.model(input_ids=torch.tensor([prompt], device=dev), attention_mask=full_mask,
+                       position_ids=cache_positions[None, :n], cache_position=cache_positions[:n],
+                       past_key_values=cache, use_cache=True)
+            rows = []
+            for i, tok in enumerate(forced):
+                if self.compiled:
+                    torch.compiler.cudagraph_mark_step_begin()
+                at = cache_positions[n + i:n + i + 1]
+                token = torch.tensor([[tok]], device=dev)
+                logits, _ = self._step(token, at[None].clone(), at.clone(), full_mask, cache)
+                rows.append(logits[0].float().cpu())  # copied out before the next replay overwrites it
+        return torch.stack(rows)

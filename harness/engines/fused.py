@@ -283,20 +283,25 @@ class FusedGreedy:
 
     @torch.inference_mode()
     def forced_logits(self, prompt: list[int], forced: list[int]) -> torch.Tensor:
-        """Teacher-forced logits through this engine's own decode step: prefill ``prompt``, then feed each token of
-        ``forced`` but the last through the step that greedy decoding runs (compiled, on CUDA; outside the captured
-        graph, which holds the same kernels). Returns [len(forced), vocab] float32 on the CPU: row i is the
-        distribution after ``prompt + forced[:i]``."""
+        """Teacher-forced logits through this engine's own decode step: [len(forced), vocab] float32 on the CPU.
+
+        The prompt is prefilled as ``generate`` does (one row); then each forced token goes through the step that
+        greedy decoding runs (compiled, on CUDA; outside the captured graph, which replays the same kernels), and
+        row i holds the logits after ``prompt + forced[:i + 1]``, as ``HFGreedy.forced_logits`` gives them."""
+        from .decoding import _allow_compile
+
         dev = self.device
-        s, _ = self._shape(1, len(prompt), len(forced))
+        s, _ = self._shape(1, len(prompt), len(forced) + 1)
         s.pad_mask.fill_(True)
         at = torch.arange(len(prompt), device=dev)
-        rows = [self.decoder(torch.tensor([prompt], device=dev), at[None], at, s.pad_mask, s.cache)]
+        self.decoder(torch.tensor([prompt], device=dev), at[None], at, s.pad_mask, s.cache)
         s.position.fill_(len(prompt))
         s.cache_position.fill_(len(prompt))
         s.out_index.zero_()
-        for token in forced[:-1]:
-            s.token.fill_(token)
-            self._step(s)
-            rows.append(s.logits.clone())
-        return torch.cat(rows).float().cpu()
+        rows = []
+        with _allow_compile(self.compiled):  # never timed: a shape not yet captured compiles here
+            for token in forced:
+                s.token.fill_(token)
+                self._step(s)
+                rows.append(s.logits[0].float().cpu().clone())  # s.logits is overwritten by the next step
+        return torch.stack(rows)

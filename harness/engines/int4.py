@@ -12,7 +12,9 @@ per ``group_size`` inputs). What is not: ``lm_head`` (its error lands directly o
 each greedy token), the embeddings (a gather of one row per token) and the norms.
 
 The engine is a snapshot: it quantizes the variant merged into ``MergedBase`` when it is built, and later merges do
-not reach it. gemlite needs CUDA; on the CPU ``Int4Merged`` raises, saying so. gemlite picks kernel configs by GPU
+not reach it. gemlite needs CUDA; on the CPU ``Int4Merged`` raises, saying so. It decodes one prompt at a time:
+batch 1 is what it is for (gemlite's GEMV kernels), and gemlite 0.6's multi-row path returned NaN for SmolLM2's
+fused gate/up (3072 x 576) at 8 rows on the H200 (``.ci/int4_check.py``, 2026-12-02). gemlite picks kernel configs by GPU
 name; where it ships none for this GPU (the H200), the H100's (same chip, sm_90) are loaded.
 """
 
@@ -86,3 +88,8 @@ class Int4Merged(FusedGreedy):
         super().__init__(merged_model, FusedDecoder(merged_model, quantized), tokenizer, "merged-int4", cfg)
         self.note = (f"merged LoRA, decoder projections 4-bit (torchao HQQ, group {group}, gemlite kernels), "
                      f"lm_head/embeddings {cfg.merged_dtype}; {self.note}")
+
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, batch_size: int = 8,
+                 fixed_length: bool = False) -> list[list[int]]:
+        """``FusedGreedy.generate`` one prompt at a time, whatever ``batch_size`` asks (see the module doc)."""
+        return super().generate(prompts, max_new_tokens, 1, fixed_length)

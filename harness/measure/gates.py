@@ -109,7 +109,24 @@ def quality_failures(profile: Profile, variant: str, summaries: dict[str, dict[s
             failures.append(f"{where} is below quality_gates[{i}].min {gate.min} ({profile.source_file})")
         if gate.max is not None and value > gate.max:
             failures.append(f"{where} is above quality_gates[{i}].max {gate.max} ({profile.source_file})")
+        if gate.min_gain is not None:
+            failures += _gain_failures(profile, variant, i, gate, s)
     return failures
+
+
+def _gain_failures(profile: Profile, variant: str, i: int, gate, s: dict[str, Any]) -> list[str]:
+    """The lower end of the paired-bootstrap CI of (variant F1 - baseline F1) must reach ``min_gain``: an adapter
+    no better than no adapter fails, however high its absolute F1."""
+    if "f1_delta_vs_baseline_ci" not in s:
+        why = s.get("f1_delta_vs_baseline_note", "no baseline predictions were paired with this variant's")
+        return [f"{variant}: quality_gates[{i}].min_gain {gate.min_gain} on {gate.split} has no paired ΔF1 to check: "
+                f"{why} ({profile.source_file})"]
+    delta, (lo, hi) = s["f1_delta_vs_baseline"], s["f1_delta_vs_baseline_ci"]
+    if not (lo >= gate.min_gain):  # written so that NaN fails
+        return [f"{variant} ΔF1 vs baseline on {gate.split} = {delta:+.3f} (paired 95% CI [{lo:+.2f}, {hi:+.2f}], "
+                f"n={s.get('n_paired')}): the CI's lower end is below quality_gates[{i}].min_gain {gate.min_gain} "
+                f"({profile.source_file})"]
+    return []
 
 
 def vram_gate(profile: Profile, variant: str, measured: dict[str, float | None], failures: list[str],

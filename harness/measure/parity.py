@@ -1,30 +1,52 @@
-"""Parity of two inference engines: greedy token agreement and teacher-forced logit differences, and the gate.
+"""Parity of two inference engines: greedy token agreement, teacher-forced logit differences, the error relative
+to the adapter's own effect, and the gate.
 
 ``parity`` measures; ``parity_failures`` applies the profile's thresholds (``inference.parity_min_agreement``,
-``inference.parity_max_logit_diff``) and returns one message per failed check, so a test asserts
-``not parity_failures(...)`` and a deliberately broken pair (the wrong adapter merged) shows it can fail.
+``inference.parity_max_logit_diff``, ``inference.parity_max_relative_error``) and returns one message per failed
+check, so a test asserts ``not parity_failures(...)`` and a deliberately broken engine shows it can fail.
+
+Why a relative check: an absolute logit tolerance loose enough for bf16 rounding over 32 layers (1.0 on the 7B
+shape) is also loose enough for a merge that is missing, stale or doubled, whenever the adapter moves the logits by
+less than that. So the reference's adapter effect is measured too (its logits with the adapter, minus with
+``disable_adapter()``), and the engine's error is gated as a fraction of it::
+
+    relative_error = ||engine - seed_with_adapter||_F / ||seed_with_adapter - seed_without_adapter||_F
+
+Frobenius norms over every teacher-forced position of every prompt, pooled. Pooled, because a per-prompt ratio
+blows up on a prompt where the adapter barely acts; Frobenius rather than max, because one outlier logit would
+decide a max ratio; and rather than mean-abs, because it weighs a concentrated error (one layer's merge lost, a
+few positions off) more than diffuse rounding of the same total. A merge that is skipped gives exactly 1 (the
+error *is* the effect); merged twice, about 1; another variant's merge left in, about ||other|| / ||effect||.
+Without an adapter (the baseline) there is no effect to divide by: ``relative_error`` is None, the note says so,
+and only the absolute checks apply.
+
+Logits come from each engine's ``forced_logits`` (harness/decoding.py): the candidate's through its own static
+cache and decode step (compiled where it compiles), the reference's from a plain forward.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 
 from ..config.schema import InferenceConfig
 
-__all__ = ["parity", "parity_failures"]
+__all__ = ["parity", "parity_failures", "parity_check_count"]
+
+NO_ADAPTER_NOTE = "no adapter on the reference (baseline): the relative gate does not apply, the absolute ones do"
 
 
 @torch.inference_mode()
 def parity(reference, candidate, tokenizer, prompts: list[list[int]], max_new_tokens: int,
            batch_size: int, candidate_batch_size: int | None = None) -> dict[str, Any]:
-    """Greedy outputs of ``candidate`` against ``reference`` (engines with ``generate`` and ``model``), and their
-    logits on the same tokens.
+    """Greedy outputs of ``candidate`` against ``reference`` (engines with ``generate`` and ``forced_logits``),
+    their logits on the same tokens, and the candidate's error relative to the reference's adapter effect.
 
     Token agreement is the mean, over prompts, of the fraction of the reference's tokens reproduced before the
-    first difference. The logit difference is taken teacher-forced on prompt + reference tokens, so it compares the
-    two models on identical inputs even after their greedy outputs part.
+    first difference. The logits are taken teacher-forced on prompt + reference tokens, so they compare the two
+    engines on identical inputs even after their greedy outputs part.
     """
     if not prompts:
         raise ValueError("parity needs at least one prompt")
@@ -35,22 +57,35 @@ def parity(reference, candidate, tokenizer, prompts: list[list[int]], max_new_to
         common = next((i for i, (a, b) in enumerate(zip(r, c)) if a != b), min(len(r), len(c)))
         agreements.append(common / max(len(r), 1))
         identical += r == c
-    max_diff, ref_scale = 0.0, 0.0
+    max_diff, ref_scale, error_sq, effect_sq, n_logits = 0.0, 0.0, 0.0, 0.0, 0
+    has_adapter = _has_adapter(reference.model)
     for p, r in zip(prompts, ref, strict=True):
-        ids = torch.tensor([p + r])
-        a = _logits(reference.model, ids)[0, len(p) - 1:]
-        b = _logits(candidate.model, ids)[0, len(p) - 1:]
+        a = reference.forced_logits(p, r)
+        b = candidate.forced_logits(p, r)
         max_diff = max(max_diff, (a - b).abs().max().item())
         ref_scale = max(ref_scale, a.abs().max().item())
-    return {"prompts": len(prompts), "new_tokens": max_new_tokens,
-            "token_agreement": sum(agreements) / len(agreements), "identical_sequences": identical / len(prompts),
-            "max_logit_diff": max_diff, "max_abs_logit": ref_scale}
+        error_sq += (a - b).double().pow(2).sum().item()
+        n_logits += a.numel()
+        if has_adapter:
+            with reference.model.disable_adapter():
+                effect_sq += (a - reference.forced_logits(p, r)).double().pow(2).sum().item()
+    result = {"prompts": len(prompts), "new_tokens": max_new_tokens,
+              "token_agreement": sum(agreements) / len(agreements), "identical_sequences": identical / len(prompts),
+              "max_logit_diff": max_diff, "max_abs_logit": ref_scale,
+              "engine_error_rms": math.sqrt(error_sq / n_logits), "teacher_forced_logits": n_logits}
+    if has_adapter:
+        result["adapter_effect_rms"] = math.sqrt(effect_sq / n_logits)
+        result["relative_error"] = math.sqrt(error_sq / effect_sq) if effect_sq > 0 else math.inf
+    else:
+        result["relative_error"], result["relative_note"] = None, NO_ADAPTER_NOTE
+    return result
 
 
 def parity_failures(result: dict[str, Any], inference_cfg: InferenceConfig, label: str = "candidate vs reference"
                     ) -> list[str]:
     """The parity gate: one message per check ``result`` (from ``parity``) fails, naming the value, the threshold
-    and its profile key; empty when it passes. A NaN value fails."""
+    and its profile key; empty when it passes. A NaN value fails. The relative check applies when ``result`` has a
+    ``relative_error`` (a reference with an adapter)."""
     failures = []
     diff, max_diff = result["max_logit_diff"], inference_cfg.parity_max_logit_diff
     if not (diff <= max_diff):  # written so that NaN fails
@@ -61,9 +96,30 @@ def parity_failures(result: dict[str, Any], inference_cfg: InferenceConfig, labe
         failures.append(f"{label}: token agreement {agreement:.3f} is under inference.parity_min_agreement "
                         f"{min_agreement:g} ({result.get('new_tokens')} greedy tokens, "
                         f"{result.get('prompts')} prompts)")
+    rel, max_rel = result.get("relative_error"), inference_cfg.parity_max_relative_error
+    if rel is not None and not (rel <= max_rel):
+        effect = result.get("adapter_effect_rms")
+        why = (" (the adapter does not move the reference's logits at all: nothing to hold the engine to)"
+               if effect == 0 else "; about 1 means the engine lacks the adapter, or holds it twice or beside another")
+        failures.append(f"{label}: engine error is {rel:.3g} of the adapter's own effect (rms {_g(effect)} vs "
+                        f"{_g(result.get('engine_error_rms'))} logits), over inference.parity_max_relative_error "
+                        f"{max_rel:g}{why}")
     return failures
 
 
-def _logits(model, ids: torch.Tensor) -> torch.Tensor:
-    dev = next(model.parameters()).device
-    return model(input_ids=ids.to(dev), use_cache=False).logits.float().cpu()
+def parity_check_count(result: dict[str, Any]) -> int:
+    """How many checks ``parity_failures`` applied to ``result``: 3, or 2 without an adapter."""
+    return 2 + (result.get("relative_error") is not None)
+
+
+def _has_adapter(model) -> bool:
+    """A peft model whose adapter ``disable_adapter()`` can switch off (the seed path's reference)."""
+    try:
+        from peft import PeftModel
+    except ImportError:
+        return False
+    return isinstance(model, PeftModel)
+
+
+def _g(x) -> str:
+    return "n/a" if x is None else f"{x:.3g}"

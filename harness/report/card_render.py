@@ -82,8 +82,19 @@ def _order(results: dict[str, Any]) -> list[str]:
 
 
 def _parity(p: dict | None) -> str:
-    """Token agreement / max |logit diff| of the profile's engine against the separately built seed path."""
-    return "n/a" if not p else f"{p['token_agreement']:.2f} tok, {p['max_logit_diff']:.1e} logit"
+    """Token agreement / max |logit diff| of the profile's engine against the separately built seed path, and its
+    error as a fraction of the adapter's own effect (harness/parity.py)."""
+    if not p:
+        return "n/a"
+    return f"{p['token_agreement']:.2f} tok, {p['max_logit_diff']:.1e} logit" + _relative(p)
+
+
+def _relative(p: dict) -> str:
+    if "relative_error" not in p:  # recorded before the relative check existed
+        return ""
+    if p["relative_error"] is None:
+        return ", err/effect n/a (no adapter)"
+    return f", err/effect {p['relative_error']:.1e}"
 
 
 def results_table(results: dict[str, Any], padded: bool = False) -> str:
@@ -202,7 +213,10 @@ def _speed_table(results: dict[str, Any]) -> list[str]:
             out += ["", f"Parity of `{par.get('candidate', 'merged')}` against the seed path ({par['prompts']} "
                         f"prompts, {par['new_tokens']} greedy tokens): token agreement {par['token_agreement']:.3f}, "
                         f"identical sequences {par['identical_sequences']:.2f}, max |logit diff| "
-                        f"{par['max_logit_diff']:.4f} (largest |logit| {par['max_abs_logit']:.2f})."]
+                        f"{par['max_logit_diff']:.4f} (largest |logit| {par['max_abs_logit']:.2f})"
+                        + (f"; engine error {par['relative_error']:.2g} of the adapter's own effect (rms "
+                           f"{par['engine_error_rms']:.3g} vs {par['adapter_effect_rms']:.3g} logits)"
+                           if par.get("relative_error") is not None else "") + "."]
     for key, per_variant in speed.items():
         if key.startswith("quality_") and isinstance(per_variant, dict):
             out += [""] + _quality_cost(per_variant)

@@ -1,12 +1,14 @@
 """Inference engines on the tiny profile: the merged engine matches an independently built NF4 + adapter model,
 the parity gate fails when the wrong adapter is merged, the static-cache loop reproduces ``generate``, a merge that
-moves parameter storage is caught, and a recompile inside ``no_recompile()`` raises. The int8 engine
+moves parameter storage is caught, and a recompile inside ``no_recompile()`` raises. The relative parity gate (engine
+error / the adapter's own effect) passes a right merge and fails r16's merge skipped, r16 merged twice and r8's merge
+left under r16's, on tiny (fp32) and on the same random shape in bf16 under synthetic-7b's thresholds. The int8 engine
 (``merged-int8``) quantizes every decoder projection, stays close to the fp32 merged model, leaves the merged base
 untouched, and its decode step traces as one graph.
 
 Every reference model is built separately (a fresh NF4 base with the adapter on top, unmerged), never the object
-under test. The adapters are trained once for the file, at 8 epochs instead of the profile's 40: enough for r16
-and r32 to differ far beyond the parity tolerance, in a fraction of the time.
+under test. The adapters (r8, r16, r32) are trained once for the file, at 8 epochs instead of the profile's 40: enough
+for them to differ far beyond the parity tolerance, in a fraction of the time.
 """
 
 from __future__ import annotations
@@ -60,7 +62,7 @@ def tiny(tmp_path_factory) -> Tiny:
     cache_root = runs_dir / "_models"
     tokenizer = load_tokenizer(profile.model, cache_root)
     adapters = {v: ensure_adapter(quick, quick.variant(v), splits, tokenizer, runs_dir)[0] / "adapter"
-                for v in ("r16", "r32")}
+                for v in ("r8", "r16", "r32")}
     prompts = [encode_prompt(tokenizer, e.instruction, e.input)
                for split in profile.data.eval_splits for e in splits[split]]
     return Tiny(profile, tokenizer, cache_root, adapters, prompts)
@@ -122,6 +124,109 @@ def test_static_cache_engine_reproduces_generate_on_a_separate_nf4_model(tiny):
     assert parity_failures(result, inf) == []
 
 
+# -- relative parity: the engine's error as a fraction of the adapter's own effect -------------------------------
+
+# (shape id, how the profile is changed): tiny as shipped (fp32), and the same random-weight Mistral shape computing
+# in bf16 like synthetic-7b (NF4 compute and merge in bfloat16) under synthetic-7b's own inference.parity_* values.
+SHAPES = ["tiny", "tiny-bf16-synthetic-7b-gates"]
+MUTATIONS = ["r16-merge-skipped", "r16-merged-twice", "r8-merge-left-in"]
+
+
+def _shape_profile(tiny, shape: str):
+    if shape == "tiny":
+        return tiny.profile
+    gates = load_profile("synthetic-7b").inference
+    q = dataclasses.replace(tiny.profile.quantization, compute_dtype="bfloat16")
+    inf = dataclasses.replace(tiny.profile.inference, merged_dtype="bfloat16",
+                              **{f.name: getattr(gates, f.name) for f in dataclasses.fields(gates)
+                                 if f.name.startswith("parity_")})
+    return dataclasses.replace(tiny.profile, quantization=q, inference=inf)
+
+
+@pytest.fixture(scope="module")
+def shapes(tiny):
+    """Per shape: (profile, its merged base, the seed path of r16 built separately with the same dtypes)."""
+    out = {}
+    for shape in SHAPES:
+        profile = _shape_profile(tiny, shape)
+        reference = HFGreedy(load_nf4_with_adapter(profile, tiny.adapters["r16"], tiny.cache_root), tiny.tokenizer)
+        out[shape] = (profile, MergedBase(profile, tiny.cache_root, tiny.tokenizer), reference)
+    return out
+
+
+def _merge_on_top(base: MergedBase, adapter_dir: Path, label: str) -> None:
+    """The bug under test: merge ``adapter_dir`` into whatever ``base`` holds now, without restoring it first."""
+    from peft import PeftModel
+
+    with torch.inference_mode():
+        PeftModel.from_pretrained(base.model, str(adapter_dir)).merge_and_unload()
+    for attr in ("peft_config", "_hf_peft_config_loaded"):
+        base.model.__dict__.pop(attr, None)
+    base.active = label  # the weights are no variant's: the next activate() restores them
+
+
+def _mutate(base: MergedBase, adapters: dict[str, Path], mutation: str) -> None:
+    if mutation == "r16-merge-skipped":
+        base.activate("baseline", None)
+    elif mutation == "r16-merged-twice":
+        base.activate("r16", adapters["r16"])
+        _merge_on_top(base, adapters["r16"], "r16+r16")
+    else:
+        base.activate("r8", adapters["r8"])
+        _merge_on_top(base, adapters["r16"], "r8+r16")
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_relative_parity_gate_passes_the_correct_merge(tiny, shapes, shape):
+    """The control: r16 merged once, into a clean base, holds every parity gate of the shape's profile."""
+    profile, base, reference = shapes[shape]
+    base.activate("r16", tiny.adapters["r16"])
+    result = tiny.parity(reference, base.engine)
+    print(f"{shape}: r16 merged vs seed r16: {result}")
+    assert result["adapter_effect_rms"] > 0, result
+    assert parity_failures(result, profile.inference) == [], result
+
+
+@pytest.mark.parametrize("mutation", MUTATIONS)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_relative_parity_gate_fails_a_broken_merge(tiny, shapes, shape, mutation):
+    """A merge that is missing, doubled, or on top of another variant's leaves an error about the size of the
+    adapter's own effect; the relative gate catches it whatever the absolute tolerances (synthetic-7b's 1.0 logit
+    and 0.05 agreement would pass some of these)."""
+    profile, base, reference = shapes[shape]
+    _mutate(base, tiny.adapters, mutation)
+    result = tiny.parity(reference, base.engine)
+    print(f"{shape} {mutation}: relative error {result['relative_error']:.3g}, max |logit diff| "
+          f"{result['max_logit_diff']:.3g}, agreement {result['token_agreement']:.3f}")
+    failures = parity_failures(result, profile.inference, label=mutation)
+    assert any("inference.parity_max_relative_error" in f for f in failures), (failures, result)
+    assert result["relative_error"] > 3 * profile.inference.parity_max_relative_error, result  # not by a hair
+    base.activate("r16", tiny.adapters["r16"])  # the next test starts from a clean merge
+
+
+def test_relative_parity_does_not_apply_without_an_adapter(tiny, merged):
+    """The baseline: no adapter on the reference, so no effect to divide by; the absolute checks still run."""
+    merged.activate("baseline", None)
+    reference = HFGreedy(load_nf4_with_adapter(tiny.profile, None, tiny.cache_root), tiny.tokenizer)
+    result = tiny.parity(reference, merged.engine)
+    assert result["relative_error"] is None and "does not apply" in result["relative_note"], result
+    assert parity_failures(result, tiny.profile.inference) == []
+    assert parity_failures({**result, "max_logit_diff": 5.0}, tiny.profile.inference)  # absolute still gated
+
+
+def test_forced_logits_of_the_static_cache_engine_match_a_plain_forward(tiny):
+    """``StaticGreedy.forced_logits`` (prefill + one decode step per forced token) gives, row for row, the logits
+    of one teacher-forced forward (``HFGreedy.forced_logits``) on the same model."""
+    model = load_nf4_with_adapter(tiny.profile, tiny.adapters["r16"], tiny.cache_root)
+    static = StaticGreedy(model, tiny.tokenizer, "nf4-compiled", tiny.profile.inference)
+    plain = HFGreedy(model, tiny.tokenizer)
+    prompt, forced = tiny.prompts[0], tiny.prompts[1][:9]
+    a, b = static.forced_logits(prompt, forced), plain.forced_logits(prompt, forced)
+    assert a.shape == b.shape == (len(forced), model.config.vocab_size) and a.dtype == torch.float32
+    assert (a - b).abs().max().item() <= 1e-4
+    assert not torch.allclose(a[:-1], a[1:])  # each row is its own step, not one row repeated
+
+
 def test_activate_refuses_weights_whose_storage_moved(tiny):
     base = MergedBase(tiny.profile, tiny.cache_root, tiny.tokenizer)  # its own: this test breaks it on purpose
     base.activate("r16", tiny.adapters["r16"])
@@ -135,7 +240,7 @@ def test_activate_refuses_weights_whose_storage_moved(tiny):
 
 def test_parity_failures_name_value_threshold_and_profile_key():
     inf = load_profile("tiny").inference
-    ok = {"prompts": 3, "new_tokens": 32, "token_agreement": 1.0, "max_logit_diff": 0.0}
+    ok = {"prompts": 3, "new_tokens": 32, "token_agreement": 1.0, "max_logit_diff": 0.0, "relative_error": None}
     assert parity_failures(ok, inf) == []
     bad = {**ok, "token_agreement": 0.5, "max_logit_diff": 0.25}
     failures = parity_failures(bad, inf, label="merged vs seed")
@@ -145,6 +250,10 @@ def test_parity_failures_name_value_threshold_and_profile_key():
     assert "0.500" in failures[1] and "inference.parity_min_agreement" in failures[1]
     assert all(f.startswith("merged vs seed: ") for f in failures)
     assert len(parity_failures({**ok, "max_logit_diff": float("nan")}, inf)) == 1
+    stale = {**ok, "relative_error": 1.0, "adapter_effect_rms": 0.4, "engine_error_rms": 0.4}
+    (failure,) = parity_failures(stale, inf)
+    assert "1 of the adapter's own effect" in failure and "inference.parity_max_relative_error" in failure
+    assert len(parity_failures({**stale, "relative_error": float("nan")}, inf)) == 1
 
 
 def test_recompile_inside_no_recompile_raises():

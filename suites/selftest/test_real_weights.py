@@ -2,7 +2,8 @@
 harness/models/pretrained.py) must pass the smollm2-135m profile's own gates when the pipeline is right, and fail them
 when one piece of it is broken:
 
-a) an adapter that did not train (left at its init, LoRA B = 0)        -> the train-split quality gate fails
+a) an adapter that did not train (left at its init, LoRA B = 0)        -> the train-split quality gates fail, the
+   paired ΔF1 gate (min_gain) among them: its gain over the base is exactly 0
 b) a chat template other than the model's own at serving time           -> the train-split quality gate fails
 c) labels on the prompt tokens (completion_mask all ones)               -> the structural loss-mask gate fails
    (train-split memorisation survives prompt loss: r8 trained with it scored train EM 0.95, F1 0.993 against
@@ -27,7 +28,7 @@ import torch
 from harness.config.profiles import load_profile
 from harness.data.dataset import SPLITS, load_splits
 from harness.data.loss_mask import LossMaskError
-from harness.measure.evaluate import score_split
+from harness.measure.evaluate import compare_to_baseline, score_split
 from harness.measure.gates import quality_failures
 from harness.measure.memory import free_memory
 from harness.models.base import load_base, load_tokenizer
@@ -78,7 +79,8 @@ def r8(smol, tmp_path_factory):
 @pytest.fixture(scope="module")
 def score(smol):
     """``score(adapter_dir, tokenizer)`` -> the train-split summary of the first N_EVAL examples, decoded the
-    profile's way (inference.engine merged: the NF4 base dequantized to merged_dtype, the adapter merged in)."""
+    profile's way (inference.engine merged: the NF4 base dequantized to merged_dtype, the adapter merged in), with
+    the paired ΔF1 against the base model on the same examples (``compare_to_baseline``), as the sweep adds it."""
     from peft import PeftModel
 
     profile, _, splits, cache_root = smol
@@ -87,13 +89,19 @@ def score(smol):
     pristine = nf4.dequantize(dtype=dtype).to(dtype).eval()
     examples = splits["train"][:N_EVAL]
 
+    baseline_rows: dict[int, list[dict]] = {}  # per tokenizer (a mutation may serve another template)
+
     def _score(adapter_dir: Path | None, tokenizer) -> dict:
         model = copy.deepcopy(pristine)
         if adapter_dir is not None:
             model = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
-        summary = score_split(model.eval(), tokenizer, examples, profile.eval).summary
+        scores = score_split(model.eval(), tokenizer, examples, profile.eval)
+        if id(tokenizer) not in baseline_rows:
+            base = scores if adapter_dir is None else score_split(copy.deepcopy(pristine), tokenizer, examples,
+                                                                   profile.eval)
+            baseline_rows[id(tokenizer)] = base.rows
         free_memory()
-        return summary
+        return {**scores.summary, **compare_to_baseline(scores.rows, baseline_rows[id(tokenizer)], profile.eval)}
 
     yield _score
     free_memory()
@@ -111,6 +119,7 @@ def test_trained_adapter_passes_the_train_gates(smol, r8, score):
     assert any(VARIANT in g.variants and g.split == "train" for g in profile.quality_gates)
     summary = score(adapter, tokenizer)
     assert _train_failures(profile, summary) == [], summary
+    assert any(g.min_gain is not None for g in profile.quality_gates)  # the paired ΔF1 gate is among those passed
 
 
 def test_untrained_adapter_fails_the_train_gate(smol, r8, score, tmp_path):
@@ -125,8 +134,11 @@ def test_untrained_adapter_fails_the_train_gate(smol, r8, score, tmp_path):
     assert zeroed, "no lora_B tensor in the adapter"
     save_file({k: torch.zeros_like(v) if k in zeroed else v for k, v in weights.items()},
               adapter / "adapter_model.safetensors")
-    failures = _train_failures(profile, score(adapter, tokenizer))
+    summary = score(adapter, tokenizer)
+    failures = _train_failures(profile, summary)
     assert failures and all("on train" in f for f in failures), failures
+    assert summary["f1_delta_vs_baseline_ci"] == [0.0, 0.0], summary  # the base model's answers, exactly
+    assert any("min_gain" in f and "ΔF1 vs baseline on train = +0.000" in f for f in failures), failures
 
 
 @pytest.mark.parametrize("template", list(WRONG_TEMPLATES))

@@ -47,17 +47,21 @@ def check_supported(model) -> None:
 
 def _fuse(modules: list[nn.Linear]) -> torch.Tensor:
     """One tensor holding ``modules``' weights stacked by rows; each module's weight becomes a view of it. A
-    second call finds the views and returns the same tensor."""
+    second call finds the views (one storage, filled by them in order) and returns a tensor over the same memory."""
     weights = [m.weight for m in modules]
-    base = weights[0]._base
-    if base is not None and all(w._base is base for w in weights):
-        return base
+    rows, cols = sum(w.shape[0] for w in weights), weights[0].shape[1]
+    storage = weights[0].untyped_storage()
+    offsets = [w.storage_offset() for w in weights]
+    if (all(w.untyped_storage().data_ptr() == storage.data_ptr() for w in weights)
+            and offsets == [sum(v.shape[0] for v in weights[:i]) * cols for i in range(len(weights))]
+            and storage.nbytes() == rows * cols * weights[0].element_size()):
+        return weights[0].detach().new_empty(0).set_(storage, 0, (rows, cols))
     fused = torch.cat([w.detach() for w in weights], dim=0)
     start = 0
     for m in modules:
-        rows = m.weight.shape[0]
-        m.weight = nn.Parameter(fused[start:start + rows], requires_grad=False)
-        start += rows
+        n = m.weight.shape[0]
+        m.weight = nn.Parameter(fused[start:start + n], requires_grad=False)
+        start += n
     return fused
 
 
@@ -212,10 +216,10 @@ class FusedGreedy:
     @torch.inference_mode()
     def generate(self, prompts: list[list[int]], max_new_tokens: int, batch_size: int = 8,
                  fixed_length: bool = False) -> list[list[int]]:
-        from .decoding import left_pad
+        from .decoding import _pad_id, _trim_after_eos, left_pad
 
         tok = self.tokenizer
-        pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        pad_id = _pad_id(tok)
         eos_id = None if fixed_length else tok.eos_token_id
         out: list[list[int]] = []
         for start in range(0, len(prompts), batch_size):
@@ -223,8 +227,7 @@ class FusedGreedy:
             rows = batch_size if self.compiled else len(chunk)  # one captured shape per batch size
             ids, mask = left_pad(chunk, pad_id, rows)
             new = self._generate_batch(ids, mask, max_new_tokens, eos_id)
-            for row in new[:len(chunk)].tolist():
-                out.append(row[:row.index(eos_id) + 1] if eos_id is not None and eos_id in row else row)
+            out.extend(_trim_after_eos(row, eos_id) for row in new[:len(chunk)].tolist())
         return out
 
     def cache_length(self, width: int, max_new_tokens: int) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -52,7 +53,12 @@ def test_the_log_parser_reads_what_ci_run_prints(tmp_path):
 
 def test_readme_cpu_times_are_the_committed_ci_log():
     """Every README row with a command and a time in seconds has that command's figure in results/cpu/ci-run.log,
-    from a clean checkout whose sha the README names, and the step passed."""
+    from a clean checkout whose sha the README names, and the step passed.
+
+    The run that measures new times (``QLORA_MEASURING_CI_TIMES=1 bash .ci/run`` on a fresh clone) cannot hold the
+    README to the times it is measuring: there, and only there, this test skips."""
+    if os.environ.get("QLORA_MEASURING_CI_TIMES") == "1":
+        pytest.skip("QLORA_MEASURING_CI_TIMES=1: this run measures the times the README will quote")
     assert CI_LOG.is_file(), (f"{CI_LOG.relative_to(ROOT)} is missing: commit the log of `bash .ci/run` on a quiet "
                               f"fresh clone with the README's times")
     log, readme = CI_LOG.read_text(encoding="utf-8"), README.read_text(encoding="utf-8")

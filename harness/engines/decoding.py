@@ -31,8 +31,8 @@ import torch
 
 from ..config.schema import InferenceConfig
 
-__all__ = ["FULLGRAPH_ENGINES", "EOS_CHECK_EVERY", "round_up", "left_pad", "generate_greedy", "HFGreedy",
-           "StaticGreedy", "no_recompile", "timed_round"]
+__all__ = ["FULLGRAPH_ENGINES", "EOS_CHECK_EVERY", "round_up", "left_pad", "padded_batches", "generate_greedy",
+           "HFGreedy", "StaticGreedy", "no_recompile", "timed_round"]
 
 FULLGRAPH_ENGINES = ("merged", "merged-int8")  # compiled with fullgraph=cfg.compile_fullgraph
 EOS_CHECK_EVERY = 16  # host syncs while decoding: one per this many tokens, only when stopping at EOS
@@ -52,6 +52,14 @@ def left_pad(prompts: list[list[int]], pad_id: int, rows: int) -> tuple[torch.Te
         ids[i, width - len(p):] = torch.tensor(p)
         mask[i, width - len(p):] = 1
     return ids, mask
+
+
+def padded_batches(prompts: list[list[int]], pad_id: int, batch_size: int, fixed_rows: bool):
+    """(prompts of the batch, ids, mask) for each batch of ``batch_size`` prompts, left-padded; with ``fixed_rows``
+    every batch has ``batch_size`` rows (one compiled shape per batch size)."""
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start:start + batch_size]
+        yield (chunk, *left_pad(chunk, pad_id, batch_size if fixed_rows else len(chunk)))
 
 
 def _pad_id(tokenizer) -> int:
@@ -212,11 +220,8 @@ class StaticGreedy:
         pad_id = _pad_id(tok)
         eos_id = None if fixed_length else tok.eos_token_id
         out: list[list[int]] = []
-        for start in range(0, len(prompts), batch_size):
-            chunk = prompts[start:start + batch_size]
-            rows = batch_size if self.compiled else len(chunk)  # one compiled shape per batch size
-            ids, mask = left_pad(chunk, pad_id, rows)
-            width = ids.shape[1]
+        for chunk, ids, mask in padded_batches(prompts, pad_id, batch_size, self.compiled):
+            rows, width = ids.shape
             length = self.cache_length(width, max_new_tokens)
             shape = f"{rows}x{length}"
             first = shape not in self.compile_s

@@ -93,7 +93,8 @@ class FusedDecoder(nn.Module):
         check_supported(model)
         cfg = model.config
         inner = model.model
-        self.embed, self.norm, self.rotary, self.lm_head = inner.embed_tokens, inner.norm, inner.rotary_emb, model.lm_head
+        self.embed, self.norm, self.rotary = inner.embed_tokens, inner.norm, inner.rotary_emb
+        self.lm_head = model.lm_head
         self.input_norms = nn.ModuleList(layer.input_layernorm for layer in inner.layers)
         self.post_norms = nn.ModuleList(layer.post_attention_layernorm for layer in inner.layers)
         self.projections = projections
@@ -216,16 +217,12 @@ class FusedGreedy:
     @torch.inference_mode()
     def generate(self, prompts: list[list[int]], max_new_tokens: int, batch_size: int = 8,
                  fixed_length: bool = False) -> list[list[int]]:
-        from .decoding import _pad_id, _trim_after_eos, left_pad
+        from .decoding import _pad_id, _trim_after_eos, padded_batches
 
         tok = self.tokenizer
-        pad_id = _pad_id(tok)
         eos_id = None if fixed_length else tok.eos_token_id
         out: list[list[int]] = []
-        for start in range(0, len(prompts), batch_size):
-            chunk = prompts[start:start + batch_size]
-            rows = batch_size if self.compiled else len(chunk)  # one captured shape per batch size
-            ids, mask = left_pad(chunk, pad_id, rows)
+        for chunk, ids, mask in padded_batches(prompts, _pad_id(tok), batch_size, self.compiled):
             new = self._generate_batch(ids, mask, max_new_tokens, eos_id)
             out.extend(_trim_after_eos(row, eos_id) for row in new[:len(chunk)].tolist())
         return out

@@ -87,16 +87,15 @@ def gemv_bench(model, projections):
     """Each projection's GEMV alone at batch 1: bf16 (cuBLAS through F.linear) against the quantized candidates."""
     import triton.testing
 
-    shapes = {"qkv": projections[0].qkv, "o": projections[0].o, "gate_up": projections[0].gate_up,
-              "down": projections[0].down, "lm_head": model.lm_head,
-              "k_alone": model.model.layers[0].self_attn.k_proj, "gate_alone": model.model.layers[0].mlp.gate_proj}
-    from harness.engines.int4 import quantize_linear
-
-    candidates = {"bf16": lambda lin: lin, "int4-g128": lambda lin: quantize_linear(lin, 128),
-                  "int4-g64": lambda lin: quantize_linear(lin, 64)}
+    shapes = {"gate_up": projections[0].gate_up, "down": projections[0].down, "qkv": projections[0].qkv,
+              "o": projections[0].o}
+    candidates = {"bf16": lambda lin: lin, **QUANTIZERS}
     for shape_name, lin in shapes.items():
         n, k = lin.weight.shape
         for cand, make in candidates.items():
+            if time.time() - START > BUDGET_S / 2:
+                log(f"gemv {shape_name} {cand}: skipped, half the probe budget spent")
+                continue
             try:
                 mod = make(lin)
                 xs = [torch.randn(1, k, device="cuda", dtype=torch.bfloat16) for _ in range(4)]
@@ -107,7 +106,7 @@ def gemv_bench(model, projections):
                     return mod(xs[i[0]])
 
                 ms = triton.testing.do_bench_cudagraph(f, rep=50, return_mode="median")
-                bytes_read = n * k * (2 if cand == "bf16" else 0.5 if "int4" in cand else 1)
+                bytes_read = n * k * (2 if cand == "bf16" else 1 if "int8" in cand else 0.5)
                 row = {"shape": shape_name, "n": n, "k": k, "candidate": cand, "us": ms * 1e3,
                        "tb_s_weights": bytes_read / (ms / 1e3) / 1e12}
                 results["gemv"].append(row)
@@ -115,6 +114,87 @@ def gemv_bench(model, projections):
             except Exception as e:  # noqa: BLE001
                 log(f"gemv {shape_name} {cand} failed: {e!r}")
     save()
+
+
+class Manual(torch.nn.Module):
+    """A gemlite module called with a fixed kernel type instead of gemlite's choice for the row count."""
+
+    def __init__(self, mod, matmul_type):
+        super().__init__()
+        self.mod, self.matmul_type = mod, matmul_type
+
+    def forward(self, x):
+        return self.mod.forward_manual(x, self.matmul_type)
+
+
+class BnbNF4(torch.nn.Module):
+    """bitsandbytes' NF4 (blocksize 64, double-quantized statistics) through matmul_4bit: one row takes gemv_4bit."""
+
+    def __init__(self, lin):
+        super().__init__()
+        import bitsandbytes.functional as bf
+
+        self.w, self.state = bf.quantize_4bit(lin.weight.detach(), quant_type="nf4", blocksize=64,
+                                              compress_statistics=True)
+
+    def forward(self, x):
+        import bitsandbytes as bnb
+
+        return bnb.matmul_4bit(x, self.w.t(), quant_state=self.state)
+
+
+def _gemlite_int4(group, packing=None, matmul_type=None):
+    def make(lin):
+        from torchao.quantization.quant_primitives import _choose_qparams_and_quantize_affine_hqq
+        import gemlite
+
+        w_q, scale, zero, _ = _choose_qparams_and_quantize_affine_hqq(lin.weight.detach(), nbits=4,
+                                                                      group_size=group, raw_output=True)
+        mod = gemlite.helper.A16Wn(device=lin.weight.device, dtype=lin.weight.dtype,
+                                   packing_bitwidth=packing).from_weights(w_q, scale, zero, 4, group, bias=None)
+        return Manual(mod, matmul_type) if matmul_type else mod
+    return make
+
+
+def _gemlite_int8(lin):
+    import gemlite
+
+    return gemlite.helper.A16W8_INT8(device=lin.weight.device, dtype=lin.weight.dtype).from_weights(
+        lin.weight.detach().clone())
+
+
+def _torchao_int8(lin):
+    import copy
+
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    mod = copy.deepcopy(lin)
+    quantize_(mod, Int8WeightOnlyConfig())
+    return torch.compile(mod, fullgraph=True)
+
+
+QUANTIZERS = {
+    "int4-g128": _gemlite_int4(128),
+    "int4-g64": _gemlite_int4(64),
+    "int4-g128-p8": _gemlite_int4(128, packing=8),
+    "int4-g128-GEMV": _gemlite_int4(128, matmul_type="GEMV"),
+    "int4-g128-SPLITK": _gemlite_int4(128, matmul_type="GEMV_SPLITK"),
+    "nf4-bnb": BnbNF4,
+    "int8-gemlite": _gemlite_int8,
+    "int8-torchao": _torchao_int8,
+}
+
+
+def quantized_engine(model, projections, cand, group=128):
+    """Int4Merged's engine with another quantizer for the projections (the harness's own is QUANTIZERS['int4-g128'])."""
+    from harness.engines import int4
+
+    saved = int4.quantize_linear
+    int4.quantize_linear = lambda lin, _group: QUANTIZERS[cand](lin)
+    try:
+        return int4.Int4Merged(model, projections, Tok(), Cfg("default", int4_group_size=group))
+    finally:
+        int4.quantize_linear = saved
 
 
 class EfficientAttention(FusedDecoder):
@@ -137,6 +217,30 @@ class MathAttention(FusedDecoder):
         scores = scores.view(rows, self.kv_heads, group, steps, -1).masked_fill(~mask[:, :, None], float("-inf"))
         probs = scores.softmax(-1).to(q.dtype).view(rows, self.kv_heads, group * steps, -1)
         return (probs @ values).view(rows, heads, steps, dim)
+
+
+def best_quantizer() -> str:
+    """The quantized candidate with the least GEMV time summed over the shapes every candidate finished."""
+    rows = [r for r in results["gemv"] if r["candidate"] != "bf16"]
+    done = {}
+    for r in rows:
+        done.setdefault(r["candidate"], {})[r["shape"]] = r["us"]
+    shapes = set.intersection(*(set(v) for v in done.values()))
+    best = min(done, key=lambda c: sum(done[c][s] for s in shapes))
+    log(f"q-best: {best} ({sum(done[best][s] for s in shapes):.1f} us over {sorted(shapes)})")
+    results["q_best"] = best
+    return best
+
+
+def pdl_engine(model, projections):
+    """The fused engine with inductor's programmatic dependent launch (Hopper: a kernel starts while the previous
+    one drains), where this torch has the switch."""
+    import torch._inductor.config as ic
+
+    if not hasattr(ic.triton, "enable_pdl"):
+        raise RuntimeError(f"torch {torch.__version__} has no inductor triton.enable_pdl")
+    return FusedGreedy(model, FusedDecoder(model, projections), Tok(), "merged", Cfg("default"),
+                       inductor_options={"triton.enable_pdl": True})
 
 
 def main(selected):
@@ -179,6 +283,11 @@ def main(selected):
 
     tries["int4-g128"] = lambda: Int4Merged(model, projections, Tok(), Cfg("default", int4_group_size=128))
     tries["int4-g64"] = lambda: Int4Merged(model, projections, Tok(), Cfg("default", int4_group_size=64))
+    for cand in QUANTIZERS:
+        tries.setdefault(f"q-{cand}", lambda cand=cand: quantized_engine(model, projections, cand))
+    tries["fused-pdl"] = lambda: pdl_engine(model, projections)
+    if "q-best" in selected:
+        tries["q-best"] = lambda: quantized_engine(model, projections, best_quantizer())
     order = [t for t in selected if t in tries]
     for name in order:
         if time.time() - START > BUDGET_S:
@@ -197,6 +306,12 @@ def main(selected):
             results["tries"].append({"name": name, "error": tb[-3000:]})
             save()
             log(f"{name} FAILED:\n{tb[-2000:]}")
+    try:
+        from gemlite import core
+
+        core.GemLiteLinear.cache_config(os.path.join(OUT, "gemlite-configs.json"))
+    except Exception as e:  # noqa: BLE001
+        log("gemlite cache_config failed", repr(e))
     print("\nname | p50 s | ms/token | kernels ms/token | first s | agreement")
     for r in results["tries"]:
         if "error" in r:

@@ -190,7 +190,7 @@ def quantized_engine(model, projections, cand, group=128):
     from harness.engines import int4
 
     saved = int4.quantize_linear
-    int4.quantize_linear = lambda lin, _group: QUANTIZERS[cand](lin)
+    int4.quantize_linear = lambda lin, _group, **_: QUANTIZERS[cand](lin)
     try:
         return int4.Int4Merged(model, projections, Tok(), Cfg("default", int4_group_size=group))
     finally:

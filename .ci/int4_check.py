@@ -36,7 +36,7 @@ def main() -> int:
             scale, zero = scale.to(lin.weight.dtype), zero.to(lin.weight.dtype)  # what gemlite stores
             w_deq = ((w_q.double().view(out_f, in_f // g, g) - zero.double().view(out_f, -1, 1))
                      * scale.double().view(out_f, -1, 1)).view(out_f, in_f)
-            for rows in (1,):  # the engine decodes one row at a time (harness/engines/int4.py)
+            for rows in (1, 8, 31, 85):  # decode (1) and prompt prefills, all through the one kernel (int4.KERNEL)
                 x = torch.randn(rows, 1, in_f, device="cuda", dtype=torch.bfloat16)
                 y = q(x).double()
                 ref = x.double() @ w_deq.T

@@ -23,7 +23,7 @@ import pytest
 
 from .config.errors import InputError
 from .config.profiles import available_profiles
-from .train.oom import VariantOutOfMemory
+from .train.oom import VariantOutOfMemory, is_out_of_memory
 
 __all__ = ["SWEEP_KEY", "MARKERS", "end_variant", "variant_of"]
 
@@ -274,9 +274,7 @@ def pytest_runtest_call(item: pytest.Item):
     try:
         return (yield)
     except Exception as e:
-        torch = sys.modules.get("torch")
-        if variant is None or not isinstance(e, VariantOutOfMemory) and (
-                torch is None or not isinstance(e, torch.cuda.OutOfMemoryError)):
+        if variant is None or not isinstance(e, VariantOutOfMemory) and not is_out_of_memory(e):
             raise
         from .measure.memory import memory_now
         from .train.oom import describe_oom

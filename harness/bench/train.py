@@ -36,6 +36,7 @@ from ..measure.memory import free_memory
 from ..models.base import load_base, load_tokenizer, peft_config
 from ..report.atomic import atomic_write_json
 from ..report.provenance import provenance
+from ..train.oom import is_out_of_memory
 
 __all__ = ["SETUPS", "packed_row", "run_setup", "main"]
 
@@ -157,7 +158,9 @@ def main(argv=None) -> None:
         try:
             r = run_setup(profile, profile.variant(args.variant), name, batch, args.steps, args.warmup,
                           profile_kernels=name == "seed")
-        except torch.cuda.OutOfMemoryError as e:
+        except RuntimeError as e:
+            if not is_out_of_memory(e):
+                raise
             error = f"out of memory: {str(e).splitlines()[0]}"
         if error:  # freed outside the except: its traceback would keep the failed setup's model alive
             free_memory()

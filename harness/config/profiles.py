@@ -139,8 +139,9 @@ class _Checker:
             if lo is not None and (v < lo or (meta.get("lo_open") and v == lo)):
                 bound = f"> {lo}" if meta.get("lo_open") else f">= {lo}"
                 self.err(keypath, f"{v!r} is out of range; must be {bound}")
-            if hi is not None and v > hi:
-                self.err(keypath, f"{v!r} is out of range; must be <= {hi}")
+            if hi is not None and (v > hi or (meta.get("hi_open") and v == hi)):
+                bound = f"< {hi}" if meta.get("hi_open") else f"<= {hi}"
+                self.err(keypath, f"{v!r} is out of range; must be {bound}")
 
 
 def _load_variants(path: Path) -> dict[str, Variant]:

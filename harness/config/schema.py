@@ -30,9 +30,10 @@ __all__ = [
 
 
 def _spec(doc: str = "", *, default: Any = dataclasses.MISSING, lo=None, hi=None, choices=None, lo_open=False,
-          per_device=False):
+          hi_open=False, per_device=False):
     # per_device: one number for every device, or {device: number} (matching rule in harness.gates)
-    meta = {"doc": doc, "lo": lo, "hi": hi, "choices": choices, "lo_open": lo_open, "per_device": per_device}
+    meta = {"doc": doc, "lo": lo, "hi": hi, "choices": choices, "lo_open": lo_open, "hi_open": hi_open,
+            "per_device": per_device}
     if default is dataclasses.MISSING:
         return field(metadata=meta)
     if isinstance(default, (list, dict)):
@@ -199,6 +200,11 @@ class InferenceConfig:
     speed_max_p50_s: float | dict | None = _spec("the configured engine's p50 must be at most this, per device "
                                                  "({H100: 1.0}) or one number for all", default=None, lo=0.0,
                                                  lo_open=True, per_device=True)
+    quantized_max_f1_loss: float | None = _spec("merged-int8/merged-int4: a variant fails on a split when its F1 is "
+                                                "surely lower than the merged engine's by more than this (the upper "
+                                                "end of the paired 95% CI of quantized - merged is below -this); "
+                                                "< 1: a loss of 1 cannot fail; null: reported, not gated",
+                                                default=None, lo=0.0, hi=1.0, hi_open=True)
     parity_new_tokens: int = _spec("greedy tokens compared by the parity check", default=32, lo=1)
     parity_min_agreement: float = _spec("lowest mean token agreement of merged vs seed", default=0.9, lo=0.0,
                                         hi=1.0)

@@ -12,10 +12,18 @@ per ``group_size`` inputs). What is not: ``lm_head`` (its error lands directly o
 each greedy token), the embeddings (a gather of one row per token) and the norms.
 
 The engine is a snapshot: it quantizes the variant merged into ``MergedBase`` when it is built, and later merges do
-not reach it. gemlite needs CUDA; on the CPU ``Int4Merged`` raises, saying so. It decodes one prompt at a time:
-batch 1 is what it is for (gemlite's GEMV kernels), and gemlite 0.6's multi-row path returned NaN for SmolLM2's
-fused gate/up (3072 x 576) at 8 rows on the H200 (``.ci/int4_check.py``, 2026-12-02). gemlite picks kernel configs by GPU
-name; where it ships none for this GPU (the H200), the H100's (same chip, sm_90) are loaded.
+not reach it. gemlite needs CUDA; on the CPU ``Int4Merged`` raises, saying so.
+
+One gemlite kernel serves every row count: its batch-1 GEMV (``GEMV_REVSPLITK``, one program per row and output block),
+for the prompt's prefill rows as for each decoded token. Left to choose by row count, gemlite 0.6 takes its split-K GEMM
+for 5-63 rows, which returned NaN for SmolLM2's fused gate/up (3072 x 576) at 8 rows on the H200
+(``.ci/int4_check.py``, 2026-12-02). Every SmolLM2 prompt's prefill went through it in the run where ``merged-int4``
+answered nothing right (F1 0.0 on every split and variant, ``results/h200/smollm2-135m-bf16/``, c8dd8a0): the likely
+cause, not yet confirmed on a GPU. So the engine checks
+its own kernels when it is built (``check_kernel``: each projection shape, at 1, 7 and 32 rows, against the product
+with the dequantized weight) and refuses to run on a wrong or non-finite result. It decodes one prompt at a time:
+batch 1 is what the GEMV is for. gemlite picks kernel configs by GPU name; where it ships none for this GPU (the
+H200), the H100's (same chip, sm_90) are loaded.
 """
 
 from __future__ import annotations
@@ -27,10 +35,13 @@ from torch import nn
 
 from .fused import FusedDecoder, FusedGreedy
 
-__all__ = ["quantize_linear", "int4_projections", "Int4Merged"]
+__all__ = ["Int4Linear", "quantize_linear", "check_kernel", "int4_projections", "Int4Merged"]
 
 PROJECTIONS = ("qkv", "o", "gate_up", "down")
 FALLBACK_CONFIG = "h100.json"  # gemlite's configs are named by GPU; the H200 is an H100 chip with faster memory
+KERNEL = "GEMV_REVSPLITK"  # gemlite's batch-1 kernel, used for every row count (module doc)
+CHECK_ROWS = (1, 7, 32)  # Triton specializes a row count of 1 and multiples of 16: one of each kind, and another
+CHECK_MAX_RELATIVE_ERROR = 5e-2  # bf16 rounding of a 4-bit product measured 0.8-3.5e-2 (.ci/int4_check.py)
 
 
 def _load_gemlite():
@@ -44,10 +55,22 @@ def _load_gemlite():
     return gemlite
 
 
+class Int4Linear(nn.Module):
+    """A gemlite 4-bit module called with ``KERNEL`` whatever the row count (module doc)."""
+
+    def __init__(self, packed: nn.Module):
+        super().__init__()
+        self.packed = packed
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.packed.forward_manual(x, KERNEL)
+
+
 @torch.no_grad()
-def quantize_linear(linear: nn.Linear, group_size: int) -> nn.Module:
+def quantize_linear(linear: nn.Linear, group_size: int, check: bool = False) -> Int4Linear:
     """A gemlite 4-bit module computing ``linear`` (read only): HQQ quantization in groups of ``group_size`` inputs,
-    scales and zeros in the weight's dtype. ValueError when the input size is not a multiple of ``group_size``."""
+    scales and zeros in the weight's dtype. ValueError when the input size is not a multiple of ``group_size``;
+    with ``check``, ``check_kernel`` runs on the result."""
     from torchao.quantization.quant_primitives import _choose_qparams_and_quantize_affine_hqq
 
     gemlite = _load_gemlite()
@@ -58,17 +81,41 @@ def quantize_linear(linear: nn.Linear, group_size: int) -> nn.Module:
     w_q, scale, zero, _ = _choose_qparams_and_quantize_affine_hqq(linear.weight.detach(), nbits=4,
                                                                   group_size=group_size, raw_output=True)
     # gemlite takes its compute dtype from the scales unless told (HQQ returns float16 ones): keep the model's
-    return gemlite.helper.A16Wn(device=linear.weight.device, dtype=linear.weight.dtype).from_weights(
-        w_q, scale, zero, 4, group_size, bias=None)
+    module = Int4Linear(gemlite.helper.A16Wn(device=linear.weight.device, dtype=linear.weight.dtype).from_weights(
+        w_q, scale, zero, 4, group_size, bias=None))
+    if check:
+        dtype = linear.weight.dtype  # the scales and zeros as gemlite stores them
+        groups = (out_features, in_features // group_size, group_size)
+        dequantized = ((w_q.float().view(groups) - zero.to(dtype).float().view(*groups[:2], 1))
+                       * scale.to(dtype).float().view(*groups[:2], 1)).view(out_features, in_features)
+        check_kernel(module, dequantized)
+    return module
+
+
+@torch.no_grad()
+def check_kernel(module: nn.Module, dequantized: torch.Tensor, rows: tuple[int, ...] = CHECK_ROWS) -> None:
+    """``module`` computes ``x @ dequantized.T`` for ``rows``-row inputs, within ``CHECK_MAX_RELATIVE_ERROR`` (float32
+    reference); RuntimeError naming the shape, the row count and the error otherwise (a NaN fails)."""
+    out_features, in_features = dequantized.shape
+    dtype = next((t.dtype for t in module.parameters() if t.is_floating_point()), torch.bfloat16)
+    generator = torch.Generator(device=dequantized.device).manual_seed(0)
+    for n in rows:
+        x = torch.randn(n, in_features, device=dequantized.device, dtype=dtype, generator=generator)
+        reference = x.float() @ dequantized.float().T
+        error = ((module(x).float() - reference).norm() / reference.norm()).item()
+        if not error <= CHECK_MAX_RELATIVE_ERROR:  # written so that NaN fails
+            raise RuntimeError(f"merged-int4: the 4-bit kernel is wrong for a {out_features}x{in_features} projection "
+                               f"at {n} rows (relative error {error:.3g} against the dequantized product, limit "
+                               f"{CHECK_MAX_RELATIVE_ERROR:g}); not decoding with it")
 
 
 def int4_projections(projections: nn.ModuleList, group_size: int) -> nn.ModuleList:
     """4-bit copies of ``fuse_projections_``'s per-layer Linears; the bf16 ones are only read."""
     out = nn.ModuleList()
-    for layer in projections:
+    for i, layer in enumerate(projections):
         quantized = nn.Module()
-        for name in PROJECTIONS:
-            setattr(quantized, name, quantize_linear(getattr(layer, name), group_size))
+        for name in PROJECTIONS:  # every layer has the same shapes: the first one's check covers the kernels
+            setattr(quantized, name, quantize_linear(getattr(layer, name), group_size, check=i == 0))
         out.append(quantized)
     torch.cuda.empty_cache()
     return out
@@ -91,5 +138,6 @@ class Int4Merged(FusedGreedy):
 
     def generate(self, prompts: list[list[int]], max_new_tokens: int, batch_size: int = 8,
                  fixed_length: bool = False) -> list[list[int]]:
-        """``FusedGreedy.generate`` one prompt at a time, whatever ``batch_size`` asks (see the module doc)."""
+        """``FusedGreedy.generate`` one prompt at a time, whatever ``batch_size`` asks (batch 1 is what the GEMV is
+        for)."""
         return super().generate(prompts, max_new_tokens, 1, fixed_length)

@@ -20,8 +20,8 @@ from typing import Any
 from ..config.schema import Profile
 
 __all__ = ["quality_failures", "quality_gate_count", "vram_failures", "vram_gate_count", "vram_gate", "speed_failures",
-           "latency_failures", "latency_gate", "gate_status", "device_key", "per_device", "vram_ceiling",
-           "unchecked_ceilings"]
+           "latency_failures", "latency_gate", "quantized_quality_failures", "gate_status", "device_key", "per_device",
+           "vram_ceiling", "unchecked_ceilings"]
 
 
 def _words(text: str) -> list[str]:
@@ -180,6 +180,25 @@ def speed_failures(profile: Profile, engine: str, p50_s: float, speedup: float |
         elif speedup < min_speedup:
             failures.append(f"{engine} is {speedup:.2f}x the seed path on {device}, under "
                             f"inference.speed_min_speedup{_label(key)} {min_speedup}x ({profile.source_file})")
+    return failures
+
+
+def quantized_quality_failures(profile: Profile, cost: dict[str, dict[str, dict[str, Any]]]) -> list[str]:
+    """``inference.quantized_max_f1_loss`` applied to a quantized engine's cost (``EngineComparison.quality``:
+    {variant: {split: summary}}): a variant fails on a split when the upper end of the paired CI of its F1 minus the
+    merged engine's is below -limit, i.e. the loss is surely larger. A NaN fails. None: not gated."""
+    limit = profile.inference.quantized_max_f1_loss
+    if limit is None:
+        return []
+    failures = []
+    for variant, per_split in cost.items():
+        for split, q in per_split.items():
+            upper = q["f1_delta_vs_merged_ci"][1]
+            if not upper >= -limit:  # written so that NaN fails
+                failures.append(f"{q['engine']} on {variant}/{split}: F1 {q['f1']:.3f} against merged's "
+                                f"{q['f1_merged']:.3f}, paired 95% CI of the difference up to {upper:+.3f}, a loss "
+                                f"surely over inference.quantized_max_f1_loss {limit:g} ({profile.source_file}; "
+                                f"identical answers {q['identical_predictions']:.2f})")
     return failures
 
 

@@ -33,9 +33,19 @@ import torch
 
 from ..config.schema import InferenceConfig
 
-__all__ = ["parity", "parity_failures", "parity_check_count"]
+__all__ = ["token_agreement", "parity", "parity_failures", "parity_check_count"]
 
 NO_ADAPTER_NOTE = "no adapter on the reference (baseline): the relative gate does not apply, the absolute ones do"
+
+
+def token_agreement(reference: list[list[int]], candidate: list[list[int]]) -> float:
+    """Mean over rows of the fraction of the reference's tokens the candidate reproduces before the first
+    difference (1.0: identical)."""
+    shares = []
+    for r, c in zip(reference, candidate, strict=True):
+        common = next((i for i, (a, b) in enumerate(zip(r, c)) if a != b), min(len(r), len(c)))
+        shares.append(common / max(len(r), 1))
+    return sum(shares) / len(shares)
 
 
 @torch.inference_mode()
@@ -52,11 +62,7 @@ def parity(reference, candidate, tokenizer, prompts: list[list[int]], max_new_to
         raise ValueError("parity needs at least one prompt")
     ref = reference.generate(prompts, max_new_tokens, batch_size)
     cand = candidate.generate(prompts, max_new_tokens, candidate_batch_size or batch_size)
-    agreements, identical = [], 0
-    for r, c in zip(ref, cand, strict=True):
-        common = next((i for i, (a, b) in enumerate(zip(r, c)) if a != b), min(len(r), len(c)))
-        agreements.append(common / max(len(r), 1))
-        identical += r == c
+    identical = sum(r == c for r, c in zip(ref, cand, strict=True))
     max_diff, ref_scale, error_sq, effect_sq, n_logits = 0.0, 0.0, 0.0, 0.0, 0
     has_adapter = _has_adapter(reference.model)
     for p, r in zip(prompts, ref, strict=True):
@@ -70,7 +76,7 @@ def parity(reference, candidate, tokenizer, prompts: list[list[int]], max_new_to
             with reference.model.disable_adapter():
                 effect_sq += (a - reference.forced_logits(p, r)).double().pow(2).sum().item()
     result = {"prompts": len(prompts), "new_tokens": max_new_tokens,
-              "token_agreement": sum(agreements) / len(agreements), "identical_sequences": identical / len(prompts),
+              "token_agreement": token_agreement(ref, cand), "identical_sequences": identical / len(prompts),
               "max_logit_diff": max_diff, "max_abs_logit": ref_scale,
               "engine_error_rms": math.sqrt(error_sq / n_logits), "teacher_forced_logits": n_logits}
     if has_adapter:

@@ -1,4 +1,9 @@
-"""Out of memory: turn ``torch.cuda.OutOfMemoryError`` into one message a user can act on, and free the memory.
+"""Out of memory: turn a failed CUDA allocation into one message a user can act on, and free the memory.
+
+A failed allocation is ``torch.cuda.OutOfMemoryError`` when torch's allocator makes it, and a plain ``RuntimeError``
+when a CUDA library does: on an H200 filled to 4 MiB, r16's backward failed in cuBLAS creating its handle
+("CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`", results/h200/smollm2-135m-bf16/, c8dd8a0).
+``is_out_of_memory`` knows both.
 
 ``call_with_oom_guard(profile, "r16", "train", fn, ...)`` raises ``VariantOutOfMemory`` naming the variant, the
 phase, the profile's VRAM ceiling for it and the memory in use when the allocation failed. The original exception (whose
@@ -16,12 +21,16 @@ import torch
 from ..config.schema import Profile
 from ..measure.memory import free_memory, memory_now
 
-__all__ = ["PHASES", "VariantOutOfMemory", "describe_oom", "call_with_oom_guard"]
+__all__ = ["PHASES", "VariantOutOfMemory", "is_out_of_memory", "describe_oom", "call_with_oom_guard"]
 
 T = TypeVar("T")
 
 # the phases, named as the vram_ceilings_gib sections that bound them
 PHASES = ("train", "inference")
+# how CUDA libraries word a failed allocation in the RuntimeError they raise (cuBLAS, cuDNN, cuSOLVER, cuFFT, and a
+# raw CUDA call)
+LIBRARY_OUT_OF_MEMORY = ("CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED", "CUSOLVER_STATUS_ALLOC_FAILED",
+                         "CUFFT_ALLOC_FAILED", "CUDA error: out of memory")
 
 
 class VariantOutOfMemory(RuntimeError):
@@ -30,6 +39,14 @@ class VariantOutOfMemory(RuntimeError):
     def __init__(self, message: str, variant: str, phase: str):
         super().__init__(message)
         self.variant, self.phase = variant, phase
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` is a failed CUDA allocation: torch's ``OutOfMemoryError``, or a CUDA library's
+    ``RuntimeError`` saying so (``LIBRARY_OUT_OF_MEMORY``). A ``VariantOutOfMemory`` is one already described."""
+    if isinstance(error, VariantOutOfMemory) or not isinstance(error, RuntimeError):
+        return False
+    return isinstance(error, torch.cuda.OutOfMemoryError) or any(m in str(error) for m in LIBRARY_OUT_OF_MEMORY)
 
 
 def describe_oom(profile: Profile, variant: str, phase: str, memory: dict[str, float], error: str = "") -> str:
@@ -56,14 +73,17 @@ def describe_oom(profile: Profile, variant: str, phase: str, memory: dict[str, f
 
 
 def call_with_oom_guard(profile: Profile, variant: str, phase: str, fn: Callable[..., T], *args, **kwargs) -> T:
-    """``fn(*args, **kwargs)``; a CUDA OOM inside it becomes ``VariantOutOfMemory``, raised after freeing memory.
+    """``fn(*args, **kwargs)``; a failed CUDA allocation inside it (``is_out_of_memory``) becomes
+    ``VariantOutOfMemory``, raised after freeing memory.
 
     A function, not a ``with`` block: a context manager's ``__exit__`` holds the OOM, and through its traceback every
     tensor of the failed call, until it returns, so nothing could be freed inside it.
     """
     try:
         return fn(*args, **kwargs)
-    except torch.cuda.OutOfMemoryError as e:
+    except RuntimeError as e:
+        if not is_out_of_memory(e):
+            raise
         message = describe_oom(profile, variant, phase, memory_now(), str(e))
     del fn, args, kwargs  # the model may be an argument: the raised error's traceback must not keep it alive
     free_memory()  # the OOM and the frames of the failed call are gone by now

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from harness.data.prompt import encode_prompt
+from harness.measure.parity import token_agreement
 
 pytestmark = pytest.mark.slow
 
@@ -51,19 +52,32 @@ def test_engine_reproduces_the_seed_path(sweep, loaded, variant_name):
 
 
 def test_batched_generation_equals_one_by_one(sweep, loaded, variant_name):
-    """Left-padded batched greedy decoding gives the same tokens as decoding each prompt alone."""
-    if not sweep.profile.show_quality:
-        pytest.skip(f"{sweep.profile.name}: random bf16 weights have near-tie logits, so greedy tokens depend on the "
+    """Left-padded batched greedy decoding gives the same tokens as decoding each prompt alone: exactly when the
+    engine computes in float32. In bfloat16 or float16 another batch shape rounds differently and a near tie can flip
+    (the unlearned baseline on the H200 at c8dd8a0: the 24th token of one prompt), so there the batched tokens must
+    agree with the one-by-one ones as the parity gate asks of an engine (``inference.parity_min_agreement``)."""
+    profile = sweep.profile
+    if not profile.show_quality:
+        pytest.skip(f"{profile.name}: random bf16 weights have near-tie logits, so greedy tokens depend on the "
                     f"batch shape; the property is checked on profiles with learned answers")
     examples = sweep.splits["validation"] + sweep.splits["train"][:3]
     prompts = [encode_prompt(sweep.tokenizer, e.instruction, e.input) for e in examples]
-    n = min(sweep.profile.eval.max_new_tokens, 24)
+    n = min(profile.eval.max_new_tokens, 24)
     engine = sweep.load(variant_name).engine  # the engine the profile evaluates with (inference.engine)
     batched = engine.generate(prompts, n, batch_size=len(prompts))
     single = [engine.generate([p], n, batch_size=1)[0] for p in prompts]
     eos = sweep.tokenizer.eos_token_id
     # A batch may keep decoding after a row's EOS; everything up to and including EOS must match.
-    assert [_until_eos(b, eos) for b in batched] == [_until_eos(s, eos) for s in single]
+    batched, single = [_until_eos(b, eos) for b in batched], [_until_eos(s, eos) for s in single]
+    inf = profile.inference
+    dtype = inf.merged_dtype if inf.engine == "merged" else profile.quantization.compute_dtype
+    if dtype == "float32":
+        assert batched == single
+        return
+    agreement = token_agreement(single, batched)
+    assert agreement >= inf.parity_min_agreement, (
+        f"{dtype}: batched tokens agree {agreement:.3f} with one-by-one decoding, under "
+        f"inference.parity_min_agreement {inf.parity_min_agreement:g} ({profile.source_file})")
 
 
 def _until_eos(ids: list[int], eos: int) -> list[int]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 
+from harness.measure.gates import quantized_quality_failures
 from harness.measure.parity import parity_failures
 from harness.measure.timing import machine_load
 
@@ -44,8 +45,8 @@ def test_engine_matches_seed(engine_comparison, profile, candidate):
 @pytest.mark.parametrize("quantized", ["merged-int8", "merged-int4"])
 def test_quantized_engine_quality_cost_is_measured(engine_comparison, profile, quantized):
     """What a quantized engine's speed costs: its EM/F1 against the merged engine, for every variant on every
-    evaluation split, paired per example. Reported, not gated (a trade-off the user chooses); only real weights make
-    it mean anything."""
+    evaluation split, paired per example; gated by ``inference.quantized_max_f1_loss`` where the profile sets one
+    (the trade-off the user accepts). Only real weights make it mean anything."""
     if quantized not in profile.inference.speed_engines:
         pytest.skip(f"{profile.source_file}: {quantized} is not in inference.speed_engines")
     if profile.weights != "real":
@@ -56,3 +57,5 @@ def test_quantized_engine_quality_cost_is_measured(engine_comparison, profile, q
         for split, q in per_split.items():
             assert q["n"] == q["n_paired"] == len(engine_comparison.sweep.splits[split]), (variant, split)
             assert 0.0 <= q["identical_predictions"] <= 1.0
+    failures = quantized_quality_failures(profile, result)
+    assert not failures, "\n".join(failures)

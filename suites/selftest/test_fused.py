@@ -121,3 +121,31 @@ def test_merged_int4_says_it_needs_cuda_on_a_cpu():
     model = _mistral()
     with pytest.raises(RuntimeError, match="merged-int4 runs on CUDA only"):
         Int4Merged(model, fuse_projections_(model), Tok(), Cfg())
+
+
+def test_int4_kernel_check_passes_the_right_product_and_refuses_a_wrong_or_nan_one():
+    """``check_kernel`` (run by ``Int4Merged`` on each projection shape when it is built) passes a module computing
+    the dequantized product and names the shape and row count of one that does not. Mutations: a kernel off by a
+    tenth of its weight, and one returning NaN from 2 rows on (as gemlite's split-K GEMM did at 8 rows)."""
+    from harness.engines.int4 import CHECK_ROWS, check_kernel
+
+    torch.manual_seed(0)
+    dequantized = torch.randn(24, 16) * 0.02
+    right = torch.nn.Linear(16, 24, bias=False)
+    right.weight.data.copy_(dequantized)
+    check_kernel(right, dequantized)
+
+    off = torch.nn.Linear(16, 24, bias=False)
+    off.weight.data.copy_(dequantized * 1.1)
+    with pytest.raises(RuntimeError, match=r"24x16 projection at 1 rows \(relative error 0\.1"):
+        check_kernel(off, dequantized)
+
+    class NanPastOneRow(torch.nn.Linear):
+        def forward(self, x):
+            y = super().forward(x)
+            return y if x.shape[0] == 1 else y * float("nan")
+
+    nan = NanPastOneRow(16, 24, bias=False)
+    nan.weight.data.copy_(dequantized)
+    with pytest.raises(RuntimeError, match=rf"at {CHECK_ROWS[1]} rows \(relative error nan"):
+        check_kernel(nan, dequantized)

@@ -9,7 +9,7 @@ import pytest
 
 from harness.config.profiles import load_profile
 from harness.measure.evaluate import compare_to_baseline
-from harness.measure.gates import quality_failures
+from harness.measure.gates import quality_failures, quantized_quality_failures
 
 PROFILE = "smollm2-135m"  # min_gain on train, beside absolute EM/F1 gates
 CFG = load_profile(PROFILE).eval
@@ -53,3 +53,32 @@ def test_a_variant_without_a_paired_baseline_fails_the_gain_gate_saying_why():
 def test_a_nan_gain_fails():
     summary = {**_summary([1.0] * 20, [0.0] * 20), "f1_delta_vs_baseline_ci": [float("nan"), 1.0]}
     assert len(_gain_failures(summary)) == 1
+
+
+def _cost(engine_f1: list[float], merged_f1: list[float]) -> dict:
+    """``EngineComparison.quality``'s summary for one split, built the way it builds it (paired per example)."""
+    mean = sum(engine_f1) / len(engine_f1)
+    paired = {k.replace("_vs_baseline", "_vs_merged"): v
+              for k, v in compare_to_baseline(_rows(engine_f1), _rows(merged_f1), CFG).items()}
+    same = sum(a == b for a, b in zip(engine_f1, merged_f1, strict=True)) / len(engine_f1)
+    return {"engine": "merged-int4", "f1": mean, "f1_merged": sum(merged_f1) / len(merged_f1),
+            "identical_predictions": same, **paired}
+
+
+def test_a_quantized_engine_that_answers_nothing_right_fails_its_loss_gate():
+    """Mutation: the H200 run at c8dd8a0, where merged-int4 scored F1 0.0 against merged's 1.0 on r16's train split
+    (results/h200/smollm2-135m-bf16/): the cost was reported and passed; the gate fails it, naming the key."""
+    profile = load_profile("smollm2-135m-bf16")
+    broken = {"r16": {"train": _cost([0.0] * 20, [1.0] * 20)}}
+    failures = quantized_quality_failures(profile, broken)
+    assert len(failures) == 1 and "merged-int4 on r16/train" in failures[0]
+    assert "inference.quantized_max_f1_loss 0.5" in failures[0] and "smollm2-135m-bf16.yaml" in failures[0]
+
+
+def test_a_small_or_uncertain_quantized_loss_passes_and_no_limit_gates_nothing():
+    profile = load_profile("smollm2-135m-bf16")
+    small = {"r16": {"train": _cost([1.0] * 18 + [0.5, 0.0], [1.0] * 20)},  # lost one answer and a half
+             "baseline": {"test": _cost([0.0] * 5, [0.06] * 5)}}
+    assert quantized_quality_failures(profile, small) == []
+    broken = {"r16": {"train": _cost([0.0] * 20, [1.0] * 20)}}
+    assert quantized_quality_failures(load_profile("tiny"), broken) == []  # tiny sets no limit: reported only

@@ -423,3 +423,27 @@ def test_out_of_memory_ends_only_that_variant_with_a_message_naming_variant_phas
             assert re.search(r"memory at failure: .*\d+\.\d\d GiB", message), message
     assert {outcome for outcome, _ in by_variant["r8"].values()} == {"passed"}, by_variant["r8"]
     assert list(load_results(runs / "tiny" / "results.json")["variants"]) == ["r8"]
+
+
+def test_a_cuda_librarys_failed_allocation_is_an_out_of_memory_and_other_runtime_errors_are_not():
+    """On the H200 (c8dd8a0, results/h200/smollm2-135m-bf16/) a full device failed r16's backward inside cuBLAS, as
+    a plain RuntimeError, and the guard let it through raw. It is an OOM like torch's own; any other RuntimeError
+    still passes through unchanged (mutation: a guard taking every RuntimeError for an OOM fails the second half)."""
+    from harness.config.profiles import load_profile
+    from harness.train.oom import VariantOutOfMemory, call_with_oom_guard
+
+    profile = load_profile("tiny")
+
+    def cublas():
+        raise RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`")
+
+    with pytest.raises(VariantOutOfMemory, match=r"^r16: out of memory during train \(CUDA error: "
+                                                 r"CUBLAS_STATUS_ALLOC_FAILED.*tiny\.yaml"):
+        call_with_oom_guard(profile, "r16", "train", cublas)
+
+    def bug():
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied (4x8 and 16x8)")
+
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied") as info:
+        call_with_oom_guard(profile, "r16", "train", bug)
+    assert not isinstance(info.value, VariantOutOfMemory)

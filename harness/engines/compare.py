@@ -173,8 +173,10 @@ class EngineComparison:
         summary: ``em_merged``/``f1_merged``, ``em_delta_vs_merged`` (difference of means), ``f1_delta_vs_merged``
         with its paired-bootstrap ``f1_delta_vs_merged_ci`` and ``n_paired`` (``compare_to_baseline``, its
         ``*_vs_baseline`` keys renamed: the reference is ``merged`` here, not the baseline variant), and
-        ``identical_predictions`` (share of answers that are the same text)."""
+        ``identical_predictions`` (share of answers that are the same text). Recorded beside it, as ``<key>_gate``:
+        ``inference.quantized_max_f1_loss`` and what it failed (``gates.quantized_quality_failures``)."""
         from ..measure.evaluate import compare_to_baseline, score_split
+        from ..measure.gates import quantized_quality_failures
         from ..measure.memory import free_memory
 
         if self.profile.inference.engine != "merged":
@@ -200,7 +202,9 @@ class EngineComparison:
             free_memory()
         self._active("merged")  # the speed variant's weights back in place for the engines that follow
         key = f"quality_{name.replace('-', '_')}"  # like parity_*: not an engine row of the speed table
-        self.sweep.recorder.record(self.variant, "speed", {key: out}, engine=name)
+        gate = {"max_f1_loss": self.profile.inference.quantized_max_f1_loss,
+                "failures": quantized_quality_failures(self.profile, out)}
+        self.sweep.recorder.record(self.variant, "speed", {key: out, f"{key}_gate": gate}, engine=name)
         return out
 
     def close(self) -> None:

@@ -193,7 +193,12 @@ def quantized_quality_failures(profile: Profile, cost: dict[str, dict[str, dict[
     failures = []
     for variant, per_split in cost.items():
         for split, q in per_split.items():
-            upper = q["f1_delta_vs_merged_ci"][1]
+            ci = q.get("f1_delta_vs_merged_ci")
+            if ci is None:  # nothing paired: the gate cannot say the cost is small
+                failures.append(f"{q['engine']} on {variant}/{split}: no paired F1 difference to hold to "
+                                f"inference.quantized_max_f1_loss ({q.get('f1_delta_vs_merged_note', 'no CI')})")
+                continue
+            upper = ci[1]
             if not upper >= -limit:  # written so that NaN fails
                 failures.append(f"{q['engine']} on {variant}/{split}: F1 {q['f1']:.3f} against merged's "
                                 f"{q['f1_merged']:.3f}, paired 95% CI of the difference up to {upper:+.3f}, a loss "

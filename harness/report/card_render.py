@@ -218,14 +218,26 @@ def _speed_table(results: dict[str, Any]) -> list[str]:
                            f"{par['engine_error_rms']:.3g} vs {par['adapter_effect_rms']:.3g} logits)"
                            if par.get("relative_error") is not None else "") + "."]
     for key, per_variant in speed.items():
-        if key.startswith("quality_") and isinstance(per_variant, dict):
-            out += [""] + _quality_cost(per_variant)
+        if key.startswith("quality_") and not key.endswith("_gate") and isinstance(per_variant, dict):
+            out += [""] + _quality_cost(per_variant, speed.get(f"{key}_gate"))
     return out
 
 
-def _quality_cost(per_variant: dict[str, Any]) -> list[str]:
-    """The table of what a quantized engine costs against ``merged``, a row per variant and split. Results written
-    before every variant was measured hold one variant as {split: figures}."""
+def _cost_gate(gate: dict[str, Any] | None) -> str:
+    """The caption's last sentence: how ``inference.quantized_max_f1_loss`` judged the cost (files written before
+    the gate say nothing)."""
+    if gate is None:
+        return ""
+    if gate["max_f1_loss"] is None:
+        return " Not gated: `inference.quantized_max_f1_loss` is null in the profile."
+    verdict = f"**FAIL** ({len(gate['failures'])} variant/split)" if gate["failures"] else "pass"
+    return (f" Gate `inference.quantized_max_f1_loss` {gate['max_f1_loss']:g} (fails where the difference's CI lies "
+            f"wholly below -{gate['max_f1_loss']:g}): {verdict}.")
+
+
+def _quality_cost(per_variant: dict[str, Any], gate: dict[str, Any] | None = None) -> list[str]:
+    """The table of what a quantized engine costs against ``merged``, a row per variant and split, and its gate.
+    Results written before every variant was measured hold one variant as {split: figures}."""
     if any("em" in q for q in per_variant.values()):
         per_variant = {next(iter(per_variant.values()))["variant"]: per_variant}
     rows, engine = [], None
@@ -236,7 +248,8 @@ def _quality_cost(per_variant: dict[str, Any]) -> list[str]:
                      if "f1_delta_vs_merged" in q else "n/a")
             rows.append([f"`{variant}`", f"`{split}`", str(q.get("n")), f"{q['em']:.3f} / {q['em_merged']:.3f}",
                          f"{q['f1']:.3f} / {q['f1_merged']:.3f}", delta, f"{q['identical_predictions']:.2f}"])
-    return [f"What `{engine}` costs against `merged` (same variant, same examples, paired):", "",
+    caption = f"What `{engine}` costs against `merged` (same variant, same examples, paired)"
+    return [f"{caption}.{_cost_gate(gate)}" if gate else f"{caption}:", "",
             md_table(rows, ["Variant", "Split", "n", f"EM {engine} / merged", f"F1 {engine} / merged", "ΔF1 (95% CI)",
                             "Identical answers"])]
 

@@ -81,3 +81,28 @@ def test_the_block_headlines_the_held_out_split_and_says_which():
     assert "EM/F1 on the `test` split" in text and "| LoRA r16/a32 | 0.125 | 0.125 |" in text
     assert "| LoRA r16/a32 | 0.125 |" in render_section({**results, "headline_split": "test"})
     assert "| LoRA r16/a32 | 1.000 |" in render_section({**results, "headline_split": "train"})
+
+
+def test_a_quantized_engines_cost_says_how_its_gate_judged_it():
+    """The cost table's caption carries ``inference.quantized_max_f1_loss``'s verdict recorded with it: FAIL for the
+    H200 run's broken merged-int4 (F1 0.0 against 1.0), the limit when it passes, 'not gated' for a null limit; a file
+    written before the gate keeps its caption."""
+    from harness.report.card_render import render_section
+
+    cost = {"r16": {"train": {"engine": "merged-int4", "variant": "r16", "n": 20, "em": 0.0, "em_merged": 1.0,
+                              "f1": 0.0, "f1_merged": 1.0, "f1_delta_vs_merged": -1.0,
+                              "f1_delta_vs_merged_ci": [-1.0, -1.0], "identical_predictions": 0.0}}}
+    engine = {"p50_s": 1.0, "p95_s": 1.0, "rounds": 2, "compiled": False}
+
+    def card(**gate):
+        speed = {"seed": engine, "merged": engine, "quality_merged_int4": cost, **gate}
+        return render_section({**RESULTS, "variants": {"r16": {**RESULTS["variants"]["r16"], "speed": speed}}})
+
+    failed = {"max_f1_loss": 0.5, "failures": ["merged-int4 on r16/train: ..."]}
+    assert "`inference.quantized_max_f1_loss` 0.5 (fails where the difference's CI lies wholly below -0.5): " \
+           "**FAIL** (1 variant/split)." in card(quality_merged_int4_gate=failed)
+    assert "-0.5): pass." in card(quality_merged_int4_gate={"max_f1_loss": 0.5, "failures": []})
+    assert "Not gated: `inference.quantized_max_f1_loss` is null" in card(
+        quality_merged_int4_gate={"max_f1_loss": None, "failures": []})
+    assert "(same variant, same examples, paired):" in card()
+    assert "| `merged-int4` |" not in card(quality_merged_int4_gate=failed)  # not an engine row

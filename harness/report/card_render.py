@@ -206,7 +206,7 @@ def _speed_table(results: dict[str, Any]) -> list[str]:
                             "Rounds"])
     prov = speed.get("provenance") or {}
     out = [f"**Inference engines**, variant `{name}`, {results.get('latency_tokens', 128)} greedy tokens, one "
-           f"session on {prov.get('device', 'n/a')} (git `{prov.get('git_sha', 'n/a')}`, {prov.get('time', 'n/a')}):",
+           f"session on {prov.get('device', 'n/a')} (git {_sha(prov, 'n/a')}, {prov.get('time', 'n/a')}):",
            "", table]
     for key, par in speed.items():
         if key.startswith("parity") and isinstance(par, dict):
@@ -261,6 +261,14 @@ def _engine_rank(key: str) -> tuple[int, str]:
     return (ENGINE_ORDER.index(key) if key in ENGINE_ORDER else len(ENGINE_ORDER), key)
 
 
+def _sha(prov: dict[str, Any], missing: str) -> str:
+    """The commit a figure names: the checkout's, and the declared one (``QLORA_GIT_SHA``) beside it when they
+    differ, as on a machine whose copy of the tree carries a stale ``.git`` (the device tool's, 2026-12-02)."""
+    sha = f"`{prov.get('git_sha') or missing}`"
+    declared = prov.get("git_sha_declared")
+    return f"{sha} (declared `{declared}`)" if declared else sha
+
+
 def _provenance_table(results: dict[str, Any]) -> str:
     rows = []
     for name in _order(results):
@@ -268,7 +276,7 @@ def _provenance_table(results: dict[str, Any]) -> str:
             prov = data.get("provenance") if isinstance(data, dict) else None
             if section == "info" or not prov:
                 continue
-            rows.append([name, section, f"`{prov.get('git_sha') or 'unknown (set QLORA_GIT_SHA)'}`",
+            rows.append([name, section, _sha(prov, "unknown (set QLORA_GIT_SHA)"),
                          prov.get("engine") or "-", prov.get("device") or "n/a", prov.get("time") or "n/a",
                          f"`{str(prov.get('config_hash'))[:12]}`"])
     return md_table(rows, ["Variant", "Section", "git", "Engine", "Device", "Measured (UTC)", "Config"]) if rows else ""

@@ -106,3 +106,18 @@ def test_a_quantized_engines_cost_says_how_its_gate_judged_it():
         quality_merged_int4_gate={"max_f1_loss": None, "failures": []})
     assert "(same variant, same examples, paired):" in card()
     assert "| `merged-int4` |" not in card(quality_merged_int4_gate=failed)  # not an engine row
+
+
+def test_a_figure_whose_checkout_and_declared_commits_differ_names_both():
+    """The H200 run at c8dd8a0 recorded git_sha f452e65…-dirty (the device copy's stale .git) and git_sha_declared
+    c8dd8a0: the card shows both, not the stale one alone; one sha stays as it was."""
+    from harness.report.card_render import render_section
+
+    engine = {"p50_s": 1.0, "p95_s": 1.0, "rounds": 2, "compiled": False}
+    prov = {"device": "NVIDIA H200", "time": "t", "git_sha": "f452e65-dirty", "git_sha_declared": "c8dd8a0"}
+    speed = {"seed": engine, "merged": engine, "provenance": prov}
+    text = render_section({**RESULTS, "variants": {"r16": {**RESULTS["variants"]["r16"], "speed": speed}}})
+    assert "(git `f452e65-dirty` (declared `c8dd8a0`), t)" in text
+    speed["provenance"] = {k: v for k, v in prov.items() if k != "git_sha_declared"}
+    text = render_section({**RESULTS, "variants": {"r16": {**RESULTS["variants"]["r16"], "speed": speed}}})
+    assert "(git `f452e65-dirty`, t)" in text and "declared" not in text

@@ -38,6 +38,14 @@ CONFIG_DIR = Path(__file__).resolve().parents[2] / "data" / "configs"
 VARIANTS_FILE = "variants.yaml"
 
 
+def _key_text(key: Any) -> str:
+    """A key as the error names it: quoted where it is empty, has blanks at an end or unprintable characters (a stray
+    ' M' must not read as M)."""
+    if isinstance(key, str) and (not key or key != key.strip() or not key.isprintable()):
+        return repr(key)
+    return str(key)
+
+
 class _Checker:
     def __init__(self, path: Path, lines: dict[tuple, int]):
         self.path, self.lines, self.problems = path, lines, []
@@ -49,7 +57,7 @@ class _Checker:
             if line:
                 break
         where = f"{self.path}:{line}" if line else str(self.path)
-        dotted = ".".join(str(k) for k in keypath) or "<top>"
+        dotted = ".".join(_key_text(k) for k in keypath) or "<top>"
         self.problems.append(f"{where}: {dotted}: {msg}")
 
     def build(self, cls, raw: Any, keypath: tuple, skip: tuple = ()):

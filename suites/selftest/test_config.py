@@ -283,6 +283,19 @@ def test_mutated_profile_loads_or_raises_config_error(fuzz_dir, doc):
     _loads_or_names_the_place(path)
 
 
+def test_a_key_with_a_stray_blank_is_quoted_in_the_error(fuzz_dir):
+    """Found by the fuzz above (a fresh-clone run, 2026-12-02): a top-level key ' M' was named bare, so the message
+    read 'profile.yaml:109:  M: unknown key' and the key looked like M. It is quoted now."""
+    doc = yaml.safe_load((CONFIG_DIR / "tiny.yaml").read_text(encoding="utf-8"))
+    doc[" M"] = 1
+    path = fuzz_dir / "profile.yaml"
+    path.write_text(yaml.safe_dump(doc, allow_unicode=True, sort_keys=False), encoding="utf-8")
+    with pytest.raises(ConfigError) as info:
+        load_profile(path)
+    assert any(": ' M': unknown key ' M'; remove it" in p for p in info.value.problems), info.value.problems
+    _loads_or_names_the_place(path)
+
+
 def _loads_or_names_the_place(path: Path) -> None:
     """Load ``path``: it either loads, or raises ConfigError whose every problem starts with the file beside it
     (the profile or its variants.yaml), a line number where the file parsed, and says what is wrong."""

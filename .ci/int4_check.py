@@ -12,7 +12,7 @@ import sys
 import torch
 
 sys.path.insert(0, ".")
-from harness.engines.int4 import quantize_linear  # noqa: E402
+from harness.engines.int4 import dequantize, quantize_linear  # noqa: E402
 
 SHAPES = {  # (out, in): Mistral-7B's fused qkv, o, gate_up, down; then SmolLM2-135M's
     "mistral-7b": [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)],
@@ -33,9 +33,7 @@ def main() -> int:
             w_q, scale, zero, _ = _choose_qparams_and_quantize_affine_hqq(
                 lin.weight.detach(), nbits=4, group_size=GROUPS[model], raw_output=True)
             g = GROUPS[model]
-            scale, zero = scale.to(lin.weight.dtype), zero.to(lin.weight.dtype)  # what gemlite stores
-            w_deq = ((w_q.double().view(out_f, in_f // g, g) - zero.double().view(out_f, -1, 1))
-                     * scale.double().view(out_f, -1, 1)).view(out_f, in_f)
+            w_deq = dequantize(w_q, scale, zero, (out_f, in_f), g, lin.weight.dtype).double()  # exact in float32
             for rows in (1, 8, 31, 85):  # decode (1) and prompt prefills, all through the one kernel (int4.KERNEL)
                 x = torch.randn(rows, 1, in_f, device="cuda", dtype=torch.bfloat16)
                 y = q(x).double()

@@ -35,7 +35,7 @@ from torch import nn
 
 from .fused import FusedDecoder, FusedGreedy
 
-__all__ = ["Int4Linear", "quantize_linear", "check_kernel", "int4_projections", "Int4Merged"]
+__all__ = ["Int4Linear", "quantize_linear", "dequantize", "check_kernel", "int4_projections", "Int4Merged"]
 
 PROJECTIONS = ("qkv", "o", "gate_up", "down")
 FALLBACK_CONFIG = "h100.json"  # gemlite's configs are named by GPU; the H200 is an H100 chip with faster memory
@@ -84,12 +84,19 @@ def quantize_linear(linear: nn.Linear, group_size: int, check: bool = False) -> 
     module = Int4Linear(gemlite.helper.A16Wn(device=linear.weight.device, dtype=linear.weight.dtype).from_weights(
         w_q, scale, zero, 4, group_size, bias=None))
     if check:
-        dtype = linear.weight.dtype  # the scales and zeros as gemlite stores them
-        groups = (out_features, in_features // group_size, group_size)
-        dequantized = ((w_q.float().view(groups) - zero.to(dtype).float().view(*groups[:2], 1))
-                       * scale.to(dtype).float().view(*groups[:2], 1)).view(out_features, in_features)
-        check_kernel(module, dequantized)
+        check_kernel(module, dequantize(w_q, scale, zero, (out_features, in_features), group_size,
+                                        linear.weight.dtype))
     return module
+
+
+def dequantize(w_q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, shape: tuple[int, int], group_size: int,
+               dtype: torch.dtype) -> torch.Tensor:
+    """The ``shape`` ([out, in]) float32 weight that HQQ's raw ``w_q``, ``scale`` and ``zero`` stand for, the scales
+    and zeros rounded to ``dtype`` as gemlite stores them: ``(w_q - zero) * scale`` per group (exact in float32)."""
+    out_features, in_features = shape
+    groups = (out_features, in_features // group_size, group_size)
+    return ((w_q.float().view(groups) - zero.to(dtype).float().view(*groups[:2], 1))
+            * scale.to(dtype).float().view(*groups[:2], 1)).view(out_features, in_features)
 
 
 @torch.no_grad()

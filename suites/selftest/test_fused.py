@@ -149,3 +149,18 @@ def test_int4_kernel_check_passes_the_right_product_and_refuses_a_wrong_or_nan_o
     nan.weight.data.copy_(dequantized)
     with pytest.raises(RuntimeError, match=rf"at {CHECK_ROWS[1]} rows \(relative error nan"):
         check_kernel(nan, dequantized)
+
+
+def test_int4_dequantize_is_w_minus_zero_times_scale_per_group_with_bf16_scales():
+    """The reference ``check_kernel`` holds gemlite to (and ``.ci/int4_check.py`` too): HQQ's raw output, two groups
+    of 4 inputs per row, scales and zeros rounded to bf16 as gemlite stores them."""
+    from harness.engines.int4 import dequantize
+
+    w_q = torch.tensor([[0, 1, 2, 3, 15, 14, 13, 12], [5, 5, 5, 5, 0, 0, 0, 0]], dtype=torch.uint8).view(-1, 4)
+    scale = torch.tensor([[0.1], [0.2], [1.0], [0.5]], dtype=torch.float16)
+    zero = torch.tensor([[1.0], [7.5], [5.0], [0.25]], dtype=torch.float16)
+    w = dequantize(w_q, scale, zero, (2, 8), 4, torch.bfloat16)
+    s, z = scale.to(torch.bfloat16).float().view(2, 2, 1), zero.to(torch.bfloat16).float().view(2, 2, 1)
+    assert w.dtype == torch.float32 and w.shape == (2, 8)
+    assert torch.equal(w, ((w_q.float().view(2, 2, 4) - z) * s).view(2, 8))
+    assert w[1, 4].item() == -0.25 * 0.5 and w[0, 0].item() == -1.0 * torch.tensor(0.1).bfloat16().item()

@@ -24,10 +24,17 @@ its own kernels when it is built (``check_kernel``: each projection shape, at 1,
 with the dequantized weight) and refuses to run on a wrong or non-finite result. It decodes one prompt at a time:
 batch 1 is what the GEMV is for. gemlite picks kernel configs by GPU name; where it ships none for this GPU (the
 H200), the H100's (same chip, sm_90) are loaded.
+
+Configs per row count: gemlite looks a config up by (row-count bucket, shape), and its shipped configs are for one
+row; Triton autotunes afresh for every row count it has no config for (the row count is in its autotune key), about
+17 configs a shape a prompt length. The kernel runs one program per row, so the one-row config serves every row count:
+``pin_one_row_configs`` files it under every bucket, once a shape's one-row config is known (shipped or autotuned
+when the engine is built).
 """
 
 from __future__ import annotations
 
+import ast
 import os
 
 import torch
@@ -35,7 +42,8 @@ from torch import nn
 
 from .fused import FusedDecoder, FusedGreedy
 
-__all__ = ["Int4Linear", "quantize_linear", "dequantize", "check_kernel", "int4_projections", "Int4Merged"]
+__all__ = ["Int4Linear", "quantize_linear", "dequantize", "check_kernel", "pin_one_row_configs", "int4_projections",
+           "Int4Merged"]
 
 PROJECTIONS = ("qkv", "o", "gate_up", "down")
 FALLBACK_CONFIG = "h100.json"  # gemlite's configs are named by GPU; the H200 is an H100 chip with faster memory
@@ -84,6 +92,8 @@ def quantize_linear(linear: nn.Linear, group_size: int, check: bool = False) -> 
     module = Int4Linear(gemlite.helper.A16Wn(device=linear.weight.device, dtype=linear.weight.dtype).from_weights(
         w_q, scale, zero, 4, group_size, bias=None))
     if check:
+        module(torch.zeros(1, in_features, device=linear.weight.device, dtype=linear.weight.dtype))  # one-row config
+        pin_one_row_configs()
         check_kernel(module, dequantize(w_q, scale, zero, (out_features, in_features), group_size,
                                         linear.weight.dtype))
     return module
@@ -114,6 +124,25 @@ def check_kernel(module: nn.Module, dequantized: torch.Tensor, rows: tuple[int, 
             raise RuntimeError(f"merged-int4: the 4-bit kernel is wrong for a {out_features}x{in_features} projection "
                                f"at {n} rows (relative error {error:.3g} against the dequantized product, limit "
                                f"{CHECK_MAX_RELATIVE_ERROR:g}); not decoding with it")
+
+
+def pin_one_row_configs() -> None:
+    """File ``KERNEL``'s one-row config of every shape gemlite knows (shipped, loaded or autotuned in this process)
+    under every row-count bucket, where that bucket has none (module doc)."""
+    from gemlite import core
+    from gemlite.triton_kernels import utils
+    from gemlite.triton_kernels.gemv_revsplitK_kernels import gemv_revsplitK
+
+    table = core.GEMLITE_TRITON_CONFIG_CACHE.setdefault(KERNEL, {})
+    for kernel in gemv_revsplitK.kernel:  # what Triton autotuned, keyed as gemlite's own cache_config keys it
+        for key, config in core.cache_kernel_config(kernel, 6).items():
+            table.setdefault(key, config)
+    buckets = sorted(set(utils.M_MAPPING.values()))
+    for key, config in list(table.items()):
+        rows, *shape = ast.literal_eval(key)  # gemlite's key: str((rows bucket, N, K, group, elements, type id))
+        if rows == 1:
+            for bucket in buckets:
+                table.setdefault(str(tuple([bucket, *shape])), config)
 
 
 def int4_projections(projections: nn.ModuleList, group_size: int) -> nn.ModuleList:

@@ -137,7 +137,7 @@ def pin_one_row_configs() -> None:
     for kernel in gemv_revsplitK.kernel:  # what Triton autotuned, keyed as gemlite's own cache_config keys it
         for key, config in core.cache_kernel_config(kernel, 6).items():
             table.setdefault(key, config)
-    buckets = sorted(set(utils.M_MAPPING.values()))
+    buckets = sorted(set(utils.M_MAPPING))  # gemlite's bucket of each row count up to its maximum, indexed by rows
     for key, config in list(table.items()):
         rows, *shape = ast.literal_eval(key)  # gemlite's key: str((rows bucket, N, K, group, elements, type id))
         if rows == 1:

@@ -181,8 +181,10 @@ class Sweep:
         failures = parity_failures(result, inf, label=f"{name}: {loaded.engine.name} vs seed path")
         engine = loaded.engine.name
         record_variant(self.recorder, loaded)
+        result["max_relative_error"] = inf.parity_max_relative_error  # the limit applied; null: not gated
         self.recorder.record(name, "parity", {**result, "engine": engine, "failures": failures}, engine=engine)
-        self.recorder.record(name, "gates", {"parity": {"checked": parity_check_count(result), "failures": failures}}, engine=engine)
+        self.recorder.record(name, "gates", {"parity": {"checked": parity_check_count(result, inf),
+                                                        "failures": failures}}, engine=engine)
         return result, failures
 
     def decode_call(self, name: str) -> Callable[[], list[list[int]]]:

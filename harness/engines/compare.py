@@ -162,6 +162,7 @@ class EngineComparison:
         result = parity(self.engine("seed"), self._active(candidate), self.sweep.tokenizer, self.sweep.eval_prompts(),
                         inf.parity_new_tokens, self.profile.eval.batch_size, candidate_batch_size=1)
         result["candidate"], result["merged_dtype"] = candidate, inf.merged_dtype
+        result["max_relative_error"] = inf.parity_max_relative_error  # the limit applied; null: not gated
         key = "parity" if candidate == "merged" else f"parity_{candidate.replace('-', '_')}"
         self.sweep.recorder.record(self.variant, "speed", {key: result}, engine=candidate)
         return result
@@ -172,12 +173,14 @@ class EngineComparison:
         snapshot of ``name``, built from that variant merged into the sweep's base. Besides ``score_split``'s
         summary: ``em_merged``/``f1_merged``, ``em_delta_vs_merged`` (difference of means), ``f1_delta_vs_merged``
         with its paired-bootstrap ``f1_delta_vs_merged_ci`` and ``n_paired`` (``compare_to_baseline``, its
-        ``*_vs_baseline`` keys renamed: the reference is ``merged`` here, not the baseline variant), and
-        ``identical_predictions`` (share of answers that are the same text). Recorded beside it, as ``<key>_gate``:
+        ``*_vs_baseline`` keys renamed: the reference is ``merged`` here, not the baseline variant),
+        ``identical_predictions`` (share of answers that are the same text) and ``token_agreement`` (mean share of
+        merged's greedy tokens reproduced before the first difference, ``parity.token_agreement``). Recorded beside it, as ``<key>_gate``:
         ``inference.quantized_max_f1_loss`` and what it failed (``gates.quantized_quality_failures``)."""
         from ..measure.evaluate import compare_to_baseline, score_split
         from ..measure.gates import quantized_quality_failures
         from ..measure.memory import free_memory
+        from ..measure.parity import token_agreement
 
         if self.profile.inference.engine != "merged":
             raise ValueError(f"{self.profile.source_file}: quality of {name} is measured against the sweep's merged "
@@ -195,8 +198,9 @@ class EngineComparison:
                 same = sum(a["prediction"] == b["prediction"] for a, b in zip(mine.rows, ref.rows, strict=True))
                 out[variant][split] = {**mine.summary, "em_merged": ref.summary["em"], "f1_merged": ref.summary["f1"],
                                        "em_delta_vs_merged": mine.summary["em"] - ref.summary["em"], **paired,
-                                       "identical_predictions": same / max(len(mine.rows), 1), "engine": name,
-                                       "variant": variant}
+                                       "identical_predictions": same / max(len(mine.rows), 1),
+                                       "token_agreement": token_agreement(ref.tokens, mine.tokens) if examples
+                                       else None, "engine": name, "variant": variant}
             quantized.model = quantized.decoder = None
             del quantized
             free_memory()

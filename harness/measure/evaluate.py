@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ..config.schema import EvalConfig
@@ -20,6 +20,7 @@ class SplitScores:
     split: str
     rows: list[dict[str, Any]]
     summary: dict[str, Any]
+    tokens: list[list[int]] = field(default_factory=list)  # each row's generated token ids, as decoded
 
 
 def _summarize(rows: list[dict], cfg: EvalConfig) -> dict[str, Any]:
@@ -55,7 +56,7 @@ def score_split(decoder, tokenizer, examples: list[Example], cfg: EvalConfig) ->
             "prediction": pred, "references": list(ex.references), "new_tokens": len(toks),
             "em": exact_match(pred, ex.references, ex.lang), "f1": f1(pred, ex.references, ex.lang),
         })
-    return SplitScores(examples[0].split if examples else "", rows, _summarize(rows, cfg))
+    return SplitScores(examples[0].split if examples else "", rows, _summarize(rows, cfg), new_tokens)
 
 
 def compare_to_baseline(variant_rows: list[dict], baseline_rows: list[dict], cfg: EvalConfig) -> dict[str, Any]:

@@ -103,19 +103,20 @@ def parity_failures(result: dict[str, Any], inference_cfg: InferenceConfig, labe
                         f"{min_agreement:g} ({result.get('new_tokens')} greedy tokens, "
                         f"{result.get('prompts')} prompts)")
     rel, max_rel = result.get("relative_error"), inference_cfg.parity_max_relative_error
-    if rel is not None and not (rel <= max_rel):
+    if rel is not None and max_rel is not None and not (rel <= max_rel):
         effect = result.get("adapter_effect_rms")
         why = (" (the adapter does not move the reference's logits at all: nothing to hold the engine to)"
                if effect == 0 else "; about 1 means the engine lacks the adapter, or holds it twice or beside another")
-        failures.append(f"{label}: engine error is {rel:.3g} of the adapter's own effect (rms {_g(effect)} vs "
-                        f"{_g(result.get('engine_error_rms'))} logits), over inference.parity_max_relative_error "
-                        f"{max_rel:g}{why}")
+        failures.append(f"{label}: engine error is {rel:.3g} of the adapter's own effect (rms "
+                        f"{_g(result.get('engine_error_rms'))} against {_g(effect)} logits), over "
+                        f"inference.parity_max_relative_error {max_rel:g}{why}")
     return failures
 
 
-def parity_check_count(result: dict[str, Any]) -> int:
-    """How many checks ``parity_failures`` applied to ``result``: 3, or 2 without an adapter."""
-    return 2 + (result.get("relative_error") is not None)
+def parity_check_count(result: dict[str, Any], inference_cfg: InferenceConfig) -> int:
+    """How many checks ``parity_failures`` applied to ``result``: 3, or 2 without an adapter or with
+    ``inference.parity_max_relative_error`` null."""
+    return 2 + (result.get("relative_error") is not None and inference_cfg.parity_max_relative_error is not None)
 
 
 def _has_adapter(model) -> bool:

@@ -94,7 +94,13 @@ def _relative(p: dict) -> str:
         return ""
     if p["relative_error"] is None:
         return ", err/effect n/a (no adapter)"
-    return f", err/effect {p['relative_error']:.1e}"
+    return f", err/effect {p['relative_error']:.1e}{_not_gated(p)}"
+
+
+def _not_gated(p: dict) -> str:
+    """' (not gated)' where the run recorded a null ``inference.parity_max_relative_error`` (files written before
+    the limit was recorded say nothing)."""
+    return " (not gated)" if "max_relative_error" in p and p["max_relative_error"] is None else ""
 
 
 def results_table(results: dict[str, Any], padded: bool = False) -> str:
@@ -216,7 +222,7 @@ def _speed_table(results: dict[str, Any]) -> list[str]:
                         f"{par['max_logit_diff']:.4f} (largest |logit| {par['max_abs_logit']:.2f})"
                         + (f"; engine error {par['relative_error']:.2g} of the adapter's own effect (rms "
                            f"{par['engine_error_rms']:.3g} vs {par['adapter_effect_rms']:.3g} logits)"
-                           if par.get("relative_error") is not None else "") + "."]
+                           + _not_gated(par) if par.get("relative_error") is not None else "") + "."]
     for key, per_variant in speed.items():
         if key.startswith("quality_") and not key.endswith("_gate") and isinstance(per_variant, dict):
             out += [""] + _quality_cost(per_variant, speed.get(f"{key}_gate"))
@@ -247,11 +253,12 @@ def _quality_cost(per_variant: dict[str, Any], gate: dict[str, Any] | None = Non
             delta = (f"{q['f1_delta_vs_merged']:+.3f} {_ci(q.get('f1_delta_vs_merged_ci'))}"
                      if "f1_delta_vs_merged" in q else "n/a")
             rows.append([f"`{variant}`", f"`{split}`", str(q.get("n")), f"{q['em']:.3f} / {q['em_merged']:.3f}",
-                         f"{q['f1']:.3f} / {q['f1_merged']:.3f}", delta, f"{q['identical_predictions']:.2f}"])
+                         f"{q['f1']:.3f} / {q['f1_merged']:.3f}", delta, f"{q['identical_predictions']:.2f}",
+                         "n/a" if q.get("token_agreement") is None else f"{q['token_agreement']:.2f}"])
     caption = f"What `{engine}` costs against `merged` (same variant, same examples, paired)"
     return [f"{caption}.{_cost_gate(gate)}" if gate else f"{caption}:", "",
             md_table(rows, ["Variant", "Split", "n", f"EM {engine} / merged", f"F1 {engine} / merged", "ΔF1 (95% CI)",
-                            "Identical answers"])]
+                            "Identical answers", "Tokens agree"])]
 
 
 ENGINE_ORDER = ("seed", "merged", "merged-int4", "merged-int8", "nf4-compiled")

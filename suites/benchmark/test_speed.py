@@ -56,6 +56,6 @@ def test_quantized_engine_quality_cost_is_measured(engine_comparison, profile, q
     for variant, per_split in result.items():
         for split, q in per_split.items():
             assert q["n"] == q["n_paired"] == len(engine_comparison.sweep.splits[split]), (variant, split)
-            assert 0.0 <= q["identical_predictions"] <= 1.0
+            assert 0.0 <= q["identical_predictions"] <= 1.0 and 0.0 <= q["token_agreement"] <= 1.0, (variant, split)
     failures = quantized_quality_failures(profile, result)
     assert not failures, "\n".join(failures)

@@ -44,7 +44,7 @@ def test_real_cuda_oom_names_variant_phase_ceiling_and_memory_and_frees_it(tmp_p
     from fixtures.user_runs import quick_profile
     from harness.models.base import resolve_source
     from harness.sweep import Sweep
-    from harness.train.oom import VariantOutOfMemory
+    from harness.train.oom import LIBRARY_OUT_OF_MEMORY, VariantOutOfMemory
 
     sweep = Sweep.prepare(quick_profile(tmp_path / "p", {"vram_ceilings_gib": {"train": {"r16": 0.01}}}),
                           runs_dir=tmp_path / "runs", card=tmp_path / "MODEL_CARD.md")
@@ -72,7 +72,9 @@ def test_real_cuda_oom_names_variant_phase_ceiling_and_memory_and_frees_it(tmp_p
         del ballast
         torch.cuda.empty_cache()
     message = str(info.value)
-    assert message.startswith("r16: out of memory during train (CUDA out of memory"), message
+    cause = message.removeprefix("r16: out of memory during train (").split("); memory at failure")[0]
+    # torch's allocator, or a CUDA library's own allocation (H200 runs: cuBLAS in r16's backward, then cublasCreate)
+    assert cause != message and any(m in cause for m in ("CUDA out of memory", *LIBRARY_OUT_OF_MEMORY)), message
     assert "vram_ceilings_gib.train.r16 = 0.01 GiB" in message and "GiB allocated" in message, message
     assert torch.cuda.memory_allocated() <= allocated_before + 2**20, "the failed variant's memory was not freed"
     path, manifest = sweep.train("r8")

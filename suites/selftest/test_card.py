@@ -106,6 +106,11 @@ def test_a_quantized_engines_cost_says_how_its_gate_judged_it():
         quality_merged_int4_gate={"max_f1_loss": None, "failures": []})
     assert "(same variant, same examples, paired):" in card()
     assert "| `merged-int4` |" not in card(quality_merged_int4_gate=failed)  # not an engine row
+    assert "| 0.00 | n/a |" in card()  # written before token agreement was recorded
+    agreeing = {"r16": {"train": {**cost["r16"]["train"], "token_agreement": 0.125}}}
+    assert "| Identical answers | Tokens agree |" in card() and "| 0.00 | 0.12 |" in render_section(
+        {**RESULTS, "variants": {"r16": {**RESULTS["variants"]["r16"], "speed": {
+            "seed": engine, "merged": engine, "quality_merged_int4": agreeing}}}})
 
 
 def test_a_figure_whose_checkout_and_declared_commits_differ_names_both():
@@ -121,3 +126,18 @@ def test_a_figure_whose_checkout_and_declared_commits_differ_names_both():
     speed["provenance"] = {k: v for k, v in prov.items() if k != "git_sha_declared"}
     text = render_section({**RESULTS, "variants": {"r16": {**RESULTS["variants"]["r16"], "speed": speed}}})
     assert "(git `f452e65-dirty`, t)" in text and "declared" not in text
+
+
+def test_an_ungated_relative_parity_says_so():
+    """synthetic-7b reports the engine's error against the adapter's effect with a null limit: the card's parity
+    cell says "not gated"; a gated one, and a file written before the limit was recorded, say nothing more."""
+    from harness.report.card_render import render_section
+
+    parity = {"token_agreement": 0.5, "max_logit_diff": 1.0, "relative_error": 1.22}
+
+    def card(**limit):
+        row = {**RESULTS["variants"]["r16"], "parity": {**parity, **limit}}
+        return render_section({**RESULTS, "variants": {"r16": row}})
+
+    assert "err/effect 1.2e+00 (not gated)" in card(max_relative_error=None)
+    assert "err/effect 1.2e+00 |" in card(max_relative_error=0.1) and "err/effect 1.2e+00 |" in card()

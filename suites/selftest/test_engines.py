@@ -25,7 +25,7 @@ from harness.data.prompt import encode_prompt
 from harness.engines.decoding import HFGreedy, StaticGreedy, no_recompile
 from harness.engines.int8 import INDUCTOR_OPTIONS, Int8Merged, Int8WeightOnlyLinear, resident_gib
 from harness.engines.merged import MergedBase
-from harness.measure.parity import parity, parity_failures
+from harness.measure.parity import parity, parity_check_count, parity_failures
 from harness.models.base import load_tokenizer
 from harness.models.nf4 import load_nf4_with_adapter
 from harness.train.adapters import ensure_adapter
@@ -127,8 +127,9 @@ def test_static_cache_engine_reproduces_generate_on_a_separate_nf4_model(tiny):
 # -- relative parity: the engine's error as a fraction of the adapter's own effect -------------------------------
 
 # (shape id, how the profile is changed): tiny as shipped (fp32), and the same random-weight Mistral shape computing
-# in bf16 like synthetic-7b (NF4 compute and merge in bfloat16) under synthetic-7b's own inference.parity_* values.
-SHAPES = ["tiny", "tiny-bf16-synthetic-7b-gates"]
+# in bf16 like synthetic-7b (NF4 compute and merge in bfloat16) under synthetic-7b's absolute inference.parity_* values
+# and the 7B relative limit (mistral-7b's; synthetic-7b reports the relative error ungated: its adapter is too small).
+SHAPES = ["tiny", "tiny-bf16-7b-gates"]
 MUTATIONS = ["r16-merge-skipped", "r16-merged-twice", "r8-merge-left-in"]
 
 
@@ -137,9 +138,9 @@ def _shape_profile(tiny, shape: str):
         return tiny.profile
     gates = load_profile("synthetic-7b").inference
     q = dataclasses.replace(tiny.profile.quantization, compute_dtype="bfloat16")
-    inf = dataclasses.replace(tiny.profile.inference, merged_dtype="bfloat16",
-                              **{f.name: getattr(gates, f.name) for f in dataclasses.fields(gates)
-                                 if f.name.startswith("parity_")})
+    parity = {f.name: getattr(gates, f.name) for f in dataclasses.fields(gates) if f.name.startswith("parity_")}
+    parity["parity_max_relative_error"] = load_profile("mistral-7b").inference.parity_max_relative_error
+    inf = dataclasses.replace(tiny.profile.inference, merged_dtype="bfloat16", **parity)
     return dataclasses.replace(tiny.profile, quantization=q, inference=inf)
 
 
@@ -254,6 +255,10 @@ def test_parity_failures_name_value_threshold_and_profile_key():
     (failure,) = parity_failures(stale, inf)
     assert "1 of the adapter's own effect" in failure and "inference.parity_max_relative_error" in failure
     assert len(parity_failures({**stale, "relative_error": float("nan")}, inf)) == 1
+    assert parity_check_count(stale, inf) == 3 and parity_check_count(ok, inf) == 2
+    # null limit (synthetic-7b: an adapter effect within bf16 rounding): measured, reported, not applied nor counted
+    ungated = dataclasses.replace(inf, parity_max_relative_error=None)
+    assert parity_failures(stale, ungated) == [] and parity_check_count(stale, ungated) == 2
 
 
 def test_recompile_inside_no_recompile_raises():

@@ -214,6 +214,9 @@ def _speed_table(results: dict[str, Any]) -> list[str]:
     out = [f"**Inference engines**, variant `{name}`, {results.get('latency_tokens', 128)} greedy tokens, one "
            f"session on {prov.get('device', 'n/a')} (git {_sha(prov, 'n/a')}, {prov.get('time', 'n/a')}):",
            "", table]
+    busy = [f"‡ `{engine}`: timed on a busy machine ({f.get('busy_reason')}); its p50 and the ratios on it are not "
+            f"the code's speed." for engine, f in speed.items() if isinstance(f, dict) and f.get("busy")]
+    out += [""] + busy if busy else []
     for key, par in speed.items():
         if key.startswith("parity") and isinstance(par, dict):
             out += ["", f"Parity of `{par.get('candidate', 'merged')}` against the seed path ({par['prompts']} "

@@ -141,3 +141,17 @@ def test_an_ungated_relative_parity_says_so():
 
     assert "err/effect 1.2e+00 (not gated)" in card(max_relative_error=None)
     assert "err/effect 1.2e+00 |" in card(max_relative_error=0.1) and "err/effect 1.2e+00 |" in card()
+
+
+def test_a_busy_engine_timing_is_marked_and_explained():
+    """The H200 run at 6687e16 timed the seed path on a busy machine (IQR/median 0.11): its p50 carries ‡ and a line
+    under the engines table says what ‡ means; a quiet engine gets neither."""
+    from harness.report.card_render import render_section
+
+    quiet = {"p50_s": 1.0, "p95_s": 1.0, "rounds": 3, "compiled": False}
+    speed = {"seed": {**quiet, "busy": True, "busy_reason": "IQR/median 0.11 > 0.1"}, "merged": quiet}
+    text = render_section({**RESULTS, "variants": {"r16": {**RESULTS["variants"]["r16"], "speed": speed}}})
+    assert "| 1.000s‡ |" in text and "‡ `seed`: timed on a busy machine (IQR/median 0.11 > 0.1)" in text
+    assert "‡ `merged`" not in text
+    assert "‡" not in render_section({**RESULTS, "variants": {"r16": {**RESULTS["variants"]["r16"], "speed": {
+        "seed": quiet, "merged": quiet}}}})

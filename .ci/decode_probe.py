@@ -116,6 +116,43 @@ def gemv_bench(model, projections):
     save()
 
 
+def gemv_retune(projections):
+    """gemlite's int4 GEMV (the engine's kernel) per shape with the shipped H100 configs, then autotuned afresh on this
+    GPU over gemlite's default config list (its configs and Triton's autotune cache cleared)."""
+    import triton.testing
+    from gemlite import core
+    from gemlite.triton_kernels.gemv_revsplitK_kernels import gemv_revsplitK
+
+    from harness.engines.int4 import quantize_linear
+
+    layer = projections[0]
+    mods = {name: quantize_linear(getattr(layer, name), 128) for name in ("gate_up", "down", "qkv", "o")}
+
+    def bench(mod):
+        xs = [torch.randn(1, mod.packed.in_features, device="cuda", dtype=torch.bfloat16) for _ in range(4)]
+        mod(xs[0])  # autotunes where no config is known
+        i = [0]
+
+        def f():
+            i[0] = (i[0] + 1) % 4
+            return mod(xs[i[0]])
+        return triton.testing.do_bench_cudagraph(f, rep=50, return_mode="median") * 1e3
+
+    rows = [{"shape": n, "configs": "h100-shipped", "us": bench(m)} for n, m in mods.items()]
+    core.GemLiteLinear.reset_config()
+    for kernel in gemv_revsplitK.kernel:
+        kernel.cache.clear()
+    for n, m in mods.items():
+        t0 = time.time()
+        us = bench(m)
+        rows.append({"shape": n, "configs": "autotuned-here", "us": us, "tune_s": time.time() - t0})
+    for r in rows:
+        log(f"gemv-retune {r['shape']} {r['configs']}: {r['us']:.1f} us")
+    results["gemv_retune"] = rows
+    core.GemLiteLinear.cache_config(os.path.join(OUT, "gemlite-configs-retuned.json"))
+    save()
+
+
 class Manual(torch.nn.Module):
     """A gemlite module called with a fixed kernel type instead of gemlite's choice for the row count."""
 
@@ -266,6 +303,8 @@ def main(selected):
         log("gemlite import failed", repr(e))
     if "gemv" in selected:
         gemv_bench(model, projections)
+    if "gemv-retune" in selected:
+        gemv_retune(projections)
     reference = None
     tries = {
         "fused-cublas": lambda: FusedGreedy(model, FusedDecoder(model, projections), Tok(), "merged", Cfg("default")),

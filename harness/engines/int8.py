@@ -1,14 +1,14 @@
 """``merged-int8``: the merged model with int8 weight-only decoder projections, for users who trade exactness for speed.
 
-The idea is gpt-fast's ``WeightOnlyInt8Linear``: each weight row (output channel) is stored as int8 with one
-symmetric scale in the compute dtype, and ``forward`` is ``F.linear(x, weight.to(x.dtype)) * scales``. A decode step
-of one token is bound by reading the weights, so halving their bytes is the speed-up; it only materialises on CUDA,
-where the decode step is compiled and inductor fuses the int8 -> bf16 convert into the matrix-vector product. That
-fusion needs ``coordinate_descent_tuning`` (inductor turns a 1-row mm into a fused multiply + reduction only with it:
-``torch/_inductor/decomposition.py``, ``mm``), which ``Int8Merged`` passes to its own compiled step alone
-(``INDUCTOR_OPTIONS``), so the other engines' graphs and numerics are unchanged. Without it the convert is a separate
-kernel that writes a bf16 copy of every weight each token: slower than plain bf16. On the CPU nothing is compiled
-and the eager int8 path is slower than fp32, so the CPU profiles do not time it.
+The quantization is torchao's ``Int8WeightOnlyConfig``: each weight row (output channel) stored as int8 with one
+symmetric float32 scale, and its linear ``mm(x, w_int8.to(x.dtype)) * scale``, gpt-fast's ``WeightOnlyInt8Linear``
+(torchao's ``Int8Tensor``). A decode step of one token is bound by reading the weights, so halving their bytes is the
+speed-up; it only materialises on CUDA, where the decode step is compiled and inductor fuses the int8 -> bf16 convert
+into the matrix-vector product. That fusion needs ``coordinate_descent_tuning`` (inductor turns a 1-row mm into a
+fused multiply + reduction only with it: ``torch/_inductor/decomposition.py``, ``mm``), which ``Int8Merged`` passes to
+its own compiled step alone (``INDUCTOR_OPTIONS``); torchao's own setter of global inductor options is off
+(``set_inductor_config=False``), so the other engines' graphs and numerics are unchanged. On the CPU nothing is
+compiled and the eager int8 path is slower than fp32, so the CPU profiles do not time it.
 
 What is quantized: the 7 projections of every decoder layer (q/k/v/o/gate/up/down: ~97% of Mistral-7B's bytes read
 per token). What is not: ``embed_tokens`` (a gather of one row per token: nothing to save), ``lm_head`` (~2% of the
@@ -23,72 +23,34 @@ from __future__ import annotations
 
 import copy
 import gc
+from collections.abc import Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..config.schema import InferenceConfig
 from .decoding import StaticGreedy
 
-__all__ = ["Int8WeightOnlyLinear", "quantize_int8_", "int8_copy", "resident_gib", "Int8Merged", "INDUCTOR_OPTIONS"]
+__all__ = ["quantize_int8_", "int8_copy", "leaf_tensors", "resident_gib", "Int8Merged", "INDUCTOR_OPTIONS"]
 
 INDUCTOR_OPTIONS = {"coordinate_descent_tuning": True}  # fuses the int8 -> bf16 convert into 1-row matmuls (CUDA)
-INT8_MAX = 127  # symmetric range [-127, 127]: -128 is never used, so the grid is symmetric around zero
 
 
-class Int8WeightOnlyLinear(nn.Module):
-    """A Linear whose weight is int8 per output channel: ``F.linear(x, weight.to(x.dtype)) * scales (+ bias)``.
-
-    ``weight`` (int8, [out, in]) and ``scales`` ([out], the compute dtype) are buffers, never Parameters: peft's
-    merge code and optimizers look for Parameters and leave these alone, and dynamo marks module buffers as static
-    addresses for CUDA graphs like Parameters. The forward has no data-dependent branch and keeps every shape.
-    """
-
-    def __init__(self, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None):
-        super().__init__()
-        if weight.dtype != torch.int8 or weight.dim() != 2 or scales.shape != weight.shape[:1]:
-            raise ValueError(f"expected int8 [out, in] weight and [out] scales, got {weight.dtype} "
-                             f"{tuple(weight.shape)} and {tuple(scales.shape)}")
-        self.out_features, self.in_features = weight.shape
-        self.register_buffer("weight", weight)
-        self.register_buffer("scales", scales)
-        self.register_buffer("bias", bias)
-
-    @classmethod
-    @torch.no_grad()
-    def from_linear(cls, linear: nn.Linear) -> Int8WeightOnlyLinear:
-        """Quantize ``linear`` (read only): scale = max|row| / 127, rounded to the weight's dtype first, and the
-        int8 values chosen for that stored scale. ``linear`` keeps its own tensors."""
-        w = linear.weight.detach()
-        w32 = w.float()
-        scales = (w32.abs().amax(dim=1) / INT8_MAX).clamp(min=torch.finfo(torch.float32).eps).to(w.dtype)
-        q = (w32 / scales.float()[:, None]).round_().clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
-        bias = None if linear.bias is None else linear.bias.detach().clone()
-        return cls(q, scales, bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.linear(x, self.weight.to(x.dtype)) * self.scales
-        if self.bias is not None:  # fixed per module: dynamo specialises on it, no runtime branch
-            out = out + self.bias
-        return out
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel"
+def _quantized(name: str, module: nn.Module, skip: tuple[str, ...]) -> bool:
+    return isinstance(module, nn.Linear) and not set(name.split(".")) & set(skip)
 
 
 def quantize_int8_(model: nn.Module, skip: tuple[str, ...] = ("lm_head",)) -> int:
-    """Replace, in place, every ``nn.Linear`` of ``model`` by an ``Int8WeightOnlyLinear``, except those whose
-    dotted name has a component in ``skip``; return how many were replaced. On a Mistral model with the default
+    """torchao's int8 weight-only quantization, in place, of every ``nn.Linear`` of ``model`` except those whose
+    dotted name has a component in ``skip``; return how many were quantized. On a Mistral model with the default
     ``skip`` that is the 7 projections of every decoder layer; ``lm_head`` and the embeddings stay in the compute
-    dtype (see the module docstring). The replaced Linears' tensors are only read."""
-    targets = [name for name, m in model.named_modules()
-               if isinstance(m, nn.Linear) and not set(name.split(".")) & set(skip)]
-    for name in targets:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, Int8WeightOnlyLinear.from_linear(getattr(parent, child)))
-    return len(targets)
+    dtype (see the module docstring). The quantized Linears' former weights are only read."""
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    targets = sum(_quantized(name, m, skip) for name, m in model.named_modules())
+    quantize_(model, Int8WeightOnlyConfig(set_inductor_config=False),
+              filter_fn=lambda module, name: _quantized(name, module, skip))
+    return targets
 
 
 @torch.no_grad()
@@ -96,10 +58,10 @@ def int8_copy(model: nn.Module, skip: tuple[str, ...] = ("lm_head",)) -> tuple[n
     """A separate copy of ``model`` (same device) with its decoder projections in int8; ``model`` is untouched.
 
     The copy is a deepcopy whose Linears to be quantized share ``model``'s weight Parameters (the memo), so no bf16
-    copy of them is ever made; ``quantize_int8_`` then swaps those Linears out, and the copy holds no tensor of
-    ``model`` (its embeddings, norms and ``lm_head`` are its own). Returns (copy, number of layers quantized)."""
-    shared = {id(p): p for name, m in model.named_modules()
-              if isinstance(m, nn.Linear) and not set(name.split(".")) & set(skip) for p in m.parameters()}
+    copy of them is ever made; ``quantize_int8_`` then gives those Linears new int8 weights, and the copy holds no
+    tensor of ``model`` (its embeddings, norms and ``lm_head`` are its own). Returns (copy, number of layers
+    quantized)."""
+    shared = {id(p): p for name, m in model.named_modules() if _quantized(name, m, skip) for p in m.parameters()}
     clone = copy.deepcopy(model, memo=dict(shared))
     replaced = quantize_int8_(clone, skip)
     left = {id(t) for t in (*clone.parameters(), *clone.buffers())} & set(shared)
@@ -109,11 +71,24 @@ def int8_copy(model: nn.Module, skip: tuple[str, ...] = ("lm_head",)) -> tuple[n
     return clone.eval(), replaced
 
 
+def leaf_tensors(model: nn.Module) -> Iterator[torch.Tensor]:
+    """Every plain tensor holding ``model``'s parameters and buffers: a torchao tensor subclass (an int8 weight)
+    stands for its inner tensors (int8 values, scales)."""
+
+    def leaves(t: torch.Tensor) -> Iterator[torch.Tensor]:
+        if hasattr(t, "__tensor_flatten__"):
+            for name in t.__tensor_flatten__()[0]:
+                yield from leaves(getattr(t, name))
+        else:
+            yield t
+
+    for t in (*model.parameters(), *model.buffers()):
+        yield from leaves(t.data if isinstance(t, nn.Parameter) else t)
+
+
 def resident_gib(model: nn.Module) -> float:
     """Bytes of ``model``'s parameters and buffers (each storage counted once), in GiB."""
-    seen: dict[int, int] = {}
-    for t in (*model.parameters(), *model.buffers()):
-        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    seen = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in leaf_tensors(model)}
     return sum(seen.values()) / 2**30
 
 
@@ -130,5 +105,5 @@ class Int8Merged(StaticGreedy):
         super().__init__(model, tokenizer, "merged-int8", cfg, compile_on_cpu=compile_on_cpu,
                          inductor_options=INDUCTOR_OPTIONS)
         self.weights_gib = resident_gib(model)
-        self.note = (f"merged LoRA, {self.quantized_layers} decoder projections int8 weight-only (per-channel "
-                     f"scales), lm_head/embeddings {cfg.merged_dtype}; {self.note}")
+        self.note = (f"merged LoRA, {self.quantized_layers} decoder projections int8 weight-only (torchao "
+                     f"Int8WeightOnlyConfig, per-channel scales), lm_head/embeddings {cfg.merged_dtype}; {self.note}")

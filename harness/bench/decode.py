@@ -7,8 +7,8 @@ Builds the profile's merged base (no adapter) as the sweep does, then for each e
 work: what CUDA graphs remove), and the kernels that take the most time, grouped by name. The floor is the bytes of
 weights one token reads over ``--bandwidth-tbs`` (default: the H200's 4.8 TB/s; the H100 SXM's is 3.35).
 
-Engines: ``merged`` (the sweep's: fused projections, CUDA-graphed loop), ``merged-int4`` (harness/engines/int4.py), and
-``hf-step`` (the merged weights through the model's own forward, one compiled CUDA-graphed step per token: the
+Engines: ``merged`` (the sweep's: fused projections, CUDA-graphed loop), ``merged-int4`` (harness/engines/int4.py),
+``merged-int8`` (harness/engines/int8.py: torchao's int8 through the model's own forward) and ``hf-step`` (the merged weights through the model's own forward, one compiled CUDA-graphed step per token: the
 engine ``merged`` replaced, kept here as the same-run baseline).
 """
 
@@ -26,7 +26,7 @@ from torch import nn
 
 __all__ = ["profile_decode", "main"]
 
-ENGINES = ("merged", "merged-int4", "hf-step")
+ENGINES = ("merged", "merged-int4", "merged-int8", "hf-step")
 
 
 def _weights_read_bytes(engine) -> int:
@@ -37,10 +37,9 @@ def _weights_read_bytes(engine) -> int:
     modules: list[nn.Module] = [decoder.projections, decoder.input_norms, decoder.post_norms, decoder.norm,
                                 decoder.lm_head] if decoder is not None else [model.model.layers, model.model.norm,
                                                                                model.lm_head]
-    seen: dict[int, int] = {}
-    for module in modules:
-        for t in (*module.parameters(), *module.buffers()):
-            seen[t.data_ptr()] = t.numel() * t.element_size()
+    from ..engines.int8 import leaf_tensors
+
+    seen = {t.data_ptr(): t.numel() * t.element_size() for module in modules for t in leaf_tensors(module)}
     return sum(seen.values())
 
 
@@ -92,6 +91,7 @@ def profile_decode(profile_name: str, runs_dir: Path, engines: list[str], bandwi
     from ..data.prompt import encode_prompt
     from ..engines.decoding import StaticGreedy
     from ..engines.int4 import Int4Merged
+    from ..engines.int8 import Int8Merged
     from ..engines.merged import MergedBase
     from ..models.base import load_tokenizer
     from ..report.provenance import provenance
@@ -105,6 +105,7 @@ def profile_decode(profile_name: str, runs_dir: Path, engines: list[str], bandwi
     build = {
         "merged": lambda: base.engine,
         "merged-int4": lambda: Int4Merged(base.model, base.projections, tokenizer, profile.inference),
+        "merged-int8": lambda: Int8Merged(base.model, tokenizer, profile.inference),
         "hf-step": lambda: StaticGreedy(base.model, tokenizer, "merged", profile.inference),
     }
     out = {**provenance(), "profile": profile.name, "device": torch.cuda.get_device_name(), "new_tokens": tokens,

@@ -83,10 +83,24 @@ def time_engine(name, engine, prompt, reference=None, extra=None):
     return out
 
 
-def gemv_bench(model, projections):
-    """Each projection's GEMV alone at batch 1: bf16 (cuBLAS through F.linear) against the quantized candidates."""
+def gemv_us(mod, in_features: int) -> float:
+    """Median time in us of ``mod`` on one bf16 row (four inputs in turn), replayed from a CUDA graph; the first call,
+    where gemlite autotunes a shape it has no config for, runs before the capture."""
     import triton.testing
 
+    xs = [torch.randn(1, in_features, device="cuda", dtype=torch.bfloat16) for _ in range(4)]
+    mod(xs[0])
+    i = [0]
+
+    def f():
+        i[0] = (i[0] + 1) % 4
+        return mod(xs[i[0]])
+
+    return triton.testing.do_bench_cudagraph(f, rep=50, return_mode="median") * 1e3
+
+
+def gemv_bench(model, projections):
+    """Each projection's GEMV alone at batch 1: bf16 (cuBLAS through F.linear) against the quantized candidates."""
     shapes = {"gate_up": projections[0].gate_up, "down": projections[0].down, "qkv": projections[0].qkv,
               "o": projections[0].o}
     candidates = {"bf16": lambda lin: lin, **QUANTIZERS}
@@ -97,15 +111,7 @@ def gemv_bench(model, projections):
                 log(f"gemv {shape_name} {cand}: skipped, half the probe budget spent")
                 continue
             try:
-                mod = make(lin)
-                xs = [torch.randn(1, k, device="cuda", dtype=torch.bfloat16) for _ in range(4)]
-                i = [0]
-
-                def f():
-                    i[0] = (i[0] + 1) % 4
-                    return mod(xs[i[0]])
-
-                ms = triton.testing.do_bench_cudagraph(f, rep=50, return_mode="median")
+                ms = gemv_us(make(lin), k) / 1e3
                 bytes_read = n * k * (2 if cand == "bf16" else 1 if "int8" in cand else 0.5)
                 row = {"shape": shape_name, "n": n, "k": k, "candidate": cand, "us": ms * 1e3,
                        "tb_s_weights": bytes_read / (ms / 1e3) / 1e12}
@@ -119,7 +125,6 @@ def gemv_bench(model, projections):
 def gemv_retune(projections):
     """gemlite's int4 GEMV (the engine's kernel) per shape with the shipped H100 configs, then autotuned afresh on this
     GPU over gemlite's default config list (its configs and Triton's autotune cache cleared)."""
-    import triton.testing
     from gemlite import core
     from gemlite.triton_kernels.gemv_revsplitK_kernels import gemv_revsplitK
 
@@ -127,17 +132,7 @@ def gemv_retune(projections):
 
     layer = projections[0]
     mods = {name: quantize_linear(getattr(layer, name), 128) for name in ("gate_up", "down", "qkv", "o")}
-
-    def bench(mod):
-        xs = [torch.randn(1, mod.packed.in_features, device="cuda", dtype=torch.bfloat16) for _ in range(4)]
-        mod(xs[0])  # autotunes where no config is known
-        i = [0]
-
-        def f():
-            i[0] = (i[0] + 1) % 4
-            return mod(xs[i[0]])
-        return triton.testing.do_bench_cudagraph(f, rep=50, return_mode="median") * 1e3
-
+    bench = lambda mod: gemv_us(mod, mod.packed.in_features)  # noqa: E731
     rows = [{"shape": n, "configs": "h100-shipped", "us": bench(m)} for n, m in mods.items()]
     core.GemLiteLinear.reset_config()
     for kernel in gemv_revsplitK.kernel:

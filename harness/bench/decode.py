@@ -8,8 +8,9 @@ work: what CUDA graphs remove), and the kernels that take the most time, grouped
 weights one token reads over ``--bandwidth-tbs`` (default: the H200's 4.8 TB/s; the H100 SXM's is 3.35).
 
 Engines: ``merged`` (the sweep's: fused projections, CUDA-graphed loop), ``merged-int4`` (harness/engines/int4.py),
-``merged-int8`` (harness/engines/int8.py: torchao's int8 through the model's own forward) and ``hf-step`` (the merged weights through the model's own forward, one compiled CUDA-graphed step per token: the
-engine ``merged`` replaced, kept here as the same-run baseline).
+``merged-int8`` (harness/engines/int8.py: torchao's int8 through the model's own forward) and ``hf-step`` (the
+merged weights through the model's own forward, one compiled CUDA-graphed step per token: the engine ``merged``
+replaced, kept here as the same-run baseline).
 """
 
 from __future__ import annotations

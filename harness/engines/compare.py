@@ -175,8 +175,9 @@ class EngineComparison:
         with its paired-bootstrap ``f1_delta_vs_merged_ci`` and ``n_paired`` (``compare_to_baseline``, its
         ``*_vs_baseline`` keys renamed: the reference is ``merged`` here, not the baseline variant),
         ``identical_predictions`` (share of answers that are the same text) and ``token_agreement`` (mean share of
-        merged's greedy tokens reproduced before the first difference, ``parity.token_agreement``). Recorded beside it, as ``<key>_gate``:
-        ``inference.quantized_max_f1_loss`` and what it failed (``gates.quantized_quality_failures``)."""
+        merged's greedy tokens reproduced before the first difference, ``parity.token_agreement``). Recorded beside
+        it, as ``<key>_gate``: ``inference.quantized_max_f1_loss`` and what it failed
+        (``gates.quantized_quality_failures``)."""
         from ..measure.evaluate import compare_to_baseline, score_split
         from ..measure.gates import quantized_quality_failures
         from ..measure.memory import free_memory

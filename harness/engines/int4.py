@@ -19,11 +19,11 @@ for the prompt's prefill rows as for each decoded token. Left to choose by row c
 for 5-63 rows, which returned NaN for SmolLM2's fused gate/up (3072 x 576) at 8 rows on the H200
 (``.ci/int4_check.py``, 2026-12-02). Every SmolLM2 prompt's prefill went through it in the run where ``merged-int4``
 answered nothing right (F1 0.0 on every split and variant, ``results/h200/smollm2-135m-bf16/c8dd8a0/``); with the
-GEMV for every row count it scored train F1 0.87-0.97 against the bf16 engine's 1.0 (``results/h200/smollm2-135m-bf16/``,
-6687e16), and the 7B decode kept its speed (0.460 s for 128 tokens). The engine also checks its own kernels when it is
-built (``check_kernel``: each projection shape, at 1, 7 and 32 rows, against the product
-with the dequantized weight) and refuses to run on a wrong or non-finite result. It decodes one prompt at a time:
-batch 1 is what the GEMV is for. gemlite picks kernel configs by GPU name; where it ships none for this GPU (the
+GEMV for every row count it scored train F1 0.87-0.97 against the bf16 engine's 1.0
+(``results/h200/smollm2-135m-bf16/``, 6687e16), and the 7B decode kept its speed (0.460 s for 128 tokens). The engine
+also checks its own kernels when it is built (``check_kernel``: each projection shape, at 1, 7 and 32 rows, against
+the product with the dequantized weight) and refuses to run on a wrong or non-finite result. It decodes one prompt at
+a time: batch 1 is what the GEMV is for. gemlite picks kernel configs by GPU name; where it ships none for this GPU (the
 H200), the H100's (same chip, sm_90) are loaded.
 
 Configs per row count: gemlite looks a config up by (row-count bucket, shape), and its shipped configs are for one

@@ -12,9 +12,15 @@ restarting position ids, as trl's BFD packing does. Setups:
   no-dropout     lora_dropout 0 (peft skips the dropout copy of every adapter input)
   no-kbit-prep   skip prepare_model_for_kbit_training (norms and embeddings stay bf16, not fp32)
   compile-layers torch.compile each decoder layer (regional compilation: one graph serves all 32; fuses the
-                 casts and LoRA elementwise work, fewer kernel launches); compile time is in the warm-up steps
+                 casts and LoRA elementwise work, fewer kernel launches); transformers' checkpointing wraps it
+  ckpt-inside    compiled layers with the checkpoint inside the compiled region (harness/train/layer_compile.py)
+  save-matmuls   compiled layers, selective checkpointing: matmul and attention outputs kept, the rest recomputed
+  no-ckpt        compiled layers, no checkpointing (memory for speed)
+  cudagraphs     compiled layers replayed as CUDA graphs (mode="reduce-overhead")
   a+b            both changes
 
+Compile time lands in the warm-up steps: ``pays_after_steps`` is how many steps the saving per step takes to repay
+the extra warm-up over the seed's. A setup that raises is recorded with its error and the next one runs.
 The results (step time, tokens/s, peak allocated memory, and for ``seed`` a profiler table of the top CUDA
 kernels) are written as JSON; docs/performance.md records what they showed.
 """
@@ -24,10 +30,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import time
+import traceback
 from pathlib import Path
 
 import torch
+from torch._dynamo.utils import counters
 
 from ..config.profiles import load_profile
 from ..data.dataset import load_splits
@@ -36,12 +45,16 @@ from ..measure.memory import free_memory
 from ..models.base import load_base, load_tokenizer, peft_config
 from ..report.atomic import atomic_write_json
 from ..report.provenance import provenance
+from ..train.layer_compile import compile_decoder_layers
 from ..train.oom import is_out_of_memory
 
 __all__ = ["SETUPS", "packed_row", "run_setup", "main"]
 
-SETUPS = ("seed", "ckpt-skip-4", "ckpt-skip-8", "no-dropout", "no-kbit-prep", "no-kbit-prep+ckpt-skip-4",
-          "compile-layers")
+SETUPS = ("seed", "compile-layers", "ckpt-inside", "save-matmuls", "no-ckpt", "compile-layers+cudagraphs",
+          "ckpt-inside+cudagraphs", "save-matmuls+cudagraphs")
+FEATURES = ("seed", "no-dropout", "no-kbit-prep", "compile-layers", "ckpt-inside", "save-matmuls", "no-ckpt",
+            "cudagraphs")
+_CHECKPOINTING = {"ckpt-inside": "inside", "save-matmuls": "save-matmuls", "no-ckpt": "none"}
 
 
 def packed_row(profile, tokenizer, tokens: int) -> dict[str, torch.Tensor]:
@@ -62,6 +75,7 @@ def run_setup(profile, variant, name: str, batch: dict, steps: int, warmup: int,
 
     lora = profile.lora
     features = set(name.split("+"))
+    torch._dynamo.reset()  # each setup compiles afresh: another setup's graphs and recompile budget never carry over
     if "no-dropout" in features:
         lora = dataclasses.replace(lora, dropout=0.0)
     cache_root = Path("runs") / "_models"
@@ -82,9 +96,10 @@ def run_setup(profile, variant, name: str, batch: dict, steps: int, warmup: int,
     for p in model.parameters():
         if p.requires_grad:
             p.data = p.data.to(getattr(torch, profile.training.adapter_dtype))
-    if "compile-layers" in features:
-        for layer in model.base_model.model.model.layers:
-            layer.compile()
+    placement = next((_CHECKPOINTING[f] for f in features if f in _CHECKPOINTING), "outside")
+    if features & {"compile-layers", "cudagraphs", *_CHECKPOINTING}:
+        compile_decoder_layers(model.base_model.model.model.layers, placement, cudagraphs="cudagraphs" in features)
+    mark_step = torch.compiler.cudagraph_mark_step_begin if "cudagraphs" in features else (lambda: None)
     model.train()
     dev = next(model.parameters()).device
     batch = {k: v.to(dev) for k, v in batch.items()}
@@ -92,6 +107,7 @@ def run_setup(profile, variant, name: str, batch: dict, steps: int, warmup: int,
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=profile.training.mixed_precision == "bf16")
 
     def step():
+        mark_step()
         with autocast:
             loss = model(**batch).loss
         loss.backward()
@@ -99,6 +115,7 @@ def run_setup(profile, variant, name: str, batch: dict, steps: int, warmup: int,
         opt.zero_grad(set_to_none=True)
         return loss.detach()
 
+    counters.clear()
     t0 = time.perf_counter()
     for _ in range(warmup):
         step()
@@ -117,7 +134,8 @@ def run_setup(profile, variant, name: str, batch: dict, steps: int, warmup: int,
     tokens = batch["input_ids"].numel()
     out = {"setup": name, "step_s_median": times[len(times) // 2], "step_s_min": times[0],
            "tokens": tokens, "tokens_per_s": tokens / times[len(times) // 2], "loss": float(loss),
-           "steps": steps, "lora_dropout": lora.dropout, "warmup_s": warmup_s}
+           "steps": steps, "lora_dropout": lora.dropout, "warmup_s": warmup_s, "checkpointing": placement,
+           "graphs": counters["stats"]["unique_graphs"], "graph_breaks": sum(counters["graph_break"].values())}
     if dev.type == "cuda":
         out["peak_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
     if profile_kernels:
@@ -128,7 +146,10 @@ def run_setup(profile, variant, name: str, batch: dict, steps: int, warmup: int,
             step()
             sync()
         key = "cuda_time_total" if dev.type == "cuda" else "cpu_time_total"
-        out["profile_top"] = prof.key_averages().table(sort_by=key, row_limit=25)
+        events = prof.key_averages()
+        out["profile_top"] = events.table(sort_by=key, row_limit=25)
+        if dev.type == "cuda":  # kernel time: the step is launch-bound while this is well below step_s_median
+            out["profiled_gpu_busy_s"] = sum(e.self_device_time_total for e in events) / 1e6
     del model, opt
     free_memory()
     return out
@@ -148,20 +169,18 @@ def main(argv=None) -> None:
     tokenizer = load_tokenizer(profile.model, Path("runs") / "_models")
     batch = packed_row(profile, tokenizer, args.tokens)
     results = {"profile": profile.name, "variant": args.variant, "tokens": args.tokens, **provenance(), "setups": []}
-    known = {"seed", "no-dropout", "no-kbit-prep", "compile-layers"}
     for name in args.setups.split(","):
-        unknown = [f for f in name.split("+") if f not in known and not f.startswith("ckpt-skip-")]
+        unknown = [f for f in name.split("+") if f not in FEATURES and not f.startswith("ckpt-skip-")]
         if unknown:
-            ap.error(f"unknown setup feature(s) {unknown} in {name!r}; known: {sorted(known)} and ckpt-skip-N")
+            ap.error(f"unknown setup feature(s) {unknown} in {name!r}; known: {list(FEATURES)} and ckpt-skip-N")
     for name in args.setups.split(","):
         error = None
         try:
             r = run_setup(profile, profile.variant(args.variant), name, batch, args.steps, args.warmup,
-                          profile_kernels=name == "seed")
-        except RuntimeError as e:
-            if not is_out_of_memory(e):
-                raise
-            error = f"out of memory: {str(e).splitlines()[0]}"
+                          profile_kernels=True)
+        except Exception as e:  # noqa: BLE001 - a setup that fails is a result; the next setup still runs
+            error = (f"out of memory: {str(e).splitlines()[0]}" if is_out_of_memory(e)
+                     else "".join(traceback.format_exception(e)[-6:]))
         if error:  # freed outside the except: its traceback would keep the failed setup's model alive
             free_memory()
             r = {"setup": name, "error": error}
@@ -173,9 +192,11 @@ def main(argv=None) -> None:
         for r in results["setups"]:
             if "tokens_per_s" in r:
                 r["speedup_vs_seed"] = r["tokens_per_s"] / seed["tokens_per_s"]
+                saving = seed["step_s_median"] - r["step_s_median"]
+                if r is not seed and saving > 0:
+                    r["pays_after_steps"] = math.ceil(max(0.0, r["warmup_s"] - seed["warmup_s"]) / saving)
         atomic_write_json(args.out, results)
         print(seed.get("profile_top", ""))
-
 
 if __name__ == "__main__":
     main()

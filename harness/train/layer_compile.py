@@ -1,0 +1,63 @@
+"""Regional compilation of the decoder layers for training, and where activation checkpointing sits around it.
+
+One ``torch.compile`` graph serves every decoder layer (the layers share a shape). Checkpointing can wrap it in
+three ways (``CHECKPOINTING``):
+
+  outside       transformers' own checkpointing calls the compiled layer; the backward re-runs the compiled forward,
+                then the compiled backward: two graph calls and the autograd plumbing between them per layer
+  inside        the checkpoint is inside the compiled region: one forward graph that keeps only the layer's inputs,
+                one backward graph that recomputes what it needs, fused with the gradient kernels
+  save-matmuls  selective checkpointing inside the compiled region: the outputs of the matmuls and of attention are
+                kept, the elementwise work (norms, rotary, SiLU, casts, dropout masks) is recomputed; memory for speed
+
+``cudagraphs`` compiles with ``mode="reduce-overhead"``: each layer's graphs are replayed as CUDA graphs, so the
+host launches one graph per layer call instead of its kernels one by one. The caller then marks each optimizer
+step's start with ``torch.compiler.cudagraph_mark_step_begin()``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+__all__ = ["CHECKPOINTING", "compile_decoder_layers", "save_matmuls_policy"]
+
+CHECKPOINTING = ("outside", "inside", "save-matmuls", "none")
+
+
+def _saved_ops() -> frozenset:
+    aten = torch.ops.aten
+    names = ("mm", "addmm", "bmm", "_scaled_dot_product_efficient_attention", "_scaled_dot_product_flash_attention",
+             "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu")
+    return frozenset(getattr(aten, n).default for n in names if hasattr(aten, n))
+
+
+def save_matmuls_policy(ctx, op, *args, **kwargs):
+    """Keep what is expensive to recompute (matmuls, attention); recompute the rest in the backward."""
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    return CheckpointPolicy.MUST_SAVE if op in _saved_ops() else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _checkpointed(forward, checkpoint_kwargs, *args, **kwargs):
+    from torch.utils.checkpoint import checkpoint
+
+    return checkpoint(forward, *args, use_reentrant=False, **checkpoint_kwargs, **kwargs)
+
+
+def compile_decoder_layers(layers, checkpointing: str, cudagraphs: bool = False) -> None:
+    """Compile each layer of ``layers`` in place, with activation checkpointing placed as ``checkpointing`` says."""
+    if checkpointing not in CHECKPOINTING:
+        raise ValueError(f"checkpointing {checkpointing!r}: expected one of {CHECKPOINTING}")
+    checkpoint_kwargs = {}  # dynamo accepts no context_fn but a selective-checkpointing one
+    if checkpointing == "save-matmuls":
+        from torch.utils.checkpoint import create_selective_checkpoint_contexts
+
+        checkpoint_kwargs["context_fn"] = functools.partial(create_selective_checkpoint_contexts, save_matmuls_policy)
+    for layer in layers:
+        if checkpointing != "outside":
+            layer.gradient_checkpointing = False  # transformers' wrapper, which would sit outside the graph
+        if checkpointing in ("inside", "save-matmuls"):
+            layer.forward = functools.partial(_checkpointed, layer.forward, checkpoint_kwargs)
+        layer.compile(mode="reduce-overhead" if cudagraphs else None)

@@ -7,7 +7,9 @@ Each setup loads the base afresh, applies peft the way trl does for a quantized 
 ``warmup`` untimed ones. The row is the train split tokenized in Mistral's format and packed end to end with
 restarting position ids, as trl's BFD packing does. Setups:
 
-  seed           gradient checkpointing on every layer, bf16 autocast (the seed's recipe)
+  seed           gradient checkpointing on every layer, bf16 autocast (the seed's recipe; ``training.step: eager``)
+  compiled       ``training.step: compiled``, the harness's own call (harness/train/layer_compile.py): compiled
+                 layers, checkpoint inside the graph, flex attention on CUDA
   ckpt-skip-N    checkpointing off on the last N layers (memory for speed)
   no-dropout     lora_dropout 0 (peft skips the dropout copy of every adapter input)
   no-kbit-prep   skip prepare_model_for_kbit_training (norms and embeddings stay bf16, not fp32)
@@ -47,15 +49,14 @@ from ..measure.memory import free_memory
 from ..models.base import load_base, load_tokenizer, peft_config
 from ..report.atomic import atomic_write_json
 from ..report.provenance import provenance
-from ..train.layer_compile import compile_decoder_layers
+from ..train.layer_compile import compile_decoder_layers, use_compiled_step
 from ..train.oom import is_out_of_memory
 
 __all__ = ["SETUPS", "packed_row", "run_setup", "main"]
 
-SETUPS = ("seed", "ckpt-inside", "ckpt-inside+cudagraphs", "ckpt-inside+flex", "ckpt-inside+flex+cudagraphs",
-          "ckpt-inside+flex+no-kbit-prep", "ckpt-inside+no-kbit-prep", "no-ckpt+flex")
-FEATURES = ("seed", "no-dropout", "no-kbit-prep", "compile-layers", "ckpt-inside", "save-matmuls", "no-ckpt",
-            "cudagraphs", "flex")
+SETUPS = ("seed", "compiled")
+FEATURES = ("seed", "compiled", "no-dropout", "no-kbit-prep", "compile-layers", "ckpt-inside", "save-matmuls",
+            "no-ckpt", "cudagraphs", "flex")
 _CHECKPOINTING = {"ckpt-inside": "inside", "save-matmuls": "save-matmuls", "no-ckpt": "none"}
 
 
@@ -101,7 +102,10 @@ def run_setup(profile, variant, name: str, batch: dict, steps: int, warmup: int,
         if p.requires_grad:
             p.data = p.data.to(getattr(torch, profile.training.adapter_dtype))
     placement = next((_CHECKPOINTING[f] for f in features if f in _CHECKPOINTING), "outside")
-    if features & {"compile-layers", "cudagraphs", *_CHECKPOINTING}:
+    if "compiled" in features:
+        placement = "inside"
+        use_compiled_step(model.get_base_model(), gradient_checkpointing=True)
+    elif features & {"compile-layers", "cudagraphs", *_CHECKPOINTING}:
         compile_decoder_layers(model.base_model.model.model.layers, placement, cudagraphs="cudagraphs" in features)
     mark_step = torch.compiler.cudagraph_mark_step_begin if "cudagraphs" in features else (lambda: None)
     model.train()
@@ -139,6 +143,7 @@ def run_setup(profile, variant, name: str, batch: dict, steps: int, warmup: int,
     out = {"setup": name, "step_s_median": times[len(times) // 2], "step_s_min": times[0],
            "tokens": tokens, "tokens_per_s": tokens / times[len(times) // 2], "loss": float(loss),
            "steps": steps, "lora_dropout": lora.dropout, "warmup_s": warmup_s, "checkpointing": placement,
+           "attn_implementation": model.config._attn_implementation, "total_s": warmup_s + sum(times),
            "graphs": counters["stats"]["unique_graphs"], "graph_breaks": sum(counters["graph_break"].values())}
     if dev.type == "cuda":  # CUDA graphs replay into a private pool that counts as reserved, not allocated
         out["peak_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30

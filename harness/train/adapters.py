@@ -40,7 +40,8 @@ _HARNESS = Path(__file__).resolve().parents[1]
 # The modules whose code decides what an adapter learns: data layout, tokenization, base loading, the trainer and
 # its launcher. Editing any of them changes every adapter key; a listed file that is missing is an error.
 ADAPTER_SOURCES = tuple(_HARNESS / n for n in (
-    "train/trainer.py", "data/prompt.py", "models/base.py", "models/pretrained.py", "train/distributed.py"))
+    "train/trainer.py", "train/layer_compile.py", "data/prompt.py", "models/base.py", "models/pretrained.py",
+    "train/distributed.py"))
 
 
 def adapter_source_digest(files=None) -> str:

@@ -21,6 +21,7 @@ from ..data.dataset import Example
 from ..data.loss_mask import check_loss_mask
 from ..data.prompt import training_rows
 from ..measure.memory import peak_memory, reset_peak_memory
+from .layer_compile import use_compiled_step
 
 __all__ = [
     "DegenerateRecipeWarning",
@@ -31,9 +32,9 @@ __all__ = [
 ]
 
 # Attention kernels that isolate packed examples using position ids (transformers builds a block-diagonal mask
-# from position-id resets for sdpa/eager; flash-attention takes cu_seqlens). Verified by
+# from position-id resets for sdpa/eager, a block mask for flex; flash-attention takes cu_seqlens). Verified by
 # suites/selftest/test_training.py.
-PACKING_SAFE_ATTN = frozenset({"sdpa", "eager", "flash_attention_2", "flash_attention_3"})
+PACKING_SAFE_ATTN = frozenset({"sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3"})
 
 
 class DegenerateRecipeWarning(UserWarning):
@@ -103,7 +104,8 @@ def train_adapter(profile: Profile, variant: Variant, examples: list[Example], t
         num_train_epochs=t.epochs, per_device_train_batch_size=t.batch_size, gradient_accumulation_steps=t.grad_accum,
         lr_scheduler_type=t.lr_scheduler, warmup_steps=t.warmup_ratio, weight_decay=t.weight_decay, optim=t.optim,
         max_length=t.max_length, packing=packing, packing_strategy="bfd", completion_only_loss=True,
-        gradient_checkpointing=t.gradient_checkpointing,
+        # the compiled step checkpoints inside its graph (layer_compile.py); transformers' wrapper would add a second
+        gradient_checkpointing=t.gradient_checkpointing and t.step == "eager",
         gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
         bf16=on_gpu and t.mixed_precision == "bf16", fp16=on_gpu and t.mixed_precision == "fp16",
         use_cpu=not on_gpu, logging_steps=t.logging_steps, save_strategy="no", eval_strategy="no",
@@ -129,9 +131,9 @@ def train_adapter(profile: Profile, variant: Variant, examples: list[Example], t
         from peft.utils.other import fsdp_auto_wrap_policy
 
         trainer.accelerator.state.fsdp_plugin.auto_wrap_policy = fsdp_auto_wrap_policy(trainer.model)
-    if t.compile_layers:  # regional compilation: one graph serves every decoder layer (docs/performance.md)
-        for layer in trainer.model.get_base_model().model.layers:
-            layer.compile()
+    attention = profile.model.attn_implementation
+    if t.step == "compiled":  # one graph serves every decoder layer (docs/performance.md, "Training")
+        attention = use_compiled_step(trainer.model.get_base_model(), t.gradient_checkpointing)
     check_loss_mask(trainer, tokenizer, examples)  # labels -100 on every prompt token, before any step (loss_mask.py)
     trainable, total = trainer.model.get_nb_trainable_parameters()
     reset_peak_memory()
@@ -157,6 +159,8 @@ def train_adapter(profile: Profile, variant: Variant, examples: list[Example], t
         "planned_optimizer_steps": planned_steps,
         "rows_per_epoch": n_rows,
         "packing": packing,
+        "step": t.step,
+        "train_attn_implementation": attention,
         "loss_history": losses,
         "train_memory": memory,  # this process's (rank 0's) peak when distributed
         "world_size": world,

@@ -59,12 +59,15 @@ def test_seed_recipe_warns_that_it_is_degenerate(tiny_splits):
     assert (packing, n_rows, steps) == (True, 1, 3)
 
 
-def test_packed_examples_do_not_attend_to_each_other():
-    """Logits of two examples packed in one row (position ids restart, no mask) equal their logits alone."""
+@pytest.mark.parametrize("attention", ["sdpa", "flex_attention"])
+def test_packed_examples_do_not_attend_to_each_other(attention):
+    """Logits of two examples packed in one row (position ids restart, no mask) equal their logits alone, with the
+    attention of the eager step (sdpa) and of the compiled one on CUDA (flex_attention)."""
     from transformers import MistralForCausalLM
 
     torch.manual_seed(0)
     model = MistralForCausalLM(synthetic_config("tiny")).eval()
+    model.set_attn_implementation(attention)
     a, b = torch.randint(5, 32000, (1, 7)), torch.randint(5, 32000, (1, 5))
     packed = torch.cat([a, b], dim=1)
     pos = torch.cat([torch.arange(7), torch.arange(5)]).unsqueeze(0)
@@ -114,19 +117,24 @@ def test_second_run_reuses_the_artifact_and_never_loads_a_partial_one(tiny, tiny
 
 
 @pytest.mark.slow
-def test_compiled_layers_train_like_eager_ones(tiny, tiny_splits, tmp_path):
-    """training.compile_layers (regional torch.compile of each decoder layer) changes speed, not the training."""
+def test_compiled_step_trains_like_the_eager_one(tiny, tiny_splits, tmp_path):
+    """training.step: compiled (compiled layers, the checkpoint inside the graph, flex attention on CUDA) changes
+    speed, not the training: the same losses as the eager step, step by step. A compiled step that lost the adapter's
+    gradients, or checkpointed twice with different dropout, would part from the eager losses after the first step."""
     from torch._dynamo.utils import counters
 
     tok = v3_tokenizer()
-    losses = {}
+    losses, manifests = {}, {}
     counters.clear()
-    for compiled in (False, True):
-        recipe = dataclasses.replace(tiny.training, epochs=1, min_optimizer_steps=0, logging_steps=1,
-                                     compile_layers=compiled)
+    for step in ("eager", "compiled"):
+        recipe = dataclasses.replace(tiny.training, epochs=1, min_optimizer_steps=0, logging_steps=1, step=step,
+                                     gradient_checkpointing=True)
         quick = dataclasses.replace(tiny, training=recipe)
-        _, manifest = ensure_adapter(quick, quick.variant("r8"), tiny_splits, tok, tmp_path / str(compiled))
-        losses[compiled] = [h["loss"] for h in manifest["loss_history"]]
-    assert counters["stats"]["unique_graphs"] >= 1, "compile_layers: true compiled nothing"
-    assert len(losses[True]) == len(losses[False]) == 5
-    assert losses[True] == pytest.approx(losses[False], rel=1e-3)
+        _, manifests[step] = ensure_adapter(quick, quick.variant("r8"), tiny_splits, tok, tmp_path / step)
+        losses[step] = [h["loss"] for h in manifests[step]["loss_history"]]
+    assert counters["stats"]["unique_graphs"] >= 1, "step: compiled compiled nothing"
+    assert counters["graph_break"].total() == 0, f"the compiled layer breaks its graph: {dict(counters['graph_break'])}"
+    want_attention = "flex_attention" if torch.cuda.is_available() else tiny.model.attn_implementation
+    assert manifests["compiled"]["train_attn_implementation"] == want_attention
+    assert len(losses["compiled"]) == len(losses["eager"]) == 5
+    assert losses["compiled"] == pytest.approx(losses["eager"], rel=1e-3)

@@ -23,7 +23,7 @@ import functools
 
 import torch
 
-__all__ = ["CHECKPOINTING", "compile_decoder_layers", "save_matmuls_policy", "use_compiled_step"]
+__all__ = ["CHECKPOINTING", "VARLEN_KWARGS", "compile_decoder_layers", "save_matmuls_policy", "use_compiled_step"]
 
 CHECKPOINTING = ("outside", "inside", "save-matmuls", "none")
 
@@ -42,7 +42,16 @@ def save_matmuls_policy(ctx, op, *args, **kwargs):
     return CheckpointPolicy.MUST_SAVE if op in _saved_ops() else CheckpointPolicy.PREFER_RECOMPUTE
 
 
-def _checkpointed(forward, checkpoint_kwargs, *args, **kwargs):
+# trl's padding-free batches carry example boundaries for varlen flash-attention kernels. sdpa and flex read the
+# boundaries from the position ids instead, and these change size with each row's count of examples: inside the graph
+# they would make every row a new shape.
+VARLEN_KWARGS = frozenset({"cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx"})
+
+
+def _compiled_forward(forward, checkpoint_kwargs, *args, **kwargs):
+    kwargs = {k: v for k, v in kwargs.items() if k not in VARLEN_KWARGS}
+    if checkpoint_kwargs is None:
+        return forward(*args, **kwargs)
     from torch.utils.checkpoint import checkpoint
 
     return checkpoint(forward, *args, use_reentrant=False, **checkpoint_kwargs, **kwargs)
@@ -52,7 +61,8 @@ def compile_decoder_layers(layers, checkpointing: str, cudagraphs: bool = False)
     """Compile each layer of ``layers`` in place, with activation checkpointing placed as ``checkpointing`` says."""
     if checkpointing not in CHECKPOINTING:
         raise ValueError(f"checkpointing {checkpointing!r}: expected one of {CHECKPOINTING}")
-    checkpoint_kwargs = {}  # dynamo accepts no context_fn but a selective-checkpointing one
+    # dynamo accepts no context_fn but a selective-checkpointing one
+    checkpoint_kwargs = {} if checkpointing in ("inside", "save-matmuls") else None
     if checkpointing == "save-matmuls":
         from torch.utils.checkpoint import create_selective_checkpoint_contexts
 
@@ -60,9 +70,10 @@ def compile_decoder_layers(layers, checkpointing: str, cudagraphs: bool = False)
     for layer in layers:
         if checkpointing != "outside":
             layer.gradient_checkpointing = False  # transformers' wrapper, which would sit outside the graph
-        if checkpointing in ("inside", "save-matmuls"):
-            layer.forward = functools.partial(_checkpointed, layer.forward, checkpoint_kwargs)
-        layer.compile(mode="reduce-overhead" if cudagraphs else None)
+        layer.forward = functools.partial(_compiled_forward, layer.forward, checkpoint_kwargs)
+        # static shapes: torch 2.11's partitioner fails on a checkpoint inside a dynamic-shape graph ("Node ... was
+        # invalid, but is output"); the trainer pads every batch to one shape instead (trainer.py)
+        layer.compile(mode="reduce-overhead" if cudagraphs else None, dynamic=False)
 
 
 def use_compiled_step(model, gradient_checkpointing: bool) -> str:
@@ -78,5 +89,7 @@ def use_compiled_step(model, gradient_checkpointing: bool) -> str:
     """
     if model.device.type == "cuda":
         model.set_attn_implementation("flex_attention")
+    if gradient_checkpointing:  # as transformers does when it checkpoints: the first layer's input requires grad
+        model.enable_input_require_grads()
     compile_decoder_layers(model.model.layers, "inside" if gradient_checkpointing else "none")
     return model.config._attn_implementation

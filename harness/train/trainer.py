@@ -106,6 +106,9 @@ def train_adapter(profile: Profile, variant: Variant, examples: list[Example], t
         max_length=t.max_length, packing=packing, packing_strategy="bfd", completion_only_loss=True,
         # the compiled step checkpoints inside its graph (layer_compile.py); transformers' wrapper would add a second
         gradient_checkpointing=t.gradient_checkpointing and t.step == "eager",
+        # the compiled step compiles one shape: every batch is padded to max_length (the padding is labelled -100 and
+        # masked, so the loss is unchanged; a packed row is nearly full anyway)
+        pad_to_multiple_of=t.max_length if t.step == "compiled" else None,
         gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
         bf16=on_gpu and t.mixed_precision == "bf16", fp16=on_gpu and t.mixed_precision == "fp16",
         use_cpu=not on_gpu, logging_steps=t.logging_steps, save_strategy="no", eval_strategy="no",

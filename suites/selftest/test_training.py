@@ -117,24 +117,27 @@ def test_second_run_reuses_the_artifact_and_never_loads_a_partial_one(tiny, tiny
 
 
 @pytest.mark.slow
-def test_compiled_step_trains_like_the_eager_one(tiny, tiny_splits, tmp_path):
-    """training.step: compiled (compiled layers, the checkpoint inside the graph, flex attention on CUDA) changes
-    speed, not the training: the same losses as the eager step, step by step. A compiled step that lost the adapter's
-    gradients, or checkpointed twice with different dropout, would part from the eager losses after the first step."""
+@pytest.mark.parametrize("packing", [False, True], ids=["batches", "packed"])
+def test_compiled_step_trains_like_the_eager_one(tiny, tiny_splits, tmp_path, packing):
+    """training.step: compiled (compiled layers, the checkpoint inside the graph, every batch padded to one shape,
+    flex attention on CUDA) changes speed, not the training: the same losses as the eager step, step by step. LoRA
+    dropout is off here, because compiled and eager code draw different masks; with it off the two differ by float
+    rounding only (1e-7 apart). A compiled step that sent a wrong gradient (odd hidden channels cut from the
+    backward: relative loss differences up to 8e-3) or a wrong loss would part from the eager losses."""
     from torch._dynamo.utils import counters
 
     tok = v3_tokenizer()
     losses, manifests = {}, {}
     counters.clear()
     for step in ("eager", "compiled"):
-        recipe = dataclasses.replace(tiny.training, epochs=1, min_optimizer_steps=0, logging_steps=1, step=step,
-                                     gradient_checkpointing=True)
-        quick = dataclasses.replace(tiny, training=recipe)
+        recipe = dataclasses.replace(tiny.training, epochs=3 if packing else 1, min_optimizer_steps=0, logging_steps=1,
+                                     step=step, gradient_checkpointing=True, packing=packing)
+        quick = dataclasses.replace(tiny, training=recipe, lora=dataclasses.replace(tiny.lora, dropout=0.0))
         _, manifests[step] = ensure_adapter(quick, quick.variant("r8"), tiny_splits, tok, tmp_path / step)
         losses[step] = [h["loss"] for h in manifests[step]["loss_history"]]
     assert counters["stats"]["unique_graphs"] >= 1, "step: compiled compiled nothing"
     assert counters["graph_break"].total() == 0, f"the compiled layer breaks its graph: {dict(counters['graph_break'])}"
     want_attention = "flex_attention" if torch.cuda.is_available() else tiny.model.attn_implementation
     assert manifests["compiled"]["train_attn_implementation"] == want_attention
-    assert len(losses["compiled"]) == len(losses["eager"]) == 5
-    assert losses["compiled"] == pytest.approx(losses["eager"], rel=1e-3)
+    assert len(losses["compiled"]) == len(losses["eager"]) == manifests["eager"]["optimizer_steps"] > 1
+    assert losses["compiled"] == pytest.approx(losses["eager"], rel=1e-5)  # measured: 1e-7 apart (CPU, torch 2.11 and 2.13)

@@ -103,8 +103,9 @@ class TrainConfig:
                        choices=("adamw_torch", "adamw_torch_fused", "paged_adamw_8bit", "paged_adamw_32bit"))
     gradient_checkpointing: bool = _spec("recompute activations to save memory", default=False)
     step: str = _spec("how a training step runs: 'eager' is transformers' own; 'compiled' compiles each decoder "
-                      "layer with its activation checkpoint inside the graph and, on CUDA, attends through "
-                      "flex_attention (harness/train/layer_compile.py)", default="eager", choices=("eager", "compiled"))
+                      "layer with its activation checkpoint inside the graph, pads every batch to max_length (one "
+                      "shape to compile) and, on CUDA, attends through flex_attention (harness/train/layer_compile.py)",
+                      default="eager", choices=("eager", "compiled"))
     mixed_precision: str = _spec("autocast dtype for training", default="no", choices=("no", "bf16", "fp16"))
     adapter_dtype: str = _spec("dtype of the LoRA weights while training", default="float32",
                                choices=("float32", "bfloat16"))

@@ -25,8 +25,9 @@ restarting position ids, as trl's BFD packing does. Setups:
 
 Compile time lands in the warm-up steps: ``pays_after_steps`` is how many steps the saving per step takes to repay
 the extra warm-up over the seed's. A setup that raises is recorded with its error and the next one runs.
-The results (step time, tokens/s, peak allocated memory, and for ``seed`` a profiler table of the top CUDA
-kernels) are written as JSON; docs/performance.md records what they showed.
+The results (step time, tokens/s, peak allocated and reserved memory, graph count and breaks, and for every setup a
+profiler table of one step with its GPU busy time) are written as JSON; docs/performance.md records what they
+showed.
 """
 
 from __future__ import annotations

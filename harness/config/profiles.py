@@ -36,6 +36,9 @@ __all__ = ["CONFIG_DIR", "VARIANTS_FILE", "load_profile", "profile_path", "avail
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "data" / "configs"
 VARIANTS_FILE = "variants.yaml"
+# keys a release removed, with what replaced them: an old profile is told the new spelling, not only "unknown"
+RETIRED_KEYS = {"compile_layers": "replaced by 'step' on 2026-12-02: write 'step: compiled' for true, 'step: eager' "
+                                  "for false; "}
 
 
 def _key_text(key: Any) -> str:
@@ -71,7 +74,7 @@ class _Checker:
         for key in raw:
             if key not in fields:
                 match = closest(key, fields)
-                hint = did_you_mean(key, fields) or "remove it; "
+                hint = RETIRED_KEYS.get(key) or did_you_mean(key, fields) or "remove it; "
                 if match is not None and match not in raw:
                     renamed.add(match)
                     hint += "rename it; "

@@ -39,6 +39,8 @@ def line_of(path: Path, pattern: str) -> int:
 BAD = [
     pytest.param(CONFIGS / "unknown_key.yaml", None, r"^  learnig_rate:", "training.learnig_rate",
                  "did you mean 'learning_rate'", id="unknown-key-typo"),
+    pytest.param(CONFIGS / "retired_key.yaml", None, r"^  compile_layers:", "training.compile_layers",
+                 "replaced by 'step' on 2026-12-02: write 'step: compiled' for true", id="retired-key-compile-layers"),
     pytest.param(CONFIGS / "unknown_top_level_key.yaml", None, r"^notes:", "notes",
                  "unknown key 'notes'; remove it", id="unknown-top-level-key"),
     pytest.param(CONFIGS / "duplicate_key.yaml", None, r"^  epochs: 2 ", "training.epochs",

@@ -210,5 +210,6 @@ def main(argv=None) -> None:
         atomic_write_json(args.out, results)
         print(seed.get("profile_top", ""))
 
+
 if __name__ == "__main__":
     main()

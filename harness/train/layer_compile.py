@@ -2,8 +2,8 @@
 checkpointing inside the compiled graph, and flex attention on CUDA. ``use_compiled_step`` is what the trainer and
 ``python -m harness.bench.train``'s ``compiled`` setup both call.
 
-One ``torch.compile`` graph serves every decoder layer (the layers share a shape). Checkpointing can wrap it in
-three ways (``CHECKPOINTING``):
+One ``torch.compile`` graph serves every decoder layer (the layers share a shape). Checkpointing can sit in three
+places around it, or be off (``none``); ``CHECKPOINTING`` lists them:
 
   outside       transformers' own checkpointing calls the compiled layer; the backward re-runs the compiled forward,
                 then the compiled backward: two graph calls and the autograd plumbing between them per layer
@@ -28,6 +28,7 @@ __all__ = ["CHECKPOINTING", "VARLEN_KWARGS", "compile_decoder_layers", "save_mat
 CHECKPOINTING = ("outside", "inside", "save-matmuls", "none")
 
 
+@functools.cache  # asked once per traced op while compiling: build the set once
 def _saved_ops() -> frozenset:
     aten = torch.ops.aten
     names = ("mm", "addmm", "bmm", "_scaled_dot_product_efficient_attention", "_scaled_dot_product_flash_attention",

@@ -103,7 +103,9 @@ def gemv_bench(model, projections):
     """Each projection's GEMV alone at batch 1: bf16 (cuBLAS through F.linear) against the quantized candidates."""
     shapes = {"gate_up": projections[0].gate_up, "down": projections[0].down, "qkv": projections[0].qkv,
               "o": projections[0].o}
-    candidates = {"bf16": lambda lin: lin, **QUANTIZERS}
+    only = os.environ.get("PROBE_QUANTIZERS")  # a comma list: time only these quantized candidates
+    candidates = {"bf16": lambda lin: lin,
+                  **{k: v for k, v in QUANTIZERS.items() if not only or k in only.split(",")}}
     for shape_name, lin in shapes.items():
         n, k = lin.weight.shape
         for cand, make in candidates.items():
@@ -111,12 +113,19 @@ def gemv_bench(model, projections):
                 log(f"gemv {shape_name} {cand}: skipped, half the probe budget spent")
                 continue
             try:
-                ms = gemv_us(make(lin), k) / 1e3
+                mod = make(lin)
+                x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+                with torch.no_grad():
+                    reference = x.float() @ lin.weight.float().T
+                    error = ((mod(x).float() - reference).norm() / reference.norm()).item()
+                ms = gemv_us(mod, k) / 1e3
                 bytes_read = n * k * (2 if cand == "bf16" else 1 if "int8" in cand else 0.5)
                 row = {"shape": shape_name, "n": n, "k": k, "candidate": cand, "us": ms * 1e3,
-                       "tb_s_weights": bytes_read / (ms / 1e3) / 1e12}
+                       "tb_s_weights": bytes_read / (ms / 1e3) / 1e12, "relative_error": error}
+                del mod
                 results["gemv"].append(row)
-                log(f"gemv {shape_name} {n}x{k} {cand}: {ms * 1e3:.1f} us, {row['tb_s_weights']:.2f} TB/s")
+                log(f"gemv {shape_name} {n}x{k} {cand}: {ms * 1e3:.1f} us, {row['tb_s_weights']:.2f} TB/s, "
+                    f"relative error {error:.3g}")
             except Exception as e:  # noqa: BLE001
                 log(f"gemv {shape_name} {cand} failed: {e!r}")
     save()
@@ -205,8 +214,27 @@ def _torchao_int8(lin):
     return torch.compile(mod, fullgraph=True)
 
 
+def _torchao_int4(packing, fp8_activations=False):
+    """torchao's int4 weight-only tensor on mslk's CUTLASS kernels (formerly FBGEMM GenAI): ``plain`` calls
+    ``bf16i4bf16_rowwise``, ``preshuffled`` ``bf16i4bf16_shuffled``; with ``fp8_activations`` each row is quantized to
+    fp8 and ``f8i4bf16_shuffled`` multiplies (a quality cost beyond the weights')."""
+    def make(lin):
+        import copy
+
+        from torchao.quantization import Float8DynamicActivationInt4WeightConfig, Int4WeightOnlyConfig, quantize_
+
+        mod = copy.deepcopy(lin)
+        quantize_(mod, Float8DynamicActivationInt4WeightConfig(int4_packing_format=packing) if fp8_activations
+                  else Int4WeightOnlyConfig(group_size=128, int4_packing_format=packing))
+        return mod
+    return make
+
+
 QUANTIZERS = {
     "int4-g128": _gemlite_int4(128),
+    "int4-mslk-plain": _torchao_int4("plain"),
+    "int4-mslk-shuffled": _torchao_int4("preshuffled"),
+    "f8i4-mslk-shuffled": _torchao_int4("preshuffled", fp8_activations=True),
     "int4-g64": _gemlite_int4(64),
     "int4-g128-p8": _gemlite_int4(128, packing=8),
     "int4-g128-GEMV": _gemlite_int4(128, matmul_type="GEMV"),

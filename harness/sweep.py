@@ -115,7 +115,12 @@ class Sweep:
     def train_selected(self) -> None:
         """The training phase: every selected variant (all of the profile's when none were selected) before any
         model is loaded, so a merged base never shares the GPU with training. A variant that fails keeps its
-        error, raised when that variant is trained, loaded or evaluated: one variant's failure ends only it."""
+        error, raised when that variant is trained, loaded or evaluated: one variant's failure ends only it.
+        A profile that times ``merged-int4`` starts building its kernels first, on the CPU beside the training."""
+        if "merged-int4" in self.profile.inference.speed_engines:
+            from .engines.marlin import build_in_background
+
+            build_in_background(self.runs_dir / "_kernels")
         for name in self.state.selected if self.state.selected is not None else self.profile.variants:
             try:
                 self.train(name)

@@ -105,7 +105,8 @@ def profile_decode(profile_name: str, runs_dir: Path, engines: list[str], bandwi
     prompt, tokens = encode_prompt(tokenizer, ex.instruction, ex.input), profile.latency.max_new_tokens
     build = {
         "merged": lambda: base.engine,
-        "merged-int4": lambda: Int4Merged(base.model, base.projections, tokenizer, profile.inference),
+        "merged-int4": lambda: Int4Merged(base.model, base.projections, tokenizer, profile.inference,
+                                          runs_dir / "_kernels"),
         "merged-int8": lambda: Int8Merged(base.model, tokenizer, profile.inference),
         "hf-step": lambda: StaticGreedy(base.model, tokenizer, "merged", profile.inference),
     }

@@ -90,7 +90,8 @@ class EngineComparison:
             raise ValueError(f"merged-int4 quantizes the fused merged engine's projections; this base has none "
                              f"({merged.note})")
         free_memory()
-        return Int4Merged(merged.model, merged.decoder.projections, self.sweep.tokenizer, self.profile.inference)
+        return Int4Merged(merged.model, merged.decoder.projections, self.sweep.tokenizer, self.profile.inference,
+                          self.sweep.runs_dir / "_kernels")
 
     def _snapshot(self, name: str, variant: str):
         """``name`` (a quantized engine) built from ``variant`` merged into the sweep's base, and that merged

@@ -1,113 +1,107 @@
 """``merged-int4``: the merged model's decoder projections in 4 bits, decoded by the fused engine (harness/engines/fused.py).
 
 A decode step at batch 1 reads every weight once, so 4-bit projections read about a quarter of bf16's bytes. The
-kernels are gemlite's (Triton GEMV kernels tuned for batch 1, shipped with configs per GPU); the quantizer is
-torchao's HQQ (half-quadratic, calibration-free), the one torchao's own ``UIntxWeightOnlyConfig`` uses for gemlite.
-That config cannot be used as it is: with gemlite 0.6 its packing step fails ("too many values to unpack":
-``get_tensor_args`` returns four tensors, torchao 0.18 expects three; H200, 2026-12-02), so ``quantize_linear``
-calls the same two halves itself: torchao quantizes, gemlite packs and multiplies.
+kernel is Marlin's 4-bit GEMM (vLLM's, as gptqmodel packages it; built once per machine by harness/engines/marlin.py):
+at one row on an H200 it streams the Mistral-7B projections at 0.9-2.2 TB/s of 4-bit weights, 61.6 us a layer against
+gemlite's GEMV's 76.5 and bf16's 113.5 (``results/h200/decode-tries/9-probe-marlin.json``; gemlite was this engine's
+kernel until then). One kernel serves every row count, the prompt's prefill as each decoded token.
 
-What is quantized: each layer's fused ``qkv``, ``o``, ``gate_up`` and ``down`` (asymmetric, one bf16 scale and zero
-per ``group_size`` inputs). What is not: ``lm_head`` (its error lands directly on the logits whose top-2 gaps decide
-each greedy token), the embeddings (a gather of one row per token) and the norms.
+The quantizer is round-to-nearest, asymmetric: per group of ``group_size`` inputs, a bf16 scale ``(max - min) / 15``
+and an integer zero point ``round(-min / scale)``, so ``w ~ (q - zero) * scale`` (AWQ's format before its scale
+search, which needs calibration data). Marlin takes integer zero points only with bf16 activations. On random
+Mistral-7B-shaped weights a projection's error is 0.10 relative, as torchao's HQQ quantizer gave gemlite
+(``9-probe-marlin.json``); what it costs on real weights is measured on SmolLM2 (``quality_merged-int4``).
+
+What is quantized: each layer's fused ``qkv``, ``o``, ``gate_up`` and ``down``. What is not: ``lm_head`` (its error
+lands directly on the logits whose top-2 gaps decide each greedy token), the embeddings (a gather of one row per
+token) and the norms. Marlin tiles outputs and inputs by 64 and takes groups of 32, 64 or 128 inputs: SmolLM2's
+hidden size 576 takes 64 (``inference.int4_group_size``).
 
 The engine is a snapshot: it quantizes the variant merged into ``MergedBase`` when it is built, and later merges do
-not reach it. gemlite needs CUDA; on the CPU ``Int4Merged`` raises, saying so.
-
-One gemlite kernel serves every row count: its batch-1 GEMV (``GEMV_REVSPLITK``, one program per row and output block),
-for the prompt's prefill rows as for each decoded token. Left to choose by row count, gemlite 0.6 takes its split-K GEMM
-for 5-63 rows, which returned NaN for SmolLM2's fused gate/up (3072 x 576) at 8 rows on the H200
-(``.ci/int4_check.py``, 2026-12-02). Every SmolLM2 prompt's prefill went through it in the run where ``merged-int4``
-answered nothing right (F1 0.0 on every split and variant, ``results/h200/smollm2-135m-bf16/c8dd8a0/``); with the
-GEMV for every row count it scored train F1 0.87-0.97 against the bf16 engine's 1.0
-(``results/h200/smollm2-135m-bf16/``, 6687e16), and the 7B decode kept its speed (0.460 s for 128 tokens). The engine
-also checks its own kernels when it is built (``check_kernel``: each projection shape, at 1, 7 and 32 rows, against
-the product with the dequantized weight) and refuses to run on a wrong or non-finite result. It decodes one prompt at
-a time: batch 1 is what the GEMV is for. gemlite picks kernel configs by GPU name; where it ships none for this GPU (the
-H200), the H100's (same chip, sm_90) are loaded.
-
-Configs per row count: gemlite looks a config up by (row-count bucket, shape), and its shipped configs are for one
-row; Triton autotunes afresh for every row count it has no config for (the row count is in its autotune key), about
-17 configs a shape a prompt length. The kernel runs one program per row, so the one-row config serves every row count:
-``pin_one_row_configs`` files it under every bucket, once a shape's one-row config is known (shipped or autotuned
-when the engine is built).
+not reach it. It checks its own kernel when it is built (``check_kernel``: each projection shape, at 1, 7 and 32
+rows, against the product with the dequantized weight) and refuses to run on a wrong or non-finite result. It decodes
+one prompt at a time: batch 1 is what it is for. On the CPU ``Int4Merged`` raises, saying so.
 """
 
 from __future__ import annotations
 
-import ast
-import os
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from .fused import FusedDecoder, FusedGreedy
+from .marlin import marlin_gemm, ops, scalar_type_id
 
-__all__ = ["Int4Linear", "quantize_linear", "dequantize", "check_kernel", "pin_one_row_configs", "int4_projections",
-           "Int4Merged"]
+__all__ = ["Int4Linear", "quantize", "quantize_linear", "check_kernel", "int4_projections", "Int4Merged"]
 
 PROJECTIONS = ("qkv", "o", "gate_up", "down")
-FALLBACK_CONFIG = "h100.json"  # gemlite's configs are named by GPU; the H200 is an H100 chip with faster memory
-KERNEL = "GEMV_REVSPLITK"  # gemlite's batch-1 kernel, used for every row count (module doc)
-CHECK_ROWS = (1, 7, 32)  # Triton specializes a row count of 1 and multiples of 16: one of each kind, and another
-CHECK_MAX_RELATIVE_ERROR = 5e-2  # bf16 rounding of a 4-bit product measured 0.8-3.5e-2 (.ci/int4_check.py)
+TILE = 64  # Marlin's smallest output and input tile
+CHECK_ROWS = (1, 7, 32)  # one row, a prefill's odd count, and a full tile of rows
+CHECK_MAX_RELATIVE_ERROR = 5e-2  # Marlin against its own dequantized weight: 2.5-3.0e-3 (9-probe-marlin.json)
+SCALE_PERM = [i + 8 * j for i in range(8) for j in range(8)]  # Marlin's order of scales and zero points in a tile
+ZERO_INTERLEAVE = [0, 2, 4, 6, 1, 3, 5, 7]  # and of eight zero points in a word (its dequantizer's order)
 
 
-def _load_gemlite():
-    try:
-        import gemlite
-        from gemlite import core
-    except ImportError as e:
-        raise RuntimeError("merged-int4 needs gemlite (pip install gemlite; see README, GPU section)") from e
-    if core.selected_tag is None:  # no config named after this GPU: autotuning every shape would take minutes
-        core.GemLiteLinear.load_config(os.path.join(os.path.dirname(gemlite.__file__), "configs", FALLBACK_CONFIG))
-    return gemlite
+def quantize(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Round-to-nearest asymmetric 4-bit (module doc): ``q`` (out, in) in 0..15, ``scale`` and integer-valued
+    ``zero`` (out, in / group_size), float32; ``(q - zero) * scale`` is the dequantized weight."""
+    out_features, in_features = weight.shape
+    groups = weight.detach().float().reshape(out_features, in_features // group_size, group_size)
+    low, high = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
+    scale = ((high - low) / 15).clamp_min(1e-8)
+    zero = (-low / scale).round().clamp(0, 15)
+    q = (groups / scale + zero).round().clamp(0, 15)
+    return q.reshape(out_features, in_features), scale.squeeze(-1), zero.squeeze(-1)
+
+
+def _pack(values: torch.Tensor, dim: int) -> torch.Tensor:
+    """Eight consecutive 4-bit values along ``dim`` (0 or 1) in one int32, the first in the low bits."""
+    v = values.to(torch.int64)
+    v = v.reshape(v.shape[0] // 8, 8, v.shape[1]) if dim == 0 else v.reshape(v.shape[0], v.shape[1] // 8, 8)
+    word = sum((v[:, j, :] if dim == 0 else v[:, :, j]) << (4 * j) for j in range(8))
+    return (word - ((word >> 31) << 32)).to(torch.int32)  # each 32-bit word as the int32 it is
 
 
 class Int4Linear(nn.Module):
-    """A gemlite 4-bit module called with ``KERNEL`` whatever the row count (module doc)."""
+    """A Linear's weight in Marlin's 4-bit layout: ``quantize``'s values repacked by Marlin's own repack op, scales
+    and zero points in its tile order. Reads only ``qweight``, ``scales``, ``zeros`` and the lock ``workspace``."""
 
-    def __init__(self, packed: nn.Module):
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, dtype: torch.dtype, cache_dir: Path):
         super().__init__()
-        self.packed = packed
+        marlin, device = ops(cache_dir), q.device
+        self.out_features, self.in_features = q.shape
+        n = self.out_features
+        no_perm = torch.empty(0, dtype=torch.int32, device=device)
+        self.qweight = marlin.gptq_marlin_repack(_pack(q.t().contiguous(), 0), no_perm, self.in_features, n, 4)
+        self.scales = scale.t().to(dtype).reshape(-1, len(SCALE_PERM))[:, SCALE_PERM].reshape(-1, n).contiguous()
+        zeros = zero.t().reshape(-1, len(SCALE_PERM))[:, SCALE_PERM].reshape(-1, 8)[:, ZERO_INTERLEAVE]
+        self.zeros = _pack(zeros.reshape(-1, n), 1)
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        self.workspace = torch.zeros(max(sms, 128), dtype=torch.int32, device=device)  # gptqmodel's size
+        self.type_id = scalar_type_id("uint4")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.packed.forward_manual(x, KERNEL)
+        out = marlin_gemm(x.reshape(-1, self.in_features), self.qweight, self.scales, self.zeros, self.workspace,
+                          self.type_id, self.out_features)
+        return out.reshape(*x.shape[:-1], self.out_features)
 
 
 @torch.no_grad()
-def quantize_linear(linear: nn.Linear, group_size: int, check: bool = False) -> Int4Linear:
-    """A gemlite 4-bit module computing ``linear`` (read only): HQQ quantization in groups of ``group_size`` inputs,
-    scales and zeros in the weight's dtype. ValueError when the input size is not a multiple of ``group_size``;
-    with ``check``, ``check_kernel`` runs on the result."""
-    from torchao.quantization.quant_primitives import _choose_qparams_and_quantize_affine_hqq
-
-    gemlite = _load_gemlite()
+def quantize_linear(linear: nn.Linear, group_size: int, cache_dir: Path, check: bool = False) -> Int4Linear:
+    """A Marlin 4-bit module computing ``linear`` (read only), groups of ``group_size`` inputs. ValueError for a
+    shape Marlin does not tile; with ``check``, ``check_kernel`` runs on the result."""
     out_features, in_features = linear.weight.shape
-    if in_features % group_size:
-        raise ValueError(f"merged-int4: input size {in_features} is not a multiple of group_size {group_size}; "
-                         "choose a group size that divides every projection's input (inference.int4_group_size)")
-    w_q, scale, zero, _ = _choose_qparams_and_quantize_affine_hqq(linear.weight.detach(), nbits=4,
-                                                                  group_size=group_size, raw_output=True)
-    # gemlite takes its compute dtype from the scales unless told (HQQ returns float16 ones): keep the model's
-    module = Int4Linear(gemlite.helper.A16Wn(device=linear.weight.device, dtype=linear.weight.dtype).from_weights(
-        w_q, scale, zero, 4, group_size, bias=None))
+    if in_features % group_size or in_features % TILE or out_features % TILE:
+        raise ValueError(f"merged-int4: a {out_features}x{in_features} projection does not fit Marlin's tiles "
+                         f"({TILE} outputs and inputs) and groups of {group_size} inputs; choose a group size that "
+                         f"divides every projection's input (inference.int4_group_size: 32, 64 or 128)")
+    q, scale, zero = quantize(linear.weight, group_size)
+    module = Int4Linear(q, scale, zero, linear.weight.dtype, cache_dir)
     if check:
-        module(torch.zeros(1, in_features, device=linear.weight.device, dtype=linear.weight.dtype))  # one-row config
-        pin_one_row_configs()
-        check_kernel(module, dequantize(w_q, scale, zero, (out_features, in_features), group_size,
-                                        linear.weight.dtype))
+        check_kernel(module, ((q - zero.repeat_interleave(group_size, 1))
+                              * scale.to(linear.weight.dtype).float().repeat_interleave(group_size, 1)))
     return module
-
-
-def dequantize(w_q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, shape: tuple[int, int], group_size: int,
-               dtype: torch.dtype) -> torch.Tensor:
-    """The ``shape`` ([out, in]) float32 weight that HQQ's raw ``w_q``, ``scale`` and ``zero`` stand for, the scales
-    and zeros rounded to ``dtype`` as gemlite stores them: ``(w_q - zero) * scale`` per group (exact in float32)."""
-    out_features, in_features = shape
-    groups = (out_features, in_features // group_size, group_size)
-    return ((w_q.float().view(groups) - zero.to(dtype).float().view(*groups[:2], 1))
-            * scale.to(dtype).float().view(*groups[:2], 1)).view(out_features, in_features)
 
 
 @torch.no_grad()
@@ -127,32 +121,14 @@ def check_kernel(module: nn.Module, dequantized: torch.Tensor, rows: tuple[int, 
                                f"{CHECK_MAX_RELATIVE_ERROR:g}); not decoding with it")
 
 
-def pin_one_row_configs() -> None:
-    """File ``KERNEL``'s one-row config of every shape gemlite knows (shipped, loaded or autotuned in this process)
-    under every row-count bucket, where that bucket has none (module doc)."""
-    from gemlite import core
-    from gemlite.triton_kernels import utils
-    from gemlite.triton_kernels.gemv_revsplitK_kernels import gemv_revsplitK
-
-    table = core.GEMLITE_TRITON_CONFIG_CACHE.setdefault(KERNEL, {})
-    for kernel in gemv_revsplitK.kernel:  # what Triton autotuned, keyed as gemlite's own cache_config keys it
-        for key, config in core.cache_kernel_config(kernel, 6).items():
-            table.setdefault(key, config)
-    buckets = sorted(set(utils.M_MAPPING))  # gemlite's bucket of each row count up to its maximum, indexed by rows
-    for key, config in list(table.items()):
-        rows, *shape = ast.literal_eval(key)  # gemlite's key: str((rows bucket, N, K, group, elements, type id))
-        if rows == 1:
-            for bucket in buckets:
-                table.setdefault(str(tuple([bucket, *shape])), config)
-
-
-def int4_projections(projections: nn.ModuleList, group_size: int) -> nn.ModuleList:
-    """4-bit copies of ``fuse_projections_``'s per-layer Linears; the bf16 ones are only read."""
+def int4_projections(projections: nn.ModuleList, group_size: int, cache_dir: Path) -> nn.ModuleList:
+    """4-bit copies of ``fuse_projections_``'s per-layer Linears; the bf16 ones are only read. ``cache_dir`` holds the
+    built kernels (harness/engines/marlin.py)."""
     out = nn.ModuleList()
     for i, layer in enumerate(projections):
         quantized = nn.Module()
         for name in PROJECTIONS:  # every layer has the same shapes: the first one's check covers the kernels
-            setattr(quantized, name, quantize_linear(getattr(layer, name), group_size, check=i == 0))
+            setattr(quantized, name, quantize_linear(getattr(layer, name), group_size, cache_dir, check=i == 0))
         out.append(quantized)
     torch.cuda.empty_cache()
     return out
@@ -162,19 +138,13 @@ class Int4Merged(FusedGreedy):
     """The ``merged-int4`` engine: ``FusedGreedy`` over 4-bit copies of a merged model's projections (embeddings,
     norms and ``lm_head`` shared with the merged model). ``weights_gib`` is the 4-bit projections' resident size."""
 
-    def __init__(self, merged_model, projections: nn.ModuleList, tokenizer, cfg):
+    def __init__(self, merged_model, projections: nn.ModuleList, tokenizer, cfg, cache_dir: Path):
         if not torch.cuda.is_available() or merged_model.lm_head.weight.device.type != "cuda":
-            raise RuntimeError("merged-int4 runs on CUDA only: gemlite's kernels are Triton GPU kernels")
+            raise RuntimeError("merged-int4 runs on CUDA only: Marlin's kernels are CUDA kernels")
         group = cfg.int4_group_size
         before = torch.cuda.memory_allocated()
-        quantized = int4_projections(projections, group)
+        quantized = int4_projections(projections, group, cache_dir)
         self.weights_gib = (torch.cuda.memory_allocated() - before) / 2**30
         super().__init__(merged_model, FusedDecoder(merged_model, quantized), tokenizer, "merged-int4", cfg)
-        self.note = (f"merged LoRA, decoder projections 4-bit (torchao HQQ, group {group}, gemlite kernels), "
+        self.note = (f"merged LoRA, decoder projections 4-bit (round-to-nearest, group {group}, Marlin kernels), "
                      f"lm_head/embeddings {cfg.merged_dtype}; {self.note}")
-
-    def generate(self, prompts: list[list[int]], max_new_tokens: int, batch_size: int = 8,
-                 fixed_length: bool = False) -> list[list[int]]:
-        """``FusedGreedy.generate`` one prompt at a time, whatever ``batch_size`` asks (batch 1 is what the GEMV is
-        for)."""
-        return super().generate(prompts, max_new_tokens, 1, fixed_length)

@@ -115,18 +115,19 @@ def test_architectures_the_fused_decoder_does_not_compute_are_refused_with_the_r
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is here: merged-int4 runs")
-def test_merged_int4_says_it_needs_cuda_on_a_cpu():
+def test_merged_int4_says_it_needs_cuda_on_a_cpu(tmp_path):
     from harness.engines.int4 import Int4Merged
 
     model = _mistral()
     with pytest.raises(RuntimeError, match="merged-int4 runs on CUDA only"):
-        Int4Merged(model, fuse_projections_(model), Tok(), Cfg())
+        Int4Merged(model, fuse_projections_(model), Tok(), Cfg(), tmp_path)
 
 
 def test_int4_kernel_check_passes_the_right_product_and_refuses_a_wrong_or_nan_one():
     """``check_kernel`` (run by ``Int4Merged`` on each projection shape when it is built) passes a module computing
     the dequantized product and names the shape and row count of one that does not. Mutations: a kernel off by a
-    tenth of its weight, and one returning NaN from 2 rows on (as gemlite's split-K GEMM did at 8 rows)."""
+    tenth of its weight, and one returning NaN from 2 rows on (as gemlite's split-K GEMM, this engine's earlier
+    kernel, did at 8 rows)."""
     from harness.engines.int4 import CHECK_ROWS, check_kernel
 
     torch.manual_seed(0)
@@ -151,16 +152,84 @@ def test_int4_kernel_check_passes_the_right_product_and_refuses_a_wrong_or_nan_o
         check_kernel(nan, dequantized)
 
 
-def test_int4_dequantize_is_w_minus_zero_times_scale_per_group_with_bf16_scales():
-    """The reference ``check_kernel`` holds gemlite to (and ``.ci/int4_check.py`` too): HQQ's raw output, two groups
-    of 4 inputs per row, scales and zeros rounded to bf16 as gemlite stores them."""
-    from harness.engines.int4 import dequantize
+def test_int4_quantize_rounds_each_group_to_16_levels_with_an_integer_zero_point():
+    """``quantize``: per group of inputs, q in 0..15, an integer zero point and ``(q - zero) * scale`` within half a
+    step of the weight; each group's extremes land on levels 0 and 15. Mutation: a scale of ``(max - min) / 16``
+    puts the maximum past level 15, so clamping moves it by more than half a step."""
+    from harness.engines.int4 import quantize
 
-    w_q = torch.tensor([[0, 1, 2, 3, 15, 14, 13, 12], [5, 5, 5, 5, 0, 0, 0, 0]], dtype=torch.uint8).view(-1, 4)
-    scale = torch.tensor([[0.1], [0.2], [1.0], [0.5]], dtype=torch.float16)
-    zero = torch.tensor([[1.0], [7.5], [5.0], [0.25]], dtype=torch.float16)
-    w = dequantize(w_q, scale, zero, (2, 8), 4, torch.bfloat16)
-    s, z = scale.to(torch.bfloat16).float().view(2, 2, 1), zero.to(torch.bfloat16).float().view(2, 2, 1)
-    assert w.dtype == torch.float32 and w.shape == (2, 8)
-    assert torch.equal(w, ((w_q.float().view(2, 2, 4) - z) * s).view(2, 8))
-    assert w[1, 4].item() == -0.25 * 0.5 and w[0, 0].item() == -1.0 * torch.tensor(0.1).bfloat16().item()
+    torch.manual_seed(0)
+    w = torch.randn(6, 16) * torch.tensor([0.01, 1.0, 30.0, 0.5, 2.0, 0.001]).view(6, 1)
+    q, scale, zero = quantize(w, group_size=8)
+    assert q.shape == (6, 16) and scale.shape == zero.shape == (6, 2)
+    assert torch.equal(q, q.round()) and q.min() >= 0 and q.max() <= 15
+    assert torch.equal(zero, zero.round()) and zero.min() >= 0 and zero.max() <= 15
+    w_hat = (q.view(6, 2, 8) - zero.unsqueeze(-1)) * scale.unsqueeze(-1)
+    assert ((w_hat - w.view(6, 2, 8)).abs() <= scale.unsqueeze(-1) * 0.5 + 1e-6).all()
+    assert (q.view(6, 2, 8).amin(-1) == 0).all() and (q.view(6, 2, 8).amax(-1) == 15).all()
+
+
+def test_int4_pack_puts_eight_values_a_word_the_first_in_the_low_bits():
+    """``_pack`` along inputs (GPTQ's layout, which Marlin's repack reads) and along outputs (zero points): every
+    value comes back from its word, 15 included in the sign bit. Mutation: shifting by ``4 * (7 - j)`` (the first
+    value in the high bits) fails the round trip."""
+    from harness.engines.int4 import _pack
+
+    q = torch.randint(0, 16, (32, 24))
+    q[7::8, :] = 15  # the high nibble of every word along dim 0: the int32's sign
+    along_rows, along_cols = _pack(q, 0), _pack(q, 1)
+    assert along_rows.dtype == along_cols.dtype == torch.int32
+    assert along_rows.shape == (4, 24) and along_cols.shape == (32, 3)
+    shifts = torch.arange(8) * 4
+    rows = (along_rows.to(torch.int64).unsqueeze(1) >> shifts.view(1, 8, 1)) & 15
+    cols = (along_cols.to(torch.int64).unsqueeze(-1) >> shifts) & 15
+    assert torch.equal(rows.reshape(32, 24), q) and torch.equal(cols.reshape(32, 24), q)
+
+
+def test_marlin_build_key_changes_with_sources_builder_torch_nvcc_and_gpu(tmp_path, monkeypatch):
+    """The built kernels' folder is keyed by everything that changes the library (harness/engines/marlin.py): one
+    byte of a source file, a new file, the builder module, torch's version, nvcc's and the GPU's capability each
+    give a new key, so a library built from other code or for another torch is never loaded. Mutation: a key of
+    the file names alone keeps the key when a source's bytes change."""
+    from harness.engines import marlin
+
+    root = tmp_path / "marlin"
+    (root / "core").mkdir(parents=True)
+    (root / "gptq_marlin.cu").write_text("kernel v1")
+    (root / "core" / "scalar_type.hpp").write_text("types")
+    args = ("Cuda compilation tools, release 13.0", (9, 0))
+    keys = {"first": marlin.build_key(root, *args)}
+    assert marlin.build_key(root, *args) == keys["first"]
+    (root / "gptq_marlin.cu").write_text("kernel v2")
+    keys["source"] = marlin.build_key(root, *args)
+    (root / "core" / "new.h").write_text("")
+    keys["new file"] = marlin.build_key(root, *args)
+    builder = tmp_path / "marlin_builder.py"
+    builder.write_bytes(marlin.BUILDER.read_bytes() + b"# another build recipe\n")
+    monkeypatch.setattr(marlin, "BUILDER", builder)
+    keys["builder"] = marlin.build_key(root, *args)
+    monkeypatch.setattr(torch, "__version__", torch.__version__ + "+other")
+    keys["torch"] = marlin.build_key(root, *args)
+    keys["nvcc"] = marlin.build_key(root, "Cuda compilation tools, release 13.1", (9, 0))
+    keys["gpu"] = marlin.build_key(root, args[0], (8, 0))
+    assert len(set(keys.values())) == len(keys), keys
+
+
+def test_marlin_says_what_to_install_without_gptqmodel_or_nvcc(monkeypatch):
+    """Without gptqmodel's sources or without nvcc, building the kernels fails with the command that fixes it."""
+    from importlib import metadata
+
+    from harness.engines import marlin
+
+    def missing(name):
+        raise metadata.PackageNotFoundError(name)
+
+    with monkeypatch.context() as m:
+        m.setattr(metadata, "distribution", missing)
+        with pytest.raises(RuntimeError, match="pip install --no-deps gptqmodel==7.7.0"):
+            marlin.marlin_root()
+    from torch.utils import cpp_extension
+
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", None)  # what torch found: none on this machine
+    with pytest.raises(RuntimeError, match="put nvcc on the PATH or set CUDA_HOME"):
+        marlin._nvcc()

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from .fused import FusedDecoder, FusedGreedy
-from .marlin import marlin_gemm, ops, scalar_type_id
+from .marlin import load, marlin_gemm
 
 __all__ = ["Int4Linear", "quantize", "quantize_linear", "check_kernel", "int4_projections", "Int4Merged"]
 
@@ -69,17 +69,17 @@ class Int4Linear(nn.Module):
 
     def __init__(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, dtype: torch.dtype, cache_dir: Path):
         super().__init__()
-        marlin, device = ops(cache_dir), q.device
+        marlin, device = load(cache_dir), q.device
         self.out_features, self.in_features = q.shape
         n = self.out_features
         no_perm = torch.empty(0, dtype=torch.int32, device=device)
-        self.qweight = marlin.gptq_marlin_repack(_pack(q.t().contiguous(), 0), no_perm, self.in_features, n, 4)
+        self.qweight = marlin.ops.gptq_marlin_repack(_pack(q.t().contiguous(), 0), no_perm, self.in_features, n, 4)
         self.scales = scale.t().to(dtype).reshape(-1, len(SCALE_PERM))[:, SCALE_PERM].reshape(-1, n).contiguous()
         zeros = zero.t().reshape(-1, len(SCALE_PERM))[:, SCALE_PERM].reshape(-1, 8)[:, ZERO_INTERLEAVE]
         self.zeros = _pack(zeros.reshape(-1, n), 1)
         sms = torch.cuda.get_device_properties(device).multi_processor_count
         self.workspace = torch.zeros(max(sms, 128), dtype=torch.int32, device=device)  # gptqmodel's size
-        self.type_id = scalar_type_id("uint4")
+        self.type_id = marlin.uint4
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = marlin_gemm(x.reshape(-1, self.in_features), self.qweight, self.scales, self.zeros, self.workspace,

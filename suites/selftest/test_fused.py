@@ -187,49 +187,53 @@ def test_int4_pack_puts_eight_values_a_word_the_first_in_the_low_bits():
 
 
 def test_marlin_build_key_changes_with_sources_builder_torch_nvcc_and_gpu(tmp_path, monkeypatch):
-    """The built kernels' folder is keyed by everything that changes the library (harness/engines/marlin.py): one
-    byte of a source file, a new file, the builder module, torch's version, nvcc's and the GPU's capability each
-    give a new key, so a library built from other code or for another torch is never loaded. Mutation: a key of
-    the file names alone keeps the key when a source's bytes change."""
+    """The built kernels' folder is keyed by everything that changes the library (harness/engines/marlin.py): the
+    source archive's sha256, the builder module, torch's version, nvcc's and the GPU's capability each give a new
+    key, so a library built from other code or for another torch is never loaded. Mutation: leaving the builder
+    module out of the key keeps the key when the build recipe changes."""
     from harness.engines import marlin
 
-    root = tmp_path / "marlin"
-    (root / "core").mkdir(parents=True)
-    (root / "gptq_marlin.cu").write_text("kernel v1")
-    (root / "core" / "scalar_type.hpp").write_text("types")
     args = ("Cuda compilation tools, release 13.0", (9, 0))
-    keys = {"first": marlin.build_key(root, *args)}
-    assert marlin.build_key(root, *args) == keys["first"]
-    (root / "gptq_marlin.cu").write_text("kernel v2")
-    keys["source"] = marlin.build_key(root, *args)
-    (root / "core" / "new.h").write_text("")
-    keys["new file"] = marlin.build_key(root, *args)
+    keys = {"first": marlin.build_key(marlin.SDIST_SHA256, *args)}
+    assert marlin.build_key(marlin.SDIST_SHA256, *args) == keys["first"]
+    keys["sources"] = marlin.build_key("0" * 64, *args)
     builder = tmp_path / "marlin_builder.py"
     builder.write_bytes(marlin.BUILDER.read_bytes() + b"# another build recipe\n")
     monkeypatch.setattr(marlin, "BUILDER", builder)
-    keys["builder"] = marlin.build_key(root, *args)
+    keys["builder"] = marlin.build_key(marlin.SDIST_SHA256, *args)
     monkeypatch.setattr(torch, "__version__", torch.__version__ + "+other")
-    keys["torch"] = marlin.build_key(root, *args)
-    keys["nvcc"] = marlin.build_key(root, "Cuda compilation tools, release 13.1", (9, 0))
-    keys["gpu"] = marlin.build_key(root, args[0], (8, 0))
+    keys["torch"] = marlin.build_key(marlin.SDIST_SHA256, *args)
+    keys["nvcc"] = marlin.build_key(marlin.SDIST_SHA256, "Cuda compilation tools, release 13.1", (9, 0))
+    keys["gpu"] = marlin.build_key(marlin.SDIST_SHA256, args[0], (8, 0))
     assert len(set(keys.values())) == len(keys), keys
 
 
-def test_marlin_says_what_to_install_without_gptqmodel_or_nvcc(monkeypatch):
-    """Without gptqmodel's sources or without nvcc, building the kernels fails with the command that fixes it."""
-    from importlib import metadata
+def test_marlin_sources_are_the_checked_archive_and_missing_tools_are_named(tmp_path, monkeypatch):
+    """The kernels are built only from gptqmodel's archive with the pinned sha256: a missing archive names the
+    command that fetches it, another archive is refused with both digests; without nvcc the error says so. The
+    extraction takes the Marlin sources and the ScalarType module alone."""
+    import io
+    import tarfile
+
+    from torch.utils import cpp_extension
 
     from harness.engines import marlin
 
-    def missing(name):
-        raise metadata.PackageNotFoundError(name)
-
-    with monkeypatch.context() as m:
-        m.setattr(metadata, "distribution", missing)
-        with pytest.raises(RuntimeError, match="pip install --no-deps gptqmodel==7.7.0"):
-            marlin.marlin_root()
-    from torch.utils import cpp_extension
-
+    monkeypatch.delenv("QLORA_MARLIN_SDIST", raising=False)
+    with pytest.raises(RuntimeError, match="pip download --no-deps gptqmodel==7.7.0 -d runs/_kernels"):
+        marlin.sdist(tmp_path)
+    archive = tmp_path / marlin.SDIST
+    with tarfile.open(archive, "w:gz") as tar:
+        for name in ("gptqmodel-7.7.0/gptqmodel_ext/marlin/gptq_marlin.cu", "gptqmodel-7.7.0/gptqmodel/__init__.py",
+                     "gptqmodel-7.7.0/gptqmodel/utils/marlin_scalar_type.py"):
+            info = tarfile.TarInfo(name)
+            info.size = len(name)
+            tar.addfile(info, io.BytesIO(name.encode()))
+    with pytest.raises(RuntimeError, match=f"sha256 [0-9a-f]{{64}}, not gptqmodel 7.7.0's {marlin.SDIST_SHA256}"):
+        marlin.sdist(tmp_path)
+    sources, types = marlin._extract(archive, tmp_path / "src")
+    assert [p.name for p in sources.iterdir()] == ["gptq_marlin.cu"] and types.is_file()
+    assert not (tmp_path / "src" / "gptqmodel-7.7.0" / "gptqmodel" / "__init__.py").exists()
     monkeypatch.setattr(cpp_extension, "CUDA_HOME", None)  # what torch found: none on this machine
     with pytest.raises(RuntimeError, match="put nvcc on the PATH or set CUDA_HOME"):
         marlin._nvcc()

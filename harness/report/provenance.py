@@ -17,7 +17,7 @@ __all__ = ["library_versions", "git_sha", "git_provenance", "device_kind", "devi
            "source_digest", "PROJECT_ROOT", "TRACKED_LIBRARIES"]
 
 TRACKED_LIBRARIES = ("torch", "transformers", "peft", "trl", "bitsandbytes", "datasets", "mistral-common",
-                     "accelerate", "huggingface_hub", "torchao", "gptqmodel")
+                     "accelerate", "huggingface_hub", "torchao")
 PROJECT_ROOT = Path(__file__).resolve().parents[2]  # runs/, the card and data/ live here, whatever pytest's rootdir
 _REPO_ROOT = PROJECT_ROOT
 SHA_ENV, SHA_FILE = "QLORA_GIT_SHA", ".git_sha"  # where a copy without .git (the GPU machine) gets its sha

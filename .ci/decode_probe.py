@@ -18,7 +18,6 @@ import traceback
 import torch
 
 sys.path.insert(0, os.getcwd())
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # .ci/marlin_ops.py
 from harness.engines.decoding import StaticGreedy  # noqa: E402
 from harness.engines.fused import FusedDecoder, FusedGreedy, fuse_projections_  # noqa: E402
 from harness.models.base import synthetic_config  # noqa: E402
@@ -122,8 +121,7 @@ def gemv_bench(model, projections):
                 ms = gemv_us(mod, k) / 1e3
                 bytes_read = n * k * (2 if cand == "bf16" else 1 if "int8" in cand else 0.5)
                 row = {"shape": shape_name, "n": n, "k": k, "candidate": cand, "us": ms * 1e3,
-                       "tb_s_weights": bytes_read / (ms / 1e3) / 1e12, "relative_error": error,
-                       "kernel_error": getattr(mod, "kernel_error", None)}
+                       "tb_s_weights": bytes_read / (ms / 1e3) / 1e12, "relative_error": error}
                 del mod
                 results["gemv"].append(row)
                 log(f"gemv {shape_name} {n}x{k} {cand}: {ms * 1e3:.1f} us, {row['tb_s_weights']:.2f} TB/s, "
@@ -232,20 +230,16 @@ def _torchao_int4(packing, fp8_activations=False):
     return make
 
 
-def _marlin(zero_points):
-    def make(lin):
-        from marlin_ops import MarlinInt4
+def _marlin(lin):
+    """The harness's own merged-int4 projection (Marlin, harness/engines/int4.py); its kernels built in /tmp."""
+    from harness.engines.int4 import quantize_linear
 
-        mod = MarlinInt4(lin, 128, zero_points)
-        log(f"marlin {tuple(lin.weight.shape)}: kernel error against its dequantized weight {mod.kernel_error:.3g}")
-        return mod
-    return make
+    return quantize_linear(lin, 128, os.environ.get("PROBE_KERNELS", "/tmp/probe-kernels"), check=True)
 
 
 QUANTIZERS = {
     "int4-g128": _gemlite_int4(128),
-    "int4-marlin": _marlin(True),
-    "int4-marlin-sym": _marlin(False),
+    "int4-marlin": _marlin,
     "int4-mslk-plain": _torchao_int4("plain"),
     "int4-mslk-shuffled": _torchao_int4("preshuffled"),
     "f8i4-mslk-shuffled": _torchao_int4("preshuffled", fp8_activations=True),

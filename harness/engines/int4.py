@@ -19,8 +19,9 @@ hidden size 576 takes 64 (``inference.int4_group_size``).
 
 The engine is a snapshot: it quantizes the variant merged into ``MergedBase`` when it is built, and later merges do
 not reach it. It checks its own kernel when it is built (``check_kernel``: each projection shape, at 1, 7 and 32
-rows, against the product with the dequantized weight) and refuses to run on a wrong or non-finite result. It decodes
-one prompt at a time: batch 1 is what it is for. On the CPU ``Int4Merged`` raises, saying so.
+rows, against the product with the dequantized weight) and refuses to run on a wrong or non-finite result. Marlin's
+kernel is a GEMM for any row count, so the engine batches prompts as ``merged`` does. On the CPU ``Int4Merged``
+raises, saying so.
 """
 
 from __future__ import annotations

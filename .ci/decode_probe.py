@@ -233,8 +233,9 @@ def _torchao_int4(packing, fp8_activations=False):
 def _marlin(lin):
     """The harness's own merged-int4 projection (Marlin, harness/engines/int4.py); its kernels built in /tmp."""
     from harness.engines.int4 import quantize_linear
+    from harness.engines.marlin import load
 
-    return quantize_linear(lin, 128, os.environ.get("PROBE_KERNELS", "/tmp/probe-kernels"), check=True)
+    return quantize_linear(lin, 128, load(os.environ.get("PROBE_KERNELS", "/tmp/probe-kernels")), check=True)
 
 
 QUANTIZERS = {

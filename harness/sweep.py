@@ -117,10 +117,11 @@ class Sweep:
         model is loaded, so a merged base never shares the GPU with training. A variant that fails keeps its
         error, raised when that variant is trained, loaded or evaluated: one variant's failure ends only it.
         A profile that times ``merged-int4`` starts building its kernels first, on the CPU beside the training."""
-        if "merged-int4" in self.profile.inference.speed_engines:
+        if "merged-int4" in self.profile.inference.speed_engines and not self.state.kernels_started:
             from .engines.marlin import build_in_background
 
             build_in_background(self.runs_dir / "_kernels")
+            self.state.kernels_started = True
         for name in self.state.selected if self.state.selected is not None else self.profile.variants:
             try:
                 self.train(name)

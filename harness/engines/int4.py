@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from .fused import FusedDecoder, FusedGreedy
-from .marlin import load, marlin_gemm
+from .marlin import Marlin, load, marlin_gemm
 
 __all__ = ["Int4Linear", "quantize", "quantize_linear", "check_kernel", "int4_projections", "Int4Merged"]
 
@@ -68,9 +68,9 @@ class Int4Linear(nn.Module):
     """A Linear's weight in Marlin's 4-bit layout: ``quantize``'s values repacked by Marlin's own repack op, scales
     and zero points in its tile order. Reads only ``qweight``, ``scales``, ``zeros`` and the lock ``workspace``."""
 
-    def __init__(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, dtype: torch.dtype, cache_dir: Path):
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, dtype: torch.dtype, marlin: Marlin):
         super().__init__()
-        marlin, device = load(cache_dir), q.device
+        device = q.device
         self.out_features, self.in_features = q.shape
         n = self.out_features
         no_perm = torch.empty(0, dtype=torch.int32, device=device)
@@ -89,7 +89,7 @@ class Int4Linear(nn.Module):
 
 
 @torch.no_grad()
-def quantize_linear(linear: nn.Linear, group_size: int, cache_dir: Path, check: bool = False) -> Int4Linear:
+def quantize_linear(linear: nn.Linear, group_size: int, marlin: Marlin, check: bool = False) -> Int4Linear:
     """A Marlin 4-bit module computing ``linear`` (read only), groups of ``group_size`` inputs. ValueError for a
     shape Marlin does not tile; with ``check``, ``check_kernel`` runs on the result."""
     out_features, in_features = linear.weight.shape
@@ -98,7 +98,7 @@ def quantize_linear(linear: nn.Linear, group_size: int, cache_dir: Path, check: 
                          f"({TILE} outputs and inputs) and groups of {group_size} inputs; choose a group size that "
                          f"divides every projection's input (inference.int4_group_size: 32, 64 or 128)")
     q, scale, zero = quantize(linear.weight, group_size)
-    module = Int4Linear(q, scale, zero, linear.weight.dtype, cache_dir)
+    module = Int4Linear(q, scale, zero, linear.weight.dtype, marlin)
     if check:
         check_kernel(module, ((q - zero.repeat_interleave(group_size, 1))
                               * scale.to(linear.weight.dtype).float().repeat_interleave(group_size, 1)))
@@ -124,12 +124,13 @@ def check_kernel(module: nn.Module, dequantized: torch.Tensor, rows: tuple[int, 
 
 def int4_projections(projections: nn.ModuleList, group_size: int, cache_dir: Path) -> nn.ModuleList:
     """4-bit copies of ``fuse_projections_``'s per-layer Linears; the bf16 ones are only read. ``cache_dir`` holds the
-    built kernels (harness/engines/marlin.py)."""
+    built kernels (harness/engines/marlin.py), loaded once here for every projection."""
+    marlin = load(cache_dir)
     out = nn.ModuleList()
     for i, layer in enumerate(projections):
         quantized = nn.Module()
         for name in PROJECTIONS:  # every layer has the same shapes: the first one's check covers the kernels
-            setattr(quantized, name, quantize_linear(getattr(layer, name), group_size, cache_dir, check=i == 0))
+            setattr(quantized, name, quantize_linear(getattr(layer, name), group_size, marlin, check=i == 0))
         out.append(quantized)
     torch.cuda.empty_cache()
     return out

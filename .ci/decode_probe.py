@@ -81,20 +81,17 @@ class FoldedCudnn(FloatBias):
             return super().attend(q, keys, values, mask)
         qg = q.reshape(rows, self.kv_heads, heads // self.kv_heads, dim)
         bias = self.bias(q, mask).expand(rows, self.kv_heads, heads // self.kv_heads, -1)
-        return F.scaled_dot_product_attention(qg, keys, values, attn_mask=bias).reshape(rows, heads, 1, dim)
+        return self.kernel(qg, keys, values, bias).reshape(rows, heads, 1, dim)
+
+    def kernel(self, q, keys, values, bias):
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=bias)
 
 
-class FoldedEfficient(FloatBias):
+class FoldedEfficient(FoldedCudnn):
     """As ``FoldedCudnn`` through the memory-efficient (CUTLASS) kernel."""
 
-    def attend(self, q, keys, values, mask):
-        rows, heads, steps, dim = q.shape
-        if steps != 1:
-            return super().attend(q, keys, values, mask)
-        qg = q.reshape(rows, self.kv_heads, heads // self.kv_heads, dim)
-        bias = self.bias(q, mask).expand(rows, self.kv_heads, heads // self.kv_heads, -1)
-        out = torch.ops.aten._scaled_dot_product_efficient_attention(qg, keys, values, bias, False)[0]
-        return out.reshape(rows, heads, 1, dim)
+    def kernel(self, q, keys, values, bias):
+        return torch.ops.aten._scaled_dot_product_efficient_attention(q, keys, values, bias, False)[0]
 
 
 class Flex(FusedDecoder):

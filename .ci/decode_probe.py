@@ -109,7 +109,29 @@ class Flex(FusedDecoder):
         return flex_attention(q, keys, values, score_mod=score_mod, enable_gqa=True)
 
 
-ATTENTION = {"": FusedDecoder, "-folded-cudnn": FoldedCudnn, "-folded-eff": FoldedEfficient, "-flex": Flex}
+class FlashSeqused(FusedDecoder):
+    """Decode attention through FlashAttention-2's varlen kernel (torch's ``_flash_attention_forward``), reading only
+    the cache slots written so far (``seqused_k``) instead of masking the rest: one row without left padding."""
+
+    def forward(self, ids, positions, cache_position, pad_mask, cache):
+        self._used = (cache_position[-1:] + 1).to(torch.int32)
+        return super().forward(ids, positions, cache_position, pad_mask, cache)
+
+    def attend(self, q, keys, values, mask):
+        rows, heads, steps, dim = q.shape
+        if steps != 1 or rows != 1:
+            return super().attend(q, keys, values, mask)
+        length = keys.shape[2]
+        cu_q = torch.tensor([0, 1], dtype=torch.int32, device=q.device)
+        cu_k = torch.tensor([0, length], dtype=torch.int32, device=q.device)
+        out = torch.ops.aten._flash_attention_forward(
+            q.reshape(1, heads, dim), keys[0].transpose(0, 1), values[0].transpose(0, 1), cu_q, cu_k, 1, length, 0.0,
+            False, False, seqused_k=self._used)[0]
+        return out.reshape(1, heads, 1, dim)
+
+
+ATTENTION = {"": FusedDecoder, "-folded-cudnn": FoldedCudnn, "-folded-eff": FoldedEfficient, "-flex": Flex,
+             "-flash": FlashSeqused}
 
 
 # --- Marlin options ---------------------------------------------------------------------------------------------

@@ -18,13 +18,13 @@ import statistics
 import sys
 import time
 import traceback
-from collections import defaultdict
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.getcwd())
+from harness.bench.decode import _kernels  # noqa: E402
 from harness.engines import marlin  # noqa: E402
 from harness.engines.fused import FusedDecoder, FusedGreedy, fuse_projections_  # noqa: E402
 from harness.engines.int4 import Int4Linear, int4_projections, quantize  # noqa: E402
@@ -185,18 +185,6 @@ def with_options(q_layers, bf16_layers, fp32_reduce, symmetric, lib):
 
 # --- measuring --------------------------------------------------------------------------------------------------
 
-def profiled(fn):
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    kernels: dict = defaultdict(lambda: [0.0, 0])
-    for e in prof.events():
-        if e.device_type == torch.autograd.DeviceType.CUDA:
-            kernels[e.name][0] += e.device_time_total
-            kernels[e.name][1] += 1
-    return kernels
-
-
 def time_engine(name, engine, prompt, reference=None, census=False):
     run = lambda: engine.generate([prompt], TOKENS, batch_size=1, fixed_length=True)  # noqa: E731
     t0 = time.perf_counter()
@@ -211,17 +199,17 @@ def time_engine(name, engine, prompt, reference=None, census=False):
         torch.cuda.synchronize()
         samples.append(time.perf_counter() - t)
     p50 = statistics.median(samples)
-    kernels = profiled(run)
-    gpu_us = sum(us for us, _ in kernels.values())
+    kernels = _kernels(run)  # name -> [ms, launches]
+    gpu_ms = sum(ms for ms, _ in kernels.values())
     launches = sum(n for _, n in kernels.values())
     agree = None if reference is None else sum(a == b for a, b in zip(out[0], reference[0])) / TOKENS
-    row = {"name": name, "p50_s": p50, "ms_per_token": p50 / TOKENS * 1e3, "kernel_ms_per_token": gpu_us / TOKENS / 1e3,
+    row = {"name": name, "p50_s": p50, "ms_per_token": p50 / TOKENS * 1e3, "kernel_ms_per_token": gpu_ms / TOKENS,
            "kernels_per_token": launches / TOKENS, "first_call_s": first, "min_s": min(samples), "max_s": max(samples),
            "agreement_vs_control": agree}
     results["tries"].append(row)
     if census:
         results["census"][name] = sorted(
-            ({"kernel": k[:160], "per_token": n / TOKENS, "us_per_token": us / TOKENS} for k, (us, n) in
+            ({"kernel": k[:160], "per_token": n / TOKENS, "us_per_token": ms * 1e3 / TOKENS} for k, (ms, n) in
              kernels.items()), key=lambda r: -r["us_per_token"])
         for r in results["census"][name][:40]:
             log(f"  {r['us_per_token']:8.1f} us/token  x{r['per_token']:6.1f}  {r['kernel']}")

@@ -5,7 +5,8 @@ harness/engines/ and is measured again by the user's GPU command (`bash .ci/gpu 
   QLORA_MARLIN_SDIST=<gptqmodel-7.7.0.tar.gz> OUT=/tmp/probe python .ci/decode_probe.py [try ...]
 
 Writes $OUT/decode-probe.json and prints a table last. Tries (the defaults, in order): the shipped engines and their
-attention replaced (``ATTENTION``), each bf16 (``fused-*``) and over Marlin's 4-bit projections (``int4-*``);
+attention replaced (``ATTENTION``), each bf16 (``fused-*``) and over Marlin's 4-bit projections (``int4-*``), a
+last suffix from ``INDUCTOR`` adding inductor options;
 ``census-*`` lists the kernels of one decoded token; ``gemv`` times each 4-bit projection alone under Marlin's
 options (``MARLIN``). Marlin's kernels are built in the background while the bf16 tries run.
 Earlier tries' candidates (gemlite, mslk, bitsandbytes) are in this file's history (a2494d1).
@@ -132,6 +133,11 @@ class FlashSeqused(FusedDecoder):
 
 ATTENTION = {"": FusedDecoder, "-folded-cudnn": FoldedCudnn, "-folded-eff": FoldedEfficient, "-flex": Flex,
              "-flash": FlashSeqused}
+
+# inductor options on top of the engine's (a name's last suffix): combo kernels launch independent kernels of one
+# graph (q-RoPE, k-RoPE with the k-cache write, the v-cache write) as one
+INDUCTOR = {"combo-mixed": {"combo_kernels": True, "combo_kernel_allow_mixed_sizes": 2},
+            "combo": {"combo_kernels": True}}
 
 
 # --- Marlin options ---------------------------------------------------------------------------------------------
@@ -282,6 +288,11 @@ def main(selected):
     def engine(name):
         kind, _, rest = name.partition("-")
         opts = {"bf16-reduce": (False, False), "sym": (True, True), "sym-bf16-reduce": (False, True)}
+        inductor = None
+        for suffix, options in INDUCTOR.items():
+            if rest.endswith(suffix):
+                rest, inductor = rest[:-len(suffix)].rstrip("-"), options
+                break
         attention = rest
         layers = projections
         if kind == "int4":
@@ -292,7 +303,7 @@ def main(selected):
                     layers = with_options(layers, projections, fp32_reduce, symmetric, state["lib"])
                     break
         decoder = ATTENTION["-" + attention if attention else ""](model, layers)
-        return FusedGreedy(model, decoder, Tok(), name, Cfg())
+        return FusedGreedy(model, decoder, Tok(), name, Cfg(), inductor_options=inductor)
 
     reference: dict = {}
     for name in selected:

@@ -135,9 +135,11 @@ ATTENTION = {"": FusedDecoder, "-folded-cudnn": FoldedCudnn, "-folded-eff": Fold
              "-flash": FlashSeqused}
 
 # inductor options on top of the engine's (a name's last suffix): combo kernels launch independent kernels of one
-# graph (q-RoPE, k-RoPE with the k-cache write, the v-cache write) as one
+# graph (q-RoPE, k-RoPE with the k-cache write, the v-cache write) as one; coordinate descent tunes inductor's own
+# kernels (norms, RoPE, SiLU; on bf16 it also decomposes the GEMVs, try 2: use it over Marlin's only)
 INDUCTOR = {"combo-mixed": {"combo_kernels": True, "combo_kernel_allow_mixed_sizes": 2},
-            "combo": {"combo_kernels": True}}
+            "combo-cdt": {"combo_kernels": True, "coordinate_descent_tuning": True},
+            "combo": {"combo_kernels": True}, "cdt": {"coordinate_descent_tuning": True}}
 
 
 # --- Marlin options ---------------------------------------------------------------------------------------------

@@ -15,7 +15,11 @@ Mistral-7B-shaped weights a projection's error is 0.10 relative, as torchao's HQ
 What is quantized: each layer's fused ``qkv``, ``o``, ``gate_up`` and ``down``. What is not: ``lm_head`` (its error
 lands directly on the logits whose top-2 gaps decide each greedy token), the embeddings (a gather of one row per
 token) and the norms. Marlin tiles outputs and inputs by 64 and takes groups of 32, 64 or 128 inputs: SmolLM2's
-hidden size 576 takes 64 (``inference.int4_group_size``).
+hidden size 576 takes 64 (``inference.int4_group_size``). Its thread tiles (inputs x outputs: 128x128, 64x128,
+128x64) need the outputs or the inputs to be a multiple of 128: a projection with neither gets zero output rows up to
+the next multiple of 128 (``marlin_rows``), sliced off its product. Without them Marlin's host code crashed the
+process on SmolLM2's q/k/v (960x576) and o (576x576), at groups 32 and 64 alike, while 3072x576, 576x1536, 1024x576
+and 1152x576 ran (H200, b0afe53); Mistral-7B's projections need none.
 
 The engine is a snapshot: it quantizes the variant merged into ``MergedBase`` when it is built, and later merges do
 not reach it. It checks its own kernel when it is built (``check_kernel``: each projection shape, at 1, 7 and 32
@@ -34,10 +38,12 @@ from torch import nn
 from .fused import FusedDecoder, FusedGreedy
 from .marlin import Marlin, load, marlin_gemm
 
-__all__ = ["Int4Linear", "quantize", "quantize_linear", "check_kernel", "int4_projections", "Int4Merged"]
+__all__ = ["Int4Linear", "marlin_rows", "quantize", "quantize_linear", "check_kernel", "int4_projections",
+           "Int4Merged"]
 
 PROJECTIONS = ("qkv", "o", "gate_up", "down")
 TILE = 64  # Marlin's smallest output and input tile
+THREAD_TILE = 128  # the outputs or the inputs must be a multiple of this (module doc)
 CHECK_ROWS = (1, 7, 32)  # one row, a prefill's odd count, and a full tile of rows
 CHECK_MAX_RELATIVE_ERROR = 5e-2  # Marlin against its own dequantized weight: 2.5-3.0e-3 (9-probe-marlin.json)
 SCALE_PERM = [i + 8 * j for i in range(8) for j in range(8)]  # Marlin's order of scales and zero points in a tile
@@ -56,6 +62,14 @@ def quantize(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch
     return q.reshape(out_features, in_features), scale.squeeze(-1), zero.squeeze(-1)
 
 
+def marlin_rows(out_features: int, in_features: int) -> int:
+    """The output rows Marlin computes for an ``out_features`` x ``in_features`` projection: ``out_features``, or the
+    next multiple of ``THREAD_TILE`` where neither size is one (module doc)."""
+    if out_features % THREAD_TILE == 0 or in_features % THREAD_TILE == 0:
+        return out_features
+    return -(-out_features // THREAD_TILE) * THREAD_TILE
+
+
 def _pack(values: torch.Tensor, dim: int) -> torch.Tensor:
     """Eight consecutive 4-bit values along ``dim`` (0 or 1) in one int32, the first in the low bits."""
     v = values.to(torch.int64)
@@ -66,13 +80,16 @@ def _pack(values: torch.Tensor, dim: int) -> torch.Tensor:
 
 class Int4Linear(nn.Module):
     """A Linear's weight in Marlin's 4-bit layout: ``quantize``'s values repacked by Marlin's own repack op, scales
-    and zero points in its tile order. Reads only ``qweight``, ``scales``, ``zeros`` and the lock ``workspace``."""
+    and zero points in its tile order. Reads only ``qweight``, ``scales``, ``zeros`` and the lock ``workspace``.
+    ``q`` may hold zero rows past ``out_features`` (``marlin_rows``): Marlin computes them, ``forward`` drops them."""
 
-    def __init__(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, dtype: torch.dtype, marlin: Marlin):
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, dtype: torch.dtype, marlin: Marlin,
+                 out_features: int | None = None):
         super().__init__()
         device = q.device
-        self.out_features, self.in_features = q.shape
-        n = self.out_features
+        self.rows, self.in_features = q.shape
+        self.out_features = out_features or self.rows
+        n = self.rows
         no_perm = torch.empty(0, dtype=torch.int32, device=device)
         self.qweight = marlin.ops.gptq_marlin_repack(_pack(q.t().contiguous(), 0), no_perm, self.in_features, n, 4)
         self.scales = scale.t().to(dtype).reshape(-1, len(SCALE_PERM))[:, SCALE_PERM].reshape(-1, n).contiguous()
@@ -84,24 +101,27 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = marlin_gemm(x.reshape(-1, self.in_features), self.qweight, self.scales, self.zeros, self.workspace,
-                          self.type_id, self.out_features)
-        return out.reshape(*x.shape[:-1], self.out_features)
+                          self.type_id, self.rows)
+        return out[:, :self.out_features].reshape(*x.shape[:-1], self.out_features)
 
 
 @torch.no_grad()
 def quantize_linear(linear: nn.Linear, group_size: int, marlin: Marlin, check: bool = False) -> Int4Linear:
-    """A Marlin 4-bit module computing ``linear`` (read only), groups of ``group_size`` inputs. ValueError for a
-    shape Marlin does not tile; with ``check``, ``check_kernel`` runs on the result."""
+    """A Marlin 4-bit module computing ``linear`` (read only), groups of ``group_size`` inputs, its output rows padded
+    as ``marlin_rows`` says. ValueError for a shape Marlin does not tile; with ``check``, ``check_kernel`` runs on
+    the result."""
     out_features, in_features = linear.weight.shape
     if in_features % group_size or in_features % TILE or out_features % TILE:
         raise ValueError(f"merged-int4: a {out_features}x{in_features} projection does not fit Marlin's tiles "
                          f"({TILE} outputs and inputs) and groups of {group_size} inputs; choose a group size that "
                          f"divides every projection's input (inference.int4_group_size: 32, 64 or 128)")
-    q, scale, zero = quantize(linear.weight, group_size)
-    module = Int4Linear(q, scale, zero, linear.weight.dtype, marlin)
+    pad = marlin_rows(out_features, in_features) - out_features
+    q, scale, zero = quantize(nn.functional.pad(linear.weight, (0, 0, 0, pad)), group_size)  # zero rows: q = zero = 0
+    module = Int4Linear(q, scale, zero, linear.weight.dtype, marlin, out_features)
     if check:
-        check_kernel(module, ((q - zero.repeat_interleave(group_size, 1))
-                              * scale.to(linear.weight.dtype).float().repeat_interleave(group_size, 1)))
+        dequantized = ((q - zero.repeat_interleave(group_size, 1))
+                       * scale.to(linear.weight.dtype).float().repeat_interleave(group_size, 1))
+        check_kernel(module, dequantized[:out_features])
     return module
 
 
@@ -148,5 +168,8 @@ class Int4Merged(FusedGreedy):
         quantized = int4_projections(projections, group, cache_dir)
         self.weights_gib = (torch.cuda.memory_allocated() - before) / 2**30
         super().__init__(merged_model, FusedDecoder(merged_model, quantized), tokenizer, "merged-int4", cfg)
-        self.note = (f"merged LoRA, decoder projections 4-bit (round-to-nearest, group {group}, Marlin kernels), "
-                     f"lm_head/embeddings {cfg.merged_dtype}; {self.note}")
+        padded = [f"{name} {m.out_features}x{m.in_features} as {m.rows} rows" for name in PROJECTIONS
+                  if (m := getattr(quantized[0], name)).rows != m.out_features]
+        self.note = (f"merged LoRA, decoder projections 4-bit (round-to-nearest, group {group}, Marlin kernels"
+                     + (f"; {', '.join(padded)}: Marlin needs outputs or inputs in 128s" if padded else "")
+                     + f"), lm_head/embeddings {cfg.merged_dtype}; {self.note}")

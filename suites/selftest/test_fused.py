@@ -169,6 +169,26 @@ def test_int4_quantize_rounds_each_group_to_16_levels_with_an_integer_zero_point
     assert (q.view(6, 2, 8).amin(-1) == 0).all() and (q.view(6, 2, 8).amax(-1) == 15).all()
 
 
+def test_int4_pads_outputs_to_marlins_tile_only_where_neither_size_is_a_multiple_of_128():
+    """``marlin_rows``: SmolLM2's q/k/v (960x576) and o (576x576), which crashed Marlin on the H200 (b0afe53), get
+    zero rows up to 1024 and 640; the shapes that ran there unpadded, and Mistral-7B's, keep their rows. The zero rows
+    quantize to zero, so the rows kept are the unpadded weight's. Mutation: padding on the outputs alone would pad
+    576x1536 (SmolLM2's down), which ran as it is."""
+    from harness.engines.int4 import marlin_rows, quantize
+
+    crashed = {(960, 576): 1024, (576, 576): 640}
+    ran = [(3072, 576), (576, 1536), (1024, 576), (1152, 576), (6144, 4096), (4096, 4096), (28672, 4096),
+           (4096, 14336)]
+    assert {shape: marlin_rows(*shape) for shape in crashed} == crashed
+    assert [marlin_rows(*shape) for shape in ran] == [out for out, _ in ran]
+    w = torch.randn(576, 576)
+    q, scale, zero = quantize(torch.nn.functional.pad(w, (0, 0, 0, marlin_rows(576, 576) - 576)), group_size=64)
+    padded = (q - zero.repeat_interleave(64, 1)) * scale.repeat_interleave(64, 1)
+    assert torch.equal(padded[576:], torch.zeros(64, 576))
+    q_alone, scale_alone, zero_alone = quantize(w, group_size=64)
+    assert torch.equal(q[:576], q_alone) and torch.equal(scale[:576], scale_alone)
+
+
 def test_int4_pack_puts_eight_values_a_word_the_first_in_the_low_bits():
     """``_pack`` along inputs (GPTQ's layout, which Marlin's repack reads) and along outputs (zero points): every
     value comes back from its word, 15 included in the sign bit. Mutation: shifting by ``4 * (7 - j)`` (the first

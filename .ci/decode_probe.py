@@ -163,6 +163,8 @@ class MarlinOpts(torch.nn.Module):
 
     def __init__(self, lin, source: torch.nn.Linear | None, fp32_reduce: bool, symmetric: bool, lib):
         super().__init__()
+        if lin.rows != lin.out_features:
+            raise ValueError("the probe's Marlin options take unpadded projections (Mistral-7B's): int4.marlin_rows")
         self.n, self.k, self.fp32_reduce = lin.out_features, lin.in_features, fp32_reduce
         self.qweight, self.scales, self.zeros, self.workspace, self.type_id = (lin.qweight, lin.scales, lin.zeros,
                                                                               lin.workspace, lin.type_id)

@@ -5,10 +5,10 @@ harness/engines/ and is measured again by the user's GPU command (`bash .ci/gpu 
   QLORA_MARLIN_SDIST=<gptqmodel-7.7.0.tar.gz> OUT=/tmp/probe python .ci/decode_probe.py [try ...]
 
 Writes $OUT/decode-probe.json and prints a table last. Tries (the defaults, in order): the shipped engines and their
-attention replaced (``ATTENTION``), each bf16 (``fused-*``) and over Marlin's 4-bit projections (``int4-*``), a
-last suffix from ``INDUCTOR`` adding inductor options;
+attention replaced (``ATTENTION``), each bf16 (``fused-*``) and over Marlin's 4-bit projections (``int4-*``, with
+Marlin's options as a suffix, ``MARLIN_OPTIONS``), a last suffix from ``INDUCTOR`` adding inductor options;
 ``census-*`` lists the kernels of one decoded token; ``gemv`` times each 4-bit projection alone under Marlin's
-options (``MARLIN``). Marlin's kernels are built in the background while the bf16 tries run.
+options (``gemv_bench``). Marlin's kernels are built in the background while the bf16 tries run.
 Earlier tries' candidates (gemlite, mslk, bitsandbytes) are in this file's history (a2494d1).
 """
 
@@ -140,6 +140,17 @@ ATTENTION = {"": FusedDecoder, "-folded-cudnn": FoldedCudnn, "-folded-eff": Fold
 INDUCTOR = {"combo-mixed": {"combo_kernels": True, "combo_kernel_allow_mixed_sizes": 2},
             "combo-cdt": {"combo_kernels": True, "coordinate_descent_tuning": True},
             "combo": {"combo_kernels": True}, "cdt": {"coordinate_descent_tuning": True}}
+
+# Marlin's options over the 4-bit projections (a suffix before the inductor one): (fp32_reduce, symmetric)
+MARLIN_OPTIONS = {"bf16-reduce": (False, False), "sym": (True, True), "sym-bf16-reduce": (False, True)}
+
+
+def split_suffix(rest: str, table: dict):
+    """``rest`` less the longest key of ``table`` it ends with, and that key's value (``rest`` and None if none)."""
+    for suffix in sorted(table, key=len, reverse=True):
+        if rest.endswith(suffix):
+            return rest[:-len(suffix)].rstrip("-"), table[suffix]
+    return rest, None
 
 
 # --- Marlin options ---------------------------------------------------------------------------------------------
@@ -291,21 +302,15 @@ def main(selected):
 
     def engine(name):
         kind, _, rest = name.partition("-")
-        opts = {"bf16-reduce": (False, False), "sym": (True, True), "sym-bf16-reduce": (False, True)}
-        inductor = None
-        for suffix, options in INDUCTOR.items():
-            if rest.endswith(suffix):
-                rest, inductor = rest[:-len(suffix)].rstrip("-"), options
-                break
-        attention = rest
+        rest, inductor = split_suffix(rest, INDUCTOR)
+        attention, marlin_options = split_suffix(rest, MARLIN_OPTIONS)
+        if marlin_options and kind != "int4":
+            raise ValueError(f"{name}: Marlin's options apply to int4-* tries only")
         layers = projections
         if kind == "int4":
             layers = int4_layers()
-            for suffix, (fp32_reduce, symmetric) in opts.items():
-                if rest.endswith(suffix):
-                    attention = rest[:-len(suffix)].rstrip("-")
-                    layers = with_options(layers, projections, fp32_reduce, symmetric, state["lib"])
-                    break
+            if marlin_options:
+                layers = with_options(layers, projections, *marlin_options, state["lib"])
         decoder = ATTENTION["-" + attention if attention else ""](model, layers)
         return FusedGreedy(model, decoder, Tok(), name, Cfg(), inductor_options=inductor)
 

@@ -2,7 +2,7 @@
 
 A failed allocation is ``torch.cuda.OutOfMemoryError`` when torch's allocator makes it, and a plain ``RuntimeError``
 when a CUDA library does: on an H200 filled to 4 MiB, r16's backward failed in cuBLAS creating its handle
-("CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`", results/h200/smollm2-135m-bf16/, c8dd8a0).
+("CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`", results/h200/smollm2-135m-bf16/c8dd8a0/).
 ``is_out_of_memory`` knows both.
 
 ``call_with_oom_guard(profile, "r16", "train", fn, ...)`` raises ``VariantOutOfMemory`` naming the variant, the

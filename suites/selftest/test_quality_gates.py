@@ -67,7 +67,7 @@ def _cost(engine_f1: list[float], merged_f1: list[float]) -> dict:
 
 def test_a_quantized_engine_that_answers_nothing_right_fails_its_loss_gate():
     """Mutation: the H200 run at c8dd8a0, where merged-int4 scored F1 0.0 against merged's 1.0 on r16's train split
-    (results/h200/smollm2-135m-bf16/): the cost was reported and passed; the gate fails it, naming the key."""
+    (results/h200/smollm2-135m-bf16/c8dd8a0/): the cost was reported and passed; the gate fails it, naming the key."""
     profile = load_profile("smollm2-135m-bf16")
     broken = {"r16": {"train": _cost([0.0] * 20, [1.0] * 20)}}
     failures = quantized_quality_failures(profile, broken)

@@ -441,9 +441,10 @@ def test_out_of_memory_ends_only_that_variant_with_a_message_naming_variant_phas
 
 
 def test_a_cuda_librarys_failed_allocation_is_an_out_of_memory_and_other_runtime_errors_are_not():
-    """On the H200 (c8dd8a0, results/h200/smollm2-135m-bf16/) a full device failed r16's backward inside cuBLAS, as
-    a plain RuntimeError, and the guard let it through raw. It is an OOM like torch's own; any other RuntimeError
-    still passes through unchanged (mutation: a guard taking every RuntimeError for an OOM fails the second half)."""
+    """On the H200 (c8dd8a0, results/h200/smollm2-135m-bf16/c8dd8a0/) a full device failed r16's backward inside
+    cuBLAS, as a plain RuntimeError, and the guard let it through raw. It is an OOM like torch's own; any other
+    RuntimeError still passes through unchanged (mutation: a guard taking every RuntimeError for an OOM fails the second
+    half)."""
     from harness.config.profiles import load_profile
     from harness.train.oom import VariantOutOfMemory, call_with_oom_guard
 

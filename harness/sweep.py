@@ -12,8 +12,10 @@ The phases are explicit: ``train`` and ``train_selected`` are the only methods t
 ``parity`` and the latency calls use adapters already trained, and say so when one is missing. One model is resident at a time. With
 ``inference.engine: merged`` one dequantized base serves the whole sweep, so ``train_selected`` trains every
 selected adapter before the first ``load`` (no training then shares the GPU with it), and each variant is merged
-into the base in turn. The session's lazy state is a ``SweepState``; what it records beside the scores is
-``harness.report.recording``.
+into the base in turn. Before anything compiles, ``train`` and ``load`` load inductor's artifacts kept in
+``runs/_compile/`` under the session's key (``restore_compiled``), and ``save`` keeps what the session compiled; the
+first-call figures say whether artifacts were loaded. The session's lazy state is a ``SweepState``; what it records
+beside the scores is ``harness.report.recording``.
 """
 
 from __future__ import annotations
@@ -90,6 +92,16 @@ class Sweep:
         """The variants this session will run: ``train_selected`` trains these (default: all of the profile's)."""
         self.state.selected = [v for v in self.profile.variants if v in set(names)]
 
+    def restore_compiled(self) -> dict[str, Any]:
+        """Load inductor's artifacts kept under this session's key in ``runs/_compile/``, once, before anything
+        compiles (``harness.engines.compile_cache``; ``train`` and ``load`` call it). Returns the label recorded beside
+        each first-call time; ``save`` keeps what the session compiled."""
+        if self.state.compile_cache is None:
+            from .engines.compile_cache import restore
+
+            self.state.compile_cache = restore(self.runs_dir, self.profile)
+        return self.state.compile_cache
+
     def train(self, name: str) -> tuple[Path, dict[str, Any]] | None:
         """The one place that decides to train: reuse a complete artifact under the variant's key, unless
         ``retrain`` asks for a fresh one and this session has not trained it yet. Returns (artifact dir, manifest),
@@ -98,6 +110,7 @@ class Sweep:
         s = self.state
         if self.profile.variant(name).is_baseline:
             return None
+        self.restore_compiled()
         if name in s.adapter_errors:
             raise s.adapter_errors[name]
         if name not in s.adapters:
@@ -208,7 +221,8 @@ class Sweep:
         figures = {**summarize_samples(samples, self.profile.latency.max_new_tokens, load_before, load_after),
                    "warmup_rounds": self.profile.latency.warmup_rounds, "prompt_id": self.latency_example().id,
                    "engine": engine.name, "engine_note": engine.note, "compiled": engine.compiled,
-                   "first_call_s": dict(engine.compile_s), "timer": timer}
+                   "first_call_s": dict(engine.compile_s), "compile_cache": self.state.compile_cache,
+                   "timer": timer}
         gate = latency_gate(self.profile, name, figures["p50_s"], device_name())
         figures["failures"] = gate["failures"]
         record_variant(self.recorder, loaded)
@@ -241,12 +255,17 @@ class Sweep:
         return EngineComparison(self)
 
     def save(self, card: bool = True) -> dict[str, Any]:
-        """Merge this session's figures into ``runs/<profile>/results.json`` and, with ``card``, into the card."""
+        """Merge this session's figures into ``runs/<profile>/results.json`` and, with ``card``, into the card; then
+        keep what the session compiled in ``runs/_compile/``."""
         figures = self.recorder.figures
         results = save_results(results_path(self.runs_dir, self.profile.name), self.profile, figures,
                                self.recorder.data_fingerprint)
         if card and self.card is not None and figures:
             self.write_card(figures)
+        if self.state.compile_cache is not None:  # after the figures: a cache that cannot be written loses none
+            from .engines.compile_cache import keep
+
+            keep(self.runs_dir, self.profile, self.state.compile_cache, self.recorder.session_id)
         return results
 
     def write_card(self, figures: dict[str, dict[str, Any]]) -> None:
@@ -280,6 +299,7 @@ class Sweep:
         s = self.state
         if s.loaded is not None and s.loaded.variant.name == name:
             return s.loaded
+        self.restore_compiled()
         self.release()
         variant = self.profile.variant(name)
         path, manifest = (None, {}) if variant.is_baseline else self.adapter(name)

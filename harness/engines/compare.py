@@ -132,7 +132,8 @@ class EngineComparison:
         engine = self._engines[name]
         figures = {**summarize_samples(samples, self.profile.latency.max_new_tokens, load_before, load_after),
                    "engine": name, "note": engine.note, "compiled": engine.compiled,
-                   "first_call_s": dict(engine.compile_s), "variant": self.variant,
+                   "first_call_s": dict(engine.compile_s), "compile_cache": self.sweep.state.compile_cache,
+                   "variant": self.variant,
                    "prompt_id": self.sweep.latency_example().id}
         if torch.cuda.is_available():
             weights = self._weights_gib[name] or 0.0

@@ -217,6 +217,7 @@ def _speed_table(results: dict[str, Any]) -> list[str]:
     busy = [f"‡ `{engine}`: timed on a busy machine ({f.get('busy_reason')}); its p50 and the ratios on it are not "
             f"the code's speed." for engine, f in speed.items() if isinstance(f, dict) and f.get("busy")]
     out += [""] + busy if busy else []
+    out += _compile_cache_note(speed)
     for key, par in speed.items():
         if key.startswith("parity") and isinstance(par, dict):
             out += ["", f"Parity of `{par.get('candidate', 'merged')}` against the seed path ({par['prompts']} "
@@ -230,6 +231,19 @@ def _speed_table(results: dict[str, Any]) -> list[str]:
         if key.startswith("quality_") and not key.endswith("_gate") and isinstance(per_variant, dict):
             out += [""] + _quality_cost(per_variant, speed.get(f"{key}_gate"))
     return out
+
+
+def _compile_cache_note(speed: dict[str, Any]) -> list[str]:
+    """One line when the session loaded inductor's artifacts saved by an earlier one: its first calls then time
+    loading them and capturing CUDA graphs, not compiling (harness.engines.compile_cache)."""
+    label = next((f["compile_cache"] for f in speed.values() if isinstance(f, dict)
+                  and (f.get("compile_cache") or {}).get("loaded")), None)
+    if label is None:
+        return []
+    saved = label.get("saved") or {}
+    return ["", f"First calls with inductor's compiled artifacts loaded from `runs/_compile/` (key `{label['key']}`, "
+                f"saved {saved.get('time', 'n/a')} by git `{str(saved.get('git_sha', 'n/a'))[:12]}`): they time the "
+                f"loading and the CUDA-graph capture, not a compile."]
 
 
 def _cost_gate(gate: dict[str, Any] | None) -> str:

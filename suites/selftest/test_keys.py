@@ -3,10 +3,14 @@ harness code made it. Each test changes one input and asserts the key, stamp or 
 
 from __future__ import annotations
 
+import json
 import subprocess
+import sys
+import types
 
 import pytest
 
+import harness.engines.compile_cache as compile_cache
 import harness.measure.predictions as predictions
 import harness.train.adapters as variants
 from fixtures.user_runs import REPO, write_profile
@@ -133,3 +137,71 @@ def test_every_stamp_carries_the_code_digest():
 
     recorder = ResultsRecorder(load_profile("tiny"), "fp")
     assert recorder.stamp()["code_digest"] == code_digest() and len(code_digest()) == 16
+
+
+# -- inductor's compiled artifacts, kept in runs/_compile/ (harness.engines.compile_cache) ----------------------------
+
+def _key(profile):
+    return compile_cache.cache_key(compile_cache.key_parts(profile))
+
+
+@pytest.mark.parametrize("change", ["code", "torch", "triton", "transformers", "device", "config"])
+def test_the_compile_cache_key_follows_code_libraries_device_and_config(monkeypatch, tmp_path, change):
+    """Artifacts compiled by other harness code, another torch or Triton, for another GPU or another profile config
+    must never be loaded: each changes the key."""
+    profile = load_profile("tiny")
+    before = _key(profile)
+    if change == "code":  # an edit to any harness module
+        edited = tmp_path / "decoding.py"
+        edited.write_text("# an edited decode step\n")
+        monkeypatch.setattr(compile_cache, "SOURCES", compile_cache.SOURCES + (edited,))
+    elif change in ("torch", "transformers"):
+        monkeypatch.setattr(compile_cache, "library_versions", _with(artifacts.library_versions, **{change: "0.0.1"}))
+    elif change == "triton":
+        monkeypatch.setitem(sys.modules, "triton", types.SimpleNamespace(__version__="0.0.1"))
+    elif change == "device":
+        monkeypatch.setattr(compile_cache, "device_kind", lambda: "cuda:NVIDIA H100 80GB HBM3")
+    else:
+        profile = load_profile("smollm2-135m")
+    assert _key(profile) != before
+
+
+def test_compiled_artifacts_round_trip_under_their_key_and_never_load_under_another(monkeypatch, tmp_path):
+    """A real compile (inductor on the CPU) is kept and loaded back, labelled with who saved it. Mutations: the same
+    file under another torch version, and a file whose bytes are not the ones its description hashed, are not
+    loaded; a session that compiled nothing beyond what it loaded writes nothing."""
+    import torch
+
+    profile, runs = load_profile("tiny"), tmp_path / "runs"
+    step = torch.compile(lambda x: torch.nn.functional.silu(x) * 2, fullgraph=True)
+    step(torch.randn(4, 8))
+    assert compile_cache.keep(runs, profile, {"loaded": False}, "session-a")
+    bin_path, meta_path = compile_cache.paths(runs, profile, _key(profile))
+    assert bin_path.is_file() and json.loads(meta_path.read_text())["saved"]["session"] == "session-a"
+
+    label = compile_cache.restore(runs, profile)
+    assert label["loaded"] and label["key"] == _key(profile)[:16] and label["saved"]["session"] == "session-a"
+    assert label["artifacts"].get("inductor", 0) >= 1
+    assert not compile_cache.keep(runs, profile, label, "session-b")  # nothing new: the file stays session-a's
+    assert json.loads(meta_path.read_text())["saved"]["session"] == "session-a"
+
+    with monkeypatch.context() as m:
+        m.setattr(compile_cache, "library_versions", _with(artifacts.library_versions, torch="0.0.1"))
+        assert compile_cache.restore(runs, profile) == {"key": _key(profile)[:16], "loaded": False}
+    meta = json.loads(meta_path.read_text())  # a writer killed between the two renames: the description is another's
+    meta_path.write_text(json.dumps({**meta, "sha256": "0" * 64}))
+    assert not compile_cache.restore(runs, profile)["loaded"]
+
+
+def test_the_card_says_when_first_calls_loaded_compiled_artifacts():
+    label = {"key": "0123456789abcdef", "loaded": True, "artifacts": {"inductor": 3},
+             "saved": {"session": "s", "git_sha": SHA, "time": "2026-12-03T16:00:00Z"}}
+    speed = {"merged": {"p50_s": 0.6, "p95_s": 0.61, "compiled": True, "first_call_s": {"1x256": 4.7},
+                        "compile_cache": label, "rounds": 10}}
+    results = {"profile": "tiny", "variant_order": ["r16"], "eval_splits": ["validation"], "show_quality": True,
+               "variants": {"r16": {"speed": speed}}}
+    text = render_section(results)
+    assert ("First calls with inductor's compiled artifacts loaded from `runs/_compile/` (key `0123456789abcdef`, "
+            "saved 2026-12-03T16:00:00Z by git `0123456789ab`)") in text
+    speed["merged"]["compile_cache"] = {**label, "loaded": False}
+    assert "runs/_compile" not in render_section(results)

@@ -286,6 +286,17 @@ def pytest_runtest_call(item: pytest.Item):
     pytest.fail(message, pytrace=False)
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item: pytest.Item, nextitem):
+    """After each test, what the session measured so far goes to disk (``Sweep.save_progress``): a process that dies
+    natively later, or a run interrupted by its deadline, keeps it."""
+    try:
+        return (yield)
+    finally:
+        if SWEEP_KEY in item.config.stash:
+            item.config.stash[SWEEP_KEY].save_progress()
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     config = session.config
     if SWEEP_KEY not in config.stash or exitstatus == pytest.ExitCode.INTERRUPTED:

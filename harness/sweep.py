@@ -39,7 +39,8 @@ from .measure.timing import machine_load, summarize_samples
 from .models.revision import pin_revision
 from .report.provenance import PROJECT_ROOT, device_name
 from .report.recording import record_eval, record_variant
-from .report.results import ResultsRecorder, card_results_path, results_path, save_results
+from .report.atomic import atomic_write_json
+from .report.results import ResultsRecorder, card_results_path, merge_results, results_path, save_results
 from .sweep_state import Loaded, SweepState
 from .train.adapters import ensure_adapter
 from .train.oom import VariantOutOfMemory, call_with_oom_guard
@@ -262,11 +263,24 @@ class Sweep:
                                self.recorder.data_fingerprint)
         if card and self.card is not None and figures:
             self.write_card(figures)
+        self._progress_path().unlink(missing_ok=True)
         if self.state.compile_cache is not None:  # after the figures: a cache that cannot be written loses none
             from .engines.compile_cache import keep
 
             keep(self.runs_dir, self.profile, self.state.compile_cache, self.recorder.session_id)
         return results
+
+    def save_progress(self) -> Path | None:
+        """This session's figures so far, as a results file of their own,
+        ``runs/<profile>/progress-<session>-<pid>.json``: rewritten (atomically) after each test by the plugin and
+        removed by ``save``. A process that dies natively (a kernel's segmentation fault) or is interrupted leaves
+        what it measured there; ``results.json`` and the card change only in ``save``, as before."""
+        if not self.recorder:
+            return None
+        path = self._progress_path()
+        atomic_write_json(path, merge_results({"variants": {}}, self.profile, self.recorder.figures,
+                                              self.recorder.data_fingerprint))
+        return path
 
     def write_card(self, figures: dict[str, dict[str, Any]]) -> None:
         from .report.card import write_card
@@ -371,6 +385,10 @@ class Sweep:
                 raise
 
         return s.merged
+
+    def _progress_path(self) -> Path:
+        return results_path(self.runs_dir, self.profile.name).with_name(
+            f"progress-{self.recorder.session_id}-{os.getpid()}.json")
 
     def eval_key(self) -> str:
         """What stored predictions must match to be paired (``harness.predictions.eval_key_parts``)."""

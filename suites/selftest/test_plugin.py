@@ -3,6 +3,8 @@ run that measured nothing fails."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -36,6 +38,46 @@ def test_oom_in_a_test_body_ends_that_variant_with_one_message_and_no_other(pyte
                                  "*test_generates[[]r8[]]*", f"{message}*"])  # each section: the message alone
     assert output.count("vram_ceilings_gib.inference.r8 = 3.0 GiB") >= 2 and "Traceback" not in output
     assert not (tmp_path / "runs" / "tiny" / "results.json").exists() and not (tmp_path / "MODEL_CARD.md").exists()
+
+
+# r8's second test kills the process the way a kernel's segmentation fault does: no teardown, no sessionfinish.
+DIES_NATIVELY = """
+import os
+
+from harness.plugin import SWEEP_KEY
+
+def test_measures(pytestconfig, variant_name):
+    pytestconfig.stash[SWEEP_KEY].recorder.record(variant_name, "latency", {"p50_s": 0.5, "p95_s": 0.6})
+
+def test_dies(variant_name):
+    if variant_name == "r8":
+        os.abort()
+"""
+
+
+def test_a_session_that_dies_natively_keeps_what_it_measured_in_its_progress_file(pytester, tmp_path):
+    """The H200 run at b0afe53 lost 31 passed tests' figures to a segmentation fault in a kernel: results.json and the
+    card are written at the session's end, which never came. Each test's figures now reach a progress file first;
+    results.json and the card stay untouched (mutation: without the plugin's teardown hook there is no file)."""
+    runs = tmp_path / "runs"
+    pytester.makepyfile(test_dies=DIES_NATIVELY)
+    result = pytester.runpytest_subprocess("--profile", str(quick_profile(tmp_path / "p")), "--runs-dir", str(runs),
+                                           "--card", str(tmp_path / "MODEL_CARD.md"), "-p", "no:cacheprovider")
+    assert result.ret not in (0, 1), result.stdout.str()  # killed by SIGABRT, not a test failure
+    (progress,) = (runs / "tiny").glob("progress-*.json")
+    measured = json.loads(progress.read_text())["variants"]
+    assert {v for v in measured if measured[v].get("latency", {}).get("p50_s") == 0.5} == {"baseline", "r8"}
+    assert not (runs / "tiny" / "results.json").exists() and not (tmp_path / "MODEL_CARD.md").exists()
+
+
+def test_a_session_that_ends_removes_its_progress_file(pytester, tmp_path):
+    runs = tmp_path / "runs"
+    pytester.makepyfile(test_ends=DIES_NATIVELY.replace("os.abort()", "pass"))
+    result = pytester.runpytest("--profile", str(quick_profile(tmp_path / "p")), "--runs-dir", str(runs),
+                                "--no-card", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=8)
+    assert not list((runs / "tiny").glob("progress-*.json"))
+    assert json.loads((runs / "tiny" / "results.json").read_text())["variants"]["r32"]["latency"]["p50_s"] == 0.5
 
 
 def test_latency_runs_below_one_is_a_usage_error(pytester):

@@ -37,10 +37,9 @@ from .measure.predictions import eval_key, eval_key_parts, predictions_path, rea
 from .measure.quality_compare import regressions_against
 from .measure.timing import machine_load, summarize_samples
 from .models.revision import pin_revision
-from .report.atomic import atomic_write_json
 from .report.provenance import PROJECT_ROOT, device_name
 from .report.recording import record_eval, record_variant
-from .report.results import ResultsRecorder, card_results_path, merge_results, results_path, save_results
+from .report.results import ResultsRecorder, card_results_path, results_path, save_progress, save_results
 from .sweep_state import Loaded, SweepState
 from .train.adapters import ensure_adapter
 from .train.oom import VariantOutOfMemory, call_with_oom_guard
@@ -270,19 +269,13 @@ class Sweep:
             keep(self.runs_dir, self.profile, self.state.compile_cache, self.recorder.session_id)
         return results
 
-    def save_progress(self) -> Path | None:
+    def save_progress(self) -> None:
         """This session's figures so far, as a results file of their own,
         ``runs/<profile>/progress-<session>-<pid>.json``: rewritten (atomically) after each test by the plugin and
         removed by ``save``. A process that dies natively (a kernel's segmentation fault) or is interrupted leaves
         what it measured there; ``results.json`` and the card change only in ``save``, as before. Nothing recorded
         (or all of it discarded): no file."""
-        path = self._progress_path()
-        if not self.recorder:
-            path.unlink(missing_ok=True)
-            return None
-        atomic_write_json(path, merge_results({"variants": {}}, self.profile, self.recorder.figures,
-                                              self.recorder.data_fingerprint))
-        return path
+        save_progress(self._progress_path(), self.profile, self.recorder.figures, self.recorder.data_fingerprint)
 
     def write_card(self, figures: dict[str, dict[str, Any]]) -> None:
         from .report.card import write_card

@@ -27,7 +27,7 @@ from .atomic import atomic_write_json, file_lock
 from .provenance import device_name, git_provenance, library_versions, source_digest
 
 __all__ = ["ResultsRecorder", "load_results", "results_path", "card_results_path", "merge_results", "save_results",
-           "session_sections", "new_session_id", "code_digest", "SECTIONS"]
+           "save_progress", "session_sections", "new_session_id", "code_digest", "SECTIONS"]
 
 SECTIONS = ("info", "quality", "gates", "parity", "latency", "memory", "training", "speed")
 
@@ -137,6 +137,14 @@ def save_results(path: Path, profile: Profile, figures: dict[str, dict[str, Any]
         merged = merge_results(load_results(path), profile, figures, data_fingerprint)
         atomic_write_json(path, merged)
     return merged
+
+
+def save_progress(path: Path, profile: Profile, figures: dict[str, dict[str, Any]], data_fingerprint: str) -> None:
+    """A session's figures so far as a results file of their own at ``path`` (atomic); no figures: no file."""
+    if not figures:
+        Path(path).unlink(missing_ok=True)
+        return
+    atomic_write_json(path, merge_results({"variants": {}}, profile, figures, data_fingerprint))
 
 
 def session_sections(results: dict[str, Any], session_id: str) -> dict[str, dict[str, Any]]:

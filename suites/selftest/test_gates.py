@@ -61,6 +61,7 @@ def test_the_latency_gate_passes_the_measured_p50_and_fails_a_ceiling_under_it()
     assert latency_failures(profile, "r16", p50, H100) == []
     assert latency_failures(profile, "r16", H200_P50_S, H200) == []
     assert latency_failures(profile, "r16", H200_P50_S * 1.1, H200) != []  # a 10% slowdown fails on a first run
+    assert latency_failures(profile, "r16", p50 * 1.1, H100) != []
     assert latency_failures(profile, "r16", p50, H200) != []  # the H100's speed on an H200 is a regression
     tight = _with(profile, "latency", max_p50_s={"H100": 0.85})
     [failure] = latency_failures(tight, "r16", p50, H100)

@@ -12,10 +12,8 @@ The phases are explicit: ``train`` and ``train_selected`` are the only methods t
 ``parity`` and the latency calls use adapters already trained, and say so when one is missing. One model is resident at a time. With
 ``inference.engine: merged`` one dequantized base serves the whole sweep, so ``train_selected`` trains every
 selected adapter before the first ``load`` (no training then shares the GPU with it), and each variant is merged
-into the base in turn. Before anything compiles, ``train`` and ``load`` load inductor's artifacts kept in
-``runs/_compile/`` under the session's key (``restore_compiled``), and ``save`` keeps what the session compiled; the
-first-call figures say whether artifacts were loaded. The session's lazy state is a ``SweepState``; what it records
-beside the scores is ``harness.report.recording``.
+into the base in turn. Compiled artifacts are kept between sessions (``restore_compiled``, ``save``). The session's
+lazy state is a ``SweepState``; what it records beside the scores is ``harness.report.recording``.
 """
 
 from __future__ import annotations
@@ -93,9 +91,8 @@ class Sweep:
         self.state.selected = [v for v in self.profile.variants if v in set(names)]
 
     def restore_compiled(self) -> dict[str, Any]:
-        """Load inductor's artifacts kept under this session's key in ``runs/_compile/``, once, before anything
-        compiles (``harness.engines.compile_cache``; ``train`` and ``load`` call it). Returns the label recorded beside
-        each first-call time; ``save`` keeps what the session compiled."""
+        """Load inductor's artifacts kept under this session's key in ``runs/_compile/`` once, before anything compiles
+        (``harness.engines.compile_cache``; ``train`` and ``load`` call it); returns the label set beside first calls."""
         if self.state.compile_cache is None:
             from .engines.compile_cache import restore
 
@@ -255,8 +252,7 @@ class Sweep:
         return EngineComparison(self)
 
     def save(self, card: bool = True) -> dict[str, Any]:
-        """Merge this session's figures into ``runs/<profile>/results.json`` and, with ``card``, into the card; then
-        keep what the session compiled in ``runs/_compile/``."""
+        """Merge this session's figures into ``runs/<profile>/results.json`` (and the card); keep what it compiled."""
         figures = self.recorder.figures
         results = save_results(results_path(self.runs_dir, self.profile.name), self.profile, figures,
                                self.recorder.data_fingerprint)
@@ -270,11 +266,8 @@ class Sweep:
         return results
 
     def save_progress(self) -> None:
-        """This session's figures so far, as a results file of their own,
-        ``runs/<profile>/progress-<session>-<pid>.json``: rewritten (atomically) after each test by the plugin and
-        removed by ``save``. A process that dies natively (a kernel's segmentation fault) or is interrupted leaves
-        what it measured there; ``results.json`` and the card change only in ``save``, as before. Nothing recorded
-        (or all of it discarded): no file."""
+        """This session's figures so far in ``runs/<profile>/progress-<session>-<pid>.json``, rewritten after each test
+        and removed by ``save``: a process that dies natively or is interrupted leaves what it measured there."""
         save_progress(self._progress_path(), self.profile, self.recorder.figures, self.recorder.data_fingerprint)
 
     def write_card(self, figures: dict[str, dict[str, Any]]) -> None:

@@ -91,8 +91,8 @@ class Sweep:
         self.state.selected = [v for v in self.profile.variants if v in set(names)]
 
     def restore_compiled(self) -> dict[str, Any]:
-        """Load inductor's artifacts kept under this session's key in ``runs/_compile/`` once, before anything compiles
-        (``harness.engines.compile_cache``; ``train`` and ``load`` call it); returns the label set beside first calls."""
+        """Load the compiled artifacts kept under this session's key in ``runs/_compile/`` once, before anything
+        compiles (``harness.engines.compile_cache``; ``train`` and ``load`` call it); returns their label."""
         if self.state.compile_cache is None:
             from .engines.compile_cache import restore
 

@@ -12,8 +12,9 @@ the key, its parts, the bin's sha256 and who saved it: a bin whose sha256 does n
 the two renames) is not loaded either.
 
 Under pytest-xdist each worker keeps what its own variants compiled, and the last writer's file stands: a later session
-loads that part and compiles the rest. What was loaded is said with the figures it shortens: ``restore`` returns a label (key, loaded or not, and the
-session, time and git sha that saved the file), which the sweep records beside each engine's first-call time.
+loads that part and compiles the rest. What was loaded is said with the figures it shortens: ``restore`` returns a
+label (key, loaded or not, and the session, time and git sha that saved the file), which the sweep records beside each
+engine's first-call time.
 """
 
 from __future__ import annotations

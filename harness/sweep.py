@@ -29,12 +29,13 @@ from .config.schema import Profile
 from .data.dataset import fingerprint
 from .data.prompt import encode_prompt
 from .measure.evaluate import SplitScores, compare_to_baseline, score_split
-from .measure.gates import latency_gate, quality_failures, vram_failures
+from .measure import latency
+from .measure.gates import quality_failures, vram_failures
 from .measure.memory import free_memory, peak_memory, reset_peak_memory
 from .measure.predictions import eval_key, eval_key_parts, predictions_path, read_matching, write_predictions
 from .measure.quality_compare import regressions_against
-from .measure.timing import machine_load, summarize_samples
 from .models.revision import pin_revision
+from .report.phases import log_to, timed
 from .report.provenance import PROJECT_ROOT, device_name
 from .report.recording import record_eval, record_variant
 from .report.results import ResultsRecorder, card_results_path, results_path, save_progress, save_results
@@ -92,11 +93,14 @@ class Sweep:
 
     def restore_compiled(self) -> dict[str, Any]:
         """Load the compiled artifacts kept under this session's key in ``runs/_compile/`` once, before anything
-        compiles (``harness.engines.compile_cache``; ``train`` and ``load`` call it); returns their label."""
+        compiles (``harness.engines.compile_cache``; ``train`` and ``load`` call it); returns their label. From
+        then on the session's phases (loads, trainings, compiles) are logged to ``runs/<profile>/phases.log``."""
         if self.state.compile_cache is None:
             from .engines.compile_cache import restore
 
-            self.state.compile_cache = restore(self.runs_dir, self.profile)
+            log_to(results_path(self.runs_dir, self.profile.name).with_name("phases.log"))
+            with timed("compile-cache", "load"):
+                self.state.compile_cache = restore(self.runs_dir, self.profile)
         return self.state.compile_cache
 
     def train(self, name: str) -> tuple[Path, dict[str, Any]] | None:
@@ -185,8 +189,9 @@ class Sweep:
 
         loaded, inf = self.load(name), self.profile.inference
         adapter_dir = None if loaded.variant.is_baseline else self.adapter(name)[0] / "adapter"
-        reference = self._guard(name, "inference", load_nf4_with_adapter, self.profile, adapter_dir,
-                                self.runs_dir / "_models")
+        with timed("model-load", f"{name}: parity reference"):
+            reference = self._guard(name, "inference", load_nf4_with_adapter, self.profile, adapter_dir,
+                                    self.runs_dir / "_models")
         try:
             result = self._guard(name, "inference", parity, HFGreedy(reference, self.tokenizer),
                                  self.load(name).engine, self.tokenizer, self.eval_prompts(), inf.parity_new_tokens,
@@ -204,45 +209,18 @@ class Sweep:
         return result, failures
 
     def decode_call(self, name: str) -> Callable[[], list[list[int]]]:
-        """One timed unit of the latency benchmark: greedy-decode the fixed prompt to exactly
-        ``latency.max_new_tokens`` tokens with ``name`` loaded. A recompilation inside it is an error."""
-        from .engines.decoding import timed_round
-
-        return timed_round(self.load(name).engine, self.latency_prompt(), self.profile.latency.max_new_tokens)
+        """One timed unit of the latency benchmark (``harness.measure.latency``): the fixed prompt greedy-decoded
+        to exactly ``latency.max_new_tokens`` tokens with ``name`` loaded."""
+        return latency.decode_call(self, name)
 
     def record_latency(self, name: str, samples: list[float], load_before: dict, load_after: dict,
                        timer: str = "pytest-benchmark") -> dict[str, Any]:
         """Summarize timed rounds of ``decode_call(name)`` (p50/p95, spread, machine load) and record them."""
-        loaded = self.load(name)
-        engine = loaded.engine
-        figures = {**summarize_samples(samples, self.profile.latency.max_new_tokens, load_before, load_after),
-                   "warmup_rounds": self.profile.latency.warmup_rounds, "prompt_id": self.latency_example().id,
-                   "engine": engine.name, "engine_note": engine.note, "compiled": engine.compiled,
-                   "first_call_s": dict(engine.compile_s), "compile_cache": self.state.compile_cache,
-                   "timer": timer}
-        gate = latency_gate(self.profile, name, figures["p50_s"], device_name())
-        figures["failures"] = gate["failures"]
-        record_variant(self.recorder, loaded)
-        self.recorder.record(name, "latency", figures, engine=engine.name)
-        self.recorder.record(name, "gates", {"latency": gate}, engine=engine.name)
-        return figures
+        return latency.record_latency(self, name, samples, load_before, load_after, timer)
 
     def measure_latency(self, name: str, rounds: int | None = None) -> dict[str, Any]:
         """``decode_call`` timed with a plain clock (the benchmark suite times the same call with pytest-benchmark)."""
-        import time
-
-        call = self.decode_call(name)
-        for _ in range(self.profile.latency.warmup_rounds):
-            call()
-        before, samples = machine_load(), []
-        for _ in range(rounds or self.profile.latency.rounds):
-            start = time.perf_counter()
-            call()
-            samples.append(time.perf_counter() - start)
-        worker = os.environ.get("PYTEST_XDIST_WORKER")
-        timer = "harness perf_counter" + (f" (xdist {worker}, GPU {os.environ.get('CUDA_VISIBLE_DEVICES')})"
-                                          if worker else "")
-        return self.record_latency(name, samples, before, machine_load(), timer=timer)
+        return latency.measure_latency(self, name, rounds)
 
     def compare_engines(self):
         """The engines side by side on ``inference.speed_variant`` (``harness.engines.compare``); train that
@@ -262,7 +240,8 @@ class Sweep:
         if self.state.compile_cache is not None:  # after the figures: a cache that cannot be written loses none
             from .engines.compile_cache import keep
 
-            keep(self.runs_dir, self.profile, self.state.compile_cache, self.recorder.session_id)
+            with timed("compile-cache", "save"):
+                keep(self.runs_dir, self.profile, self.state.compile_cache, self.recorder.session_id)
         return results
 
     def save_progress(self) -> None:
@@ -301,14 +280,15 @@ class Sweep:
         s = self.state
         if s.loaded is not None and s.loaded.variant.name == name:
             return s.loaded
-        self.restore_compiled()
-        self.release()
         variant = self.profile.variant(name)
         path, manifest = (None, {}) if variant.is_baseline else self.adapter(name)
+        self.restore_compiled()
+        self.release()
         merged = self._merged_base() if self.profile.inference.engine == "merged" else None
         adapter_dir = None if path is None else path / "adapter"
         if merged is not None:
-            model = self._guard(name, "inference", merged.activate, name, adapter_dir)
+            with timed("merge", name):
+                model = self._guard(name, "inference", merged.activate, name, adapter_dir)
             engine = merged.engine
         else:
             from .engines.decoding import HFGreedy, StaticGreedy
@@ -360,9 +340,11 @@ class Sweep:
             from .engines.merged import MergedBase
 
             def build():
-                base = MergedBase(self.profile, self.runs_dir / "_models", self.tokenizer)
-                base.warmup(self.eval_prompts(), self.latency_prompt(), self.profile.eval,
-                            self.profile.latency.max_new_tokens)
+                with timed("engine-build", "merged base"):
+                    base = MergedBase(self.profile, self.runs_dir / "_models", self.tokenizer)
+                with timed("compile", "merged: eval and latency shapes"):
+                    base.warmup(self.eval_prompts(), self.latency_prompt(), self.profile.eval,
+                                self.profile.latency.max_new_tokens)
                 return base
 
             # the bf16 base serves every variant: an OOM here ends all of them, with one message

@@ -28,6 +28,7 @@ from ..data.prompt import PROMPT_FORMAT
 from ..measure.memory import free_memory
 from ..models.base import device, load_base
 from ..report.atomic import atomic_dir, atomic_write_text, file_lock, sweep_partial
+from ..report.phases import timed
 from ..report.provenance import library_versions, provenance, source_digest
 
 __all__ = ["ADAPTER_SOURCES", "MANIFEST", "adapter_source_digest", "artifact_key", "artifact_dir", "ensure_adapter",
@@ -129,14 +130,16 @@ def ensure_adapter(profile: Profile, variant: Variant, splits: dict[str, list[Ex
         distributed = profile.distributed.mode != "none"
         # memory other code holds on this GPU (e.g. a resident merged base): not the training's, so not its peak
         resident = torch.cuda.memory_allocated() / 2**30 if torch.cuda.is_available() and not distributed else 0.0
-        base = None if distributed else load_base(profile.model, profile.quantization, Path(runs_dir) / "_models")
+        with timed("model-load", f"{variant.name}: base to train on (a missing synthetic checkpoint is written first)"):
+            base = None if distributed else load_base(profile.model, profile.quantization, Path(runs_dir) / "_models")
         with atomic_dir(final) as tmp:
             if distributed:  # accelerate launches the processes; this one never joins the group
                 from .distributed import launch_training
 
                 figures = launch_training(profile, variant, runs_dir, tmp)
             else:
-                figures = train_adapter(profile, variant, splits["train"], tokenizer, base, tmp)
+                with timed("train", variant.name):
+                    figures = train_adapter(profile, variant, splits["train"], tokenizer, base, tmp)
                 memory = figures["train_memory"]
                 if resident and "peak_allocated_gib" in memory:
                     memory["peak_allocated_gib"] -= resident

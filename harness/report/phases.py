@@ -1,0 +1,53 @@
+"""Where a session's seconds go outside its timed rounds: writing a checkpoint, loading a model, training, building
+and compiling an engine, the compile cache. ``timed(what)`` times a block and logs one line on the ``harness.phases``
+logger; ``log_to(path)`` sends those lines to a file (the sweep sends them to ``runs/<profile>/phases.log``, beside
+``train.log``), so a GPU run's setup, which pytest's ``--durations`` shows as one figure, can be taken apart.
+
+    2026-12-03T19:40:02 pid=2975 phase=model-load wall_s=4.1 what=r8: base to train on (...)
+
+A block that raises is logged too, with ``failed=<exception type>`` before ``what``. Nothing here changes what a
+phase does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+__all__ = ["LOGGER", "timed", "log_to"]
+
+LOGGER = logging.getLogger("harness.phases")
+
+
+@contextlib.contextmanager
+def timed(phase: str, what: str = "") -> Iterator[None]:
+    """Log ``phase`` (a kind: ``model-load``, ``train``, ``compile``...) and ``what`` with the block's wall time."""
+    start, failed = time.perf_counter(), ""
+    try:
+        yield
+    except BaseException as e:
+        failed = f" failed={type(e).__name__}"
+        raise
+    finally:
+        LOGGER.info("pid=%d phase=%s wall_s=%.1f%s what=%s", os.getpid(), phase, time.perf_counter() - start,
+                    failed, what or "-")
+
+
+def log_to(path: Path) -> None:
+    """Append the phase lines to ``path`` from now on, and no longer to the file an earlier call named (one session
+    log per process: the sweep that started last owns it). The file is opened at the first line."""
+    path = Path(path).resolve()
+    for handler in [h for h in LOGGER.handlers if isinstance(h, logging.FileHandler)]:
+        if handler.baseFilename == str(path):
+            return
+        LOGGER.removeHandler(handler)
+        handler.close()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path, encoding="utf-8", delay=True)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%dT%H:%M:%S"))
+    LOGGER.addHandler(handler)
+    LOGGER.setLevel(logging.INFO)

@@ -19,6 +19,7 @@ lazy state is a ``SweepState``; what it records beside the scores is ``harness.r
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -142,6 +143,15 @@ class Sweep:
             except Exception:  # noqa: BLE001 - the variant meets its own error when it is used
                 pass
 
+    def wait_for_kernels(self) -> None:
+        """Let the kernel build that ``train_selected`` started beside the training finish (it compiles on every core),
+        so that no timed round shares the machine with it; ``decode_call`` and ``compare_engines`` call it first. A
+        cold run whose compile cache made the setup short timed a variant's latency on 13 of 16 busy cores before."""
+        for thread in threading.enumerate():
+            if thread.name == "marlin-build":  # harness.engines.marlin.build_in_background's thread
+                with timed("kernels", "waited for merged-int4's background build"):
+                    thread.join()
+
     def evaluate(self, name: str, record: bool = True) -> VariantEval:
         """Score ``name`` on every evaluation split, pair it with the baseline and hold it to the gates."""
         done = self.state.evals
@@ -227,6 +237,7 @@ class Sweep:
         variant first (``train``)."""
         from .engines.compare import EngineComparison
 
+        self.wait_for_kernels()
         return EngineComparison(self)
 
     def save(self, card: bool = True) -> dict[str, Any]:

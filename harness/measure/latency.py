@@ -19,9 +19,11 @@ __all__ = ["decode_call", "record_latency", "measure_latency"]
 
 
 def decode_call(sweep, name: str) -> Callable[[], list[list[int]]]:
-    """One timed unit with ``name`` loaded. A recompilation inside it is an error."""
+    """One timed unit with ``name`` loaded, once no background build shares the machine. A recompilation inside it is
+    an error."""
     from ..engines.decoding import timed_round
 
+    sweep.wait_for_kernels()
     return timed_round(sweep.load(name).engine, sweep.latency_prompt(), sweep.profile.latency.max_new_tokens)
 
 

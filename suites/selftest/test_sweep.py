@@ -260,3 +260,25 @@ def test_a_session_logs_where_its_seconds_went(tmp_path):
     with timed("merge", "after"):
         pass
     assert len((tmp_path / "runs" / sweep.profile.name / "phases.log").read_text().splitlines()) == len(lines)
+
+
+@pytest.mark.slow
+def test_no_round_is_timed_while_the_kernel_build_runs(tmp_path):
+    """The latency benchmark's timed unit and the engine comparison start only once ``merged-int4``'s background kernel
+    build (a compiler on every core) has ended: a round timed beside it times the compiler too. Seen on an H200: a
+    cold run whose setup the compile cache had shortened timed the baseline's 50 rounds on 13 of 16 busy cores."""
+    import threading
+    import time
+
+    profile = quick_profile(tmp_path / "p", {"variants": ["baseline", "r16"]})
+    sweep = Sweep.prepare(profile, runs_dir=tmp_path / "runs", card=None)
+    sweep.train("r16")
+    for name, start in (("decode_call", lambda: sweep.decode_call("r16")), ("compare_engines", sweep.compare_engines)):
+        ended: list[float] = []
+        build = threading.Thread(target=lambda: (time.sleep(1.0), ended.append(time.monotonic())),
+                                 name="marlin-build")  # the name harness.engines.marlin gives its build thread
+        build.start()
+        start()
+        assert ended, f"{name} returned while the build was still running"
+    log = (tmp_path / "runs" / sweep.profile.name / "phases.log").read_text()
+    assert log.count("phase=kernels") == 2, log

@@ -130,8 +130,10 @@ def ensure_adapter(profile: Profile, variant: Variant, splits: dict[str, list[Ex
         distributed = profile.distributed.mode != "none"
         # memory other code holds on this GPU (e.g. a resident merged base): not the training's, so not its peak
         resident = torch.cuda.memory_allocated() / 2**30 if torch.cuda.is_available() and not distributed else 0.0
-        with timed("model-load", f"{variant.name}: base to train on (a missing synthetic checkpoint is written first)"):
-            base = None if distributed else load_base(profile.model, profile.quantization, Path(runs_dir) / "_models")
+        base = None  # distributed: each launched process loads its own
+        if not distributed:
+            with timed("model-load", f"{variant.name}: base to train on (writes a missing synthetic checkpoint)"):
+                base = load_base(profile.model, profile.quantization, Path(runs_dir) / "_models")
         with atomic_dir(final) as tmp:
             if distributed:  # accelerate launches the processes; this one never joins the group
                 from .distributed import launch_training

@@ -19,7 +19,6 @@ lazy state is a ``SweepState``; what it records beside the scores is ``harness.r
 from __future__ import annotations
 
 import os
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -147,10 +146,11 @@ class Sweep:
         """Let the kernel build that ``train_selected`` started beside the training finish (it compiles on every core),
         so that no timed round shares the machine with it; ``decode_call`` and ``compare_engines`` call it first. A
         cold run whose compile cache made the setup short timed a variant's latency on 13 of 16 busy cores before."""
-        for thread in threading.enumerate():
-            if thread.name == "marlin-build":  # harness.engines.marlin.build_in_background's thread
-                with timed("kernels", "waited for merged-int4's background build"):
-                    thread.join()
+        from .engines.marlin import background_build_running, wait_for_background_build
+
+        if background_build_running():
+            with timed("kernels", "waited for merged-int4's background build"):
+                wait_for_background_build()
 
     def evaluate(self, name: str, record: bool = True) -> VariantEval:
         """Score ``name`` on every evaluation split, pair it with the baseline and hold it to the gates."""

@@ -152,12 +152,20 @@ class HFGreedy:
         return rows if fixed_length else [_trim_after_eos(r, self.tokenizer.eos_token_id) for r in rows]
 
     @torch.inference_mode()
+    def teacher_forced(self, prompt: list[int], forced: list[int]) -> tuple[list[int], torch.Tensor]:
+        """One plain forward of prompt + forced, no cache: (this model's greedy choice at each forced position, given
+        the tokens before it; ``forced_logits``' rows). Where the choices equal ``forced`` up to position i, greedy
+        decoding of this model would have produced ``forced[:i + 1]``: what ``generate`` finds one step at a time,
+        one forward finds here."""
+        dev = next(self.model.parameters()).device
+        logits = self.model(input_ids=torch.tensor([prompt + forced], device=dev), use_cache=False).logits
+        after_prompt = logits[0, len(prompt) - 1:]
+        return after_prompt[:len(forced)].argmax(-1).tolist(), after_prompt[1:].float().cpu()
+
     def forced_logits(self, prompt: list[int], forced: list[int]) -> torch.Tensor:
         """The reference for ``StaticGreedy.forced_logits``: one plain teacher-forced forward of prompt + forced,
         no cache; row i is the prediction after ``prompt + forced[:i + 1]``. [len(forced), vocab] float32, CPU."""
-        dev = next(self.model.parameters()).device
-        logits = self.model(input_ids=torch.tensor([prompt + forced], device=dev), use_cache=False).logits
-        return logits[0, len(prompt):].float().cpu()
+        return self.teacher_forced(prompt, forced)[1]
 
 
 class StaticGreedy:

@@ -148,11 +148,27 @@ def build(cache_dir: Path) -> Path:
     return final
 
 
+_background: list[threading.Thread] = []  # builds started by build_in_background, for wait_for_background_build
+
+
 def build_in_background(cache_dir: Path) -> None:
     """Start ``build`` in a thread (the compiling is a child process's) where CUDA is here. A build that cannot start
     or fails is left to ``load``, which builds again in the foreground and raises the error there."""
     if torch.cuda.is_available():
-        threading.Thread(target=_quiet_build, args=(cache_dir,), daemon=True, name="marlin-build").start()
+        thread = threading.Thread(target=_quiet_build, args=(cache_dir,), daemon=True, name="marlin-build")
+        _background.append(thread)
+        thread.start()
+
+
+def background_build_running() -> bool:
+    """Whether a build that ``build_in_background`` started is still compiling."""
+    return any(t.is_alive() for t in _background)
+
+
+def wait_for_background_build() -> None:
+    """Block until every build that ``build_in_background`` started has ended."""
+    while _background:
+        _background.pop().join()
 
 
 def _quiet_build(cache_dir: Path) -> None:

@@ -1,5 +1,5 @@
 """Parity of two inference engines: greedy token agreement, teacher-forced logit differences, the error relative
-to the adapter's own effect, and the gate.
+to the adapter's own effect, and the gate. The candidate decodes; the reference judges its tokens in one forward.
 
 ``parity`` measures; ``parity_failures`` applies the profile's thresholds (``inference.parity_min_agreement``,
 ``inference.parity_max_logit_diff``, ``inference.parity_max_relative_error``) and returns one message per failed
@@ -51,34 +51,41 @@ def token_agreement(reference: list[list[int]], candidate: list[list[int]]) -> f
 @torch.inference_mode()
 def parity(reference, candidate, tokenizer, prompts: list[list[int]], max_new_tokens: int,
            batch_size: int, candidate_batch_size: int | None = None) -> dict[str, Any]:
-    """Greedy outputs of ``candidate`` against ``reference`` (engines with ``generate`` and ``forced_logits``),
-    their logits on the same tokens, and the candidate's error relative to the reference's adapter effect.
+    """Greedy outputs of ``candidate`` (an engine with ``generate`` and ``forced_logits``) against the choices of
+    ``reference`` (``HFGreedy``: ``teacher_forced``), their logits on the same tokens, and the candidate's error
+    relative to the reference's adapter effect.
 
-    Token agreement is the mean, over prompts, of the fraction of the reference's tokens reproduced before the
-    first difference. The logits are taken teacher-forced on prompt + reference tokens, so they compare the two
-    engines on identical inputs even after their greedy outputs part.
+    The candidate decodes; the reference reads each prompt + the candidate's tokens in one forward and gives its
+    greedy choice at every position. Token agreement is the mean, over prompts, of the fraction of the candidate's
+    tokens the reference chooses too before the first it would choose differently: up to there, the reference's own
+    greedy decode is those very tokens, so this is the share of its greedy output the candidate reproduces, found
+    without decoding the reference token by token (on the 7B shape its eager ``generate`` was most of a parity
+    check's time: docs/performance.md, issue 18). The logits compare the two on identical inputs throughout.
+    ``batch_size`` is the candidate's decode batch unless ``candidate_batch_size`` is given; the reference reads one
+    prompt at a time (no padding).
     """
     if not prompts:
         raise ValueError("parity needs at least one prompt")
-    ref = reference.generate(prompts, max_new_tokens, batch_size)
     cand = candidate.generate(prompts, max_new_tokens, candidate_batch_size or batch_size)
-    identical = sum(r == c for r, c in zip(ref, cand, strict=True))
-    max_diff, ref_scale, error_sq, effect_sq, n_logits = 0.0, 0.0, 0.0, 0.0, 0
+    shares, max_diff, ref_scale, error_sq, effect_sq, n_logits = [], 0.0, 0.0, 0.0, 0.0, 0
     has_adapter = _has_adapter(reference.model)
-    for p, r in zip(prompts, ref, strict=True):
-        a = reference.forced_logits(p, r)
-        b = candidate.forced_logits(p, r)
+    for p, c in zip(prompts, cand, strict=True):
+        choices, a = reference.teacher_forced(p, c)
+        shares.append(token_agreement([choices], [c]))
+        b = candidate.forced_logits(p, c)
         max_diff = max(max_diff, (a - b).abs().max().item())
         ref_scale = max(ref_scale, a.abs().max().item())
         error_sq += (a - b).double().pow(2).sum().item()
         n_logits += a.numel()
         if has_adapter:
             with reference.model.disable_adapter():
-                effect_sq += (a - reference.forced_logits(p, r)).double().pow(2).sum().item()
+                effect_sq += (a - reference.forced_logits(p, c)).double().pow(2).sum().item()
     result = {"prompts": len(prompts), "new_tokens": max_new_tokens,
-              "token_agreement": token_agreement(ref, cand), "identical_sequences": identical / len(prompts),
+              "token_agreement": sum(shares) / len(shares),
+              "identical_sequences": sum(s == 1.0 for s in shares) / len(prompts),
               "max_logit_diff": max_diff, "max_abs_logit": ref_scale,
-              "engine_error_rms": math.sqrt(error_sq / n_logits), "teacher_forced_logits": n_logits}
+              "engine_error_rms": math.sqrt(error_sq / n_logits), "teacher_forced_logits": n_logits,
+              "reference_tokens": "teacher-forced: the reference's greedy choice on the candidate's tokens"}
     if has_adapter:
         result["adapter_effect_rms"] = math.sqrt(effect_sq / n_logits)
         result["relative_error"] = math.sqrt(error_sq / effect_sq) if effect_sq > 0 else math.inf

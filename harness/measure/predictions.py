@@ -29,7 +29,9 @@ EVAL_SOURCES = tuple(_HARNESS / n for n in ("engines/decoding.py", "engines/fuse
                                             # the quantized engines and their cost against merged: a change to
                                             # them makes the card's cost tables stale (†) like any other figure
                                             "engines/int8.py", "engines/int4.py", "engines/marlin.py",
-                                            "engines/compare.py"))
+                                            "engines/compare.py",
+                                            # the parity figures every card row and engine table carries
+                                            "measure/parity.py"))
 
 
 def eval_key_parts(profile: Profile, data_fingerprint: str) -> dict[str, Any]:

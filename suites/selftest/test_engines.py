@@ -124,6 +124,21 @@ def test_static_cache_engine_reproduces_generate_on_a_separate_nf4_model(tiny):
     assert parity_failures(result, inf) == []
 
 
+@pytest.mark.parametrize("variant", ["r16", "r32"])
+def test_the_references_teacher_forced_choices_are_its_own_greedy_decode(tiny, variant):
+    """What lets ``parity`` skip the reference's decode: read in one forward, the seed path's greedy choice at every
+    position of its own ``generate`` output is that output, token for token, on every evaluation prompt; and on
+    another variant's tokens it parts from them, so the choices are the model's own and not the tokens fed in."""
+    reference, other = tiny.reference(variant), tiny.reference("r8")
+    n = tiny.profile.inference.parity_new_tokens
+    own, others = (r.generate(tiny.prompts, n, tiny.profile.eval.batch_size) for r in (reference, other))
+    for prompt, tokens in zip(tiny.prompts, own, strict=True):
+        assert reference.teacher_forced(prompt, tokens)[0] == tokens
+    differing = [(p, t) for p, t, o in zip(tiny.prompts, others, own, strict=True) if t != o]
+    assert differing, "r8 decodes every prompt as this variant does: no case to tell the choices from the input"
+    assert all(reference.teacher_forced(p, t)[0] != t for p, t in differing)
+
+
 # -- relative parity: the engine's error as a fraction of the adapter's own effect -------------------------------
 
 # (shape id, how the profile is changed): tiny as shipped (fp32), and the same random-weight Mistral shape computing
@@ -334,7 +349,7 @@ def test_building_the_int8_engine_leaves_the_merged_base_untouched(tiny, merged)
 def test_int8_engine_greedy_tokens_on_learned_r16_answers(tiny, merged, int8):
     """Not exact by design: the agreement with merged fp32 is measured and held to a floor, not to 1.0."""
     merged.activate("r16", tiny.adapters["r16"])
-    result = tiny.parity(merged.engine, int8)
+    result = tiny.parity(HFGreedy(merged.model, tiny.tokenizer), int8)  # merged fp32 read by one plain forward
     print(f"merged-int8 vs merged (r16): {result}")
     assert result["token_agreement"] >= INT8_MIN_AGREEMENT, result
     assert result["max_logit_diff"] > 0, result  # it is quantized: the logits moved

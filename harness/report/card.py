@@ -16,7 +16,7 @@ from typing import Any
 
 from .atomic import atomic_write_json, atomic_write_text, file_lock
 from .card_render import render_section
-from .results import load_results, merge_results
+from .results import code_digest, load_results, merge_results
 
 __all__ = ["START", "END", "CardError", "main", "update_card", "write_card"]
 
@@ -102,7 +102,10 @@ def update_card(card_path: Path, results: dict[str, Any], plots: dict[str, str] 
     text = card_path.read_bytes().decode("utf-8") if card_path.exists() else "# Model card\n"
     card = ModelCard(text) if text.startswith("---") else ModelCard("---\n{}\n---\n" + text)
     nl = "\r\n" if "\r\n" in text else "\n"  # the card's own line ending, also inside our region
-    card.text = _replace_block(card.text, results["profile"], render_section(results, plots), nl)
+    # † against the harness code rendering the block, not only the results file's latest run: a block re-rendered
+    # after the code changed marks every figure older code made, until a run re-makes it
+    current = {**results, "code_digest": code_digest()}
+    card.text = _replace_block(card.text, results["profile"], render_section(current, plots), nl)
     data = card.data
     kept = [r for r in (data.eval_results or []) if r.dataset_name != _dataset_name(results["profile"])]
     new = _eval_results(results, getattr(data, "base_model", None))

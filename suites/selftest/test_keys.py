@@ -132,6 +132,29 @@ def test_a_section_made_by_other_harness_code_is_marked_stale():
     assert "`r8` quality: made by harness code `old0000000000000`, not the current `new0000000000000`" in text
 
 
+def test_a_block_rendered_after_the_code_changed_marks_what_older_code_made(tmp_path):
+    """Re-rendering a block (``python -m harness.report.card``, or another profile's run writing the card) holds its
+    sections to the code that renders it: a results file whose sections and latest run both carry an older digest
+    gets †, and the same file stamped with the current digest gets none."""
+    from harness.report.card import update_card
+    from harness.report.results import code_digest
+
+    prov = {"config_hash": "c", "data_fingerprint": "fp"}
+
+    def results(digest):
+        return {"profile": "tiny", "variant_order": ["r16"], "eval_splits": ["validation"], "show_quality": True,
+                "config_hash": "c", "data_fingerprint": "fp", "code_digest": digest, "variants": {
+                    "r16": {"quality": {"validation": {"n": 5, "em": 0.25, "f1": 0.25},
+                                        "provenance": {**prov, "code_digest": digest}}}}}
+
+    card = tmp_path / "MODEL_CARD.md"
+    update_card(card, results("old0000000000000"))
+    text = card.read_text(encoding="utf-8")
+    assert "0.250†" in text and f"made by harness code `old0000000000000`, not the current `{code_digest()}`" in text
+    update_card(card, results(code_digest()))
+    assert "†" not in card.read_text(encoding="utf-8")
+
+
 def test_every_stamp_carries_the_code_digest():
     from harness.report.results import ResultsRecorder, code_digest
 

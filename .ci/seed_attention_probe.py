@@ -6,7 +6,8 @@ The setup probe (``.ci/setup_probe.py``) found ``scaled_dot_product_attention`` 
 reference's 32-token generate (7.5 ms a call). This times, in one process, the seed path (NF4 + r16 adapter unmerged,
 ``model.generate``) on the latency prompt (128 tokens, batch 1) and on the parity prompts (32 tokens, batch 8), first
 with torch's default SDPA backends, then with cuDNN's left out (``sdpa_kernel``), three calls each, and writes
-``<dir>/seed-attention-probe.json`` with the profiler's costliest ops of one call of each.
+``<dir>/seed-attention-probe.json`` with the profiler's costliest ops of an 8-token call under each (a profiled
+128-token eager call ran for minutes on the H200 and cut the first run of this probe off, 2026-12-04).
 """
 
 import argparse
@@ -39,6 +40,12 @@ calls = {"latency-128": lambda: seed.generate(latency_prompt, p.latency.max_new_
 no_cudnn = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
           "cudnn_sdp_enabled": torch.backends.cuda.cudnn_sdp_enabled(), "walls_s": {}, "top_ops": {}, "tokens": {}}
+
+
+def save() -> None:
+    (args.out / "seed-attention-probe.json").write_text(json.dumps(report, indent=2) + "\n")
+
+
 for backends in ("default", "no-cudnn"):
     for name, call in calls.items():
         key = f"{backends}/{name}"
@@ -51,12 +58,13 @@ for backends in ("default", "no-cudnn"):
             torch.cuda.synchronize()
             walls.append(round(time.perf_counter() - start, 3))
         report["walls_s"][key], report["tokens"][key] = walls, out
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            with sdpa_kernel(no_cudnn) if backends == "no-cudnn" else contextlib.nullcontext():
-                call()
-        report["top_ops"][key] = prof.key_averages().table(sort_by="cpu_time_total", row_limit=12)
         print(key, walls, flush=True)
+        save()  # after every figure: a run cut off keeps what it measured
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        with sdpa_kernel(no_cudnn) if backends == "no-cudnn" else contextlib.nullcontext():
+            seed.generate(latency_prompt, 8, 1, True)
+    report["top_ops"][backends] = prof.key_averages().table(sort_by="cpu_time_total", row_limit=12)
 same = {name: report["tokens"][f"default/{name}"] == report["tokens"][f"no-cudnn/{name}"] for name in calls}
 report["same_tokens"] = same
 print("same tokens:", same)
-(args.out / "seed-attention-probe.json").write_text(json.dumps(report, indent=2) + "\n")
+save()

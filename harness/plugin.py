@@ -52,6 +52,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="model card to update between its results markers (default: the project's MODEL_CARD.md)")
     group.addoption("--retrain", action="store_true", default=None,  # None: not given (see _wanted)
                     help="train every selected variant again, once, even when a matching artifact exists")
+    group.addoption("--retime", action="store_true", default=None,
+                    help="time every latency and engine round, even where a figure timed earlier on this machine "
+                         "under the same key would be reused once fresh rounds confirm it (harness/measure/reuse.py)")
     group.addoption("--latency-runs", type=int, default=None,
                     help="timed rounds per variant in the latency suite (default: the profile's latency.rounds)")
     group.addoption("--no-card", action="store_true", default=None,
@@ -63,7 +66,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 _VALUE_OPTIONS = ("--profile", "--runs-dir", "--card", "--latency-runs", "--quality-compare")
-_OPTION_DESTS = ("profile", "runs_dir", "card", "retrain", "latency_runs", "no_card", "quality_compare")
+_OPTION_DESTS = ("profile", "runs_dir", "card", "retrain", "retime", "latency_runs", "no_card", "quality_compare")
 
 
 def _wanted(config: pytest.Config) -> bool:
@@ -145,7 +148,7 @@ def pytest_configure(config: pytest.Config) -> None:
     saved = config.getoption("quality_compare")
     try:  # a bad profile or dataset is one error before any test runs, and nothing is written
         sweep = Sweep.prepare(profile, runs_dir=runs and here / runs, card=card and here / card,
-                              retrain=bool(config.getoption("retrain")),
+                              retrain=bool(config.getoption("retrain")), retime=bool(config.getoption("retime")),
                               session_id=getattr(config, "workerinput", {}).get(_SESSION_OPTION))
     except InputError as e:
         raise pytest.UsageError(str(e)) from None

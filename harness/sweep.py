@@ -9,11 +9,12 @@ figures. No pytest: a script or a notebook runs the code the benchmark suites ru
     sweep.save()                             # runs/tiny/results.json, and the card
 
 The phases are explicit: ``train`` and ``train_selected`` are the only methods that train; ``load``, ``evaluate``,
-``parity`` and the latency calls use adapters already trained, and say so when one is missing. One model is resident at a time. With
-``inference.engine: merged`` one dequantized base serves the whole sweep, so ``train_selected`` trains every
-selected adapter before the first ``load`` (no training then shares the GPU with it), and each variant is merged
-into the base in turn. Compiled artifacts are kept between sessions (``restore_compiled``, ``save``). The session's
-lazy state is a ``SweepState``; what it records beside the scores is ``harness.report.recording``.
+``parity`` and the latency calls use adapters already trained, and say so when one is missing. One model is resident
+at a time. With ``inference.engine: merged`` one dequantized base serves the whole sweep, so ``train_selected`` trains
+every selected adapter before the first ``load`` (no training then shares the GPU with it), and each variant is merged
+into the base in turn. Compiled artifacts are kept between sessions (``restore_compiled``, ``save``); timed figures
+are reused (``harness.measure.reuse``). The session's lazy state is a ``SweepState``; what it records beside the
+scores is ``harness.report.recording``.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from .measure.memory import free_memory, peak_memory, reset_peak_memory
 from .measure.predictions import eval_key, eval_key_parts, predictions_path, read_matching, write_predictions
 from .measure.quality_compare import regressions_against
 from .models.revision import pin_revision
-from .report.phases import log_to, timed
+from .report.phases import log_to, note, timed
 from .report.provenance import PROJECT_ROOT, device_name
 from .report.recording import record_eval, record_variant
 from .report.results import ResultsRecorder, card_results_path, results_path, save_progress, save_results
@@ -68,6 +69,7 @@ class Sweep:
     runs_dir: Path
     card: Path | None
     retrain: bool = False
+    retime: bool = False  # time every round: reuse no latency or engine figure timed earlier (harness.measure.reuse)
     recorder: ResultsRecorder = None  # type: ignore[assignment]
     state: SweepState = field(default_factory=SweepState)
     saved_runs_dir: Path | None = None  # --quality-compare: a saved run's runs dir to hold quality against
@@ -75,8 +77,8 @@ class Sweep:
     # -- the recipe -------------------------------------------------------------------------------------------
 
     @classmethod
-    def prepare(cls, profile: str | Path | Profile, runs_dir: str | Path | None = None,
-                card: str | Path | None = None, retrain: bool = False, session_id: str | None = None) -> Sweep:
+    def prepare(cls, profile: str | Path | Profile, runs_dir: str | Path | None = None, card: str | Path | None = None,
+                retrain: bool = False, session_id: str | None = None, retime: bool = False) -> Sweep:
         """Validate the profile and its data, and pin a hub model's revision to a commit (harness.revision); nothing
         is loaded or written yet. ``runs_dir`` and ``card`` default
         to the project's own ``runs/`` and ``MODEL_CARD.md``, wherever the profile file lives."""
@@ -84,7 +86,7 @@ class Sweep:
         splits = check_profile_data(profile)
         data_fp = fingerprint([e for s in splits.values() for e in s])
         return cls(profile, splits, Path(runs_dir) if runs_dir else PROJECT_ROOT / "runs",
-                   Path(card) if card else PROJECT_ROOT / "MODEL_CARD.md", retrain,
+                   Path(card) if card else PROJECT_ROOT / "MODEL_CARD.md", retrain, retime,
                    ResultsRecorder(profile, data_fp, session_id))
 
     def select(self, names) -> None:
@@ -92,16 +94,17 @@ class Sweep:
         self.state.selected = [v for v in self.profile.variants if v in set(names)]
 
     def restore_compiled(self) -> dict[str, Any]:
-        """Load the compiled artifacts kept under this session's key in ``runs/_compile/`` once, before anything
-        compiles (``harness.engines.compile_cache``; ``train`` and ``load`` call it); returns their label. From
-        then on the session's phases (loads, trainings, compiles) are logged to ``runs/<profile>/phases.log``."""
-        if self.state.compile_cache is None:
+        """Load the compiled artifacts of this session's key from ``runs/_compile/`` once, before anything compiles
+        (``harness.engines.compile_cache``; ``train``, ``load`` call it); returns their label. Starts the phase log."""
+        s = self.state
+        if s.compile_cache is None:
             from .engines.compile_cache import restore
 
             log_to(results_path(self.runs_dir, self.profile.name).with_name("phases.log"))
             with timed("compile-cache", "load"):
-                self.state.compile_cache = restore(self.runs_dir, self.profile)
-        return self.state.compile_cache
+                s.compile_cache = restore(self.runs_dir, self.profile)
+            note("compile-cache", f"{'loaded' if s.compile_cache['loaded'] else 'none'} (key {s.compile_cache['key']})")
+        return s.compile_cache
 
     def train(self, name: str) -> tuple[Path, dict[str, Any]] | None:
         """The one place that decides to train: reuse a complete artifact under the variant's key, unless
@@ -223,14 +226,18 @@ class Sweep:
         to exactly ``latency.max_new_tokens`` tokens with ``name`` loaded."""
         return latency.decode_call(self, name)
 
-    def record_latency(self, name: str, samples: list[float], load_before: dict, load_after: dict,
-                       timer: str = "pytest-benchmark") -> dict[str, Any]:
-        """Summarize timed rounds of ``decode_call(name)`` (p50/p95, spread, machine load) and record them."""
-        return latency.record_latency(self, name, samples, load_before, load_after, timer)
+    def earlier_latency(self, name: str, rounds: int) -> dict[str, Any] | None:
+        """``name``'s latency timed earlier on this machine under this session's key, to confirm before reuse."""
+        return latency.earlier_latency(self, name, rounds)
 
-    def measure_latency(self, name: str, rounds: int | None = None) -> dict[str, Any]:
+    def record_latency(self, name: str, samples: list[float], load_before: dict, load_after: dict,
+                       timer: str = "pytest-benchmark", earlier: dict[str, Any] | None = None) -> dict[str, Any] | None:
+        """Record timed rounds of ``decode_call(name)``, or the ``earlier`` figure they confirm (None: they do not)."""
+        return latency.record_latency(self, name, samples, load_before, load_after, timer, earlier)
+
+    def measure_latency(self, name: str, rounds: int | None = None, reuse_earlier: bool = True) -> dict[str, Any]:
         """``decode_call`` timed with a plain clock (the benchmark suite times the same call with pytest-benchmark)."""
-        return latency.measure_latency(self, name, rounds)
+        return latency.measure_latency(self, name, rounds, reuse_earlier)
 
     def compare_engines(self):
         """The engines side by side on ``inference.speed_variant`` (``harness.engines.compare``); train that

@@ -156,6 +156,11 @@ class LatencyConfig:
     prompt_id: str = _spec("dataset id of the fixed latency prompt", default="")
     max_p50_s: float | dict | None = _spec("most seconds a variant's p50 may take, per device ({H100: 1.0}) or one "
                                            "number for all", default=None, lo=0.0, lo_open=True, per_device=True)
+    reuse_confirm_rounds: int = _spec("fresh rounds that must confirm a figure timed earlier on this machine under the "
+                                      "same key before it is reused (harness/measure/reuse.py); 0: time every round",
+                                      default=5, lo=0)
+    reuse_tolerance: float = _spec("how far the confirming rounds' median may be from the reused p50 (relative)",
+                                   default=0.03, lo=0.0, lo_open=True, hi=1.0)
 
 
 @dataclass(frozen=True)

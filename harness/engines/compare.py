@@ -10,14 +10,21 @@ engine's greedy tokens and logits against the seed path on every evaluation prom
 ``inference.parity_*``): the fast engine's logits come through its own static cache and (compiled) decode step, the
 seed path's from a plain forward, and the error is also taken relative to the adapter's own effect
 (harness/parity.py).
+
+A comparison recorded earlier on this machine under this session's key (``harness.measure.reuse``: code, libraries,
+config, data, every adapter, machine) is reused whole, its ratios, parity and quality costs with it, once
+``latency.reuse_confirm_rounds`` fresh rounds of ``merged`` confirm its ``merged`` p50 (``reused``); no other engine
+is then built. Otherwise every engine is built and timed.
 """
 
 from __future__ import annotations
 
 from typing import Any, Callable
 
+from ..measure import reuse
 from ..measure.gates import per_device, speed_failures, unchecked_ceilings
-from ..measure.timing import summarize_samples
+from ..measure.timing import summarize_samples, time_rounds
+from ..report.phases import note
 from ..report.provenance import device_name
 
 __all__ = ["EngineComparison"]
@@ -40,6 +47,8 @@ class EngineComparison:
         self._weights_gib: dict[str, float | None] = {}
         self._at_start = 0.0
         self.seed_p50: float | None = None
+        self._earlier: dict[str, Any] | None = None
+        self._decided = False  # whether ``reused`` has looked for an earlier comparison yet
 
     def engine(self, name: str):
         """Build ``name`` for the speed variant once; later calls return the same engine."""
@@ -143,10 +152,18 @@ class EngineComparison:
             self.seed_p50 = figures["p50_s"]
         elif self.seed_p50 is not None:
             figures["speedup_vs_seed"] = self.seed_p50 / figures["p50_s"]
+        return self._hold(name, figures)
+
+    def record_reused(self, name: str) -> dict[str, Any]:
+        """``name``'s figures from the comparison that ``reused`` confirmed, held to ``inference.speed_*`` again."""
+        return self._hold(name, {k: v for k, v in self._earlier[name].items() if k != "failures"})
+
+    def _hold(self, name: str, figures: dict[str, Any]) -> dict[str, Any]:
+        """Hold ``name``'s figures to ``inference.speed_*`` for this device and record them."""
         device = device_name()
         figures["failures"] = speed_failures(self.profile, name, figures["p50_s"], figures.get("speedup_vs_seed"),
                                              device)
-        self.sweep.recorder.record(self.variant, "speed", {name: figures}, engine=name)
+        self._record({name: figures}, name)
         if name == self.profile.inference.engine and name != "seed":  # the engine the speed gates hold
             inf = self.profile.inference
             checked = sum(per_device(v, device)[0] is not None for v in (inf.speed_max_p50_s, inf.speed_min_speedup))
@@ -155,18 +172,84 @@ class EngineComparison:
                 "unchecked": unchecked_ceilings(self.profile, "speed", device)}}, engine=name)
         return figures
 
+    def _record(self, data: dict[str, Any], engine: str) -> None:
+        """Record into the speed variant's ``speed`` section; its first record adds the key a later session's reuse
+        looks for."""
+        if not self.sweep.recorder.get(self.variant, "speed"):
+            data = {"reuse_key": self._key(), **data}
+        self.sweep.recorder.record(self.variant, "speed", data, engine=engine)
+
+    def reused(self) -> dict[str, Any] | None:
+        """The comparison recorded earlier on this machine under this session's key, once fresh rounds of ``merged``
+        confirm it (then recorded as this session's, marked reused); None: every engine is built and timed. Decided
+        once, before any engine is timed."""
+        if not self._decided:
+            self._decided = True
+            self._earlier = self._confirmed_earlier()
+        return self._earlier
+
+    def _confirmed_earlier(self) -> dict[str, Any] | None:
+        lat, inf = self.profile.latency, self.profile.inference
+        if self.sweep.retime or not lat.reuse_confirm_rounds or "merged" not in inf.speed_engines:
+            return None
+        stored, why = reuse.earlier(self.sweep.runs_dir, self.profile.name, self.variant, "speed", self._key())
+        missing = [k for k in self._complete_keys() if not (stored or {}).get(k)]
+        if stored and missing:
+            why = f"the earlier comparison lacks {', '.join(missing)}"
+        if not stored or missing:
+            note("reuse", f"engine comparison: timed afresh: {why}")
+            return None
+        from .decoding import timed_round
+
+        call = timed_round(self._active("merged"), self.sweep.latency_prompt(), lat.max_new_tokens)
+        for _ in range(lat.warmup_rounds):
+            call()
+        samples, before, after = time_rounds(call, lat.reuse_confirm_rounds)
+        check = reuse.confirm(stored["merged"]["p50_s"], samples, lat.max_new_tokens, before, after,
+                              lat.reuse_tolerance)
+        note("reuse", "engine comparison: " + (f"reused, confirmed by {check['rounds']} fresh rounds of merged "
+                                                f"({check['off']:+.1%})" if check["held"]
+                                                else f"timed afresh: {check['why_not']}"))
+        if not check["held"]:
+            return None
+        rest = {k: v for k, v in stored.items() if k not in inf.speed_engines and k not in ("provenance", "reused")}
+        self.sweep.recorder.record(self.variant, "speed", {**rest, "reused": {
+            **check, "session": self.sweep.recorder.session_id}}, provenance=stored["provenance"])
+        return stored
+
+    def _complete_keys(self) -> list[str]:
+        """What a full comparison records: every engine's rounds, the parity of merged and nf4-compiled, and on real
+        weights the quality cost of each quantized engine."""
+        inf = self.profile.inference
+        keys = list(inf.speed_engines)
+        keys += [{"merged": "parity"}.get(c, f"parity_{c.replace('-', '_')}") for c in ("merged", "nf4-compiled")
+                 if c in inf.speed_engines]
+        if self.profile.weights == "real":
+            keys += [f"quality_{q.replace('-', '_')}" for q in ("merged-int8", "merged-int4") if q in inf.speed_engines]
+        return keys
+
+    def _key(self) -> dict[str, Any]:
+        """What the comparison stands on: the speed variant's adapter, and every variant's where it records quality
+        costs (``quality`` trains them, or finds them trained, all the same)."""
+        names = ([v for v in self.profile.variants if not self.profile.variant(v).is_baseline]
+                 if any(k.startswith("quality_") for k in self._complete_keys()) else [self.variant])
+        adapters = {v: reuse.adapter_identity(self.sweep.train(v)[1]) for v in names}
+        return reuse.reuse_key(reuse.key_parts(self.sweep, "speed", variant=self.variant, adapters=adapters))
+
     def parity(self, candidate: str) -> dict[str, Any]:
         """``candidate``'s greedy tokens and logits against the seed path's, on every evaluation prompt."""
         from ..measure.parity import parity
 
+        key = "parity" if candidate == "merged" else f"parity_{candidate.replace('-', '_')}"
+        if self.reused():
+            return self._earlier[key]
         inf = self.profile.inference
         # the candidate decodes one prompt at a time: its timed 1-row graph serves, no other shape is compiled
         result = parity(self.engine("seed"), self._active(candidate), self.sweep.tokenizer, self.sweep.eval_prompts(),
                         inf.parity_new_tokens, self.profile.eval.batch_size, candidate_batch_size=1)
         result["candidate"], result["merged_dtype"] = candidate, inf.merged_dtype
         result["max_relative_error"] = inf.parity_max_relative_error  # the limit applied; null: not gated
-        key = "parity" if candidate == "merged" else f"parity_{candidate.replace('-', '_')}"
-        self.sweep.recorder.record(self.variant, "speed", {key: result}, engine=candidate)
+        self._record({key: result}, candidate)
         return result
 
     def quality(self, name: str) -> dict[str, Any]:
@@ -185,6 +268,9 @@ class EngineComparison:
         from ..measure.memory import free_memory
         from ..measure.parity import token_agreement
 
+        key = f"quality_{name.replace('-', '_')}"  # like parity_*: not an engine row of the speed table
+        if self.reused():
+            return self._earlier[key]
         if self.profile.inference.engine != "merged":
             raise ValueError(f"{self.profile.source_file}: quality of {name} is measured against the sweep's merged "
                              f"engine; inference.engine is {self.profile.inference.engine!r}")
@@ -208,10 +294,9 @@ class EngineComparison:
             del quantized
             free_memory()
         self._active("merged")  # the speed variant's weights back in place for the engines that follow
-        key = f"quality_{name.replace('-', '_')}"  # like parity_*: not an engine row of the speed table
         gate = {"max_f1_loss": self.profile.inference.quantized_max_f1_loss,
                 "failures": quantized_quality_failures(self.profile, out)}
-        self.sweep.recorder.record(self.variant, "speed", {key: out, f"{key}_gate": gate}, engine=name)
+        self._record({key: out, f"{key}_gate": gate}, name)
         return out
 
     def close(self) -> None:

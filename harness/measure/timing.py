@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["machine_load", "others_cores", "summarize_samples", "own_gpu", "NOISY_SPREAD",
+__all__ = ["machine_load", "others_cores", "summarize_samples", "time_rounds", "own_gpu", "NOISY_SPREAD",
            "BUSY_OTHER_SHARE"]
 
 NOISY_SPREAD = 0.10  # IQR / median above this: the rounds disagree by more than 10%, so the machine was not quiet
@@ -85,6 +85,16 @@ def summarize_samples(samples: list[float], new_tokens: int, load_before: dict[s
         "others_cores": None if others is None else round(others, 2),
         "busy": bool(reasons), "busy_reason": "; ".join(reasons) or None, "samples_s": list(samples),
     }
+
+
+def time_rounds(call, rounds: int) -> tuple[list[float], dict[str, float], dict[str, float]]:
+    """``rounds`` calls of ``call``, each timed with a plain clock: (seconds per round, machine load before, after)."""
+    before, samples = machine_load(), []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        call()
+        samples.append(time.perf_counter() - start)
+    return samples, before, machine_load()
 
 
 def own_gpu() -> bool:

@@ -1,9 +1,11 @@
 """One profile's block of the model card, rendered from its results file alone (a pure function of it).
 
 Every line belongs to one variant, one section of one variant, or the profile: so a run that measured r16 changes
-r16's lines and no other. A figure that may mislead says so where it stands: † measured under another config or
-data than the profile's current one, or made by other harness code (``code_digest``), ‡ timed on a busy machine.
-Provenance (git sha, engine, device, time, config) is listed per variant and section.
+r16's lines and no other. A figure that may mislead says so where it stands: † measured under another config or data
+than the profile's current one, or made by other harness code (``code_digest``), ‡ timed on a busy machine, ↺ timed
+by an earlier run on the same machine under the same key and reused once fresh rounds confirmed it
+(``harness.measure.reuse``; its provenance is the run that timed it). Provenance (git sha, engine, device, time,
+config) is listed per variant and section.
 """
 
 from __future__ import annotations
@@ -68,7 +70,18 @@ def _stale_code(results: dict[str, Any], section: dict[str, Any] | None) -> bool
 
 
 def _mark(text: str, results: dict, section: dict | None, busy: bool = False) -> str:
-    return text + ("†" if _stale(results, section) else "") + ("‡" if busy else "")
+    return (text + ("†" if _stale(results, section) else "") + ("‡" if busy else "")
+            + ("↺" if (section or {}).get("reused") else ""))
+
+
+def _reused_note(what: str, section: dict[str, Any]) -> str:
+    """Where a reused figure comes from and what confirmed it (``harness.measure.reuse.confirm``)."""
+    prov, check = section.get("provenance") or {}, section["reused"]
+    return (f"↺ {what}: timed {prov.get('time', 'n/a')} by git {_sha(prov, 'unknown')} on this machine and reused by "
+            f"the run of {check.get('time', 'n/a')} (git `{check.get('git_sha', 'unknown')}`) under the same key "
+            f"(code, libraries, config, data, adapters, machine): {check['rounds']} fresh rounds read p50 "
+            f"{check['p50_s']:.4f}s, {check['off']:+.1%} from it (tolerance {check['tolerance']:.0%}). `--retime` "
+            f"times every round.")
 
 
 def headline_of(results: dict[str, Any]) -> str:
@@ -167,6 +180,8 @@ def _footnotes(results: dict[str, Any]) -> list[str]:
             if data.get("busy"):
                 lines.append(f"- ‡ `{name}` {section}: timed on a busy machine ({data.get('busy_reason')}); "
                              f"not the code's speed.")
+            if data.get("reused") and section != "speed":  # the engines table says it for the comparison
+                lines.append("- " + _reused_note(f"`{name}` {section}", data))
             for failure in (data.get("vram_failures") or []) if section == "training" else []:
                 lines.append(f"- `{name}` training: {failure}")
     return lines
@@ -196,16 +211,18 @@ def _speed_table(results: dict[str, Any]) -> list[str]:
     if not speed:
         return []
     speed = {k: speed[k] for k in sorted(speed, key=_engine_rank)}  # one order, whatever order a session ran them
-    rows = []
+    reused, rows = bool(speed.get("reused")), []
     for engine, f in speed.items():
-        if engine == "provenance" or engine.startswith(("parity", "quality_")) or not isinstance(f, dict):
+        if engine in ("provenance", "reuse_key", "reused") or engine.startswith(("parity", "quality_")) \
+                or not isinstance(f, dict):
             continue
         first = f.get("first_call_s") or {}
         compile_cell = (", ".join(f"{k}: {v:.0f}s" for k, v in first.items()) or "none") if f.get("compiled") \
             else "not compiled"
         ratio = fmt_ratio(f.get("speedup_vs_seed")) if engine != "seed" else "1.00x"
         rows.append([f"`{engine}`", f.get("note") or ENGINE_LABELS.get(engine, ""),
-                     _fmt(f.get("p50_s"), unit="s") + ("‡" if f.get("busy") else ""), _fmt(f.get("p95_s"), unit="s"),
+                     _fmt(f.get("p50_s"), unit="s") + ("‡" if f.get("busy") else "") + ("↺" if reused else ""),
+                     _fmt(f.get("p95_s"), unit="s"),
                      ratio, _fmt(f.get("peak_vram_gib"), ".1f") if "peak_vram_gib" in f else "n/a (CPU)",
                      compile_cell, str(f.get("rounds", "n/a"))])
     table = md_table(rows, ["Engine", "What", "p50", "p95", "vs seed", "Peak VRAM (GB)", "First call (compile)",
@@ -214,6 +231,8 @@ def _speed_table(results: dict[str, Any]) -> list[str]:
     out = [f"**Inference engines**, variant `{name}`, {results.get('latency_tokens', 128)} greedy tokens, one "
            f"session on {prov.get('device', 'n/a')} (git {_sha(prov, 'n/a')}, {prov.get('time', 'n/a')}):",
            "", table]
+    out += ["", _reused_note("the whole comparison (its ratios, parity and quality costs with it; the fresh rounds "
+                             "are `merged`'s)", speed)] if reused else []
     busy = [f"‡ `{engine}`: timed on a busy machine ({f.get('busy_reason')}); its p50 and the ratios on it are not "
             f"the code's speed." for engine, f in speed.items() if isinstance(f, dict) and f.get("busy")]
     out += [""] + busy if busy else []

@@ -18,7 +18,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["LOGGER", "timed", "log_to"]
+__all__ = ["LOGGER", "timed", "note", "log_to"]
 
 LOGGER = logging.getLogger("harness.phases")
 
@@ -35,6 +35,11 @@ def timed(phase: str, what: str = "") -> Iterator[None]:
     finally:
         LOGGER.info("pid=%d phase=%s wall_s=%.1f%s what=%s", os.getpid(), phase, time.perf_counter() - start,
                     failed, what or "-")
+
+
+def note(phase: str, what: str) -> None:
+    """Log a decision that takes no time of its own (``reuse``: a timed figure reused, or why not)."""
+    LOGGER.info("pid=%d phase=%s what=%s", os.getpid(), phase, what)
 
 
 def log_to(path: Path) -> None:

@@ -148,10 +148,12 @@ def save_progress(path: Path, profile: Profile, figures: dict[str, dict[str, Any
 
 
 def session_sections(results: dict[str, Any], session_id: str) -> dict[str, dict[str, Any]]:
-    """The sections of ``results`` that session ``session_id`` measured (xdist: what the workers recorded)."""
+    """The sections of ``results`` that session ``session_id`` measured or reused (xdist: what the workers recorded;
+    a reused figure keeps the provenance of the session that timed it, ``harness.measure.reuse``)."""
     out: dict[str, dict[str, Any]] = {}
     for name, row in results.get("variants", {}).items():
         for section, data in row.items():
-            if isinstance(data, dict) and data.get("provenance", {}).get("session") == session_id:
+            if isinstance(data, dict) and session_id in (data.get("provenance", {}).get("session"),
+                                                         (data.get("reused") or {}).get("session")):
                 out.setdefault(name, {})[section] = data
     return out

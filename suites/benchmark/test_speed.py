@@ -2,8 +2,10 @@
 against the fast paths, on the same machine, variant (``inference.speed_variant``) and prompt.
 
 Group ``speed``: pytest-benchmark times one library call per engine; ``extra_info`` carries p50/p95, the first call
-(compile) time, the peak VRAM and the ratio to the seed path. The parity tests hold each fast engine's greedy tokens
-and logits against the seed path's on every evaluation prompt (``inference.parity_*`` in the profile).
+(compile) time, the peak VRAM and the ratio to the seed path. A comparison recorded earlier on this machine under the
+same key is reused whole once fresh rounds of ``merged`` confirm it (``EngineComparison.reused``): its engines are
+then neither built nor timed, and pytest-benchmark has no rounds for them. The parity tests hold each fast engine's
+greedy tokens and logits against the seed path's on every evaluation prompt (``inference.parity_*`` in the profile).
 """
 
 from __future__ import annotations
@@ -17,8 +19,14 @@ from harness.measure.timing import machine_load
 pytestmark = [pytest.mark.slow, pytest.mark.benchmark, pytest.mark.qlora_speed]
 
 
+@pytest.mark.filterwarnings("ignore:Benchmark fixture was not used")  # a reused comparison times no round here
 def test_engine_speed(benchmark, engine_name, engine_comparison, profile):
     """128 greedy tokens of the speed variant, per engine; the seed path runs first and sets the ratio's base."""
+    if not benchmark.disabled and engine_comparison.reused():  # confirmed by fresh rounds of merged: nothing timed
+        figures = engine_comparison.record_reused(engine_name)
+        benchmark.extra_info.update({k: v for k, v in figures.items() if k != "samples_s"})
+        assert not figures["failures"], "\n".join(figures["failures"])
+        return
     call = engine_comparison.call(engine_name)
     benchmark.group = "speed"
     before = machine_load()

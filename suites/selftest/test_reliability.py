@@ -286,7 +286,9 @@ def test_full_run_then_k_r16_then_the_card_command_keep_every_other_line_byte_fo
                               capture_output=True, text=True, env=user_env())
     assert rendered.returncode == 0, rendered.stdout + rendered.stderr
     assert card.read_bytes() == after_r16
-    not_r16 = lambda text: [line for line in text.splitlines() if "r16" not in line]  # noqa: E731
+    # blank lines aside: the one before the footnotes comes and goes with r16's own footnote (‡ when its rounds met a
+    # busy moment of a shared CI machine)
+    not_r16 = lambda text: [line for line in text.splitlines() if "r16" not in line and line]  # noqa: E731
     assert not_r16(after_r16.decode("utf-8")) == not_r16(after_full)
     assert after_r16.decode("utf-8") != after_full, "r16's own lines must carry the new figures"
 

@@ -249,6 +249,9 @@ def test_a_session_logs_where_its_seconds_went(tmp_path):
     with pytest.raises(KeyError), timed("merge", "a phase that raises"):
         raise KeyError("x")
     lines = (tmp_path / "runs" / sweep.profile.name / "phases.log").read_text().splitlines()
+    notes = [line.split(" what=", 1)[1] for line in lines if " wall_s=" not in line]  # decisions, no time of their own
+    assert notes == [f"none (key {sweep.state.compile_cache['key']})"], lines
+    lines = [line for line in lines if " wall_s=" in line]
     fields = [dict(kv.split("=", 1) for kv in line.split(" what=")[0].split()[1:]) for line in lines]
     whats = [line.split(" what=", 1)[1] for line in lines]
     assert [f["phase"] for f in fields] == ["compile-cache", "model-load", "train", "engine-build", "compile",
@@ -259,7 +262,7 @@ def test_a_session_logs_where_its_seconds_went(tmp_path):
     Sweep.prepare(profile, runs_dir=tmp_path / "other", card=None).restore_compiled()  # a later sweep owns the log
     with timed("merge", "after"):
         pass
-    assert len((tmp_path / "runs" / sweep.profile.name / "phases.log").read_text().splitlines()) == len(lines)
+    assert len((tmp_path / "runs" / sweep.profile.name / "phases.log").read_text().splitlines()) == len(lines) + 1
 
 
 @pytest.mark.slow

@@ -19,8 +19,8 @@ from ..config.schema import Profile
 from ..report.atomic import atomic_write_text, file_lock
 from ..report.provenance import device_kind, library_versions, source_digest
 
-__all__ = ["EVAL_SOURCES", "eval_key", "eval_key_parts", "predictions_path", "write_predictions", "read_matching",
-           "read_key_file"]
+__all__ = ["EVAL_SOURCES", "eval_key", "eval_key_parts", "predictions_path", "write_predictions", "read_rows",
+           "read_matching", "read_key_file"]
 
 _HARNESS = Path(__file__).resolve().parents[1]
 EVAL_SOURCES = tuple(_HARNESS / n for n in ("engines/decoding.py", "engines/fused.py", "engines/merged.py",
@@ -57,6 +57,13 @@ def write_predictions(path: Path, rows: list[dict[str, Any]], key: str, parts: d
                           json.dumps({"eval_key": key, "rows": len(rows), "parts": parts or {}}) + "\n")
 
 
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    """The rows of predictions ``path``, one JSON object a line. Split on "\\n" alone: a prediction decoded from
+    random weights can hold U+2028 or U+0085, which ``json.dumps(ensure_ascii=False)`` leaves as they are and
+    ``str.splitlines`` would cut a row at (a GPU run read a half row so, 2026-12-04)."""
+    return [json.loads(x) for x in Path(path).read_text(encoding="utf-8").split("\n") if x.strip()]
+
+
 def read_key_file(path: Path) -> dict[str, Any] | None:
     """The key file beside predictions ``path`` (eval key, row count, the key's parts), or None."""
     try:
@@ -73,7 +80,7 @@ def read_matching(path: Path, key: str) -> list[dict[str, Any]] | None:
     with file_lock(path):
         try:
             stored = json.loads(key_file.read_text(encoding="utf-8"))
-            rows = [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
+            rows = read_rows(path)
         except (OSError, json.JSONDecodeError):
             return None
     return rows if stored.get("eval_key") == key and len(rows) == stored.get("rows") else None

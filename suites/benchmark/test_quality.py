@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
 from harness.data.prompt import encode_prompt
 from harness.measure.parity import token_agreement
+from harness.measure.predictions import read_rows
 
 pytestmark = pytest.mark.slow
 
@@ -36,7 +35,7 @@ def test_scores_are_reported_per_language_with_cis(evaluation):
 
 def test_predictions_report_is_written(evaluation, sweep, variant_name):
     path = sweep.runs_dir / sweep.profile.name / "predictions" / f"{variant_name}.jsonl"
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    rows = read_rows(path)
     assert len(rows) == sum(len(s.rows) for s in evaluation.scores.values())
     assert all(REPORT_KEYS <= set(r) for r in rows), f"{path}: rows lack {REPORT_KEYS}"
 

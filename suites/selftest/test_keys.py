@@ -46,6 +46,16 @@ def test_a_baseline_decoded_on_another_device_gets_another_eval_key(monkeypatch)
     assert predictions.eval_key_parts(profile, "fp")["device"] == "cuda:NVIDIA H100 80GB HBM3"
 
 
+def test_stored_predictions_with_line_separators_in_their_text_read_back_whole(tmp_path):
+    """Random weights decode any token, U+2028, U+0085 or a form feed among them; ``ensure_ascii=False`` leaves those in
+    the JSONL, and a reader splitting on every Unicode line break (``str.splitlines``) cut a row in two on the GPU."""
+    rows = [{"id": "a", "prediction": "x\u2028y\u0085z\x0cw", "em": 0.0}, {"id": "b", "prediction": "plain", "em": 1.0}]
+    path = tmp_path / "predictions" / "r8.jsonl"
+    path.parent.mkdir()
+    predictions.write_predictions(path, rows, "k")
+    assert predictions.read_rows(path) == rows and predictions.read_matching(path, "k") == rows
+
+
 @pytest.mark.parametrize("library", ["accelerate", "datasets"])
 def test_accelerate_and_datasets_versions_change_the_adapter_key(monkeypatch, library):
     profile = load_profile("tiny")

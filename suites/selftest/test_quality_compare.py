@@ -9,6 +9,7 @@ import pytest
 
 from fixtures.user_runs import REPO, quick_profile, run_pytest
 from harness.report.atomic import atomic_write_text
+from harness.measure.predictions import read_rows
 from harness.measure.quality_compare import compare_with_saved
 from harness.sweep import Sweep
 
@@ -83,7 +84,7 @@ def test_quality_compare_through_the_plugin_passes_a_rerun_and_fails_a_worse_one
     second = run(tmp_path / "second", f"--quality-compare={tmp_path / 'first'}")
     assert second.returncode == 0 and "1 passed" in second.stdout, second.stdout[-2000:]
     saved = tmp_path / "first" / "tiny" / "predictions" / "baseline.jsonl"
-    rows = [{**json.loads(x), "f1": 1.0} for x in saved.read_text(encoding="utf-8").splitlines()]
+    rows = [{**r, "f1": 1.0} for r in read_rows(saved)]
     saved.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     third = run(tmp_path / "third", f"--quality-compare={tmp_path / 'first'}")
     assert third.returncode == pytest.ExitCode.TESTS_FAILED and "1 failed" in third.stdout, third.stdout[-2000:]

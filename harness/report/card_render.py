@@ -94,6 +94,12 @@ def _order(results: dict[str, Any]) -> list[str]:
     return [v for v in order if v in results["variants"]] + [v for v in results["variants"] if v not in order]
 
 
+def _in_order(mapping: dict[str, Any], order: list[str]) -> list[tuple[str, Any]]:
+    """``mapping``'s items with the keys in ``order`` first, in that order, then the rest sorted: a block reads the same
+    rendered in the session (insertion order) as re-rendered from its file (written with sorted keys)."""
+    return sorted(mapping.items(), key=lambda kv: (order.index(kv[0]) if kv[0] in order else len(order), kv[0]))
+
+
 def _parity(p: dict | None) -> str:
     """Token agreement / max |logit diff| of the profile's engine against the separately built seed path, and its
     error as a fraction of the adapter's own effect (harness/parity.py)."""
@@ -190,7 +196,7 @@ def _footnotes(results: dict[str, Any]) -> list[str]:
 def _detail_table(results: dict[str, Any]) -> str:
     rows = []
     for name in _order(results):
-        for split, q in (results["variants"][name].get("quality") or {}).items():
+        for split, q in _in_order(results["variants"][name].get("quality") or {}, results.get("eval_splits") or []):
             if split == "provenance":
                 continue
             rows.append([name, split, q.get("n"), _fmt(q.get("em")), _ci(q.get("em_ci")), _fmt(q.get("f1")),
@@ -248,7 +254,8 @@ def _speed_table(results: dict[str, Any]) -> list[str]:
                            + _not_gated(par) if par.get("relative_error") is not None else "") + "."]
     for key, per_variant in speed.items():
         if key.startswith("quality_") and not key.endswith("_gate") and isinstance(per_variant, dict):
-            out += [""] + _quality_cost(per_variant, speed.get(f"{key}_gate"))
+            out += [""] + _quality_cost(per_variant, speed.get(f"{key}_gate"), _order(results),
+                                        results.get("eval_splits") or [])
     return out
 
 
@@ -277,14 +284,16 @@ def _cost_gate(gate: dict[str, Any] | None) -> str:
             f"wholly below -{gate['max_f1_loss']:g}): {verdict}.")
 
 
-def _quality_cost(per_variant: dict[str, Any], gate: dict[str, Any] | None = None) -> list[str]:
-    """The table of what a quantized engine costs against ``merged``, a row per variant and split, and its gate.
-    Results written before every variant was measured hold one variant as {split: figures}."""
+def _quality_cost(per_variant: dict[str, Any], gate: dict[str, Any] | None = None, variants: list[str] = (),
+                  splits: list[str] = ()) -> list[str]:
+    """The table of what a quantized engine costs against ``merged``, a row per variant and split (in the block's
+    ``variants`` and ``splits`` order), and its gate. Results written before every variant was measured hold one
+    variant as {split: figures}."""
     if any("em" in q for q in per_variant.values()):
         per_variant = {next(iter(per_variant.values()))["variant"]: per_variant}
     rows, engine = [], None
-    for variant, per_split in per_variant.items():
-        for split, q in per_split.items():
+    for variant, per_split in _in_order(per_variant, list(variants)):
+        for split, q in _in_order(per_split, list(splits)):
             engine = q["engine"]
             delta = (f"{q['f1_delta_vs_merged']:+.3f} {_ci(q.get('f1_delta_vs_merged_ci'))}"
                      if "f1_delta_vs_merged" in q else "n/a")

@@ -155,3 +155,26 @@ def test_a_busy_engine_timing_is_marked_and_explained():
     assert "‡ `merged`" not in text
     assert "‡" not in render_section({**RESULTS, "variants": {"r16": {**RESULTS["variants"]["r16"], "speed": {
         "seed": quiet, "merged": quiet}}}})
+
+
+def test_a_block_reads_the_same_from_its_file_as_in_the_session_that_wrote_it():
+    """A session renders its sections in the order it measured them (variants in the profile's order, splits in
+    ``eval_splits``' order); the results file is written with sorted keys, so the card command, re-rendering from it,
+    once put r8's quality-cost rows after r32's and `test` before `train`."""
+    import json
+
+    from harness.report.card_render import render_section
+
+    splits = ["train", "validation", "test"]
+    row = {"engine": "merged-int8", "n": 5, "em": 0.0, "em_merged": 0.0, "f1": 0.1, "f1_merged": 0.1,
+           "identical_predictions": 1.0}
+    variants = {name: {"quality": {s: {"n": 5, "em": 0.0, "f1": 0.1} for s in splits}}
+                for name in ("baseline", "r8", "r16", "r32")}
+    variants["r16"]["speed"] = {"merged": {"p50_s": 1.0, "p95_s": 1.0, "rounds": 2, "compiled": False},
+                                "quality_merged_int8": {v: {s: {**row, "variant": v} for s in splits}
+                                                        for v in variants}}
+    results = {**RESULTS, "variant_order": list(variants), "eval_splits": splits, "variants": variants}
+    text = render_section(results)
+    assert text.index("| `r8` | `train` |") < text.index("| `r8` | `test` |") < text.index("| `r16` | `train` |")
+    assert text.index("| r8 | train |") < text.index("| r8 | test |")
+    assert render_section(json.loads(json.dumps(results, sort_keys=True))) == text

@@ -163,7 +163,7 @@ def results_table(results: dict[str, Any], padded: bool = False) -> str:
 
 def _sections(row: dict[str, Any]) -> list[tuple[str, Any]]:
     """A row's sections in one fixed order, whatever order the file or the session recorded them in."""
-    return sorted(row.items(), key=lambda kv: (SECTIONS.index(kv[0]) if kv[0] in SECTIONS else len(SECTIONS), kv[0]))
+    return _in_order(row, list(SECTIONS))
 
 
 def _footnotes(results: dict[str, Any]) -> list[str]:
@@ -216,7 +216,7 @@ def _speed_table(results: dict[str, Any]) -> list[str]:
                         if results["variants"][n].get("speed")), (None, None))
     if not speed:
         return []
-    speed = {k: speed[k] for k in sorted(speed, key=_engine_rank)}  # one order, whatever order a session ran them
+    speed = dict(_in_order(speed, list(ENGINE_ORDER)))  # one order, whatever order a session ran them
     reused, rows = bool(speed.get("reused")), []
     for engine, f in speed.items():
         if engine in ("provenance", "reuse_key", "reused") or engine.startswith(("parity", "quality_")) \
@@ -307,10 +307,6 @@ def _quality_cost(per_variant: dict[str, Any], gate: dict[str, Any] | None = Non
 
 
 ENGINE_ORDER = ("seed", "merged", "merged-int4", "merged-int8", "nf4-compiled")
-
-
-def _engine_rank(key: str) -> tuple[int, str]:
-    return (ENGINE_ORDER.index(key) if key in ENGINE_ORDER else len(ENGINE_ORDER), key)
 
 
 def _sha(prov: dict[str, Any], missing: str) -> str:

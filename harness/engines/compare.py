@@ -19,6 +19,7 @@ is then built. Otherwise every engine is built and timed.
 
 from __future__ import annotations
 
+from functools import cached_property
 from typing import Any, Callable
 
 from ..measure import reuse
@@ -28,6 +29,14 @@ from ..report.phases import note
 from ..report.provenance import device_name
 
 __all__ = ["EngineComparison"]
+
+
+def _parity_key(candidate: str) -> str:
+    return "parity" if candidate == "merged" else f"parity_{candidate.replace('-', '_')}"
+
+
+def _quality_key(quantized: str) -> str:
+    return f"quality_{quantized.replace('-', '_')}"  # like parity_*: not an engine row of the speed table
 
 
 def _allocated_gib() -> float:
@@ -176,7 +185,7 @@ class EngineComparison:
         """Record into the speed variant's ``speed`` section; its first record adds the key a later session's reuse
         looks for."""
         if not self.sweep.recorder.get(self.variant, "speed"):
-            data = {"reuse_key": self._key(), **data}
+            data = {"reuse_key": self._reuse_key, **data}
         self.sweep.recorder.record(self.variant, "speed", data, engine=engine)
 
     def reused(self) -> dict[str, Any] | None:
@@ -192,7 +201,7 @@ class EngineComparison:
         lat, inf = self.profile.latency, self.profile.inference
         if self.sweep.retime or not lat.reuse_confirm_rounds or "merged" not in inf.speed_engines:
             return None
-        stored, why = reuse.earlier(self.sweep.runs_dir, self.profile.name, self.variant, "speed", self._key())
+        stored, why = reuse.earlier(self.sweep.runs_dir, self.profile.name, self.variant, "speed", self._reuse_key)
         missing = [k for k in self._complete_keys() if not (stored or {}).get(k)]
         if stored and missing:
             why = f"the earlier comparison lacks {', '.join(missing)}"
@@ -222,13 +231,13 @@ class EngineComparison:
         weights the quality cost of each quantized engine."""
         inf = self.profile.inference
         keys = list(inf.speed_engines)
-        keys += [{"merged": "parity"}.get(c, f"parity_{c.replace('-', '_')}") for c in ("merged", "nf4-compiled")
-                 if c in inf.speed_engines]
+        keys += [_parity_key(c) for c in ("merged", "nf4-compiled") if c in inf.speed_engines]
         if self.profile.weights == "real":
-            keys += [f"quality_{q.replace('-', '_')}" for q in ("merged-int8", "merged-int4") if q in inf.speed_engines]
+            keys += [_quality_key(q) for q in ("merged-int8", "merged-int4") if q in inf.speed_engines]
         return keys
 
-    def _key(self) -> dict[str, Any]:
+    @cached_property
+    def _reuse_key(self) -> dict[str, Any]:
         """What the comparison stands on: the speed variant's adapter, and every variant's where it records quality
         costs (``quality`` trains them, or finds them trained, all the same)."""
         names = ([v for v in self.profile.variants if not self.profile.variant(v).is_baseline]
@@ -240,7 +249,7 @@ class EngineComparison:
         """``candidate``'s greedy tokens and logits against the seed path's, on every evaluation prompt."""
         from ..measure.parity import parity
 
-        key = "parity" if candidate == "merged" else f"parity_{candidate.replace('-', '_')}"
+        key = _parity_key(candidate)
         if self.reused():
             return self._earlier[key]
         inf = self.profile.inference
@@ -268,7 +277,7 @@ class EngineComparison:
         from ..measure.memory import free_memory
         from ..measure.parity import token_agreement
 
-        key = f"quality_{name.replace('-', '_')}"  # like parity_*: not an engine row of the speed table
+        key = _quality_key(name)
         if self.reused():
             return self._earlier[key]
         if self.profile.inference.engine != "merged":

@@ -13,7 +13,6 @@ CUDA graphs reading the old, stale weights, so it raises instead.
 from __future__ import annotations
 
 import gc
-import time
 from pathlib import Path
 from typing import Any
 
@@ -29,43 +28,28 @@ __all__ = ["MergedBase"]
 class MergedBase:
     """One dequantized base for a sweep; ``activate`` merges a variant's adapter into it in place.
 
-    The pristine dequantized weights are kept on the host and copied back before each merge, so a variant is
-    always exactly dequantize(NF4 base) + its own delta, and parameter storage never moves (compiled graphs stay
-    valid; ``activate`` verifies it). peft computes each delta (B @ A * alpha / r) and adds it in place
-    (``merge_and_unload``).
+    The pristine dequantized weights are read from their stored checkpoint (``harness.models.dequantized``, memory-
+    mapped) and copied back before a merge when another variant's delta is in them, so a variant is always exactly
+    dequantize(NF4 base) + its own delta, and parameter storage never moves (compiled graphs stay valid; ``activate``
+    verifies it). peft computes each delta (B @ A * alpha / r) and adds it in place (``merge_and_unload``).
     """
 
     def __init__(self, profile: Profile, cache_root: Path, tokenizer):
-        from ..models.base import load_base
+        from ..models.dequantized import load
 
-        dtype = getattr(torch, profile.inference.merged_dtype)
         allocated = torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
-        nf4 = load_base(profile.model, profile.quantization, cache_root)
-        start = time.perf_counter()
-        if getattr(nf4, "hf_quantizer", None) is None:
-            self.model = nf4
-        else:
-            try:
-                self.model = nf4.dequantize(dtype=dtype)
-            except TypeError:  # transformers releases before dequantize(dtype=...)
-                self.model = nf4.dequantize()
-        self.model.to(dtype)
-        self.model.eval()
+        self.model, self._pristine = load(profile, cache_root)  # the stored weights, memory-mapped: restores read them
         try:
             check_supported(self.model)
             self.projections, unsupported = fuse_projections_(self.model), None
         except ValueError as e:  # another architecture: the model's own forward, one compiled step per token
             self.projections, unsupported = None, str(e)
-        self.dequantize_s = time.perf_counter() - start
-        del nf4
-        gc.collect()  # the replaced 4-bit modules are cyclic garbage: count only what stays resident
         self.resident_gib = ((torch.cuda.memory_allocated() - allocated) / 2**30 if torch.cuda.is_available()
                              else None)
-        self._pristine = {n: p.detach().to("cpu", copy=True) for n, p in self.model.named_parameters()}
         self._storage = self._storage_map()  # what the compiled graphs will read: checked after every merge
         self.active: str | None = None
         self._activating: str | None = None  # the variant being merged, for check_storage's message
-        self.merge_s = 0.0
+        self._merged_in = False  # whether the weights differ from the stored ones (a restore is due before a merge)
         if self.projections is None:
             self.engine = StaticGreedy(self.model, tokenizer, "merged", profile.inference)
             self.engine.note += f" (not fused: {unsupported})"
@@ -121,17 +105,20 @@ class MergedBase:
 
         if self.active == name:
             return self.model
-        start = time.perf_counter()
         self.active = None  # until this merge completes and is checked, the weights belong to no variant
         self._activating = name
-        self._restore()
+        if self._merged_in:
+            self._restore()
+            self._merged_in = False
         if adapter_dir is not None:
+            self._merged_in = True
             wrapped = PeftModel.from_pretrained(self.model, str(adapter_dir))
             try:
                 merged = wrapped.merge_and_unload()
             except BaseException:
                 wrapped.unload()  # take the adapter layers out again, then put the pristine weights back
                 self._restore()
+                self._merged_in = False
                 raise
             if merged is not self.model:  # peft returns the base module it wrapped
                 raise RuntimeError("peft merge_and_unload returned a new module; the compiled graphs would be stale")
@@ -139,5 +126,4 @@ class MergedBase:
                 self.model.__dict__.pop(attr, None)
         self.check_storage()
         self.active = name
-        self.merge_s = time.perf_counter() - start
         return self.model

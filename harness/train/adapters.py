@@ -27,6 +27,7 @@ from ..data.dataset import Example, fingerprint
 from ..data.prompt import PROMPT_FORMAT
 from ..measure.memory import free_memory
 from ..models.base import device, load_base
+from ..models.revision import base_identity
 from ..report.atomic import atomic_dir, atomic_write_text, file_lock, sweep_partial
 from ..report.phases import timed
 from ..report.provenance import library_versions, provenance, source_digest
@@ -49,22 +50,11 @@ def adapter_source_digest(files=None) -> str:
     return source_digest(files or ADAPTER_SOURCES, "harness.train.adapters.ADAPTER_SOURCES")
 
 
-def _base_file(profile: Profile) -> str | None:
-    """A GGUF shipped in a wheel is keyed by its content: a new release at the same path retrains."""
-    if not profile.model.source.startswith("pypi:"):
-        return None
-    from ..models.pretrained import gguf_sha256, parse_pypi_source, wheel_gguf
-
-    return gguf_sha256(wheel_gguf(*parse_pypi_source(profile.model.source)))
-
-
 def artifact_key(profile: Profile, variant: Variant, train_examples: list[Example]) -> dict[str, Any]:
     """Everything that changes a trained adapter. Its hash names the artifact directory."""
     versions = library_versions()
     return {
-        "base": {"source": profile.model.source, "revision": profile.model.revision, "file": _base_file(profile),
-                 "synthetic_seed": profile.model.synthetic_seed, "tokenizer": profile.model.tokenizer,
-                 "attn_implementation": profile.model.attn_implementation},
+        "base": base_identity(profile),
         "quantization": dataclasses.asdict(profile.quantization),
         "lora": {**dataclasses.asdict(profile.lora), "r": variant.r, "alpha": variant.alpha},
         "training": dataclasses.asdict(profile.training),

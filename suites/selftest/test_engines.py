@@ -243,6 +243,50 @@ def test_forced_logits_of_the_static_cache_engine_match_a_plain_forward(tiny):
     assert not torch.allclose(a[:-1], a[1:])  # each row is its own step, not one row repeated
 
 
+def test_the_dequantized_base_is_kept_loaded_bit_for_bit_and_never_written_by_merges(tiny, tmp_path, monkeypatch):
+    """The first merged base dequantizes the NF4 model and keeps the result (``harness.models.dequantized``); the next
+    loads it without touching the NF4 model, with the same weights and greedy tokens. Merges and restores read the
+    stored checkpoint and never write it. Under another bitsandbytes the base is built again and the superseded
+    folder removed; a folder whose key file names another key is not loaded."""
+    import hashlib
+    import json
+
+    import harness.models.dequantized as dequantized
+    from harness.config.profiles import config_hash
+    from harness.report import provenance
+
+    root, built, real = tmp_path / "_models", [], dequantized._dequantize
+    monkeypatch.setattr(dequantized, "_dequantize", lambda *a: built.append(a) or real(*a))
+    first = MergedBase(tiny.profile, root, tiny.tokenizer)
+    second = MergedBase(tiny.profile, root, tiny.tokenizer)
+    assert len(built) == 1
+    folder = dequantized.folder(root, config_hash(dequantized.key_parts(tiny.profile)))
+
+    def stored() -> str:
+        return hashlib.sha256(b"".join(f.read_bytes() for f in sorted(folder.glob("*.safetensors")))).hexdigest()
+
+    before = stored()
+    pristine = {n: p.detach().clone() for n, p in first.model.named_parameters()}
+    second.activate("r16", tiny.adapters["r16"])
+    assert not all(torch.equal(p, pristine[n]) for n, p in second.model.named_parameters())
+    second.activate("r8", tiny.adapters["r8"])
+    second.activate("baseline", None)
+    assert stored() == before
+    assert all(torch.equal(p, pristine[n]) for n, p in second.model.named_parameters())
+    assert first.engine.generate(tiny.prompts[:2], 8, 2) == second.engine.generate(tiny.prompts[:2], 8, 2)
+
+    with monkeypatch.context() as m:
+        m.setattr(dequantized, "library_versions", lambda: {**provenance.library_versions(), "bitsandbytes": "0.0.1"})
+        MergedBase(tiny.profile, root, tiny.tokenizer)
+    assert len(built) == 2 and not folder.exists()
+    MergedBase(tiny.profile, root, tiny.tokenizer)  # this key again: built, and the other version's folder removed
+    assert len(built) == 3 and [p.name for p in root.glob("dequantized-*")] == [folder.name]
+    key_file = folder / "key.json"
+    key_file.write_text(json.dumps({**json.loads(key_file.read_text()), "key": "0" * 64}))
+    MergedBase(tiny.profile, root, tiny.tokenizer)
+    assert len(built) == 4
+
+
 def test_activate_refuses_weights_whose_storage_moved(tiny):
     base = MergedBase(tiny.profile, tiny.cache_root, tiny.tokenizer)  # its own: this test breaks it on purpose
     base.activate("r16", tiny.adapters["r16"])

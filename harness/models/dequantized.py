@@ -1,0 +1,139 @@
+"""The NF4 base dequantized once and kept on disk: the merged engine's starting weights.
+
+``MergedBase`` starts every variant from dequantize(NF4 base) in ``inference.merged_dtype``. That product is
+deterministic, so it is an artifact like an adapter: written once (atomically, under a lock) as a plain checkpoint
+in ``runs/_models/dequantized-<key>/`` and loaded by later sessions instead of loading, quantizing and dequantizing
+the base again. Its tensors also serve ``MergedBase``'s restores between variants, read through a memory map, so
+no second copy of the weights is held in host memory (copying the 7B's 14.5 GB from the GPU into host memory took
+most of the base's 11.5-17.9 s build on an H200: ``docs/performance.md``, issue 18).
+
+The key hashes what the weights depend on: the base (``revision.base_identity``), the quantization config, the
+dtype, the device type, the libraries that load, quantize and dequantize (torch, transformers, bitsandbytes) and the
+code that does it (``KEY_SOURCES``). A folder whose ``key.json`` does not name this key is never loaded. Writing a
+key removes the folders of other keys for the same base, quantization and dtype: other code or libraries made
+them, and each holds a full copy of the weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config.profiles import config_hash
+from ..config.schema import Profile
+from ..report.atomic import atomic_dir, atomic_write_json, file_lock
+from ..report.phases import note
+from ..report.provenance import git_sha, library_versions, source_digest
+from .base import device, load_base
+from .revision import base_identity
+
+__all__ = ["KEY_SOURCES", "key_parts", "folder", "load"]
+
+_MODELS = Path(__file__).resolve().parent
+KEY_SOURCES = (_MODELS / "base.py", _MODELS / "pretrained.py", Path(__file__).resolve())
+KEY_FILE = "key.json"
+_LIBRARIES = ("torch", "transformers", "bitsandbytes")
+
+
+def key_parts(profile: Profile) -> dict[str, Any]:
+    """Everything that changes the dequantized weights of ``profile``'s base (module doc)."""
+    versions = library_versions()
+    return {"base": base_identity(profile), "quantization": dataclasses.asdict(profile.quantization),
+            "dtype": profile.inference.merged_dtype, "device_type": device().type,
+            "versions": {k: versions.get(k) for k in _LIBRARIES},
+            "code": source_digest(KEY_SOURCES, "harness.models.dequantized.KEY_SOURCES")}
+
+
+def folder(cache_root: Path, key: str) -> Path:
+    return Path(cache_root) / f"dequantized-{key[:12]}"
+
+
+def load(profile: Profile, cache_root: Path) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    """``profile``'s base dequantized to ``inference.merged_dtype`` on this process's device, in eval mode, and its
+    weights as stored (CPU tensors over a memory map of the checkpoint), by parameter name. Built and written when
+    no folder of this key is there."""
+    parts = key_parts(profile)
+    key = config_hash(parts)
+    final = folder(cache_root, key)
+    with file_lock(final):
+        if _stored_key(final) == key:
+            model = _from_disk(profile, final)
+            note("dequantized-base", f"loaded {final.name}")
+        else:
+            model = _dequantize(profile, cache_root)
+            with atomic_dir(final) as tmp:
+                model.save_pretrained(tmp, safe_serialization=True)
+                atomic_write_json(tmp / KEY_FILE, {"key": key, "parts": parts, "git_sha": git_sha()})
+            note("dequantized-base", f"built and kept as {final.name}")
+            _remove_superseded(final, parts)
+    model.eval()
+    return model, _mapped(final, model)
+
+
+def _stored_key(path: Path) -> str | None:
+    try:
+        return json.loads((path / KEY_FILE).read_text(encoding="utf-8")).get("key")
+    except (OSError, ValueError):
+        return None
+
+
+def _dequantize(profile: Profile, cache_root: Path) -> torch.nn.Module:
+    dtype = getattr(torch, profile.inference.merged_dtype)
+    nf4 = load_base(profile.model, profile.quantization, cache_root)
+    if getattr(nf4, "hf_quantizer", None) is None:  # quantization off: the base itself, in the merged dtype
+        model = nf4
+    else:
+        try:
+            model = nf4.dequantize(dtype=dtype)
+        except TypeError:  # transformers releases before dequantize(dtype=...)
+            model = nf4.dequantize()
+    del nf4
+    gc.collect()  # the replaced 4-bit modules are cyclic garbage: keep only the dequantized weights resident
+    return model.to(dtype)
+
+
+def _from_disk(profile: Profile, path: Path) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(
+        path, dtype=getattr(torch, profile.inference.merged_dtype), device_map={"": device()},
+        attn_implementation=profile.model.attn_implementation)
+
+
+def _mapped(path: Path, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors by name (safetensors maps the file: a tensor is read when it is copied), which must
+    be exactly ``model``'s parameters, shape and dtype included."""
+    from safetensors import safe_open
+
+    stored: dict[str, torch.Tensor] = {}
+    for file in sorted(path.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            stored.update({name: f.get_tensor(name) for name in f.keys()})
+    params = dict(model.named_parameters())
+    wrong = sorted(set(stored) ^ set(params)) + sorted(
+        n for n in set(stored) & set(params) if (stored[n].shape, stored[n].dtype) != (params[n].shape, params[n].dtype))
+    if wrong:
+        raise RuntimeError(f"{path}: the stored dequantized base does not match the model's parameters "
+                           f"({', '.join(wrong[:5])}{' ...' if len(wrong) > 5 else ''}); delete the folder to rebuild it")
+    return stored
+
+
+def _remove_superseded(kept: Path, parts: dict[str, Any]) -> None:
+    """Remove the folders of other keys for the same base, quantization and dtype (module doc)."""
+    same = ("base", "quantization", "dtype", "device_type")
+    for other in kept.parent.glob("dequantized-*"):
+        if other == kept or not (other / KEY_FILE).is_file():
+            continue
+        try:
+            theirs = json.loads((other / KEY_FILE).read_text(encoding="utf-8"))["parts"]
+        except (OSError, ValueError, KeyError):
+            continue
+        if all(theirs.get(k) == parts[k] for k in same):
+            with file_lock(other):
+                shutil.rmtree(other, ignore_errors=True)

@@ -27,6 +27,7 @@ import torch
 
 from ..config.profiles import config_hash
 from ..config.schema import Profile
+from ..measure.memory import free_memory
 from ..report.atomic import atomic_dir, atomic_write_json, file_lock
 from ..report.phases import note
 from ..report.provenance import git_sha, library_versions, source_digest
@@ -56,22 +57,26 @@ def folder(cache_root: Path, key: str) -> Path:
 
 def load(profile: Profile, cache_root: Path) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
     """``profile``'s base dequantized to ``inference.merged_dtype`` on this process's device, in eval mode, and its
-    weights as stored (CPU tensors over a memory map of the checkpoint), by parameter name. Built and written when
-    no folder of this key is there."""
+    weights as stored (CPU tensors over a memory map of the checkpoint), by parameter name. Built and written first
+    when no folder of this key is there; the model always comes from the stored checkpoint, as a deployed merged model
+    would: ``from_pretrained`` keeps RoPE's ``inv_freq`` in float32 (as the NF4 reference has it), where casting the
+    dequantized model to bfloat16 rounds it (the merged engine's RoPE until 2026-12-04)."""
     parts = key_parts(profile)
     key = config_hash(parts)
     final = folder(cache_root, key)
     with file_lock(final):
         if _stored_key(final) == key:
-            model = _from_disk(profile, final)
             note("dequantized-base", f"loaded {final.name}")
         else:
             model = _dequantize(profile, cache_root)
             with atomic_dir(final) as tmp:
                 model.save_pretrained(tmp, safe_serialization=True)
                 atomic_write_json(tmp / KEY_FILE, {"key": key, "parts": parts, "git_sha": git_sha()})
+            del model  # loaded back below, so a built base and a loaded one are the same (buffers included)
+            free_memory()
             note("dequantized-base", f"built and kept as {final.name}")
             _remove_superseded(final, parts)
+        model = _from_disk(profile, final)
     model.eval()
     return model, _mapped(final, model)
 

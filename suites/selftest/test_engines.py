@@ -245,9 +245,11 @@ def test_forced_logits_of_the_static_cache_engine_match_a_plain_forward(tiny):
 
 def test_the_dequantized_base_is_kept_loaded_bit_for_bit_and_never_written_by_merges(tiny, tmp_path, monkeypatch):
     """The first merged base dequantizes the NF4 model and keeps the result (``harness.models.dequantized``); the next
-    loads it without touching the NF4 model, with the same weights and greedy tokens. Merges and restores read the
-    stored checkpoint and never write it. Under another bitsandbytes the base is built again and the superseded
-    folder removed; a folder whose key file names another key is not loaded."""
+    loads it without touching the NF4 model, with the same weights, buffers (dtypes too) and greedy tokens, in
+    bfloat16, where a model cast after dequantizing (as the engine built it before) has RoPE's ``inv_freq`` rounded to
+    bfloat16 and a loaded one keeps it in float32. Merges and restores read the stored checkpoint and never write it.
+    Under another bitsandbytes the base is built again and the superseded folder removed; a folder whose key file
+    names another key is not loaded."""
     import hashlib
     import json
 
@@ -255,12 +257,18 @@ def test_the_dequantized_base_is_kept_loaded_bit_for_bit_and_never_written_by_me
     from harness.config.profiles import config_hash
     from harness.report import provenance
 
+    profile = dataclasses.replace(tiny.profile, inference=dataclasses.replace(tiny.profile.inference,
+                                                                               merged_dtype="bfloat16"))
     root, built, real = tmp_path / "_models", [], dequantized._dequantize
     monkeypatch.setattr(dequantized, "_dequantize", lambda *a: built.append(a) or real(*a))
-    first = MergedBase(tiny.profile, root, tiny.tokenizer)
-    second = MergedBase(tiny.profile, root, tiny.tokenizer)
+    first = MergedBase(profile, root, tiny.tokenizer)
+    second = MergedBase(profile, root, tiny.tokenizer)
     assert len(built) == 1
-    folder = dequantized.folder(root, config_hash(dequantized.key_parts(tiny.profile)))
+    buffers = [(dict(m.model.named_buffers())) for m in (first, second)]
+    assert buffers[0].keys() == buffers[1].keys() and buffers[0]
+    for name, buffer in buffers[0].items():
+        assert buffer.dtype == buffers[1][name].dtype and torch.equal(buffer, buffers[1][name]), name
+    folder = dequantized.folder(root, config_hash(dequantized.key_parts(profile)))
 
     def stored() -> str:
         return hashlib.sha256(b"".join(f.read_bytes() for f in sorted(folder.glob("*.safetensors")))).hexdigest()
@@ -277,13 +285,13 @@ def test_the_dequantized_base_is_kept_loaded_bit_for_bit_and_never_written_by_me
 
     with monkeypatch.context() as m:
         m.setattr(dequantized, "library_versions", lambda: {**provenance.library_versions(), "bitsandbytes": "0.0.1"})
-        MergedBase(tiny.profile, root, tiny.tokenizer)
+        MergedBase(profile, root, tiny.tokenizer)
     assert len(built) == 2 and not folder.exists()
-    MergedBase(tiny.profile, root, tiny.tokenizer)  # this key again: built, and the other version's folder removed
+    MergedBase(profile, root, tiny.tokenizer)  # this key again: built, and the other version's folder removed
     assert len(built) == 3 and [p.name for p in root.glob("dequantized-*")] == [folder.name]
     key_file = folder / "key.json"
     key_file.write_text(json.dumps({**json.loads(key_file.read_text()), "key": "0" * 64}))
-    MergedBase(tiny.profile, root, tiny.tokenizer)
+    MergedBase(profile, root, tiny.tokenizer)
     assert len(built) == 4
 
 

@@ -12,7 +12,6 @@ CUDA graphs reading the old, stale weights, so it raises instead.
 
 from __future__ import annotations
 
-import gc
 from pathlib import Path
 from typing import Any
 

@@ -120,12 +120,13 @@ def _mapped(path: Path, model: torch.nn.Module) -> dict[str, torch.Tensor]:
     for file in sorted(path.glob("*.safetensors")):
         with safe_open(str(file), framework="pt") as f:
             stored.update({name: f.get_tensor(name) for name in f.keys()})
-    params = dict(model.named_parameters())
+    params = {name: (p.shape, p.dtype) for name, p in model.named_parameters()}
     wrong = sorted(set(stored) ^ set(params)) + sorted(
-        n for n in set(stored) & set(params) if (stored[n].shape, stored[n].dtype) != (params[n].shape, params[n].dtype))
+        n for n in set(stored) & set(params) if (stored[n].shape, stored[n].dtype) != params[n])
     if wrong:
         raise RuntimeError(f"{path}: the stored dequantized base does not match the model's parameters "
-                           f"({', '.join(wrong[:5])}{' ...' if len(wrong) > 5 else ''}); delete the folder to rebuild it")
+                           f"({', '.join(wrong[:5])}{' ...' if len(wrong) > 5 else ''}); delete the folder to "
+                           f"rebuild it")
     return stored
 
 

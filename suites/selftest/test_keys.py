@@ -243,9 +243,11 @@ def test_the_dequantized_base_key_follows_code_libraries_quantization_dtype_and_
     elif change in ("torch", "transformers", "bitsandbytes"):
         monkeypatch.setattr(dequantized, "library_versions", _with(artifacts.library_versions, **{change: "0.0.1"}))
     elif change == "quantization":
-        profile = dataclasses.replace(profile, quantization=dataclasses.replace(profile.quantization, double_quant=False))
+        profile = dataclasses.replace(profile, quantization=dataclasses.replace(profile.quantization,
+                                                                                 double_quant=False))
     elif change == "dtype":
-        profile = dataclasses.replace(profile, inference=dataclasses.replace(profile.inference, merged_dtype="bfloat16"))
+        profile = dataclasses.replace(profile, inference=dataclasses.replace(profile.inference,
+                                                                             merged_dtype="bfloat16"))
     else:
         profile = dataclasses.replace(profile, model=dataclasses.replace(
             profile.model, synthetic_seed=profile.model.synthetic_seed + 1))

@@ -24,10 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .config.preflight import check_profile_data
+from .config.preflight import prepare_profile
 from .config.profiles import load_profile
 from .config.schema import Profile
-from .data.dataset import fingerprint
 from .data.prompt import encode_prompt
 from .measure.evaluate import SplitScores, compare_to_baseline, score_split
 from .measure import latency
@@ -35,7 +34,6 @@ from .measure.gates import quality_failures, vram_failures
 from .measure.memory import free_memory, peak_memory, reset_peak_memory
 from .measure.predictions import eval_key, eval_key_parts, predictions_path, read_matching, write_predictions
 from .measure.quality_compare import regressions_against
-from .models.revision import pin_revision
 from .report.phases import log_to, note, timed
 from .report.provenance import PROJECT_ROOT, device_name
 from .report.recording import record_eval, record_variant
@@ -82,9 +80,7 @@ class Sweep:
         """Validate the profile and its data, and pin a hub model's revision to a commit (harness.revision); nothing
         is loaded or written yet. ``runs_dir`` and ``card`` default
         to the project's own ``runs/`` and ``MODEL_CARD.md``, wherever the profile file lives."""
-        profile = pin_revision(profile if isinstance(profile, Profile) else load_profile(profile))
-        splits = check_profile_data(profile)
-        data_fp = fingerprint([e for s in splits.values() for e in s])
+        profile, splits, data_fp = prepare_profile(profile if isinstance(profile, Profile) else load_profile(profile))
         return cls(profile, splits, Path(runs_dir) if runs_dir else PROJECT_ROOT / "runs",
                    Path(card) if card else PROJECT_ROOT / "MODEL_CARD.md", retrain, retime,
                    ResultsRecorder(profile, data_fp, session_id))

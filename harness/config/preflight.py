@@ -14,7 +14,7 @@ from .errors import ConfigError, DataError, did_you_mean
 from .schema import Profile
 from .yamlload import read_yaml
 
-__all__ = ["check_profile_data"]
+__all__ = ["check_profile_data", "prepare_profile"]
 
 
 def check_profile_data(profile: Profile) -> dict[str, list[Example]]:
@@ -32,6 +32,18 @@ def check_profile_data(profile: Profile) -> dict[str, list[Example]]:
         _check_lengths(profile, splits["train"])
     _check_latency_prompt(profile, splits)
     return splits
+
+
+def prepare_profile(profile: Profile) -> tuple[Profile, dict[str, list[Example]], str]:
+    """What a run of ``profile`` is keyed by: the profile with a hub model's revision pinned to a commit, its checked
+    splits, and their fingerprint. The sweep stamps every figure with these; a card block re-rendered from a results
+    file holds that file's figures to them."""
+    from ..data.dataset import fingerprint
+    from ..models.revision import pin_revision
+
+    profile = pin_revision(profile)
+    splits = check_profile_data(profile)
+    return profile, splits, fingerprint([e for s in splits.values() for e in s])
 
 
 def _where(profile: Profile, *keypath: str) -> str:

@@ -93,8 +93,11 @@ def _eval_results(results: dict[str, Any], card_base: str | None) -> list:
     return out
 
 
-def update_card(card_path: Path, results: dict[str, Any], plots: dict[str, str] | None = None) -> None:
-    """Rewrite this profile's block and model-index in the card; everything else is kept byte for byte."""
+def update_card(card_path: Path, results: dict[str, Any], plots: dict[str, str] | None = None,
+                now: dict[str, str] | None = None) -> None:
+    """Rewrite this profile's block and model-index in the card; everything else is kept byte for byte. ``now``: the
+    profile's config hash and data fingerprint as a run would stamp them (``main``), when they may differ from the
+    results file's latest run."""
     from huggingface_hub import ModelCard
 
     card_path = Path(card_path)
@@ -103,8 +106,9 @@ def update_card(card_path: Path, results: dict[str, Any], plots: dict[str, str] 
     card = ModelCard(text) if text.startswith("---") else ModelCard("---\n{}\n---\n" + text)
     nl = "\r\n" if "\r\n" in text else "\n"  # the card's own line ending, also inside our region
     # † against the harness code rendering the block, not only the results file's latest run: a block re-rendered
-    # after the code changed marks every figure older code made, until a run re-makes it
-    current = {**results, "code_digest": code_digest()}
+    # after the code (or, given ``now``, the profile or its data) changed marks every figure made before, until a run
+    # re-makes it
+    current = {**results, "code_digest": code_digest(), **(now or {})}
     card.text = _replace_block(card.text, results["profile"], render_section(current, plots), nl)
     data = card.data
     kept = [r for r in (data.eval_results or []) if r.dataset_name != _dataset_name(results["profile"])]
@@ -121,9 +125,12 @@ def update_card(card_path: Path, results: dict[str, Any], plots: dict[str, str] 
 def main(argv: list[str] | None = None) -> None:
     """``python -m harness.report.card PROFILE``: re-render a profile's card block from its committed results file
     (after copying in a results file measured on another machine, e.g. a GPU run's
-    ``card_assets/<profile>-results.json``)."""
+    ``card_assets/<profile>-results.json``). Figures made under another config or data than the profile's now are
+    marked †, as a run of it would mark them."""
     import argparse
 
+    from ..config.preflight import prepare_profile
+    from ..config.profiles import config_hash, load_profile
     from .plots import write_plots
 
     ap = argparse.ArgumentParser(description=main.__doc__)
@@ -136,10 +143,12 @@ def main(argv: list[str] | None = None) -> None:
     results = load_results(results_file)
     if not results["variants"]:
         raise SystemExit(f"{results_file}: no results to render; run the benchmark or copy the file in first")
+    profile, _, data_fingerprint = prepare_profile(load_profile(args.profile))
+    now = {"config_hash": config_hash(profile), "data_fingerprint": data_fingerprint}
     with file_lock(args.card):
         plots = write_plots(results, results_file.parent, link_prefix=os.path.relpath(results_file.parent,
                                                                                           args.card.parent))
-        update_card(args.card, results, plots)
+        update_card(args.card, results, plots, now)
     print(f"{args.card}: block {args.profile!r} rendered from {results_file}")
 
 

@@ -167,6 +167,34 @@ def test_a_block_rendered_after_the_code_changed_marks_what_older_code_made(tmp_
     assert "†" not in card.read_text(encoding="utf-8")
 
 
+def test_the_card_command_marks_figures_made_under_a_config_the_profile_no_longer_has(tmp_path):
+    """``python -m harness.report.card`` re-renders a block from its results file alone, whose latest run carries the
+    same old config hash as its figures: they are held to the profile's config and data as they are now (†), and the
+    same file stamped with the current ones renders without a mark."""
+    from harness.config.preflight import prepare_profile
+    from harness.report import card as card_command
+    from harness.report.results import card_results_path, code_digest
+
+    profile, _, fingerprint = prepare_profile(load_profile("tiny"))
+
+    def results(config):
+        stamp = {"config_hash": config, "data_fingerprint": fingerprint, "code_digest": code_digest()}
+        return {"profile": "tiny", "variant_order": ["r16"], "eval_splits": ["validation"], "show_quality": True,
+                **stamp, "variants": {"r16": {"quality": {"validation": {
+                    "n": 5, "em": 0.25, "f1": 0.25, "em_ci": [0.0, 0.6], "f1_ci": [0.0, 0.6]}, "provenance": stamp}}}}
+
+    card = tmp_path / "MODEL_CARD.md"
+    results_file = card_results_path(card, "tiny")
+    results_file.parent.mkdir()
+    results_file.write_text(json.dumps(results("0ld0c0nf1g00")), encoding="utf-8")
+    card_command.main(["tiny", "--card", str(card)])
+    text = card.read_text(encoding="utf-8")
+    assert "0.250†" in text and "measured under config `0ld0c0nf1g00`" in text
+    results_file.write_text(json.dumps(results(config_hash(profile))), encoding="utf-8")
+    card_command.main(["tiny", "--card", str(card)])
+    assert "†" not in card.read_text(encoding="utf-8")
+
+
 def test_every_stamp_carries_the_code_digest():
     from harness.report.results import ResultsRecorder, code_digest
 

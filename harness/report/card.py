@@ -125,8 +125,8 @@ def update_card(card_path: Path, results: dict[str, Any], plots: dict[str, str] 
 def main(argv: list[str] | None = None) -> None:
     """``python -m harness.report.card PROFILE``: re-render a profile's card block from its committed results file
     (after copying in a results file measured on another machine, e.g. a GPU run's
-    ``card_assets/<profile>-results.json``). Figures made under another config or data than the profile's now are
-    marked †, as a run of it would mark them."""
+    ``card_assets/<profile>-results.json``). PROFILE is what ``--profile`` takes, a name or a YAML file: figures made
+    under another config or data than that profile's now are marked †, as a run of it would mark them."""
     import argparse
 
     from ..config.preflight import prepare_profile
@@ -134,22 +134,23 @@ def main(argv: list[str] | None = None) -> None:
     from .plots import write_plots
 
     ap = argparse.ArgumentParser(description=main.__doc__)
-    ap.add_argument("profile", help="profile name, e.g. synthetic-7b")
+    ap.add_argument("profile", help="the profile the block's figures were made with, as --profile takes it: a name "
+                                    "(e.g. synthetic-7b) or a profile YAML file")
     ap.add_argument("--card", type=Path, default=Path(__file__).resolve().parents[2] / "MODEL_CARD.md")
     args = ap.parse_args(argv)
     from .results import card_results_path
 
-    results_file = card_results_path(args.card, args.profile)
+    profile, _, data_fingerprint = prepare_profile(load_profile(args.profile))
+    now = {"config_hash": config_hash(profile), "data_fingerprint": data_fingerprint}
+    results_file = card_results_path(args.card, profile.name)
     results = load_results(results_file)
     if not results["variants"]:
         raise SystemExit(f"{results_file}: no results to render; run the benchmark or copy the file in first")
-    profile, _, data_fingerprint = prepare_profile(load_profile(args.profile))
-    now = {"config_hash": config_hash(profile), "data_fingerprint": data_fingerprint}
     with file_lock(args.card):
         plots = write_plots(results, results_file.parent, link_prefix=os.path.relpath(results_file.parent,
                                                                                           args.card.parent))
         update_card(args.card, results, plots, now)
-    print(f"{args.card}: block {args.profile!r} rendered from {results_file}")
+    print(f"{args.card}: block {profile.name!r} rendered from {results_file}")
 
 
 if __name__ == "__main__":

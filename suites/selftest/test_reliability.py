@@ -235,7 +235,7 @@ def test_a_partial_run_on_a_fresh_clone_keeps_every_other_line_of_the_card(three
     committed = json.loads(results_file.read_text(encoding="utf-8"))
     committed["variants"]["r8"]["latency"].update(busy=True, busy_reason="marked by the test")
     card_results_path(clone_card, "tiny").write_text(json.dumps(committed), encoding="utf-8")
-    card_main(["tiny", "--card", str(clone_card)])
+    card_main([str(three_runs["profile"]), "--card", str(clone_card)])
     before = clone_card.read_text(encoding="utf-8").splitlines()
     assert any(line.startswith("- ‡ `r8` latency") for line in before)
     done = run_pytest(three_runs["profile"], tmp_path / "fresh-runs", clone_card, *SELECT, "-k", "r8 and not batched")
@@ -263,10 +263,10 @@ def _summary_labels(output: str) -> list[str]:
 
 
 def test_full_run_then_k_r16_then_the_card_command_keep_every_other_line_byte_for_byte(tmp_path):
-    """The full run, then ``-k r16``, then ``python -m harness.report.card tiny``: every card line that is not r16's keeps
-    its bytes (the Gates cells once flipped to ``pass (2 parity, 1 quality)`` after ``-k r16``, and the seed row
-    moved in the engines table), the card command re-renders the same bytes (it once changed r16's cell), and the
-    terminal summary lists its rows in the card's order."""
+    """The full run, then ``-k r16``, then ``python -m harness.report.card <profile>``: every card line that is not
+    r16's keeps its bytes (the Gates cells once flipped to ``pass (2 parity, 1 quality)`` after ``-k r16``, and the
+    seed row moved in the engines table), the card command re-renders the same bytes (it once changed r16's cell),
+    and the terminal summary lists its rows in the card's order."""
     # a quality gate beside the parity gates, so a Gates cell has two kinds whose order can flip (validation F1 of
     # tiny's memorised answers stays far below 0.99; a bound of 1.0 would be refused as one that cannot fail)
     gate = {"variants": ["baseline", "r8", "r16", "r32"], "split": "validation", "metric": "f1", "max": 0.99}
@@ -282,8 +282,8 @@ def test_full_run_then_k_r16_then_the_card_command_keep_every_other_line_byte_fo
     partial = run_pytest(profile, runs, card, "-k", "r16")
     assert partial.returncode == 0, partial.stdout[-3000:]
     after_r16 = card.read_bytes()
-    rendered = subprocess.run([sys.executable, "-m", "harness.report.card", "tiny", "--card", str(card)], cwd=REPO,
-                              capture_output=True, text=True, env=user_env())
+    rendered = subprocess.run([sys.executable, "-m", "harness.report.card", str(profile), "--card", str(card)],
+                              cwd=REPO, capture_output=True, text=True, env=user_env())
     assert rendered.returncode == 0, rendered.stdout + rendered.stderr
     assert card.read_bytes() == after_r16
     # blank lines aside: the one before the footnotes comes and goes with r16's own footnote (‡ when its rounds met a

@@ -313,6 +313,21 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         _card_from_workers(sweep)
 
 
+@pytest.hookimpl(optionalhook=True)
+def pytest_benchmark_update_commit_info(config, commit_info: dict) -> None:
+    """pytest-benchmark reads its commit from git, which the GPU machine's copy of the tree lacks: its
+    ``benchmark.json`` then says ``"id": "unknown"``. Name the commit every other figure of the run names
+    (``provenance.git_sha``: there ``$QLORA_GIT_SHA``), and say so; a commit git gave is left as it is."""
+    if SWEEP_KEY not in config.stash or commit_info.get("id") not in ("unknown", "unversioned"):
+        return
+    from .report.provenance import git_sha
+
+    sha = git_sha()
+    if sha != "unknown":
+        commit_info.update(id=sha.removesuffix("-dirty"), dirty=sha.endswith("-dirty"),
+                           id_from="the harness's provenance ($QLORA_GIT_SHA or .git_sha): no usable .git here")
+
+
 _GPU_SELECTED = re.compile(r"(?<!not )\bgpu\b")  # -m gpu, -m "gpu and not slow"; not -m "not gpu"
 
 

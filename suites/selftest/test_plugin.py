@@ -4,6 +4,7 @@ run that measured nothing fails."""
 from __future__ import annotations
 
 import json
+import types
 
 import pytest
 import torch
@@ -177,3 +178,23 @@ def test_a_copy_installed_without_e_says_to_use_e(pytester, monkeypatch, tmp_pat
     result = pytester.runpytest("--profile", "tiny", "-p", "no:cacheprovider")
     errors = [line for line in result.errlines if line.strip()]
     assert result.ret == 4 and len(errors) == 1 and errors[0].endswith("run: pip install -e ."), errors
+
+
+def test_benchmark_json_names_the_declared_commit_where_the_tree_has_no_git(pytestconfig, monkeypatch, tmp_path):
+    """pytest-benchmark reads its commit from git; on the GPU machine's copy of the tree it saved ``"id": "unknown"``
+    in every ``benchmark.json`` under results/h200. The plugin names the commit the run's other figures name
+    (``$QLORA_GIT_SHA``) and says where it came from; a commit git gave is left alone."""
+    from harness import plugin
+    from harness.report import provenance
+
+    registered = pytestconfig.pluginmanager.hook.pytest_benchmark_update_commit_info.get_hookimpls()
+    assert any(impl.plugin is plugin for impl in registered)
+    monkeypatch.setattr(provenance, "_REPO_ROOT", tmp_path)  # a copy of the tree without .git
+    monkeypatch.setenv("QLORA_GIT_SHA", "a" * 40)
+    config = types.SimpleNamespace(stash={plugin.SWEEP_KEY: object()})
+    missing = {"id": "unknown", "dirty": False, "error": "CalledProcessError(128, 'not a git repository')"}
+    plugin.pytest_benchmark_update_commit_info(config=config, commit_info=missing)
+    assert missing["id"] == "a" * 40 and not missing["dirty"] and "QLORA_GIT_SHA" in missing["id_from"]
+    found = {"id": "b" * 40, "dirty": True}
+    plugin.pytest_benchmark_update_commit_info(config=config, commit_info=found)
+    assert found == {"id": "b" * 40, "dirty": True}

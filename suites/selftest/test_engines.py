@@ -264,7 +264,7 @@ def test_the_dequantized_base_is_kept_loaded_bit_for_bit_and_never_written_by_me
     first = MergedBase(profile, root, tiny.tokenizer)
     second = MergedBase(profile, root, tiny.tokenizer)
     assert len(built) == 1
-    buffers = [(dict(m.model.named_buffers())) for m in (first, second)]
+    buffers = [dict(m.model.named_buffers()) for m in (first, second)]
     assert buffers[0].keys() == buffers[1].keys() and buffers[0]
     for name, buffer in buffers[0].items():
         assert buffer.dtype == buffers[1][name].dtype and torch.equal(buffer, buffers[1][name]), name

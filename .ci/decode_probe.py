@@ -8,7 +8,9 @@ Writes $OUT/decode-probe.json and prints a table last. Tries (the defaults, in o
 attention replaced (``ATTENTION``), each bf16 (``fused-*``) and over Marlin's 4-bit projections (``int4-*``, with
 Marlin's options as a suffix, ``MARLIN_OPTIONS``), a last suffix from ``INDUCTOR`` adding inductor options;
 ``census-*`` lists the kernels of one decoded token; ``gemv`` times each 4-bit projection alone under Marlin's
-options (``gemv_bench``). Marlin's kernels are built in the background while the bf16 tries run.
+options (``gemv_bench``); ``fastgemv-*`` runs the bf16 one-row products through fbgemm-gpu-genai's
+``bf16_fast_gemv``, ``*-mqa`` decode attention through its ``mqa_attn``, ``gemv-bf16`` and ``attention`` time those
+kernels alone (the wheel on ``PYTHONPATH``). Marlin's kernels are built in the background while the bf16 tries run.
 Earlier tries' candidates (gemlite, mslk, bitsandbytes) are in this file's history (a2494d1).
 """
 
@@ -131,8 +133,135 @@ class FlashSeqused(FusedDecoder):
         return out.reshape(1, heads, 1, dim)
 
 
+# --- fbgemm-gpu-genai's batch-1 kernels (fbgemm-gpu-genai 1.6.0, the release for torch 2.11, carried as a wheel) ---
+# bf16_fast_gemv: one warp row-blocks over K, no split-K reduce; mqa_attn: decode attention of one query position
+# over the slots up to it, one block per (sequence, query head). Wrapped as custom ops so that dynamo traces them.
+
+def load_fbgemm() -> None:
+    import fbgemm_gpu.experimental.gen_ai  # noqa: F401  (registers torch.ops.fbgemm.*)
+
+
+@torch.library.custom_op("probe::fast_gemv", mutates_args=())
+def fast_gemv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return torch.ops.fbgemm.bf16_fast_gemv(x, w)
+
+
+@fast_gemv.register_fake
+def _(x, w):
+    return x.new_empty(x.shape[0], w.shape[0])
+
+
+@torch.library.custom_op("probe::mqa", mutates_args=())
+def mqa(xq: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, seq_positions: torch.Tensor,
+        scale: float) -> torch.Tensor:
+    return torch.ops.fbgemm.mqa_attn(xq, keys, values, seq_positions, scale)
+
+
+@mqa.register_fake
+def _(xq, keys, values, seq_positions, scale):
+    return torch.empty_like(xq)
+
+
+class FastGemvLinear(torch.nn.Module):
+    """A bf16 Linear whose one-row products go through fbgemm's ``bf16_fast_gemv`` (K a multiple of 256); other
+    row counts (the prefill) through cuBLAS, as before."""
+
+    def __init__(self, lin: torch.nn.Linear):
+        super().__init__()
+        self.weight = lin.weight
+        self.n, self.k = lin.weight.shape
+        if self.k % 256:
+            raise ValueError(f"bf16_fast_gemv needs K % 256 == 0 (block 32 x 8 per thread), not {self.k}")
+
+    def forward(self, x):
+        flat = x.reshape(-1, self.k)
+        if flat.shape[0] != 1:
+            return F.linear(x, self.weight)
+        return fast_gemv(flat, self.weight).reshape(*x.shape[:-1], self.n)
+
+
+def fast_gemv_layers(layers):
+    out = torch.nn.ModuleList()
+    for layer in layers:
+        new = torch.nn.Module()
+        for name in ("qkv", "o", "gate_up", "down"):
+            setattr(new, name, FastGemvLinear(getattr(layer, name)))
+        out.append(new)
+    return out
+
+
+class Mqa(FusedDecoder):
+    """Decode attention through fbgemm's ``mqa_attn``: each KV head is a sequence of its own with its 4 query heads,
+    and attends to the cache slots up to the current one (one row, no left padding; head_dim 128)."""
+
+    def forward(self, ids, positions, cache_position, pad_mask, cache):
+        self._seq = cache_position[-1:].to(torch.int32).expand(self.kv_heads).contiguous()
+        return super().forward(ids, positions, cache_position, pad_mask, cache)
+
+    def attend(self, q, keys, values, mask):
+        rows, heads, steps, dim = q.shape
+        if steps != 1 or rows != 1 or dim != 128:
+            return super().attend(q, keys, values, mask)
+        group = heads // self.kv_heads
+        xq = q.reshape(self.kv_heads, group, 1, dim).transpose(1, 2)  # [kv_heads, 1, group, dim]
+        out = mqa(xq, keys[0].unsqueeze(2), values[0].unsqueeze(2), self._seq, dim ** -0.5)
+        return out.transpose(1, 2).reshape(1, heads, 1, dim)
+
+
+def attention_bench():
+    """Decode attention alone (graph replay), Mistral-7B's heads, at cache lengths a 128-token answer reaches."""
+    for used in (32, 160, 512):
+        length = 256 if used <= 256 else 768
+        q = torch.randn(1, 32, 1, 128, device="cuda", dtype=torch.bfloat16)
+        keys = torch.randn(1, 8, length, 128, device="cuda", dtype=torch.bfloat16)
+        values = torch.randn_like(keys)
+        mask = (torch.arange(length, device="cuda") < used)[None, None, None, :]
+        seq = torch.full((8,), used - 1, dtype=torch.int32, device="cuda")
+        sdpa = lambda: F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)  # noqa: E731
+        xq = q.reshape(8, 4, 1, 128).transpose(1, 2)
+        fb = lambda: mqa(xq, keys[0].unsqueeze(2), values[0].unsqueeze(2), seq, 128 ** -0.5)  # noqa: E731
+        reference = sdpa().float()
+        got = fb().transpose(1, 2).reshape(1, 32, 1, 128).float()
+        error = ((got - reference).norm() / reference.norm()).item()
+        import triton.testing
+
+        for cand, fn in (("sdpa-cudnn", sdpa), ("fbgemm-mqa", fb)):
+            us = triton.testing.do_bench_cudagraph(fn, rep=50, return_mode="median") * 1e3
+            row = {"attention": cand, "used_slots": used, "cache_length": length, "us": us,
+                   "relative_error_vs_sdpa": error if cand != "sdpa-cudnn" else 0.0}
+            results["gemv"].append(row)
+            log(f"attention {cand} used {used}/{length}: {us:.1f} us, error {row['relative_error_vs_sdpa']:.3g}")
+    save()
+
+
+def bf16_gemv_bench(bf16_layer, lm_head):
+    """Each bf16 projection alone (graph replay): cuBLAS (F.linear) against fbgemm's bf16_fast_gemv, and fbgemm's
+    fp8-weight GEMV (per-tensor scale) for the record."""
+    shapes = [(name, getattr(bf16_layer, name).weight) for name in ("gate_up", "down", "qkv", "o")]
+    for name, w in shapes + [("lm_head", lm_head.weight)]:
+        n, k = w.shape
+        scale = (w.float().abs().amax() / 448.0).reshape(1)
+        w8 = (w.float() / scale).to(torch.float8_e4m3fn)
+        cands = (("cublas", 2, lambda x: F.linear(x, w)), ("fbgemm-fast-gemv", 2, lambda x: fast_gemv(x, w)),
+                 ("fbgemm-fp8-gemv", 1, lambda x: torch.ops.fbgemm.bf16fp8bf16_fast_gemv(x, w8, scale)))
+        x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+        reference = x.float() @ w.float().T
+        for cand, bytes_per, fn in cands:
+            try:
+                error = ((fn(x).float() - reference).norm() / reference.norm()).item()
+                us = gemv_us(fn, k)
+            except Exception as e:  # noqa: BLE001
+                log(f"gemv {name} {cand} FAILED: {e!r}"[:400])
+                continue
+            row = {"shape": name, "n": n, "k": k, "candidate": cand, "us": us,
+                   "tb_s_weights": n * k * bytes_per / us / 1e6, "relative_error": error}
+            results["gemv"].append(row)
+            log(f"gemv {name} {n}x{k} {cand}: {us:.1f} us, {row['tb_s_weights']:.2f} TB/s, error {error:.3g}")
+    save()
+
+
 ATTENTION = {"": FusedDecoder, "-folded-cudnn": FoldedCudnn, "-folded-eff": FoldedEfficient, "-flex": Flex,
-             "-flash": FlashSeqused}
+             "-flash": FlashSeqused, "-mqa": Mqa}
 
 # inductor options on top of the engine's (a name's last suffix): combo kernels launch independent kernels of one
 # graph (q-RoPE, k-RoPE with the k-cache write, the v-cache write) as one; coordinate descent tunes inductor's own
@@ -307,6 +436,11 @@ def main(selected):
         if marlin_options and kind != "int4":
             raise ValueError(f"{name}: Marlin's options apply to int4-* tries only")
         layers = projections
+        if kind == "fastgemv":
+            load_fbgemm()
+            layers = fast_gemv_layers(projections)
+        if "mqa" in attention:
+            load_fbgemm()
         if kind == "int4":
             layers = int4_layers()
             if marlin_options:
@@ -320,6 +454,14 @@ def main(selected):
             log(f"skipping {name}: probe budget spent")
             continue
         try:
+            if name == "gemv-bf16":
+                load_fbgemm()
+                bf16_gemv_bench(projections[0], model.lm_head)
+                continue
+            if name == "attention":
+                load_fbgemm()
+                attention_bench()
+                continue
             if name == "gemv":
                 int4_layers()
                 gemv_bench(projections[0], state["q"][0], state["lib"])
@@ -328,8 +470,9 @@ def main(selected):
             name = name.removeprefix("census-")
             torch._dynamo.reset()
             kind = name.partition("-")[0]
-            out = time_engine(name, engine(name), prompt, reference.get(kind), census)
-            reference.setdefault(kind, out)
+            control = "fused" if kind == "fastgemv" else kind  # the same weights: agreement against bf16's
+            out = time_engine(name, engine(name), prompt, reference.get(control), census)
+            reference.setdefault(control, out)
             torch.cuda.empty_cache()
         except Exception:  # noqa: BLE001
             tb = traceback.format_exc()

@@ -234,6 +234,49 @@ def attention_bench():
     save()
 
 
+def attention_check():
+    """mqa_attn against SDPA under layouts and position conventions, to find why its output differed (0.44-0.51
+    relative in the first run): one KV head alone; the query contiguous; positions as lengths; KV heads repeated to
+    one per query head (the kernel's non-multiquery path)."""
+    torch.manual_seed(1)
+    length, used = 256, 160
+    q = torch.randn(1, 32, 1, 128, device="cuda", dtype=torch.bfloat16)
+    keys = torch.randn(1, 8, length, 128, device="cuda", dtype=torch.bfloat16)
+    values = torch.randn_like(keys)
+    mask = (torch.arange(length, device="cuda") < used)[None, None, None, :]
+    reference = F.scaled_dot_product_attention(q.float(), keys.float(), values.float(), attn_mask=mask,
+                                               enable_gqa=True)
+
+    def err(got):
+        return ((got.float() - reference).norm() / reference.norm()).item()
+
+    def call(xq, k, v, pos):
+        return torch.ops.fbgemm.mqa_attn(xq, k, v, torch.full((xq.shape[0],), pos, dtype=torch.int32,
+                                                              device="cuda"), 128 ** -0.5)
+
+    xq = q.reshape(8, 4, 1, 128).transpose(1, 2)
+    k1, v1 = keys[0].unsqueeze(2), values[0].unsqueeze(2)
+    back = lambda o: o.transpose(1, 2).reshape(1, 32, 1, 128)  # noqa: E731
+    rows = {
+        "as-engine": back(call(xq, k1, v1, used - 1)),
+        "query-contiguous": back(call(xq.contiguous(), k1, v1, used - 1)),
+        "positions-as-lengths": back(call(xq.contiguous(), k1, v1, used)),
+        "kv-contiguous-copies": back(call(xq.contiguous(), k1.contiguous().clone(), v1.contiguous().clone(),
+                                          used - 1)),
+    }
+    rep_k = keys.repeat_interleave(4, dim=1).transpose(1, 2).contiguous()  # [1, L, 32, 128]
+    rep_v = values.repeat_interleave(4, dim=1).transpose(1, 2).contiguous()
+    rows["one-kv-head-per-query-head"] = call(q.transpose(1, 2).contiguous(), rep_k, rep_v, used - 1).transpose(1, 2)
+    single = F.scaled_dot_product_attention(q[:, :1].float(), keys[:, :1, :used].float(), values[:, :1, :used].float())
+    one = call(q[:, :1].transpose(1, 2).contiguous(), k1[:1].contiguous(), v1[:1].contiguous(), used - 1)
+    out = {name: err(got) for name, got in rows.items()}
+    out["single-head"] = ((one.transpose(1, 2).float() - single).norm() / single.norm()).item()
+    out["sdpa-bf16"] = err(F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True))
+    results["attention_check"] = out
+    log("attention check:", json.dumps(out))
+    save()
+
+
 def bf16_gemv_bench(bf16_layer, lm_head):
     """Each bf16 projection alone (graph replay): cuBLAS (F.linear) against fbgemm's bf16_fast_gemv, and fbgemm's
     fp8-weight GEMV (per-tensor scale) for the record."""
@@ -457,6 +500,10 @@ def main(selected):
             if name == "gemv-bf16":
                 load_fbgemm()
                 bf16_gemv_bench(projections[0], model.lm_head)
+                continue
+            if name == "attention-check":
+                load_fbgemm()
+                attention_check()
                 continue
             if name == "attention":
                 load_fbgemm()

@@ -155,6 +155,7 @@ def pytest_configure(config: pytest.Config) -> None:
     sweep.saved_runs_dir = saved and here / saved
     config.stash[SWEEP_KEY] = sweep
     config.stash[_ENDED_KEY] = {}
+    config.pluginmanager.register(SessionEnd(sweep), "qlora-session-end")
     if _GPU_SELECTED.search(config.option.markexpr or "") and not hasattr(config, "workerinput"):
         config.pluginmanager.register(MeasuredNothing(), "qlora-measured-nothing")
 
@@ -329,6 +330,27 @@ def pytest_benchmark_update_commit_info(config, commit_info: dict) -> None:
 
 
 _GPU_SELECTED = re.compile(r"(?<!not )\bgpu\b")  # -m gpu, -m "gpu and not slow"; not -m "not gpu"
+
+
+class SessionEnd:
+    """The session's exit status as the last line of its phase log (``phase=session-end what=exitstatus=N``), once
+    every ``pytest_sessionfinish`` has run: results, card and compile cache written. What the process exits with can
+    differ: ``.ci/gpu``'s deadline can fall in the interpreter's exit after the session ended (inductor's compile
+    workers shut down there, seen taking over 15 s on torch 2.11), and its ``run.txt`` then says both. Only a
+    session that started the phase log (one that loaded a model) writes the line."""
+
+    def __init__(self, sweep):
+        self.sweep = sweep
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_sessionfinish(self, session: pytest.Session):
+        try:
+            return (yield)
+        finally:
+            if self.sweep.state.compile_cache is not None:
+                from .report.phases import note
+
+                note("session-end", f"exitstatus={int(session.exitstatus)}")
 
 
 class MeasuredNothing:

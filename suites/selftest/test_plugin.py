@@ -81,6 +81,38 @@ def test_a_session_that_ends_removes_its_progress_file(pytester, tmp_path):
     assert json.loads((runs / "tiny" / "results.json").read_text())["variants"]["r32"]["latency"]["p50_s"] == 0.5
 
 
+# A session that starts the phase log (as loading a model does), then passes or fails.
+STARTS_PHASE_LOG = """
+from harness.plugin import SWEEP_KEY
+
+def test_loads(pytestconfig):
+    sweep = pytestconfig.stash[SWEEP_KEY]
+    sweep.restore_compiled()
+    sweep.recorder.record("r8", "latency", {"p50_s": 0.5, "p95_s": 0.6})
+
+def test_outcome():
+    assert OUTCOME
+"""
+
+
+@pytest.mark.parametrize(("outcome", "status"), [("True", 0), ("False", 1)], ids=["passed", "failed"])
+def test_the_phase_log_ends_with_the_sessions_exit_status_after_everything_it_wrote(pytester, tmp_path, outcome,
+                                                                                    status):
+    """The H200 runs at a627023 and 4f5eb0d passed every test and were stopped by .ci/gpu's deadline in the
+    interpreter's exit (inductor's compile workers shutting down), so run.txt said rc=124 only. The phase log's last
+    line now gives the session's own exit status, after the results (mutation: without the SessionEnd plugin there is
+    no such line; as a plain hook instead of a wrapper it comes before the save)."""
+    runs = tmp_path / "runs"
+    pytester.makepyfile(test_phase=STARTS_PHASE_LOG.replace("OUTCOME", outcome))
+    result = pytester.runpytest("--profile", str(quick_profile(tmp_path / "p")), "--runs-dir", str(runs),
+                                "--no-card", "-p", "no:cacheprovider")
+    assert result.ret == status
+    lines = (runs / "tiny" / "phases.log").read_text().splitlines()
+    assert lines[-1].endswith(f"phase=session-end what=exitstatus={status}"), lines
+    assert "phase=compile-cache" in lines[-2] and lines[-2].endswith("what=save"), lines  # the session's last write
+    assert (runs / "tiny" / "results.json").exists()
+
+
 def test_latency_runs_below_one_is_a_usage_error(pytester):
     result = pytester.runpytest("--latency-runs", "0")
     errors = [line for line in result.errlines if line.strip()]

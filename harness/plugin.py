@@ -350,6 +350,7 @@ class SessionEnd:
             if self.sweep.state.compile_cache is not None:
                 from .report.phases import note
 
+                self.sweep.own_phase_log()
                 note("session-end", f"exitstatus={int(session.exitstatus)}")
 
 

@@ -85,6 +85,11 @@ class Sweep:
                    Path(card) if card else PROJECT_ROOT / "MODEL_CARD.md", retrain, retime,
                    ResultsRecorder(profile, data_fp, session_id))
 
+    def own_phase_log(self) -> None:
+        """Send the phase lines to ``runs/<profile>/phases.log`` (``harness.report.phases``): at the first model load,
+        and again at the session's end, since a sweep made inside a test (the real-OOM test's) takes the log over."""
+        log_to(results_path(self.runs_dir, self.profile.name).with_name("phases.log"))
+
     def select(self, names) -> None:
         """The variants this session will run: ``train_selected`` trains these (default: all of the profile's)."""
         self.state.selected = [v for v in self.profile.variants if v in set(names)]
@@ -96,7 +101,7 @@ class Sweep:
         if s.compile_cache is None:
             from .engines.compile_cache import restore
 
-            log_to(results_path(self.runs_dir, self.profile.name).with_name("phases.log"))
+            self.own_phase_log()
             with timed("compile-cache", "load"):
                 s.compile_cache = restore(self.runs_dir, self.profile)
             note("compile-cache", f"{'loaded' if s.compile_cache['loaded'] else 'none'} (key {s.compile_cache['key']})")
@@ -254,6 +259,7 @@ class Sweep:
         if self.state.compile_cache is not None:  # after the figures: a cache that cannot be written loses none
             from .engines.compile_cache import keep
 
+            self.own_phase_log()
             with timed("compile-cache", "save"):
                 keep(self.runs_dir, self.profile, self.state.compile_cache, self.recorder.session_id)
         return results

@@ -88,29 +88,40 @@ from harness.plugin import SWEEP_KEY
 def test_loads(pytestconfig):
     sweep = pytestconfig.stash[SWEEP_KEY]
     sweep.restore_compiled()
-    sweep.recorder.record("r8", "latency", {"p50_s": 0.5, "p95_s": 0.6})
+    if RECORD:
+        sweep.recorder.record("r8", "latency", {"p50_s": 0.5, "p95_s": 0.6})
+
+def test_another_sweep_takes_the_log_over(tmp_path):  # as the real-OOM test's own sweep does
+    from fixtures.user_runs import quick_profile
+    from harness.sweep import Sweep
+
+    other = Sweep.prepare(quick_profile(tmp_path / "p"), runs_dir=tmp_path / "runs", card=tmp_path / "CARD.md")
+    other.restore_compiled()
 
 def test_outcome():
     assert OUTCOME
 """
 
 
-@pytest.mark.parametrize(("outcome", "status"), [("True", 0), ("False", 1)], ids=["passed", "failed"])
+@pytest.mark.parametrize(("outcome", "record", "status"), [("True", True, 0), ("False", False, 1)],
+                         ids=["passed-with-figures", "failed-without"])
 def test_the_phase_log_ends_with_the_sessions_exit_status_after_everything_it_wrote(pytester, tmp_path, outcome,
-                                                                                    status):
+                                                                                    record, status):
     """The H200 runs at a627023 and 4f5eb0d passed every test and were stopped by .ci/gpu's deadline in the
     interpreter's exit (inductor's compile workers shutting down), so run.txt said rc=124 only. The phase log's last
-    line now gives the session's own exit status, after the results (mutation: without the SessionEnd plugin there is
-    no such line; as a plain hook instead of a wrapper it comes before the save)."""
+    line now gives the session's own exit status, after the results, also when a sweep made inside a test took the log
+    over, as on the H200's tiny run (mutations: without the SessionEnd plugin there is no such line; as a plain hook
+    instead of a wrapper it comes before the save; without taking the log back, in the save or at the end, a line
+    goes elsewhere)."""
     runs = tmp_path / "runs"
-    pytester.makepyfile(test_phase=STARTS_PHASE_LOG.replace("OUTCOME", outcome))
+    pytester.makepyfile(test_phase=STARTS_PHASE_LOG.replace("OUTCOME", outcome).replace("RECORD", str(record)))
     result = pytester.runpytest("--profile", str(quick_profile(tmp_path / "p")), "--runs-dir", str(runs),
                                 "--no-card", "-p", "no:cacheprovider")
-    assert result.ret == status
+    assert result.ret == status, result.outlines
     lines = (runs / "tiny" / "phases.log").read_text().splitlines()
     assert lines[-1].endswith(f"phase=session-end what=exitstatus={status}"), lines
-    assert "phase=compile-cache" in lines[-2] and lines[-2].endswith("what=save"), lines  # the session's last write
-    assert (runs / "tiny" / "results.json").exists()
+    saved = "phase=compile-cache" in lines[-2] and lines[-2].endswith("what=save")  # the session's last write
+    assert saved is record and (runs / "tiny" / "results.json").exists() is record, lines  # no figures, no save
 
 
 def test_latency_runs_below_one_is_a_usage_error(pytester):

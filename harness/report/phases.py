@@ -7,7 +7,8 @@ logger; ``log_to(path)`` sends those lines to a file (the sweep sends them to ``
 
 ``note`` logs a decision that takes no time of its own, without ``wall_s`` (``phase=reuse``: a timed figure reused or
 why not; ``phase=compile-cache``: the compiled artifacts loaded or none; ``phase=dequantized-base``: the merged
-engine's starting weights loaded from ``runs/_models/`` or built and kept there). A block that raises is logged too, with
+engine's starting weights loaded from ``runs/_models/`` or built and kept there; ``phase=session-end``: the session's
+exit status, its log's last line, from the plugin). A block that raises is logged too, with
 ``failed=<exception type>`` before ``what``. Nothing here changes what a phase does.
 """
 

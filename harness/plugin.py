@@ -23,6 +23,7 @@ import pytest
 
 from .config.errors import InputError
 from .config.profiles import available_profiles
+from .report.phases import note
 from .train.oom import VariantOutOfMemory, is_out_of_memory
 
 __all__ = ["SWEEP_KEY", "MARKERS", "end_variant", "variant_of"]
@@ -155,7 +156,6 @@ def pytest_configure(config: pytest.Config) -> None:
     sweep.saved_runs_dir = saved and here / saved
     config.stash[SWEEP_KEY] = sweep
     config.stash[_ENDED_KEY] = {}
-    config.pluginmanager.register(SessionEnd(sweep), "qlora-session-end")
     if _GPU_SELECTED.search(config.option.markexpr or "") and not hasattr(config, "workerinput"):
         config.pluginmanager.register(MeasuredNothing(), "qlora-measured-nothing")
 
@@ -302,16 +302,22 @@ def pytest_runtest_teardown(item: pytest.Item, nextitem):
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Save the session's figures; then end a started phase log with the exit status (``MeasuredNothing``'s hook runs
+    first): ``.ci/gpu``'s ``session_rc``, which tells a deadline in the interpreter's exit from one in a test."""
     config = session.config
-    if SWEEP_KEY not in config.stash or exitstatus == pytest.ExitCode.INTERRUPTED:
-        return  # a Ctrl-C leaves results.json and the card in their last good state
+    if SWEEP_KEY not in config.stash:
+        return
     sweep = config.stash[SWEEP_KEY]
-    sweep.close()
-    worker = hasattr(config, "workerinput")
-    if sweep.recorder:
-        sweep.save(card=not worker and not config.getoption("no_card"))
-    elif not worker and not config.getoption("no_card") and getattr(config.option, "numprocesses", None):
-        _card_from_workers(sweep)
+    if exitstatus != pytest.ExitCode.INTERRUPTED:  # a Ctrl-C leaves results.json and the card in their last good state
+        sweep.close()
+        worker = hasattr(config, "workerinput")
+        if sweep.recorder:
+            sweep.save(card=not worker and not config.getoption("no_card"))
+        elif not worker and not config.getoption("no_card") and getattr(config.option, "numprocesses", None):
+            _card_from_workers(sweep)
+    if sweep.state.compile_cache is not None:
+        sweep.own_phase_log()  # a sweep made inside a test (the real-OOM test's) may have taken the log over
+        note("session-end", f"exitstatus={int(session.exitstatus)}")
 
 
 @pytest.hookimpl(optionalhook=True)
@@ -330,28 +336,6 @@ def pytest_benchmark_update_commit_info(config, commit_info: dict) -> None:
 
 
 _GPU_SELECTED = re.compile(r"(?<!not )\bgpu\b")  # -m gpu, -m "gpu and not slow"; not -m "not gpu"
-
-
-class SessionEnd:
-    """The session's exit status as the last line of its phase log (``phase=session-end what=exitstatus=N``), once
-    every ``pytest_sessionfinish`` has run: results, card and compile cache written. What the process exits with can
-    differ: ``.ci/gpu``'s deadline can fall in the interpreter's exit after the session ended (inductor's compile
-    workers shut down there, seen taking over 15 s on torch 2.11), and its ``run.txt`` then says both. Only a
-    session that started the phase log (one that loaded a model) writes the line."""
-
-    def __init__(self, sweep):
-        self.sweep = sweep
-
-    @pytest.hookimpl(wrapper=True)
-    def pytest_sessionfinish(self, session: pytest.Session):
-        try:
-            return (yield)
-        finally:
-            if self.sweep.state.compile_cache is not None:
-                from .report.phases import note
-
-                self.sweep.own_phase_log()
-                note("session-end", f"exitstatus={int(session.exitstatus)}")
 
 
 class MeasuredNothing:

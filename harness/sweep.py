@@ -77,17 +77,15 @@ class Sweep:
     @classmethod
     def prepare(cls, profile: str | Path | Profile, runs_dir: str | Path | None = None, card: str | Path | None = None,
                 retrain: bool = False, session_id: str | None = None, retime: bool = False) -> Sweep:
-        """Validate the profile and its data, and pin a hub model's revision to a commit (harness.revision); nothing
-        is loaded or written yet. ``runs_dir`` and ``card`` default
-        to the project's own ``runs/`` and ``MODEL_CARD.md``, wherever the profile file lives."""
+        """Validate the profile and its data, and pin a hub model's revision (harness.revision); nothing is loaded or
+        written yet. ``runs_dir`` and ``card`` default to the project's ``runs/`` and ``MODEL_CARD.md``."""
         profile, splits, data_fp = prepare_profile(profile if isinstance(profile, Profile) else load_profile(profile))
         return cls(profile, splits, Path(runs_dir) if runs_dir else PROJECT_ROOT / "runs",
                    Path(card) if card else PROJECT_ROOT / "MODEL_CARD.md", retrain, retime,
                    ResultsRecorder(profile, data_fp, session_id))
 
     def own_phase_log(self) -> None:
-        """Send the phase lines to ``runs/<profile>/phases.log`` (``harness.report.phases``): at the first model load,
-        and again at the session's end, since a sweep made inside a test (the real-OOM test's) takes the log over."""
+        """Send the phase lines to ``runs/<profile>/phases.log``: at the first load, and again at the end (see save)."""
         log_to(results_path(self.runs_dir, self.profile.name).with_name("phases.log"))
 
     def select(self, names) -> None:
@@ -259,7 +257,7 @@ class Sweep:
         if self.state.compile_cache is not None:  # after the figures: a cache that cannot be written loses none
             from .engines.compile_cache import keep
 
-            self.own_phase_log()
+            self.own_phase_log()  # a sweep made inside a test (the real-OOM test's) may have taken the log over
             with timed("compile-cache", "save"):
                 keep(self.runs_dir, self.profile, self.state.compile_cache, self.recorder.session_id)
         return results

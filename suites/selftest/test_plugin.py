@@ -110,9 +110,8 @@ def test_the_phase_log_ends_with_the_sessions_exit_status_after_everything_it_wr
     """The H200 runs at a627023 and 4f5eb0d passed every test and were stopped by .ci/gpu's deadline in the
     interpreter's exit (inductor's compile workers shutting down), so run.txt said rc=124 only. The phase log's last
     line now gives the session's own exit status, after the results, also when a sweep made inside a test took the log
-    over, as on the H200's tiny run (mutations: without the SessionEnd plugin there is no such line; as a plain hook
-    instead of a wrapper it comes before the save; without taking the log back, in the save or at the end, a line
-    goes elsewhere)."""
+    over, as on the H200's tiny run (mutations: without the note there is no such line; without taking the log back,
+    in the save or at the end, a line goes elsewhere)."""
     runs = tmp_path / "runs"
     pytester.makepyfile(test_phase=STARTS_PHASE_LOG.replace("OUTCOME", outcome).replace("RECORD", str(record)))
     result = pytester.runpytest("--profile", str(quick_profile(tmp_path / "p")), "--runs-dir", str(runs),

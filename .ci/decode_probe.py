@@ -180,16 +180,6 @@ class FastGemvLinear(torch.nn.Module):
         return fast_gemv(flat, self.weight).reshape(*x.shape[:-1], self.n)
 
 
-def fast_gemv_layers(layers):
-    out = torch.nn.ModuleList()
-    for layer in layers:
-        new = torch.nn.Module()
-        for name in ("qkv", "o", "gate_up", "down"):
-            setattr(new, name, FastGemvLinear(getattr(layer, name)))
-        out.append(new)
-    return out
-
-
 class Mqa(FusedDecoder):
     """Decode attention through fbgemm's ``mqa_attn``: each KV head is a sequence of its own with its 4 query heads,
     and attends to the cache slots up to the current one (one row, no left padding; head_dim 128)."""
@@ -366,12 +356,13 @@ class MarlinOpts(torch.nn.Module):
         return out.reshape(*x.shape[:-1], self.n)
 
 
-def with_options(q_layers, bf16_layers, fp32_reduce, symmetric, lib):
+def map_projections(make, *layer_lists):
+    """Per layer, a module whose four projections are ``make(the same projection of each list's layer...)``."""
     out = torch.nn.ModuleList()
-    for q, b in zip(q_layers, bf16_layers):
+    for layers in zip(*layer_lists):
         layer = torch.nn.Module()
         for name in ("qkv", "o", "gate_up", "down"):
-            setattr(layer, name, MarlinOpts(getattr(q, name), getattr(b, name), fp32_reduce, symmetric, lib))
+            setattr(layer, name, make(*(getattr(x, name) for x in layers)))
         out.append(layer)
     return out
 
@@ -481,13 +472,14 @@ def main(selected):
         layers = projections
         if kind == "fastgemv":
             load_fbgemm()
-            layers = fast_gemv_layers(projections)
+            layers = map_projections(FastGemvLinear, projections)
         if "mqa" in attention:
             load_fbgemm()
         if kind == "int4":
             layers = int4_layers()
             if marlin_options:
-                layers = with_options(layers, projections, *marlin_options, state["lib"])
+                layers = map_projections(lambda q, b: MarlinOpts(q, b, *marlin_options, state["lib"]), layers,
+                                         projections)
         decoder = ATTENTION["-" + attention if attention else ""](model, layers)
         return FusedGreedy(model, decoder, Tok(), name, Cfg(), inductor_options=inductor)
 

@@ -10,13 +10,15 @@ Marlin's options as a suffix, ``MARLIN_OPTIONS``), a last suffix from ``INDUCTOR
 ``census-*`` lists the kernels of one decoded token; ``gemv`` times each 4-bit projection alone under Marlin's
 options (``gemv_bench``); ``fastgemv-*`` runs the bf16 one-row products through fbgemm-gpu-genai's
 ``bf16_fast_gemv``, ``*-mqa`` decode attention through its ``mqa_attn``, ``gemv-bf16`` and ``attention`` time those
-kernels alone (the wheel on ``PYTHONPATH``). Marlin's kernels are built in the background while the bf16 tries run.
+kernels alone (the wheel on ``PYTHONPATH``); ``awq-*`` runs the 4-bit projections through gptqmodel's AWQ decode
+GEMV (float16, built from the archive: ``load_awq``) and ``gemv-awq`` times it alone against cuBLAS and Marlin. Marlin's kernels are built in the background while the bf16 tries run.
 Earlier tries' candidates (gemlite, mslk, bitsandbytes) are in this file's history (a2494d1).
 """
 
 import importlib.util
 import json
 import os
+import shutil
 import statistics
 import sys
 import time
@@ -293,6 +295,195 @@ def bf16_gemv_bench(bf16_layer, lm_head):
     save()
 
 
+# --- gptqmodel's AWQ decode GEMV (``gemv_fast``: TensorRT-LLM's weight-only batched GEMV as llm-awq adapted it) ----
+# Built from the same source archive as Marlin, its sources unmodified, with the probe's own binding of its two entry
+# points: the decode GEMV (1-7 rows) and its prefill GEMM over the same packing. Both take float16 only, and both
+# launch without a stream argument (the legacy default stream, which CUDA graph capture refuses): compiled with
+# ``--default-stream per-thread``, their launches go to the per-thread default stream, on which the probe captures.
+
+AWQ_BINDING = r"""
+#include <torch/extension.h>
+#include "quantization_new/gemv/gemv_cuda.h"
+#include "quantization_new/gemm/gemm_cuda.h"
+at::Tensor gemv(at::Tensor x, at::Tensor w, at::Tensor s, at::Tensor z, int64_t m, int64_t n, int64_t k, int64_t g) {
+  return gemv_forward_cuda_decode(x, w, s, z, m, n, k, g);
+}
+at::Tensor gemm(at::Tensor x, at::Tensor w, at::Tensor s, at::Tensor z) { return gemm_forward_cuda_prefill(x, w, s, z); }
+TORCH_LIBRARY(probe_awq, m) {
+  m.def("gemv(Tensor x, Tensor w, Tensor s, Tensor z, int m, int n, int k, int g) -> Tensor");
+  m.def("gemm(Tensor x, Tensor w, Tensor s, Tensor z) -> Tensor");
+}
+TORCH_LIBRARY_IMPL(probe_awq, CUDA, m) { m.impl("gemv", &gemv); m.impl("gemm", &gemm); }
+"""
+PER_THREAD = 2  # cudaStreamPerThread
+awq_state: dict = {}
+
+
+def load_awq(workdir: Path = Path("runs/_awq")):
+    """Build and load the AWQ kernels (above); gptqmodel's ``pack_intweight``, read from its module in the archive
+    (the module itself imports gptqmodel)."""
+    if "pack" in awq_state:
+        return awq_state["pack"]
+    import ast
+    import tarfile
+
+    from torch.utils.cpp_extension import load
+
+    t0 = time.time()
+    shutil.rmtree(workdir, ignore_errors=True)
+    workdir.mkdir(parents=True)
+    with tarfile.open(marlin.sdist(KERNELS)) as tar:
+        tar.extractall(workdir, [m for m in tar.getmembers() if "/gptqmodel_ext/awq/" in m.name
+                                 or m.name.endswith("/qlinear/gemv_fast_awq.py")], filter="data")
+    top = next(workdir.iterdir())
+    module = ast.parse((top / "gptqmodel/nn_modules/qlinear/gemv_fast_awq.py").read_text())
+    pack = next(n for n in module.body if isinstance(n, ast.FunctionDef) and n.name == "pack_intweight")
+    scope = {"torch": torch}
+    exec(compile(ast.Module([pack], []), "gemv_fast_awq.py", "exec"), scope)
+    src = top / "gptqmodel_ext" / "awq"
+    (workdir / "binding.cpp").write_text(AWQ_BINDING)
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
+    (workdir / "build").mkdir()
+    load(name="probe_awq", sources=[str(workdir / "binding.cpp"), str(src / "gemv_fast_cuda_entry.cu"),
+                                    str(src / "gemm_fast_cuda_entry.cu")],
+         extra_include_paths=[str(src)], extra_cflags=["-O3", "-DENABLE_BF16"],
+         extra_cuda_cflags=["-O3", "-DENABLE_BF16", "-Xptxas", "-O3,-dlcm=ca", "-diag-suppress=179,39,177",
+                            "--default-stream", "per-thread", "-U__CUDA_NO_HALF_OPERATORS__",
+                            "-U__CUDA_NO_HALF_CONVERSIONS__", "-U__CUDA_NO_HALF2_OPERATORS__"],
+         build_directory=str(workdir / "build"), is_python_module=False)
+    log(f"AWQ kernels built in {time.time() - t0:.1f} s")
+    awq_state["pack"] = scope["pack_intweight"]
+    return awq_state["pack"]
+
+
+@torch.library.custom_op("probe::awq_linear", mutates_args=())
+def awq_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+               out_features: int) -> torch.Tensor:
+    flat = x.reshape(-1, x.shape[-1])
+    if flat.shape[0] <= 7:
+        out = torch.ops.probe_awq.gemv(flat, qweight, scales, zeros, flat.shape[0], out_features, flat.shape[1], 128)
+    else:
+        out = torch.ops.probe_awq.gemm(flat, qweight, scales, zeros)
+    return out.reshape(*x.shape[:-1], out_features)
+
+
+@awq_linear.register_fake
+def _(x, qweight, scales, zeros, out_features):
+    return x.new_empty(*x.shape[:-1], out_features)
+
+
+class AwqLinear(torch.nn.Module):
+    """A bf16 Linear as AWQ's format: harness/engines/int4.py's round-to-nearest asymmetric 4 bits, group 128, its
+    scale in float16 and its zero point folded in, ``w ~ q * scale - scale * zero``. ``cast``: bf16 in and out (a
+    float16 copy for the kernels)."""
+
+    def __init__(self, lin: torch.nn.Linear, cast: bool = True):
+        super().__init__()
+        pack = load_awq()
+        self.n, self.k = lin.weight.shape
+        q, scale, zero = quantize(lin.weight, 128)
+        self.scales = scale.half().T.contiguous()
+        self.zeros = (-(self.scales.float().T * zero)).half().T.contiguous()
+        self.qweight = pack(q.to(torch.int32).contiguous(), 4, 64)
+        self.cast = cast
+
+    def dequantized(self, lin: torch.nn.Linear) -> torch.Tensor:
+        """The weight this layer's kernels multiply by (float32), from ``lin``'s quantization again."""
+        q = quantize(lin.weight, 128)[0]
+        groups = torch.arange(self.k, device=q.device) // 128
+        return q * self.scales.float().T[:, groups] + self.zeros.float().T[:, groups]
+
+    def forward(self, x):
+        out = awq_linear(x.half() if self.cast else x, self.qweight, self.scales, self.zeros, self.n)
+        return out.to(x.dtype) if self.cast else out
+
+
+class PerThreadGreedy(FusedGreedy):
+    """FusedGreedy whose warm-up and capture run on the per-thread default stream, where AWQ's kernels launch."""
+
+    def _capture(self, s) -> None:
+        side = torch.cuda.ExternalStream(PER_THREAD)
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self._chunk(s)
+        torch.cuda.current_stream().wait_stream(side)
+        s.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(s.graph, stream=side):
+            self._chunk(s)
+
+
+def graph_us(calls, stream) -> float:
+    """Per call, the replay of a CUDA graph of the ``calls`` cycled 4 times, captured on ``stream``, median of 20."""
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        for _ in range(4):
+            for call in calls:
+                call()
+    samples = []
+    for _ in range(21):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        samples.append(start.elapsed_time(end) * 1e3 / (4 * len(calls)))
+    return statistics.median(samples[1:])
+
+
+def awq_gemv_bench(bf16_layer, marlin_layer):
+    """Each projection alone, cuBLAS bf16 against Marlin and AWQ's GEMV: kernel time per call (profiler, eager) and
+    replay time per call (a graph captured on the per-thread default stream), each over copies of the weight that
+    together exceed the L2 cache; then AWQ's output against its own dequantized weight and against bf16's."""
+    import copy
+
+    stream = torch.cuda.ExternalStream(PER_THREAD)
+    for name in ("gate_up", "down", "qkv", "o"):
+        lin, q = getattr(bf16_layer, name), getattr(marlin_layer, name)
+        n, k = lin.weight.shape
+        awq = AwqLinear(lin, cast=False)
+        x16 = torch.randn(1, k, device="cuda", dtype=torch.float16)
+        xb = x16.to(torch.bfloat16)
+        with torch.no_grad():
+            own = x16.float() @ awq.dequantized(lin).T
+            full = xb.float() @ lin.weight.float().T
+            got = awq(x16).float()
+        errors = {"vs_own_dequantized": ((got - own).norm() / own.norm()).item(),
+                  "vs_bf16": ((got - full).norm() / full.norm()).item()}
+        copies = max(2, -(-256 * 2**20 // (n * k // 2)))  # 4-bit copies over 256 MiB
+        bf16_copies = max(2, -(-256 * 2**20 // (n * k * 2)))
+        cands = {
+            "cublas-bf16": (2, [lambda w=w: F.linear(xb, w) for w in
+                                [lin.weight] + [lin.weight.clone() for _ in range(bf16_copies - 1)]]),
+            "marlin": (0.5, [lambda m=m: m(xb) for m in [q] + [copy.deepcopy(q) for _ in range(copies - 1)]]),
+            "awq-gemv-fp16": (0.5, [lambda m=m: m(x16) for m in [awq] + [copy.deepcopy(awq) for _ in range(copies - 1)]]),
+        }
+        for cand, (bytes_per, calls) in cands.items():
+            row = {"shape": name, "n": n, "k": k, "candidate": cand, "copies": len(calls)}
+            with torch.no_grad():
+                for call in calls:
+                    call()
+                kernels = _kernels(lambda: [call() for _ in range(8) for call in calls])
+                row["kernel_us"] = sum(ms for ms, _ in kernels.values()) * 1e3 / (8 * len(calls))
+                row["kernels_per_call"] = sum(c for _, c in kernels.values()) / (8 * len(calls))
+                try:
+                    row["graph_us"] = graph_us(calls, stream)
+                except Exception as e:  # noqa: BLE001
+                    row["graph_error"] = repr(e)[:300]
+            row["tb_s_weights_kernel"] = n * k * bytes_per / row["kernel_us"] / 1e6
+            if "graph_us" in row:
+                row["tb_s_weights_graph"] = n * k * bytes_per / row["graph_us"] / 1e6
+            if cand.startswith("awq"):
+                row.update(errors)
+            results["gemv"].append(row)
+            log(f"gemv {name} {n}x{k} {cand}: kernels {row['kernel_us']:.1f} us ({row['tb_s_weights_kernel']:.2f} "
+                f"TB/s, {row['kernels_per_call']:.0f}/call), graph {row.get('graph_us', float('nan')):.1f} us "
+                f"{row.get('graph_error', '')} {errors if cand.startswith('awq') else ''}")
+            save()
+        del cands, calls
+        torch.cuda.empty_cache()
+
+
 ATTENTION = {"": FusedDecoder, "-folded-cudnn": FoldedCudnn, "-folded-eff": FoldedEfficient, "-flex": Flex,
              "-flash": FlashSeqused, "-mqa": Mqa}
 
@@ -480,8 +671,11 @@ def main(selected):
             if marlin_options:
                 layers = map_projections(lambda q, b: MarlinOpts(q, b, *marlin_options, state["lib"]), layers,
                                          projections)
+        if kind == "awq":
+            layers = map_projections(AwqLinear, projections)
         decoder = ATTENTION["-" + attention if attention else ""](model, layers)
-        return FusedGreedy(model, decoder, Tok(), name, Cfg(), inductor_options=inductor)
+        greedy = PerThreadGreedy if kind == "awq" else FusedGreedy
+        return greedy(model, decoder, Tok(), name, Cfg(), inductor_options=inductor)
 
     reference: dict = {}
     for name in selected:
@@ -501,6 +695,10 @@ def main(selected):
                 load_fbgemm()
                 attention_bench()
                 continue
+            if name == "gemv-awq":
+                load_awq()
+                awq_gemv_bench(projections[0], int4_projections(projections[:1], 128, KERNELS)[0])
+                continue
             if name == "gemv":
                 int4_layers()
                 gemv_bench(projections[0], state["q"][0], state["lib"])
@@ -509,7 +707,7 @@ def main(selected):
             name = name.removeprefix("census-")
             torch._dynamo.reset()
             kind = name.partition("-")[0]
-            control = "fused" if kind == "fastgemv" else kind  # the same weights: agreement against bf16's
+            control = {"fastgemv": "fused", "awq": "int4"}.get(kind, kind)  # agreement against the same weights
             out = time_engine(name, engine(name), prompt, reference.get(control), census)
             reference.setdefault(control, out)
             torch.cuda.empty_cache()

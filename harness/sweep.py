@@ -134,7 +134,7 @@ class Sweep:
         error, raised when that variant is trained, loaded or evaluated: one variant's failure ends only it.
         A profile that times ``merged-int4`` starts building its kernels first, on the CPU beside the training."""
         if "merged-int4" in self.profile.inference.speed_engines and not self.state.kernels_started:
-            from .engines.marlin import build_in_background
+            from .engines.awq_kernels import build_in_background
 
             build_in_background(self.runs_dir / "_kernels")
             self.state.kernels_started = True
@@ -148,7 +148,7 @@ class Sweep:
         """Let the kernel build that ``train_selected`` started beside the training finish (it compiles on every core),
         so that no timed round shares the machine with it; ``decode_call`` and ``compare_engines`` call it first. A
         cold run whose compile cache made the setup short timed a variant's latency on 13 of 16 busy cores before."""
-        from .engines.marlin import background_build_running, wait_for_background_build
+        from .engines.awq_kernels import background_build_running, wait_for_background_build
 
         if background_build_running():
             with timed("kernels", "waited for merged-int4's background build"):

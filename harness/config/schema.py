@@ -190,9 +190,6 @@ class InferenceConfig:
                               default=256, lo=1)
     graph_tokens: int = _spec("merged engines: decode steps captured in one CUDA graph (the host waits only between "
                               "graphs, to look for EOS)", default=16, lo=1, hi=256)
-    int4_group_size: int = _spec("merged-int4: inputs per 4-bit scale/zero group (Marlin takes 32, 64 or 128); must "
-                                 "divide every projection's input size (128 for Mistral-7B; SmolLM2's 576 needs 64)",
-                                 default=128, choices=(32, 64, 128))
     speed_variant: str = _spec("variant the speed suite compares engines on", default="r16")
     speed_engines: tuple[str, ...] = _spec("engines the speed suite measures, the seed path first; merged-int8 and "
                                            "merged-int4 (weight-only, not exact; int4 needs CUDA) are measured here "

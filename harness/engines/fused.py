@@ -205,14 +205,18 @@ class FusedGreedy:
     def _capture(self, s: _Shape) -> None:
         """Compile the step (a warm-up chunk on a side stream, as CUDA graph capture requires), then capture one
         chunk. The warm-up writes into the cache and buffers; the prefill that follows overwrites what it uses."""
-        side = torch.cuda.Stream()
+        side = self._side_stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             self._chunk(s)
         torch.cuda.current_stream().wait_stream(side)
         s.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(s.graph):
+        with torch.cuda.graph(s.graph, stream=side):
             self._chunk(s)
+
+    def _side_stream(self) -> torch.cuda.Stream:
+        """The stream the warm-up runs and the graph is captured on: a new one."""
+        return torch.cuda.Stream()
 
     @torch.inference_mode()
     def generate(self, prompts: list[list[int]], max_new_tokens: int, batch_size: int = 8,

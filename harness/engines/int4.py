@@ -1,31 +1,34 @@
 """``merged-int4``: the merged model's decoder projections in 4 bits, decoded by the fused engine (harness/engines/fused.py).
 
 A decode step at batch 1 reads every weight once, so 4-bit projections read about a quarter of bf16's bytes. The
-kernel is Marlin's 4-bit GEMM (vLLM's, as gptqmodel packages it; built once per machine by harness/engines/marlin.py):
-at one row on an H200 it streams the Mistral-7B projections at 0.9-2.2 TB/s of 4-bit weights, 61.6 us a layer against
-gemlite's GEMV's 76.5 and bf16's 113.5 (``results/h200/decode-tries/9-probe-marlin.json``; gemlite was this engine's
-kernel until then). One kernel serves every row count, the prompt's prefill as each decoded token.
+kernels are AWQ's (gptqmodel's packaging; built once per machine by harness/engines/awq_kernels.py): the decode GEMV
+(TensorRT-LLM's weight-only batched GEMV as llm-awq adapted it) for up to 7 rows, the prefill GEMM over the same
+packing past them. At one row on an H200 the GEMV streams the Mistral-7B projections at 1.6-2.7 TB/s of 4-bit weights,
+46.9 us a layer against Marlin's 64.5 (this engine's kernel until then) and cuBLAS bf16's 113.1
+(``results/h200/decode-tries/15-probe-awq.json``). They take float16 only: each projection's bf16 input goes in as
+float16 and its float16 output comes back as bf16 (both casts fused into the neighbouring kernels by inductor); the
+norms, attention and residual stream stay bf16. They launch on the per-thread default stream, so the engine captures
+its CUDA graphs there (harness/engines/awq_kernels.py).
 
-The quantizer is round-to-nearest, asymmetric: per group of ``group_size`` inputs, a bf16 scale ``(max - min) / 15``
-and an integer zero point ``round(-min / scale)``, so ``w ~ (q - zero) * scale`` (AWQ's format before its scale
-search, which needs calibration data). Marlin takes integer zero points only with bf16 activations. On random
-Mistral-7B-shaped weights a projection's error is 0.10 relative, as torchao's HQQ quantizer gave gemlite
-(``9-probe-marlin.json``); what it costs on real weights is measured on SmolLM2 (``quality_merged-int4``).
+The quantizer is round-to-nearest, asymmetric: per group of 128 inputs (the only group size the kernels
+instantiate), a scale ``(max - min) / 15`` and an integer zero point ``round(-min / scale)``, so
+``w ~ (q - zero) * scale``; the kernels take the scale in float16 and the zero point folded in, ``-scale * zero`` in
+float16 (AWQ's format before its scale search, which needs calibration data). On random Mistral-7B-shaped weights a
+projection's error is 0.10 relative against bf16's product (``15-probe-awq.json``); what it costs on real weights is
+measured on SmolLM2 (``quality_merged-int4``).
 
 What is quantized: each layer's fused ``qkv``, ``o``, ``gate_up`` and ``down``. What is not: ``lm_head`` (its error
 lands directly on the logits whose top-2 gaps decide each greedy token), the embeddings (a gather of one row per
-token) and the norms. Marlin tiles outputs and inputs by 64 and takes groups of 32, 64 or 128 inputs: SmolLM2's
-hidden size 576 takes 64 (``inference.int4_group_size``). Its thread tiles (inputs x outputs: 128x128, 64x128,
-128x64) need the outputs or the inputs to be a multiple of 128: a projection with neither gets zero output rows up to
-the next multiple of 128 (``marlin_rows``), sliced off its product. Without them Marlin's host code crashed the
-process on SmolLM2's q/k/v (960x576) and o (576x576), at groups 32 and 64 alike, while 3072x576, 576x1536, 1024x576
-and 1152x576 ran (H200, b0afe53); Mistral-7B's projections need none.
+token) and the norms. The prefill GEMM tiles outputs by 128 and splits inputs in two halves of 128-input tiles, and
+computes nothing past the last whole tile: a projection whose outputs are not a multiple of ``OUT_ALIGN`` gets zero
+output rows (sliced off its product), and one whose inputs are not a multiple of ``IN_ALIGN`` gets zero input columns
+(its input padded with zeros to match: a group then holds fewer real inputs). Mistral-7B's projections need neither;
+SmolLM2's do (hidden size 576: ``padded_shape``), which the card's engines table names.
 
 The engine is a snapshot: it quantizes the variant merged into ``MergedBase`` when it is built, and later merges do
-not reach it. It checks its own kernel when it is built (``check_kernel``: each projection shape, at 1, 7 and 32
-rows, against the product with the dequantized weight) and refuses to run on a wrong or non-finite result. Marlin's
-kernel is a GEMM for any row count, so the engine batches prompts as ``merged`` does. On the CPU ``Int4Merged``
-raises, saying so.
+not reach it. It checks its own kernels when it is built (``check_kernel``: each projection shape, at 1 and 7 rows
+through the GEMV and at 32, 64, 128, 192 and 256 through each of the GEMM's five tilings, against the product with
+the dequantized weight) and refuses to run on a wrong or non-finite result. On the CPU ``Int4Merged`` raises, saying so.
 """
 
 from __future__ import annotations
@@ -35,19 +38,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .awq_kernels import GROUP_SIZE, AwqKernels, awq_linear, capture_stream, load
 from .fused import FusedDecoder, FusedGreedy
-from .marlin import Marlin, load, marlin_gemm
 
-__all__ = ["Int4Linear", "marlin_rows", "quantize", "quantize_linear", "check_kernel", "int4_projections",
+__all__ = ["Int4Linear", "padded_shape", "quantize", "quantize_linear", "check_kernel", "int4_projections",
            "Int4Merged"]
 
 PROJECTIONS = ("qkv", "o", "gate_up", "down")
-TILE = 64  # Marlin's smallest output and input tile
-THREAD_TILE = 128  # the outputs or the inputs must be a multiple of this (module doc)
-CHECK_ROWS = (1, 7, 32)  # one row, a prefill's odd count, and a full tile of rows
-CHECK_MAX_RELATIVE_ERROR = 5e-2  # Marlin against its own dequantized weight: 2.5-3.0e-3 (9-probe-marlin.json)
-SCALE_PERM = [i + 8 * j for i in range(8) for j in range(8)]  # Marlin's order of scales and zero points in a tile
-ZERO_INTERLEAVE = [0, 2, 4, 6, 1, 3, 5, 7]  # and of eight zero points in a word (its dequantizer's order)
+OUT_ALIGN = 128  # the prefill GEMM's output tile
+IN_ALIGN = 2 * 128  # its input tile, the inputs split in two halves of whole tiles (module doc)
+CHECK_ROWS = (1, 7, 32, 64, 128, 192, 256)  # the GEMV's first and last row count, then each of the GEMM's tilings
+CHECK_MAX_RELATIVE_ERROR = 5e-2  # the kernels against their own dequantized weight: 1.1-2.1e-3 (15-probe-awq.json)
 
 
 def quantize(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -62,75 +63,64 @@ def quantize(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch
     return q.reshape(out_features, in_features), scale.squeeze(-1), zero.squeeze(-1)
 
 
-def marlin_rows(out_features: int, in_features: int) -> int:
-    """The output rows Marlin computes for an ``out_features`` x ``in_features`` projection: ``out_features``, or the
-    next multiple of ``THREAD_TILE`` where neither size is one (module doc)."""
-    if out_features % THREAD_TILE == 0 or in_features % THREAD_TILE == 0:
-        return out_features
-    return -(-out_features // THREAD_TILE) * THREAD_TILE
+def padded_shape(out_features: int, in_features: int) -> tuple[int, int]:
+    """The (outputs, inputs) the kernels compute for a projection: each rounded up to its alignment (module doc)."""
+    return -(-out_features // OUT_ALIGN) * OUT_ALIGN, -(-in_features // IN_ALIGN) * IN_ALIGN
 
 
-def _pack(values: torch.Tensor, dim: int) -> torch.Tensor:
-    """Eight consecutive 4-bit values along ``dim`` (0 or 1) in one int32, the first in the low bits."""
-    v = values.to(torch.int64)
-    v = v.reshape(v.shape[0] // 8, 8, v.shape[1]) if dim == 0 else v.reshape(v.shape[0], v.shape[1] // 8, 8)
-    word = sum((v[:, j, :] if dim == 0 else v[:, :, j]) << (4 * j) for j in range(8))
-    return (word - ((word >> 31) << 32)).to(torch.int32)  # each 32-bit word as the int32 it is
+def folded(scale: torch.Tensor, zero: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """AWQ's float16 scale and folded zero point ``-scale * zero`` (out, groups): the kernels compute
+    ``q * scale + folded zero``."""
+    half = scale.half()
+    return half, (-(half.float() * zero)).half()
 
 
 class Int4Linear(nn.Module):
-    """A Linear's weight in Marlin's 4-bit layout: ``quantize``'s values repacked by Marlin's own repack op, scales
-    and zero points in its tile order. Reads only ``qweight``, ``scales``, ``zeros`` and the lock ``workspace``.
-    ``q`` may hold zero rows past ``out_features`` (``marlin_rows``): Marlin computes them, ``forward`` drops them."""
+    """A Linear's weight in AWQ's 4-bit layout: ``quantize``'s values packed by gptqmodel's ``pack_intweight``,
+    scales and folded zero points (``folded``) transposed to (groups, out). ``q`` may be padded past the Linear's
+    shape (``padded_shape``): ``forward`` pads its input with zeros and drops the padded outputs."""
 
-    def __init__(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, dtype: torch.dtype, marlin: Marlin,
-                 out_features: int | None = None):
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, kernels: AwqKernels,
+                 out_features: int, in_features: int):
         super().__init__()
-        device = q.device
-        self.rows, self.in_features = q.shape
-        self.out_features = out_features or self.rows
-        n = self.rows
-        no_perm = torch.empty(0, dtype=torch.int32, device=device)
-        self.qweight = marlin.ops.gptq_marlin_repack(_pack(q.t().contiguous(), 0), no_perm, self.in_features, n, 4)
-        self.scales = scale.t().to(dtype).reshape(-1, len(SCALE_PERM))[:, SCALE_PERM].reshape(-1, n).contiguous()
-        zeros = zero.t().reshape(-1, len(SCALE_PERM))[:, SCALE_PERM].reshape(-1, 8)[:, ZERO_INTERLEAVE]
-        self.zeros = _pack(zeros.reshape(-1, n), 1)
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-        self.workspace = torch.zeros(max(sms, 128), dtype=torch.int32, device=device)  # gptqmodel's size
-        self.type_id = marlin.uint4
+        self.rows, self.columns = q.shape
+        self.out_features, self.in_features = out_features, in_features
+        self.qweight = kernels.pack_intweight(q.to(torch.int32).contiguous(), 4, 64)
+        scales, zeros = folded(scale, zero)
+        self.scales, self.zeros = scales.t().contiguous(), zeros.t().contiguous()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = marlin_gemm(x.reshape(-1, self.in_features), self.qweight, self.scales, self.zeros, self.workspace,
-                          self.type_id, self.rows)
-        return out[:, :self.out_features].reshape(*x.shape[:-1], self.out_features)
+        flat = x.reshape(-1, self.in_features)
+        if self.columns != self.in_features:
+            flat = nn.functional.pad(flat, (0, self.columns - self.in_features))
+        out = awq_linear(flat.half(), self.qweight, self.scales, self.zeros, self.rows)
+        return out[:, :self.out_features].to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
 
 @torch.no_grad()
-def quantize_linear(linear: nn.Linear, group_size: int, marlin: Marlin, check: bool = False) -> Int4Linear:
-    """A Marlin 4-bit module computing ``linear`` (read only), groups of ``group_size`` inputs, its output rows padded
-    as ``marlin_rows`` says. ValueError for a shape Marlin does not tile; with ``check``, ``check_kernel`` runs on
-    the result."""
+def quantize_linear(linear: nn.Linear, kernels: AwqKernels, check: bool = False) -> Int4Linear:
+    """A 4-bit module computing ``linear`` (read only), groups of ``GROUP_SIZE`` inputs, padded as ``padded_shape``
+    says with zeros; with ``check``, ``check_kernel`` runs on the result."""
     out_features, in_features = linear.weight.shape
-    if in_features % group_size or in_features % TILE or out_features % TILE:
-        raise ValueError(f"merged-int4: a {out_features}x{in_features} projection does not fit Marlin's tiles "
-                         f"({TILE} outputs and inputs) and groups of {group_size} inputs; choose a group size that "
-                         f"divides every projection's input (inference.int4_group_size: 32, 64 or 128)")
-    pad = marlin_rows(out_features, in_features) - out_features
-    q, scale, zero = quantize(nn.functional.pad(linear.weight, (0, 0, 0, pad)), group_size)  # zero rows: q = zero = 0
-    module = Int4Linear(q, scale, zero, linear.weight.dtype, marlin, out_features)
+    rows, columns = padded_shape(out_features, in_features)
+    weight = nn.functional.pad(linear.weight, (0, columns - in_features, 0, rows - out_features))
+    q, scale, zero = quantize(weight, GROUP_SIZE)  # an all-zero group: q = zero = 0
+    module = Int4Linear(q, scale, zero, kernels, out_features, in_features)
     if check:
-        dequantized = ((q - zero.repeat_interleave(group_size, 1))
-                       * scale.to(linear.weight.dtype).float().repeat_interleave(group_size, 1))
-        check_kernel(module, dequantized[:out_features])
+        scales, zeros = folded(scale, zero)
+        dequantized = (q * scales.float().repeat_interleave(GROUP_SIZE, 1)
+                       + zeros.float().repeat_interleave(GROUP_SIZE, 1))
+        check_kernel(module, dequantized[:out_features, :in_features].to(linear.weight.dtype), linear.weight.dtype)
     return module
 
 
 @torch.no_grad()
-def check_kernel(module: nn.Module, dequantized: torch.Tensor, rows: tuple[int, ...] = CHECK_ROWS) -> None:
-    """``module`` computes ``x @ dequantized.T`` for ``rows``-row inputs, within ``CHECK_MAX_RELATIVE_ERROR`` (float32
-    reference); RuntimeError naming the shape, the row count and the error otherwise (a NaN fails)."""
+def check_kernel(module: nn.Module, dequantized: torch.Tensor, dtype: torch.dtype,
+                 rows: tuple[int, ...] = CHECK_ROWS) -> None:
+    """``module`` computes ``x @ dequantized.T`` for ``rows``-row ``dtype`` inputs, within
+    ``CHECK_MAX_RELATIVE_ERROR`` (float32 reference); RuntimeError naming the shape, the row count and the error
+    otherwise (a NaN fails)."""
     out_features, in_features = dequantized.shape
-    dtype = next((t.dtype for t in module.parameters() if t.is_floating_point()), torch.bfloat16)
     generator = torch.Generator(device=dequantized.device).manual_seed(0)
     for n in rows:
         x = torch.randn(n, in_features, device=dequantized.device, dtype=dtype, generator=generator)
@@ -142,15 +132,15 @@ def check_kernel(module: nn.Module, dequantized: torch.Tensor, rows: tuple[int, 
                                f"{CHECK_MAX_RELATIVE_ERROR:g}); not decoding with it")
 
 
-def int4_projections(projections: nn.ModuleList, group_size: int, cache_dir: Path) -> nn.ModuleList:
+def int4_projections(projections: nn.ModuleList, cache_dir: Path) -> nn.ModuleList:
     """4-bit copies of ``fuse_projections_``'s per-layer Linears; the bf16 ones are only read. ``cache_dir`` holds the
-    built kernels (harness/engines/marlin.py), loaded once here for every projection."""
-    marlin = load(cache_dir)
+    built kernels (harness/engines/awq_kernels.py), loaded once here for every projection."""
+    kernels = load(cache_dir)
     out = nn.ModuleList()
     for i, layer in enumerate(projections):
         quantized = nn.Module()
         for name in PROJECTIONS:  # every layer has the same shapes: the first one's check covers the kernels
-            setattr(quantized, name, quantize_linear(getattr(layer, name), group_size, marlin, check=i == 0))
+            setattr(quantized, name, quantize_linear(getattr(layer, name), kernels, check=i == 0))
         out.append(quantized)
     torch.cuda.empty_cache()
     return out
@@ -158,18 +148,23 @@ def int4_projections(projections: nn.ModuleList, group_size: int, cache_dir: Pat
 
 class Int4Merged(FusedGreedy):
     """The ``merged-int4`` engine: ``FusedGreedy`` over 4-bit copies of a merged model's projections (embeddings,
-    norms and ``lm_head`` shared with the merged model). ``weights_gib`` is the 4-bit projections' resident size."""
+    norms and ``lm_head`` shared with the merged model), its CUDA graphs captured on the stream the kernels launch on.
+    ``weights_gib`` is the 4-bit projections' resident size."""
 
     def __init__(self, merged_model, projections: nn.ModuleList, tokenizer, cfg, cache_dir: Path):
         if not torch.cuda.is_available() or merged_model.lm_head.weight.device.type != "cuda":
-            raise RuntimeError("merged-int4 runs on CUDA only: Marlin's kernels are CUDA kernels")
-        group = cfg.int4_group_size
+            raise RuntimeError("merged-int4 runs on CUDA only: AWQ's kernels are CUDA kernels")
         before = torch.cuda.memory_allocated()
-        quantized = int4_projections(projections, group, cache_dir)
+        quantized = int4_projections(projections, cache_dir)
         self.weights_gib = (torch.cuda.memory_allocated() - before) / 2**30
         super().__init__(merged_model, FusedDecoder(merged_model, quantized), tokenizer, "merged-int4", cfg)
-        padded = [f"{name} {m.out_features}x{m.in_features} as {m.rows} rows" for name in PROJECTIONS
-                  if (m := getattr(quantized[0], name)).rows != m.out_features]
-        self.note = (f"merged LoRA, decoder projections 4-bit (round-to-nearest, group {group}, Marlin kernels"
-                     + (f"; {', '.join(padded)}: Marlin needs outputs or inputs in 128s" if padded else "")
+        padded = [f"{name} {m.out_features}x{m.in_features} as {m.rows}x{m.columns}" for name in PROJECTIONS
+                  if ((m := getattr(quantized[0], name)).rows, m.columns) != (m.out_features, m.in_features)]
+        self.note = (f"merged LoRA, decoder projections 4-bit (round-to-nearest, group {GROUP_SIZE}, AWQ's GEMV and "
+                     f"GEMM kernels, float16 inside them"
+                     + (f"; {', '.join(padded)}: their tiles take outputs in {OUT_ALIGN}s, inputs in {IN_ALIGN}s"
+                        if padded else "")
                      + f"), lm_head/embeddings {cfg.merged_dtype}; {self.note}")
+
+    def _side_stream(self) -> torch.cuda.Stream:
+        return capture_stream()

@@ -29,7 +29,7 @@ EVAL_SOURCES = tuple(_HARNESS / n for n in ("engines/decoding.py", "engines/fuse
                                             "models/pretrained.py",
                                             # the quantized engines and their cost against merged: a change to
                                             # them makes the card's cost tables stale (†) like any other figure
-                                            "engines/int8.py", "engines/int4.py", "engines/marlin.py",
+                                            "engines/int8.py", "engines/int4.py", "engines/awq_kernels.py",
                                             "engines/compare.py",
                                             # the parity figures every card row and engine table carries
                                             "measure/parity.py"))

@@ -134,12 +134,12 @@ def test_int4_kernel_check_passes_the_right_product_and_refuses_a_wrong_or_nan_o
     dequantized = torch.randn(24, 16) * 0.02
     right = torch.nn.Linear(16, 24, bias=False)
     right.weight.data.copy_(dequantized)
-    check_kernel(right, dequantized)
+    check_kernel(right, dequantized, torch.float32)
 
     off = torch.nn.Linear(16, 24, bias=False)
     off.weight.data.copy_(dequantized * 1.1)
     with pytest.raises(RuntimeError, match=r"24x16 projection at 1 rows \(relative error 0\.1"):
-        check_kernel(off, dequantized)
+        check_kernel(off, dequantized, torch.float32)
 
     class NanPastOneRow(torch.nn.Linear):
         def forward(self, x):
@@ -149,7 +149,7 @@ def test_int4_kernel_check_passes_the_right_product_and_refuses_a_wrong_or_nan_o
     nan = NanPastOneRow(16, 24, bias=False)
     nan.weight.data.copy_(dequantized)
     with pytest.raises(RuntimeError, match=rf"at {CHECK_ROWS[1]} rows \(relative error nan"):
-        check_kernel(nan, dequantized)
+        check_kernel(nan, dequantized, torch.float32)
 
 
 def test_int4_quantize_rounds_each_group_to_16_levels_with_an_integer_zero_point():
@@ -169,92 +169,111 @@ def test_int4_quantize_rounds_each_group_to_16_levels_with_an_integer_zero_point
     assert (q.view(6, 2, 8).amin(-1) == 0).all() and (q.view(6, 2, 8).amax(-1) == 15).all()
 
 
-def test_int4_pads_outputs_to_marlins_tile_only_where_neither_size_is_a_multiple_of_128():
-    """``marlin_rows``: SmolLM2's q/k/v (960x576) and o (576x576), which crashed Marlin on the H200 (b0afe53), get
-    zero rows up to 1024 and 640; the shapes that ran there unpadded, and Mistral-7B's, keep their rows. The zero rows
-    quantize to zero, so the rows kept are the unpadded weight's. Mutation: padding on the outputs alone would pad
-    576x1536 (SmolLM2's down), which ran as it is."""
-    from harness.engines.int4 import marlin_rows, quantize
+def test_int4_pads_to_the_kernels_tiles_and_the_padding_changes_no_real_output():
+    """``padded_shape``: the prefill GEMM computes outputs in tiles of 128 and inputs in two halves of 128-input tiles,
+    so SmolLM2's projections (576 wide) are padded and Mistral-7B's keep their shapes. The padded weight is zero, so
+    its dequantized rows and columns past the real ones are zero, and an input padded with zeros gives the real
+    outputs the product with the real weight's dequantized values. Mutation: aligning inputs to 128 alone leaves 640,
+    which the split-K GEMM would compute only 512 of (its halves are whole tiles)."""
+    from harness.engines.int4 import folded, padded_shape, quantize
 
-    crashed = {(960, 576): 1024, (576, 576): 640}
-    ran = [(3072, 576), (576, 1536), (1024, 576), (1152, 576), (6144, 4096), (4096, 4096), (28672, 4096),
-           (4096, 14336)]
-    assert {shape: marlin_rows(*shape) for shape in crashed} == crashed
-    assert [marlin_rows(*shape) for shape in ran] == [out for out, _ in ran]
-    w = torch.randn(576, 576)
-    q, scale, zero = quantize(torch.nn.functional.pad(w, (0, 0, 0, marlin_rows(576, 576) - 576)), group_size=64)
-    padded = (q - zero.repeat_interleave(64, 1)) * scale.repeat_interleave(64, 1)
-    assert torch.equal(padded[576:], torch.zeros(64, 576))
-    q_alone, scale_alone, zero_alone = quantize(w, group_size=64)
-    assert torch.equal(q[:576], q_alone) and torch.equal(scale[:576], scale_alone)
-    assert torch.equal(zero[:576], zero_alone)
-
-
-def test_int4_pack_puts_eight_values_a_word_the_first_in_the_low_bits():
-    """``_pack`` along inputs (GPTQ's layout, which Marlin's repack reads) and along outputs (zero points): every
-    value comes back from its word, 15 included in the sign bit. Mutation: shifting by ``4 * (7 - j)`` (the first
-    value in the high bits) fails the round trip."""
-    from harness.engines.int4 import _pack
-
-    q = torch.randint(0, 16, (32, 24))
-    q[7::8, :] = 15  # the high nibble of every word along dim 0: the int32's sign
-    along_rows, along_cols = _pack(q, 0), _pack(q, 1)
-    assert along_rows.dtype == along_cols.dtype == torch.int32
-    assert along_rows.shape == (4, 24) and along_cols.shape == (32, 3)
-    shifts = torch.arange(8) * 4
-    rows = (along_rows.to(torch.int64).unsqueeze(1) >> shifts.view(1, 8, 1)) & 15
-    cols = (along_cols.to(torch.int64).unsqueeze(-1) >> shifts) & 15
-    assert torch.equal(rows.reshape(32, 24), q) and torch.equal(cols.reshape(32, 24), q)
+    smol = {(960, 576): (1024, 768), (576, 576): (640, 768), (3072, 576): (3072, 768), (576, 1536): (640, 1536)}
+    assert {shape: padded_shape(*shape) for shape in smol} == smol
+    mistral = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)]
+    assert [padded_shape(*shape) for shape in mistral] == mistral
+    torch.manual_seed(0)
+    w = torch.randn(576, 576) * 0.02
+    rows, columns = padded_shape(576, 576)
+    q, scale, zero = quantize(torch.nn.functional.pad(w, (0, columns - 576, 0, rows - 576)), group_size=128)
+    scales, zeros = folded(scale, zero)
+    dequantized = q * scales.float().repeat_interleave(128, 1) + zeros.float().repeat_interleave(128, 1)
+    assert torch.equal(dequantized[576:], torch.zeros(rows - 576, columns))
+    assert torch.equal(dequantized[:, 640:], torch.zeros(rows, columns - 640))  # whole padded groups: zero
+    assert (dequantized[:576, :576] - w).abs().max() <= scale.max() * 0.5 + 1e-3
+    x = torch.randn(3, 576)
+    padded_out = torch.nn.functional.pad(x, (0, columns - 576)) @ dequantized.T
+    assert torch.allclose(padded_out[:, :576], x @ dequantized[:576, :576].T, atol=1e-5)
 
 
-def test_marlin_build_key_changes_with_sources_builder_torch_nvcc_and_gpu(tmp_path, monkeypatch):
-    """The built kernels' folder is keyed by everything that changes the library (harness/engines/marlin.py): the
-    source archive's sha256, the builder module, torch's version, nvcc's and the GPU's capability each give a new
-    key, so a library built from other code or for another torch is never loaded. Mutation: leaving the builder
-    module out of the key keeps the key when the build recipe changes."""
-    from harness.engines import marlin
+def test_int4_folded_zero_point_gives_the_quantizers_weight():
+    """``folded``: ``q * scale + (-scale * zero)`` in AWQ's float16 is ``(q - zero) * scale`` to float16's rounding,
+    every value of q and zero included. Mutation: folding ``+scale * zero`` is off by twice the zero point."""
+    from harness.engines.int4 import folded, quantize
+
+    torch.manual_seed(0)
+    w = torch.randn(16, 256) * torch.logspace(-3, 0, 16).view(16, 1)
+    q, scale, zero = quantize(w, group_size=128)
+    scales, zeros = folded(scale, zero)
+    assert scales.dtype == zeros.dtype == torch.float16
+    got = q.view(16, 2, 128) * scales.float().unsqueeze(-1) + zeros.float().unsqueeze(-1)
+    want = (q.view(16, 2, 128) - zero.unsqueeze(-1)) * scale.unsqueeze(-1)
+    assert ((got - want).abs() <= 2e-3 * scale.unsqueeze(-1) * 16).all()
+
+
+def test_awq_build_key_changes_with_sources_builder_torch_nvcc_and_gpu(tmp_path, monkeypatch):
+    """The built kernels' folder is keyed by everything that changes the library (harness/engines/awq_kernels.py): the
+    source archive's sha256, the builder module (its binding and flags with it), torch's version, nvcc's and the GPU's
+    capability each give a new key, so a library built from other code or for another torch is never loaded.
+    Mutation: leaving the builder module out of the key keeps the key when the build recipe changes."""
+    from harness.engines import awq_kernels
 
     args = ("Cuda compilation tools, release 13.0", (9, 0))
-    keys = {"first": marlin.build_key(marlin.SDIST_SHA256, *args)}
-    assert marlin.build_key(marlin.SDIST_SHA256, *args) == keys["first"]
-    keys["sources"] = marlin.build_key("0" * 64, *args)
-    builder = tmp_path / "marlin_builder.py"
-    builder.write_bytes(marlin.BUILDER.read_bytes() + b"# another build recipe\n")
-    monkeypatch.setattr(marlin, "BUILDER", builder)
-    keys["builder"] = marlin.build_key(marlin.SDIST_SHA256, *args)
+    keys = {"first": awq_kernels.build_key(awq_kernels.SDIST_SHA256, *args)}
+    assert awq_kernels.build_key(awq_kernels.SDIST_SHA256, *args) == keys["first"]
+    keys["sources"] = awq_kernels.build_key("0" * 64, *args)
+    builder = tmp_path / "awq_builder.py"
+    builder.write_bytes(awq_kernels.BUILDER.read_bytes() + b"# another build recipe\n")
+    monkeypatch.setattr(awq_kernels, "BUILDER", builder)
+    keys["builder"] = awq_kernels.build_key(awq_kernels.SDIST_SHA256, *args)
     monkeypatch.setattr(torch, "__version__", torch.__version__ + "+other")
-    keys["torch"] = marlin.build_key(marlin.SDIST_SHA256, *args)
-    keys["nvcc"] = marlin.build_key(marlin.SDIST_SHA256, "Cuda compilation tools, release 13.1", (9, 0))
-    keys["gpu"] = marlin.build_key(marlin.SDIST_SHA256, args[0], (8, 0))
+    keys["torch"] = awq_kernels.build_key(awq_kernels.SDIST_SHA256, *args)
+    keys["nvcc"] = awq_kernels.build_key(awq_kernels.SDIST_SHA256, "Cuda compilation tools, release 13.1", (9, 0))
+    keys["gpu"] = awq_kernels.build_key(awq_kernels.SDIST_SHA256, args[0], (8, 0))
     assert len(set(keys.values())) == len(keys), keys
 
 
-def test_marlin_sources_are_the_checked_archive_and_missing_tools_are_named(tmp_path, monkeypatch):
-    """The kernels are built only from gptqmodel's archive with the pinned sha256: a missing archive names the
-    command that fetches it, another archive is refused with both digests; without nvcc the error says so. The
-    extraction takes the Marlin sources and the ScalarType module alone."""
+def _archive(path, files: dict[str, str]) -> None:
     import io
     import tarfile
 
+    with tarfile.open(path, "w:gz") as tar:
+        for name, text in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(text.encode())
+            tar.addfile(info, io.BytesIO(text.encode()))
+
+
+def test_awq_sources_are_the_checked_archive_and_missing_tools_are_named(tmp_path, monkeypatch):
+    """The kernels are built only from gptqmodel's archive with the pinned sha256: a missing archive names the
+    command that fetches it, another archive is refused with both digests; without nvcc the error says so. The
+    extraction takes the AWQ sources and the text of ``pack_intweight`` alone, never running its module (which imports
+    gptqmodel); a module without the function is refused. Mutation: taking the whole module's text would carry its
+    gptqmodel import into pack.py."""
     from torch.utils import cpp_extension
 
-    from harness.engines import marlin
+    from harness.engines import awq_kernels
 
-    monkeypatch.delenv("QLORA_MARLIN_SDIST", raising=False)
+    monkeypatch.delenv("QLORA_GPTQMODEL_SDIST", raising=False)
     with pytest.raises(RuntimeError, match="pip download --no-deps gptqmodel==7.7.0 -d runs/_kernels"):
-        marlin.sdist(tmp_path)
-    archive = tmp_path / marlin.SDIST
-    with tarfile.open(archive, "w:gz") as tar:
-        for name in ("gptqmodel-7.7.0/gptqmodel_ext/marlin/gptq_marlin.cu", "gptqmodel-7.7.0/gptqmodel/__init__.py",
-                     "gptqmodel-7.7.0/gptqmodel/utils/marlin_scalar_type.py"):
-            info = tarfile.TarInfo(name)
-            info.size = len(name)
-            tar.addfile(info, io.BytesIO(name.encode()))
-    with pytest.raises(RuntimeError, match=f"sha256 [0-9a-f]{{64}}, not gptqmodel 7.7.0's {marlin.SDIST_SHA256}"):
-        marlin.sdist(tmp_path)
-    sources, types = marlin._extract(archive, tmp_path / "src")
-    assert [p.name for p in sources.iterdir()] == ["gptq_marlin.cu"] and types.is_file()
+        awq_kernels.sdist(tmp_path)
+    archive = tmp_path / awq_kernels.SDIST
+    pack = "def pack_intweight(unpacked_qweight, interleave, kstride):\n    return unpacked_qweight[::interleave]"
+    module = f"from ...quantization import FORMAT\n\n\n{pack}\n\n\nclass AwqGEMVFastLinear:\n    pass\n"
+    _archive(archive, {"gptqmodel-7.7.0/gptqmodel_ext/awq/gemv_fast_cuda_entry.cu": "// kernel",
+                       "gptqmodel-7.7.0/gptqmodel/__init__.py": "raise ImportError",
+                       f"gptqmodel-7.7.0/{awq_kernels.PACK_MODULE}": module})
+    with pytest.raises(RuntimeError, match=f"sha256 [0-9a-f]{{64}}, not gptqmodel 7.7.0's {awq_kernels.SDIST_SHA256}"):
+        awq_kernels.sdist(tmp_path)
+    sources, text = awq_kernels._extract(archive, tmp_path / "src")
+    assert [p.name for p in sources.iterdir()] == ["gemv_fast_cuda_entry.cu"] and text == pack
     assert not (tmp_path / "src" / "gptqmodel-7.7.0" / "gptqmodel" / "__init__.py").exists()
+    scope: dict = {}
+    exec(text, scope)
+    assert scope["pack_intweight"]([1, 2, 3, 4, 5], 2, 64) == [1, 3, 5]
+    bare = tmp_path / "bare.tar.gz"
+    _archive(bare, {f"gptqmodel-7.7.0/{awq_kernels.PACK_MODULE}": "import torch\n"})
+    with pytest.raises(RuntimeError, match="defines no pack_intweight"):
+        awq_kernels._extract(bare, tmp_path / "bare")
     monkeypatch.setattr(cpp_extension, "CUDA_HOME", None)  # what torch found: none on this machine
     with pytest.raises(RuntimeError, match="put nvcc on the PATH or set CUDA_HOME"):
-        marlin._nvcc()
+        awq_kernels._nvcc()

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.getcwd())
 from harness.bench.decode import _kernels  # noqa: E402
 from harness.engines import awq_kernels  # noqa: E402
+from harness.engines import gemv as hand  # noqa: E402
 from harness.engines.fused import FusedDecoder, FusedGreedy, fuse_projections_  # noqa: E402
 from harness.engines.int4 import int4_projections, quantize_linear  # noqa: E402
 from harness.models.base import synthetic_config  # noqa: E402
@@ -356,6 +357,80 @@ def int4_gemv_bench(bf16_layer, int4_layer):
         torch.cuda.empty_cache()
 
 
+def hand_gemv_bench(bf16_layer, model):
+    """Each bf16 product alone (graph replay over weight copies past L2): cuBLAS against gemv.cu's kernel, plain and
+    with its prologue or epilogue (RMSNorm before q/k/v, gate/up and lm_head; SiLU(gate) * up before down; the
+    residual after o and down), with and without programmatic dependent launch."""
+    import copy
+
+    norm = model.model.norm
+    stream = torch.cuda.Stream()
+    shapes = [(name, getattr(bf16_layer, name).weight) for name in ("gate_up", "down", "qkv", "o")]
+    for name, w in shapes + [("lm_head", model.lm_head.weight)]:
+        n, k = w.shape
+        copies = [w] + [w.clone() for _ in range(max(1, -(-256 * 2**20 // (n * k * 2))) - 1)]
+        x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+        x2 = torch.randn(1, 2 * k, device="cuda", dtype=torch.bfloat16)
+        res = torch.randn(1, n, device="cuda", dtype=torch.bfloat16)
+        nw = torch.randn(k, device="cuda", dtype=torch.bfloat16)
+        fused = {"gate_up": ("rmsnorm", lambda c, pdl: hand.gemv(x, c, nw, 1e-5, None, hand.RMS_NORM, pdl)),
+                 "qkv": ("rmsnorm", lambda c, pdl: hand.gemv(x, c, nw, 1e-5, None, hand.RMS_NORM, pdl)),
+                 "lm_head": ("rmsnorm", lambda c, pdl: hand.gemv(x, c, nw, 1e-5, None, hand.RMS_NORM, pdl)),
+                 "down": ("silu-residual", lambda c, pdl: hand.gemv(x2, c, None, 0.0, res, hand.SILU_MUL, pdl)),
+                 "o": ("residual", lambda c, pdl: hand.gemv(x, c, None, 0.0, res, hand.PLAIN, pdl))}[name]
+        cands = {"cublas": lambda c: F.linear(x, c),
+                 "hand": lambda c: hand.gemv(x, c, None, 0.0, None, hand.PLAIN, False),
+                 "hand-pdl": lambda c: hand.gemv(x, c, None, 0.0, None, hand.PLAIN, True),
+                 f"hand-{fused[0]}": lambda c: fused[1](c, False),
+                 f"hand-{fused[0]}-pdl": lambda c: fused[1](c, True)}
+        reference = x.float() @ w.float().T
+        for cand, fn in cands.items():
+            row = {"shape": name, "n": n, "k": k, "candidate": cand, "copies": len(copies)}
+            try:
+                if cand in ("cublas", "hand", "hand-pdl"):
+                    row["relative_error"] = ((fn(w).float() - reference).norm() / reference.norm()).item()
+                calls = [lambda c=c: fn(c) for c in copies]
+                for call in calls:
+                    call()
+                kernels = _kernels(lambda: [call() for _ in range(4) for call in calls])
+                row["kernel_us"] = sum(ms for ms, _ in kernels.values()) * 1e3 / (4 * len(calls))
+                row["kernels_per_call"] = sum(c for _, c in kernels.values()) / (4 * len(calls))
+                row["graph_us"] = graph_us(calls, stream)
+                row["tb_s_graph"] = n * k * 2 / row["graph_us"] / 1e6
+            except Exception as e:  # noqa: BLE001
+                row["error"] = repr(e)[:400]
+            results["gemv"].append(row)
+            log(f"gemv {name} {n}x{k} {cand}: " + ", ".join(f"{a} {b:.4g}" if isinstance(b, float) else f"{a} {b}"
+                                                            for a, b in row.items() if a not in ("shape", "n", "k")))
+            save()
+        del copies
+        torch.cuda.empty_cache()
+
+
+def hand_check_smol():
+    """gemv.cu's kernels on SmolLM2-135M's shapes (2 layers, random weights): GemvDecoder's own check, then 48 greedy
+    tokens, eager, against FusedDecoder's."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=2,
+                      num_attention_heads=9, num_key_value_heads=3, rms_norm_eps=1e-5, tie_word_embeddings=True,
+                      bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        smol = LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
+    layers = fuse_projections_(smol)
+    prompt = [1] + torch.randint(3, 49152, (20,)).tolist()
+    eager = Cfg()
+    eager.compile = False
+    outs = {}
+    for name, decoder in (("fused", FusedDecoder(smol, layers)), ("hand", hand.GemvDecoder(smol, layers))):
+        outs[name] = FusedGreedy(smol, decoder, Tok(), name, eager).generate([prompt], 48, 1, fixed_length=True)[0]
+    agree = sum(a == b for a, b in zip(outs["fused"], outs["hand"])) / 48
+    results["smol_hand"] = {"check": "passed", "agreement": agree, "tokens": outs}
+    log(f"smol hand: check passed, agreement {agree}")
+    save()
+
+
 ATTENTION = {"": FusedDecoder, "-folded-cudnn": FoldedCudnn, "-folded-eff": FoldedEfficient, "-flex": Flex,
              "-flash": FlashSeqused, "-mqa": Mqa}
 
@@ -437,6 +512,10 @@ def gemv_us(mod, in_features: int) -> float:
 
 def main(selected):
     results["device"] = torch.cuda.get_device_name()
+    if any("hand" in name for name in selected):
+        t0 = time.time()
+        hand.load(KERNELS)
+        log(f"gemv.cu built and loaded in {time.time() - t0:.1f} s")
     awq_kernels.build_in_background(KERNELS)
     torch.manual_seed(0)
     with torch.device("cuda"):
@@ -467,6 +546,8 @@ def main(selected):
             load_fbgemm()
         if kind == "int4":
             layers = int4_layers()
+        if kind == "hand":  # hand, hand-nopdl: gemv.cu's kernels
+            return FusedGreedy(model, hand.GemvDecoder(model, layers, pdl=rest != "nopdl"), Tok(), name, Cfg())
         decoder = ATTENTION["-" + attention if attention else ""](model, layers)
         greedy = Int4Greedy if kind == "int4" else FusedGreedy
         return greedy(model, decoder, Tok(), name, Cfg(), inductor_options=inductor)
@@ -489,6 +570,12 @@ def main(selected):
                 load_fbgemm()
                 attention_bench()
                 continue
+            if name == "gemv-hand":
+                hand_gemv_bench(projections[0], model)
+                continue
+            if name == "hand-smol":
+                hand_check_smol()
+                continue
             if name == "gemv":
                 int4_gemv_bench(projections[0], int4_layers()[0])
                 continue
@@ -505,7 +592,7 @@ def main(selected):
             name = name.removeprefix("census-")
             torch._dynamo.reset()
             kind = name.partition("-")[0]
-            control = "fused" if kind == "fastgemv" else kind  # the same weights: agreement against bf16's
+            control = "fused" if kind in ("fastgemv", "hand") else kind  # the same weights: agreement against bf16's
             out = time_engine(name, engine(name), prompt, reference.get(control), census)
             reference.setdefault(control, out)
             torch.cuda.empty_cache()

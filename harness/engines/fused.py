@@ -123,7 +123,7 @@ class FusedDecoder(nn.Module):
         mask = (pad_mask[:, None, None, :] & (key_index <= query_index)) | (key_index == query_index)
         for norm_in, norm_post, proj, (keys, values) in zip(self.input_norms, self.post_norms, self.projections,
                                                             cache):
-            q, k, v = proj.qkv(norm_in(x)).split(self.split, dim=-1)
+            q, k, v = self.qkv(proj, norm_in, x).split(self.split, dim=-1)
             q = q.view(rows, steps, self.heads, self.head_dim).transpose(1, 2)
             k = k.view(rows, steps, self.kv_heads, self.head_dim).transpose(1, 2)
             v = v.view(rows, steps, self.kv_heads, self.head_dim).transpose(1, 2)
@@ -131,10 +131,27 @@ class FusedDecoder(nn.Module):
             keys.index_copy_(2, cache_position, k)
             values.index_copy_(2, cache_position, v)
             attn = self.attend(q, keys, values, mask)
-            x = x + proj.o(attn.transpose(1, 2).reshape(rows, steps, -1))
-            gate, up = proj.gate_up(norm_post(x)).chunk(2, dim=-1)
-            x = x + proj.down(F.silu(gate) * up)
-        return self.lm_head(self.norm(x[:, -1]))
+            x = self.attention_out(proj, attn.transpose(1, 2).reshape(rows, steps, -1), x)
+            x = self.mlp(proj, norm_post, x)
+        return self.head(x[:, -1])
+
+    # the layer's products, each with what comes right before or after it: a subclass may compute them otherwise
+    def qkv(self, proj, norm, x) -> torch.Tensor:
+        """q, k and v side by side: the q/k/v product of the normed residual stream ``x``."""
+        return proj.qkv(norm(x))
+
+    def attention_out(self, proj, attn, x) -> torch.Tensor:
+        """The residual stream after attention: ``x`` plus the o product of ``attn``."""
+        return x + proj.o(attn)
+
+    def mlp(self, proj, norm, x) -> torch.Tensor:
+        """The residual stream after the MLP: ``x`` plus down(SiLU(gate) * up) of the normed ``x``."""
+        gate, up = proj.gate_up(norm(x)).chunk(2, dim=-1)
+        return x + proj.down(F.silu(gate) * up)
+
+    def head(self, x) -> torch.Tensor:
+        """The logits of the last positions ``x`` [rows, hidden]: ``lm_head`` of the final norm."""
+        return self.lm_head(self.norm(x))
 
     def attend(self, q, keys, values, mask) -> torch.Tensor:
         """Attention of q [rows, heads, T, dim] over the whole cache under ``mask`` (grouped KV heads)."""

@@ -1,0 +1,187 @@
+"""The merged engine's one-row products on CUDA: bf16 GEMVs with the step's small computations folded in
+(harness/engines/gemv.cu), built on this machine and loaded as ``torch.ops.qlora_gemv``.
+
+At batch 1 a decode step of Mistral-7B reads 14.5 GB of weights; cuBLAS streams the large products near the copy
+bandwidth but splits o and down along their inputs (a second kernel adds the parts), and the RMSNorms, SiLU(gate) *
+up and the residual adds are kernels of their own: 441 launches a token (``results/h200/decode-tries/``, try 21).
+``GemvDecoder`` computes a layer's four products, and ``lm_head``, with one kernel each whose prologue does the
+RMSNorm (q/k/v, gate/up, ``lm_head``) or SiLU(gate) * up (down) and whose epilogue adds the residual (o, down), with
+the rounding of the model's eager bf16 forward (gemv.cu). Batches, prompts and the CPU go through ``FusedDecoder``'s
+own products. The kernels are launched with programmatic dependent launch: each starts reading its weights while
+the kernel before it ends.
+
+``build`` compiles gemv.cu with torch's JIT loader (nvcc on the PATH, or ``CUDA_HOME``) into
+``<cache>/gemv-<key>/``, built in a temp dir and renamed into place under a lock; the key hashes gemv.cu, this
+module, torch's and CUDA's versions, nvcc's, the GPU's compute capability and the flags. ``GemvDecoder`` checks
+every product against ``FusedDecoder``'s when it is built and refuses a wrong or non-finite one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from ..report.atomic import atomic_dir, file_lock, sweep_partial
+from .fused import FusedDecoder
+
+__all__ = ["build_key", "build", "load", "gemv", "GemvDecoder"]
+
+NAMESPACE = "qlora_gemv"  # gemv.cu's TORCH_LIBRARY
+SOURCE = Path(__file__).with_suffix(".cu")
+CUDA_FLAGS = ("-O3", "-std=c++17")
+PLAIN, RMS_NORM, SILU_MUL = 0, 1, 2  # gemv.cu's prologues
+CHECK_MAX_RELATIVE_ERROR = 1e-2  # each kernel against FusedDecoder's product; they differ in summation order only
+
+
+def _nvcc() -> str:
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    nvcc = Path(CUDA_HOME or "/nonexistent") / "bin" / "nvcc"
+    if not nvcc.is_file():
+        raise RuntimeError("the merged engine compiles its GEMV kernels once per machine and needs CUDA's compiler: "
+                           "put nvcc on the PATH or set CUDA_HOME")
+    return str(nvcc)
+
+
+def build_key(nvcc_version: str, capability: tuple[int, int]) -> str:
+    """sha256 of everything that changes the library (module doc)."""
+    h = hashlib.sha256(SOURCE.read_bytes())
+    h.update(Path(__file__).read_bytes())
+    h.update(json.dumps([torch.__version__, torch.version.cuda, nvcc_version, list(capability), CUDA_FLAGS]).encode())
+    return h.hexdigest()
+
+
+def _compile(tmp: Path, capability: tuple[int, int]) -> None:
+    """gemv.cu compiled into ``tmp``, by a child process: torch's loader also loads what it builds, and the parent
+    loads the library only from its final place."""
+    script = ("import sys, torch.utils.cpp_extension as c; c.load(name=sys.argv[1], sources=[sys.argv[2]], "
+              "extra_cuda_cflags=sys.argv[3].split(), build_directory=sys.argv[4], is_python_module=False)")
+    (tmp / "build").mkdir()
+    shutil.copy(SOURCE, tmp / "build" / SOURCE.name)
+    env = {**os.environ, "TORCH_CUDA_ARCH_LIST": f"{capability[0]}.{capability[1]}"}
+    done = subprocess.run([sys.executable, "-c", script, NAMESPACE, str(tmp / "build" / SOURCE.name),
+                           " ".join(CUDA_FLAGS), str(tmp / "build")], env=env, capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"building the GEMV kernels failed (in {tmp}):\n{done.stderr[-4000:]}")
+    shutil.move(str(tmp / "build" / f"{NAMESPACE}.so"), tmp / f"{NAMESPACE}.so")
+    shutil.rmtree(tmp / "build")
+
+
+def build(cache_dir: Path) -> Path:
+    """The folder of the library of this machine's key in ``cache_dir``, built there first if missing (module doc).
+    Another process or thread building the same key is waited for."""
+    nvcc = _nvcc()
+    nvcc_version = subprocess.run([nvcc, "--version"], capture_output=True, text=True, check=True).stdout.strip()
+    capability = torch.cuda.get_device_capability()
+    key = build_key(nvcc_version, capability)
+    final = Path(cache_dir) / f"gemv-{key[:16]}"
+    with file_lock(final):
+        if not (final / f"{NAMESPACE}.so").is_file():
+            sweep_partial(final)
+            with atomic_dir(final) as tmp:
+                _compile(tmp, capability)
+                made = {"key": key, "torch": torch.__version__, "cuda": torch.version.cuda,
+                        "nvcc": nvcc_version.splitlines()[-1], "capability": list(capability)}
+                (tmp / "key.json").write_text(json.dumps(made, indent=1))
+    return final
+
+
+_loaded: list[str] = []  # the folder this process loaded the library from
+
+
+def load(cache_dir: Path) -> None:
+    """The library, built into ``cache_dir`` once per key (``build``) and loaded once per process."""
+    folder = str(build(cache_dir))
+    if folder not in _loaded:
+        if _loaded:
+            raise RuntimeError("GEMV kernels of another key are already loaded in this process; start a new one")
+        torch.ops.load_library(str(Path(folder) / f"{NAMESPACE}.so"))
+        _loaded.append(folder)
+
+
+@torch.library.custom_op("qlora::gemv", mutates_args=())
+def gemv(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tensor | None, eps: float,
+         residual: torch.Tensor | None, prologue: int, pdl: bool) -> torch.Tensor:
+    """One row of ``x`` times ``weight`` (n, k), bf16: (1, n). ``prologue`` RMS_NORM norms ``x`` first with
+    ``norm_weight`` and ``eps``; SILU_MUL takes ``x`` as gate then up and multiplies SiLU(gate) * up first. With
+    ``residual`` (n values), returns it plus the product. One opaque op for torch.compile."""
+    return getattr(torch.ops, NAMESPACE).gemv(x, weight, norm_weight, eps, residual, prologue, pdl)
+
+
+@gemv.register_fake
+def _(x, weight, norm_weight, eps, residual, prologue, pdl):
+    return weight.new_empty(1, weight.shape[0])
+
+
+class GemvDecoder(FusedDecoder):
+    """``FusedDecoder`` whose one-row steps on CUDA run the four products of each layer and ``lm_head`` through
+    ``gemv`` (module doc); ``pdl`` launches them with programmatic dependent launch. The library must be loaded
+    (``load``). Checks each product against ``FusedDecoder``'s on the first layer when built."""
+
+    def __init__(self, model, projections, pdl: bool = True):
+        super().__init__(model, projections)
+        self.pdl = pdl
+        self._check()
+
+    @staticmethod
+    def _one_row(x) -> bool:
+        return x.is_cuda and x.numel() == x.shape[-1]
+
+    def _gemv(self, x, linear, norm=None, residual=None, prologue=PLAIN):
+        out = gemv(x, linear.weight, None if norm is None else norm.weight,
+                   0.0 if norm is None else norm.variance_epsilon, residual, prologue, self.pdl)
+        return out.view(*x.shape[:-1], -1)
+
+    def qkv(self, proj, norm, x):
+        if not self._one_row(x):
+            return super().qkv(proj, norm, x)
+        return self._gemv(x, proj.qkv, norm, prologue=RMS_NORM)
+
+    def attention_out(self, proj, attn, x):
+        if not self._one_row(x):
+            return super().attention_out(proj, attn, x)
+        return self._gemv(attn, proj.o, residual=x)
+
+    def mlp(self, proj, norm, x):
+        if not self._one_row(x):
+            return super().mlp(proj, norm, x)
+        gate_up = self._gemv(x, proj.gate_up, norm, prologue=RMS_NORM)
+        return self._gemv(gate_up, proj.down, residual=x, prologue=SILU_MUL)
+
+    def head(self, x):
+        if not self._one_row(x):
+            return super().head(x)
+        return self._gemv(x, self.lm_head, self.norm, prologue=RMS_NORM)
+
+    @torch.no_grad()
+    def _check(self) -> None:
+        """Each kernel against ``FusedDecoder``'s product on the first layer, for one random row; RuntimeError naming
+        the product and the error past ``CHECK_MAX_RELATIVE_ERROR`` (a NaN fails)."""
+        like = self.lm_head.weight
+        if like.device.type != "cuda":
+            return
+        proj, norm_in, norm_post = self.projections[0], self.input_norms[0], self.post_norms[0]
+        generator = torch.Generator(device=like.device).manual_seed(0)
+        hidden = like.shape[1]
+        x = torch.randn(1, 1, hidden, device=like.device, dtype=like.dtype, generator=generator)
+        attn = torch.randn(1, 1, proj.o.weight.shape[1], device=like.device, dtype=like.dtype, generator=generator)
+        cases = {"q/k/v": (self.qkv, FusedDecoder.qkv, (proj, norm_in, x)),
+                 "o": (self.attention_out, FusedDecoder.attention_out, (proj, attn, x)),
+                 "gate/up and down": (self.mlp, FusedDecoder.mlp, (proj, norm_post, x)),
+                 "lm_head": (self.head, FusedDecoder.head, (x[:, -1],))}
+        for name, (kernel, reference, args) in cases.items():
+            want = reference(self, *args).float()
+            got = kernel(*args).float()
+            if name in ("o", "gate/up and down"):  # the residual stream: compare what was added to it
+                want, got = want - x.float(), got - x.float()
+            error = ((got - want).norm() / want.norm()).item()
+            if not error <= CHECK_MAX_RELATIVE_ERROR:  # written so that NaN fails
+                raise RuntimeError(f"merged engine: the GEMV kernel for {name} is wrong (relative error {error:.3g} "
+                                   f"against the composed product, limit {CHECK_MAX_RELATIVE_ERROR:g})")

@@ -370,17 +370,16 @@ def hand_gemv_bench(bf16_layer, model):
         n, k = w.shape
         copies = [w] + [w.clone() for _ in range(max(1, -(-256 * 2**20 // (n * k * 2))) - 1)]
         x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
-        x2 = torch.randn(1, 2 * k, device="cuda", dtype=torch.bfloat16)
         res = torch.randn(1, n, device="cuda", dtype=torch.bfloat16)
         nw = torch.randn(k, device="cuda", dtype=torch.bfloat16)
-        fused = {"gate_up": ("rmsnorm", lambda c, pdl: hand.gemv(x, c, nw, 1e-5, None, hand.RMS_NORM, pdl)),
-                 "qkv": ("rmsnorm", lambda c, pdl: hand.gemv(x, c, nw, 1e-5, None, hand.RMS_NORM, pdl)),
-                 "lm_head": ("rmsnorm", lambda c, pdl: hand.gemv(x, c, nw, 1e-5, None, hand.RMS_NORM, pdl)),
-                 "down": ("silu-residual", lambda c, pdl: hand.gemv(x2, c, None, 0.0, res, hand.SILU_MUL, pdl)),
-                 "o": ("residual", lambda c, pdl: hand.gemv(x, c, None, 0.0, res, hand.PLAIN, pdl))}[name]
+        fused = {"gate_up": ("rmsnorm-silu", lambda c, pdl: hand.gemv(x, c, nw, 1e-5, None, True, pdl)),
+                 "qkv": ("rmsnorm", lambda c, pdl: hand.gemv(x, c, nw, 1e-5, None, False, pdl)),
+                 "lm_head": ("rmsnorm", lambda c, pdl: hand.gemv(x, c, nw, 1e-5, None, False, pdl)),
+                 "down": ("residual", lambda c, pdl: hand.gemv(x, c, None, 0.0, res, False, pdl)),
+                 "o": ("residual", lambda c, pdl: hand.gemv(x, c, None, 0.0, res, False, pdl))}[name]
         cands = {"cublas": lambda c: F.linear(x, c),
-                 "hand": lambda c: hand.gemv(x, c, None, 0.0, None, hand.PLAIN, False),
-                 "hand-pdl": lambda c: hand.gemv(x, c, None, 0.0, None, hand.PLAIN, True),
+                 "hand": lambda c: hand.gemv(x, c, None, 0.0, None, False, False),
+                 "hand-pdl": lambda c: hand.gemv(x, c, None, 0.0, None, False, True),
                  f"hand-{fused[0]}": lambda c: fused[1](c, False),
                  f"hand-{fused[0]}-pdl": lambda c: fused[1](c, True)}
         reference = x.float() @ w.float().T
@@ -405,6 +404,23 @@ def hand_gemv_bench(bf16_layer, model):
             save()
         del copies
         torch.cuda.empty_cache()
+
+
+def hand_forced(model, layers, prompt, tokens):
+    """Teacher-forced logits of FusedDecoder and GemvDecoder on the same tokens (the fused engine's greedy ones):
+    per position, whether the two argmaxes agree, and the logits' relative difference."""
+    rows = {}
+    for name, decoder in (("fused", FusedDecoder(model, layers)), ("hand", hand.GemvDecoder(model, layers))):
+        rows[name] = FusedGreedy(model, decoder, Tok(), name, Cfg()).forced_logits(prompt, tokens)
+    a, b = rows["fused"], rows["hand"]
+    agree = (a.argmax(-1) == b.argmax(-1)).float().mean().item()
+    rel = ((a - b).norm(dim=-1) / a.norm(dim=-1)).tolist()
+    top2 = a.topk(2, dim=-1).values
+    results["hand_forced"] = {"argmax_agreement": agree, "relative_difference_max": max(rel),
+                              "relative_difference_median": statistics.median(rel),
+                              "fused_top2_gap_median": statistics.median((top2[:, 0] - top2[:, 1]).tolist())}
+    log("hand forced:", json.dumps(results["hand_forced"]))
+    save()
 
 
 def hand_check_smol():
@@ -572,6 +588,9 @@ def main(selected):
                 continue
             if name == "gemv-hand":
                 hand_gemv_bench(projections[0], model)
+                continue
+            if name == "hand-forced":
+                hand_forced(model, projections, prompt, reference["fused"][0][:64])
                 continue
             if name == "hand-smol":
                 hand_check_smol()

@@ -1,11 +1,11 @@
 // One-row bf16 products of the merged engine's decode step (harness/engines/gemv.py), each with the small
 // computation before or after it folded in: the RMSNorm that feeds q/k/v, gate/up and lm_head, SiLU(gate) * up
-// that feeds down, and the residual add after o and down. Rounding follows the model's eager bf16 forward: every
+// after gate/up (a warp computes a gate row and its up row), and the residual add after o and down. Rounding follows the model's eager bf16 forward: every
 // value torch would store in bf16 is rounded to bf16 here too; sums and products are float32.
 //
 // A block of kWarps warps prepares the input once in shared memory, then each warp computes one output row at a
-// time: its lanes stream the row in 16-byte chunks, kBatch chunks in flight per lane while the previous batch is
-// multiplied, and reduce across the warp. The grid is sized to be resident at once, warps striding over the rows:
+// time: its lanes stream the row in 16-byte chunks, one batch of kBatch chunks a lane in flight while the batch
+// before it is multiplied, and reduce across the warp. The grid is sized to be resident at once, warps striding over the rows:
 // no split along the inputs, so no second kernel to reduce. Launched with programmatic dependent launch, a kernel
 // loads its first weights while the kernel before it finishes, and waits for that kernel
 // (griddepcontrol.wait) before it reads anything the kernel before may have written.
@@ -27,7 +27,8 @@ constexpr int kWarps = 8;
 constexpr int kThreads = kWarps * 32;
 constexpr int kBatch = 8;  // 16-byte chunks of weights per lane per load batch
 
-enum Prologue : int { kPlain = 0, kRmsNorm = 1, kSiluMul = 2 };
+enum Prologue : int { kPlain = 0, kRmsNorm = 1 };
+enum Epilogue : int { kStore = 0, kResidual = 1, kSiluPairs = 2 };
 
 __device__ __forceinline__ uint4 load_weights(const uint4* p) {
   uint4 v;
@@ -69,10 +70,6 @@ __device__ __forceinline__ uint32_t norm2(uint32_t h, uint32_t w, float rstd) {
 
 __device__ __forceinline__ float silu_bf16(float g) { return round_bf16(g / (1.0f + expf(-g))); }
 
-__device__ __forceinline__ uint32_t silu_mul2(uint32_t g, uint32_t u) {
-  return pack(silu_bf16(lo(g)) * lo(u), silu_bf16(hi(g)) * hi(u));
-}
-
 __device__ __forceinline__ void wait_for_previous_kernel() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.wait;" ::: "memory");
@@ -91,11 +88,6 @@ __device__ __forceinline__ void prepare(uint4* xs, const uint4* x, const uint4* 
                                         float* partial) {
   if (P == kPlain) {
     for (int c = threadIdx.x; c < chunks; c += kThreads) xs[c] = x[c];
-  } else if (P == kSiluMul) {  // x holds gate then up, each `chunks` long
-    for (int c = threadIdx.x; c < chunks; c += kThreads) {
-      const uint4 g = x[c], u = x[chunks + c];
-      xs[c] = make_uint4(silu_mul2(g.x, u.x), silu_mul2(g.y, u.y), silu_mul2(g.z, u.z), silu_mul2(g.w, u.w));
-    }
   } else {
     float squares = 0.0f;
     for (int c = threadIdx.x; c < chunks; c += kThreads) {
@@ -117,70 +109,107 @@ __device__ __forceinline__ void prepare(uint4* xs, const uint4* x, const uint4* 
   }
 }
 
-__device__ __forceinline__ void load_batch(uint4 (&buf)[kBatch], const uint4* w, int row, int n, int base,
-                                           int chunks, int lane) {
-  if (row >= n) return;
-  const uint4* r = w + static_cast<size_t>(row) * chunks;
+// Where a warp is in its work: output `o`, its part `s` (gate then up for kSiluPairs), and the first chunk `base`
+// of the batch. Outputs stride by the grid's warps; each part is one weight row, read in batches of kBatch chunks
+// a lane.
+struct Step {
+  int o, s, base;
+};
+
+template <int E>
+__device__ __forceinline__ Step advance(Step t, int chunks, int stride) {
+  t.base += 32 * kBatch;
+  if (t.base >= chunks) {
+    t.base = 0;
+    if (E == kSiluPairs && t.s == 0) {
+      t.s = 1;
+    } else {
+      t.s = 0;
+      t.o += stride;
+    }
+  }
+  return t;
+}
+
+template <int E>
+__device__ __forceinline__ void load_batch(uint4 (&buf)[kBatch], const uint4* w, Step t, int outputs, int chunks,
+                                           int lane) {
+  if (t.o >= outputs) return;
+  const uint4* r = w + (static_cast<size_t>(t.o) + static_cast<size_t>(t.s) * outputs) * chunks;
 #pragma unroll
   for (int j = 0; j < kBatch; ++j) {
-    const int c = base + j * 32 + lane;
+    const int c = t.base + j * 32 + lane;
     if (c < chunks) buf[j] = load_weights(r + c);
   }
 }
 
-// out[row] = bf16(W[row] . prepared x) (+ residual[row], rounded again), for every row < n
-template <int P, bool kResidual>
+__device__ __forceinline__ float dot_batch(const uint4 (&buf)[kBatch], const uint4* xs, int base, int chunks,
+                                           int lane, float acc) {
+#pragma unroll
+  for (int j = 0; j < kBatch; ++j) {
+    const int c = base + j * 32 + lane;
+    if (c < chunks) acc = dot8(buf[j], xs[c], acc);
+  }
+  return acc;
+}
+
+// after the batch at `t`, with `next` the step after it: a finished row is summed across the warp and stored
+template <int E>
+__device__ __forceinline__ void finish(Step t, Step next, float& acc, float& gate, const __nv_bfloat16* residual,
+                                       __nv_bfloat16* out, int lane) {
+  if (next.base != 0) return;
+  const float sum = warp_sum(acc);
+  acc = 0.0f;
+  if (E == kSiluPairs && t.s == 0) {
+    gate = sum;
+    return;
+  }
+  if (lane != 0) return;
+  float v = round_bf16(sum);
+  if (E == kResidual) v = __bfloat162float(residual[t.o]) + v;
+  if (E == kSiluPairs) v = silu_bf16(round_bf16(gate)) * v;
+  out[t.o] = __float2bfloat16_rn(v);
+}
+
+// out[o] = bf16(W[o] . prepared x), plus residual[o] (rounded again), or SiLU(gate) * up with gate = W[o] . x and
+// up = W[outputs + o] . x; for every o < outputs
+template <int P, int E>
 __global__ void __launch_bounds__(kThreads, 2)
     gemv_kernel(const uint4* __restrict__ w, const uint4* __restrict__ x, const uint4* __restrict__ norm_w,
-                const __nv_bfloat16* __restrict__ residual, __nv_bfloat16* __restrict__ out, int n, int chunks,
+                const __nv_bfloat16* __restrict__ residual, __nv_bfloat16* __restrict__ out, int outputs, int chunks,
                 float eps) {
   extern __shared__ uint4 xs[];
   __shared__ float partial[kWarps];
   const int lane = threadIdx.x & 31;
   const int stride = gridDim.x * kWarps;
-  int row = blockIdx.x * kWarps + (threadIdx.x >> 5);
-  int base = 0;
-  uint4 current[kBatch];
-  load_batch(current, w, row, n, base, chunks, lane);  // weights only: nothing the kernel before writes
+  Step t = {static_cast<int>(blockIdx.x) * kWarps + static_cast<int>(threadIdx.x >> 5), 0, 0};
+  uint4 a[kBatch], b[kBatch];  // two batches in flight: the loop alternates between them, so no register copies
+  load_batch<E>(a, w, t, outputs, chunks, lane);  // weights only: nothing the kernel before writes
   wait_for_previous_kernel();
   prepare<P>(xs, x, norm_w, eps, chunks, partial);
   __syncthreads();
   let_next_kernel_launch();
-  float acc = 0.0f;
-  while (row < n) {
-    int next_row = row, next_base = base + 32 * kBatch;
-    if (next_base >= chunks) {
-      next_base = 0;
-      next_row += stride;
-    }
-    uint4 next[kBatch];
-    load_batch(next, w, next_row, n, next_base, chunks, lane);
-#pragma unroll
-    for (int j = 0; j < kBatch; ++j) {
-      const int c = base + j * 32 + lane;
-      if (c < chunks) acc = dot8(current[j], xs[c], acc);
-    }
-    if (next_base == 0) {
-      acc = warp_sum(acc);
-      if (lane == 0) {
-        float v = round_bf16(acc);
-        if (kResidual) v = __bfloat162float(residual[row]) + v;
-        out[row] = __float2bfloat16_rn(v);
-      }
-      acc = 0.0f;
-    }
-#pragma unroll
-    for (int j = 0; j < kBatch; ++j) current[j] = next[j];
-    row = next_row;
-    base = next_base;
+  float acc = 0.0f, gate = 0.0f;
+  while (t.o < outputs) {
+    Step next = advance<E>(t, chunks, stride);
+    load_batch<E>(b, w, next, outputs, chunks, lane);
+    acc = dot_batch(a, xs, t.base, chunks, lane, acc);
+    finish<E>(t, next, acc, gate, residual, out, lane);
+    t = next;
+    if (t.o >= outputs) break;
+    next = advance<E>(t, chunks, stride);
+    load_batch<E>(a, w, next, outputs, chunks, lane);
+    acc = dot_batch(b, xs, t.base, chunks, lane, acc);
+    finish<E>(t, next, acc, gate, residual, out, lane);
+    t = next;
   }
 }
 
-template <int P, bool kResidual>
-void launch(const at::Tensor& x, const at::Tensor& w, const uint4* norm_w, const at::Tensor* residual,
-            at::Tensor& out, double eps, bool pdl) {
-  auto kernel = gemv_kernel<P, kResidual>;
-  const int n = static_cast<int>(w.size(0)), chunks = static_cast<int>(w.size(1) / 8);
+template <int P, int E>
+void launch(const at::Tensor& x, const at::Tensor& w, const uint4* norm_w, const __nv_bfloat16* residual,
+            at::Tensor& out, int outputs, double eps, bool pdl) {
+  auto kernel = gemv_kernel<P, E>;
+  const int chunks = static_cast<int>(w.size(1) / 8);
   const size_t smem = static_cast<size_t>(chunks) * sizeof(uint4);
   if (smem > 48 * 1024) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
@@ -189,7 +218,7 @@ void launch(const at::Tensor& x, const at::Tensor& w, const uint4* norm_w, const
   C10_CUDA_CHECK(cudaGetDevice(&device));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
   C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem));
-  const int blocks = std::max(1, std::min((n + kWarps - 1) / kWarps, sms * std::max(per_sm, 1)));
+  const int blocks = std::max(1, std::min((outputs + kWarps - 1) / kWarps, sms * std::max(per_sm, 1)));
   cudaLaunchConfig_t config = {};
   config.gridDim = dim3(blocks);
   config.blockDim = dim3(kThreads);
@@ -200,10 +229,9 @@ void launch(const at::Tensor& x, const at::Tensor& w, const uint4* norm_w, const
   attribute[0].val.programmaticStreamSerializationAllowed = 1;
   config.attrs = attribute;
   config.numAttrs = pdl ? 1 : 0;
-  const __nv_bfloat16* res = residual ? reinterpret_cast<const __nv_bfloat16*>(residual->data_ptr()) : nullptr;
   C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, reinterpret_cast<const uint4*>(w.data_ptr()),
-                                    reinterpret_cast<const uint4*>(x.data_ptr()), norm_w, res,
-                                    reinterpret_cast<__nv_bfloat16*>(out.data_ptr()), n, chunks,
+                                    reinterpret_cast<const uint4*>(x.data_ptr()), norm_w, residual,
+                                    reinterpret_cast<__nv_bfloat16*>(out.data_ptr()), outputs, chunks,
                                     static_cast<float>(eps)));
 }
 
@@ -215,21 +243,22 @@ void check_operand(const at::Tensor& t, const char* what) {
 
 }  // namespace
 
-// x: one row of the product's input (for prologue 2, gate then up); w: (n, k); returns (1, n)
+// x: one row of the product's input; w: (n, k). With norm_weight, x is RMS-normed first. Returns (1, n), or with
+// silu_pairs (1, n / 2): SiLU(gate) * up of the two halves of the product. With residual (n values), adds it.
 at::Tensor gemv(const at::Tensor& x_in, const at::Tensor& w, const std::optional<at::Tensor>& norm_weight,
-                double eps, const std::optional<at::Tensor>& residual_in, int64_t prologue, bool pdl) {
+                double eps, const std::optional<at::Tensor>& residual_in, bool silu_pairs, bool pdl) {
   TORCH_CHECK(w.dim() == 2 && w.size(1) % 8 == 0, "qlora_gemv: the weight must be (n, k) with k a multiple of 8");
-  TORCH_CHECK(prologue >= kPlain && prologue <= kSiluMul, "qlora_gemv: prologue must be 0, 1 or 2");
+  TORCH_CHECK(!(silu_pairs && residual_in.has_value()), "qlora_gemv: silu_pairs takes no residual");
+  TORCH_CHECK(!silu_pairs || w.size(0) % 2 == 0, "qlora_gemv: silu_pairs needs an even number of weight rows");
   c10::cuda::CUDAGuard guard(w.device());
   const at::Tensor x = x_in.contiguous();
   check_operand(w, "the weight");
   check_operand(x, "the input");
-  const int64_t k = w.size(1), n = w.size(0);
-  TORCH_CHECK(x.numel() == (prologue == kSiluMul ? 2 * k : k), "qlora_gemv: the input holds ", x.numel(),
-              " values for a weight of ", k, " inputs");
+  const int64_t k = w.size(1);
+  const int outputs = static_cast<int>(silu_pairs ? w.size(0) / 2 : w.size(0));
+  TORCH_CHECK(x.numel() == k, "qlora_gemv: the input holds ", x.numel(), " values for a weight of ", k, " inputs");
   const uint4* norm_w = nullptr;
-  if (prologue == kRmsNorm) {
-    TORCH_CHECK(norm_weight.has_value(), "qlora_gemv: prologue 1 (RMSNorm) needs the norm's weight");
+  if (norm_weight.has_value()) {
     check_operand(*norm_weight, "the norm's weight");
     TORCH_CHECK(norm_weight->numel() == k, "qlora_gemv: the norm's weight must hold ", k, " values");
     norm_w = reinterpret_cast<const uint4*>(norm_weight->data_ptr());
@@ -238,23 +267,25 @@ at::Tensor gemv(const at::Tensor& x_in, const at::Tensor& w, const std::optional
   if (residual_in.has_value()) {
     residual = residual_in->contiguous();
     check_operand(residual, "the residual");
-    TORCH_CHECK(residual.numel() == n, "qlora_gemv: the residual must hold ", n, " values");
+    TORCH_CHECK(residual.numel() == outputs, "qlora_gemv: the residual must hold ", outputs, " values");
   }
-  at::Tensor out = at::empty({1, n}, w.options());
-  const at::Tensor* r = residual.defined() ? &residual : nullptr;
-  switch (prologue * 2 + (r != nullptr)) {
-    case 0: launch<kPlain, false>(x, w, norm_w, r, out, eps, pdl); break;
-    case 1: launch<kPlain, true>(x, w, norm_w, r, out, eps, pdl); break;
-    case 2: launch<kRmsNorm, false>(x, w, norm_w, r, out, eps, pdl); break;
-    case 3: launch<kRmsNorm, true>(x, w, norm_w, r, out, eps, pdl); break;
-    case 4: launch<kSiluMul, false>(x, w, norm_w, r, out, eps, pdl); break;
-    default: launch<kSiluMul, true>(x, w, norm_w, r, out, eps, pdl); break;
+  at::Tensor out = at::empty({1, outputs}, w.options());
+  const auto* res = residual.defined() ? reinterpret_cast<const __nv_bfloat16*>(residual.data_ptr()) : nullptr;
+  const int epilogue = silu_pairs ? kSiluPairs : (res ? kResidual : kStore);
+  switch ((norm_w ? 3 : 0) + epilogue) {
+    case 0: launch<kPlain, kStore>(x, w, norm_w, res, out, outputs, eps, pdl); break;
+    case 1: launch<kPlain, kResidual>(x, w, norm_w, res, out, outputs, eps, pdl); break;
+    case 2: launch<kPlain, kSiluPairs>(x, w, norm_w, res, out, outputs, eps, pdl); break;
+    case 3: launch<kRmsNorm, kStore>(x, w, norm_w, res, out, outputs, eps, pdl); break;
+    case 4: launch<kRmsNorm, kResidual>(x, w, norm_w, res, out, outputs, eps, pdl); break;
+    default: launch<kRmsNorm, kSiluPairs>(x, w, norm_w, res, out, outputs, eps, pdl); break;
   }
   return out;
 }
 
 TORCH_LIBRARY(qlora_gemv, m) {
-  m.def("gemv(Tensor x, Tensor w, Tensor? norm_weight, float eps, Tensor? residual, int prologue, bool pdl) -> Tensor");
+  m.def("gemv(Tensor x, Tensor w, Tensor? norm_weight, float eps, Tensor? residual, bool silu_pairs, bool pdl) -> "
+        "Tensor");
 }
 
 TORCH_LIBRARY_IMPL(qlora_gemv, CUDA, m) { m.impl("gemv", &gemv); }

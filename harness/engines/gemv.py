@@ -4,9 +4,9 @@
 At batch 1 a decode step of Mistral-7B reads 14.5 GB of weights; cuBLAS streams the large products near the copy
 bandwidth but splits o and down along their inputs (a second kernel adds the parts), and the RMSNorms, SiLU(gate) *
 up and the residual adds are kernels of their own: 441 launches a token (``results/h200/decode-tries/``, try 21).
-``GemvDecoder`` computes a layer's four products, and ``lm_head``, with one kernel each whose prologue does the
-RMSNorm (q/k/v, gate/up, ``lm_head``) or SiLU(gate) * up (down) and whose epilogue adds the residual (o, down), with
-the rounding of the model's eager bf16 forward (gemv.cu). Batches, prompts and the CPU go through ``FusedDecoder``'s
+``GemvDecoder`` computes a layer's four products, and ``lm_head``, with one kernel each: its prologue does the
+RMSNorm (q/k/v, gate/up, ``lm_head``), its epilogue adds the residual (o, down) or multiplies SiLU(gate) * up
+(gate/up), with the rounding of the model's eager bf16 forward (gemv.cu). Batches, prompts and the CPU go through ``FusedDecoder``'s
 own products. The kernels are launched with programmatic dependent launch: each starts reading its weights while
 the kernel before it ends.
 
@@ -36,7 +36,6 @@ __all__ = ["build_key", "build", "load", "gemv", "GemvDecoder"]
 NAMESPACE = "qlora_gemv"  # gemv.cu's TORCH_LIBRARY
 SOURCE = Path(__file__).with_suffix(".cu")
 CUDA_FLAGS = ("-O3", "-std=c++17")
-PLAIN, RMS_NORM, SILU_MUL = 0, 1, 2  # gemv.cu's prologues
 CHECK_MAX_RELATIVE_ERROR = 1e-2  # each kernel against FusedDecoder's product; they differ in summation order only
 
 
@@ -108,16 +107,16 @@ def load(cache_dir: Path) -> None:
 
 @torch.library.custom_op("qlora::gemv", mutates_args=())
 def gemv(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tensor | None, eps: float,
-         residual: torch.Tensor | None, prologue: int, pdl: bool) -> torch.Tensor:
-    """One row of ``x`` times ``weight`` (n, k), bf16: (1, n). ``prologue`` RMS_NORM norms ``x`` first with
-    ``norm_weight`` and ``eps``; SILU_MUL takes ``x`` as gate then up and multiplies SiLU(gate) * up first. With
-    ``residual`` (n values), returns it plus the product. One opaque op for torch.compile."""
-    return getattr(torch.ops, NAMESPACE).gemv(x, weight, norm_weight, eps, residual, prologue, pdl)
+         residual: torch.Tensor | None, silu_pairs: bool, pdl: bool) -> torch.Tensor:
+    """One row of ``x`` times ``weight`` (n, k), bf16: (1, n). With ``norm_weight``, ``x`` is RMS-normed first (with
+    ``eps``); with ``residual`` (n values), it is added to the product; with ``silu_pairs``, the result is SiLU(gate)
+    * up of the product's two halves, (1, n / 2). One opaque op for torch.compile."""
+    return getattr(torch.ops, NAMESPACE).gemv(x, weight, norm_weight, eps, residual, silu_pairs, pdl)
 
 
 @gemv.register_fake
-def _(x, weight, norm_weight, eps, residual, prologue, pdl):
-    return weight.new_empty(1, weight.shape[0])
+def _(x, weight, norm_weight, eps, residual, silu_pairs, pdl):
+    return weight.new_empty(1, weight.shape[0] // 2 if silu_pairs else weight.shape[0])
 
 
 class GemvDecoder(FusedDecoder):
@@ -134,15 +133,15 @@ class GemvDecoder(FusedDecoder):
     def _one_row(x) -> bool:
         return x.is_cuda and x.numel() == x.shape[-1]
 
-    def _gemv(self, x, linear, norm=None, residual=None, prologue=PLAIN):
+    def _gemv(self, x, linear, norm=None, residual=None, silu_pairs=False):
         out = gemv(x, linear.weight, None if norm is None else norm.weight,
-                   0.0 if norm is None else norm.variance_epsilon, residual, prologue, self.pdl)
+                   0.0 if norm is None else norm.variance_epsilon, residual, silu_pairs, self.pdl)
         return out.view(*x.shape[:-1], -1)
 
     def qkv(self, proj, norm, x):
         if not self._one_row(x):
             return super().qkv(proj, norm, x)
-        return self._gemv(x, proj.qkv, norm, prologue=RMS_NORM)
+        return self._gemv(x, proj.qkv, norm)
 
     def attention_out(self, proj, attn, x):
         if not self._one_row(x):
@@ -152,13 +151,12 @@ class GemvDecoder(FusedDecoder):
     def mlp(self, proj, norm, x):
         if not self._one_row(x):
             return super().mlp(proj, norm, x)
-        gate_up = self._gemv(x, proj.gate_up, norm, prologue=RMS_NORM)
-        return self._gemv(gate_up, proj.down, residual=x, prologue=SILU_MUL)
+        return self._gemv(self._gemv(x, proj.gate_up, norm, silu_pairs=True), proj.down, residual=x)
 
     def head(self, x):
         if not self._one_row(x):
             return super().head(x)
-        return self._gemv(x, self.lm_head, self.norm, prologue=RMS_NORM)
+        return self._gemv(x, self.lm_head, self.norm)
 
     @torch.no_grad()
     def _check(self) -> None:

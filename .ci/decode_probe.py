@@ -406,6 +406,12 @@ def hand_gemv_bench(bf16_layer, model):
         torch.cuda.empty_cache()
 
 
+class HandSdpa(hand.GemvDecoder):
+    """gemv.cu's products with FusedDecoder's attention (scaled_dot_product_attention)."""
+
+    attend = FusedDecoder.attend
+
+
 def hand_forced(model, layers, prompt, tokens):
     """Teacher-forced logits of FusedDecoder and GemvDecoder on the same tokens (the fused engine's greedy ones):
     per position, whether the two argmaxes agree, and the logits' relative difference."""
@@ -562,8 +568,11 @@ def main(selected):
             load_fbgemm()
         if kind == "int4":
             layers = int4_layers()
-        if kind == "hand":  # hand, hand-nopdl: gemv.cu's kernels
-            return FusedGreedy(model, hand.GemvDecoder(model, layers, pdl=rest != "nopdl"), Tok(), name, Cfg())
+        if kind == "hand":  # gemv.cu's kernels; -nopdl: without programmatic dependent launch; -sdpa: SDPA's
+            # attention; -ipdl: inductor's own kernels launched with it too
+            decoder = (HandSdpa if rest == "sdpa" else hand.GemvDecoder)(model, layers, pdl=rest != "nopdl")
+            options = {"triton.enable_pdl": True} if rest == "ipdl" else None
+            return FusedGreedy(model, decoder, Tok(), name, Cfg(), inductor_options=options)
         decoder = ATTENTION["-" + attention if attention else ""](model, layers)
         greedy = Int4Greedy if kind == "int4" else FusedGreedy
         return greedy(model, decoder, Tok(), name, Cfg(), inductor_options=inductor)

@@ -2,7 +2,9 @@
 
 ``merged`` is the deployable artifact: the NF4 base dequantized to ``merged_dtype``, the adapter merged in that
 dtype (never into 4-bit: peft #2321, transformers #31293), decoded by ``harness.engines.fused.FusedGreedy``
-(fused projections, decode steps captured as CUDA graphs; ``StaticGreedy`` for architectures it does not cover).
+(fused projections, decode steps captured as CUDA graphs; ``StaticGreedy`` for architectures it does not cover). On
+CUDA its one-row steps run ``harness.engines.gemv``'s kernels, built into ``kernels_dir`` (default: ``_kernels``
+beside ``cache_root``) once per machine.
 
 ``MergedBase`` keeps the dequantized weights for the whole sweep and merges each variant into them in place
 (restoring the pristine weights first), so the compiled decode graphs, which hold the weights' addresses, are
@@ -20,6 +22,8 @@ import torch
 from ..config.schema import Profile
 from .decoding import StaticGreedy
 from .fused import FusedDecoder, FusedGreedy, check_supported, fuse_projections_
+from .gemv import GemvDecoder
+from .gemv import load as load_gemv
 
 __all__ = ["MergedBase"]
 
@@ -33,7 +37,7 @@ class MergedBase:
     verifies it). peft computes each delta (B @ A * alpha / r) and adds it in place (``merge_and_unload``).
     """
 
-    def __init__(self, profile: Profile, cache_root: Path, tokenizer):
+    def __init__(self, profile: Profile, cache_root: Path, tokenizer, kernels_dir: Path | None = None):
         from ..models.dequantized import load
 
         allocated = torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
@@ -53,8 +57,19 @@ class MergedBase:
             self.engine = StaticGreedy(self.model, tokenizer, "merged", profile.inference)
             self.engine.note += f" (not fused: {unsupported})"
         else:
-            self.engine = FusedGreedy(self.model, FusedDecoder(self.model, self.projections), tokenizer, "merged",
-                                      profile.inference)
+            self.engine = FusedGreedy(self.model, self._decoder(kernels_dir or Path(cache_root).parent / "_kernels"),
+                                      tokenizer, "merged", profile.inference)
+            if isinstance(self.engine.decoder, GemvDecoder):
+                self.engine.note += ("; one-row products through harness/engines/gemv.cu (RMSNorm, SiLU(gate) * up "
+                                     "and residual adds folded in, programmatic dependent launch)")
+
+    def _decoder(self, kernels_dir: Path) -> FusedDecoder:
+        """On CUDA, ``GemvDecoder`` with gemv.cu's kernels (built into ``kernels_dir`` once per machine); on the CPU,
+        ``FusedDecoder``."""
+        if self.model.lm_head.weight.device.type != "cuda":
+            return FusedDecoder(self.model, self.projections)
+        load_gemv(kernels_dir)
+        return GemvDecoder(self.model, self.projections)
 
     def _storage_map(self) -> dict[str, tuple[int, tuple[int, ...], torch.dtype]]:
         return {n: (p.data_ptr(), tuple(p.shape), p.dtype) for n, p in self.model.named_parameters()}

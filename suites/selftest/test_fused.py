@@ -277,3 +277,57 @@ def test_awq_sources_are_the_checked_archive_and_missing_tools_are_named(tmp_pat
     monkeypatch.setattr(cpp_extension, "CUDA_HOME", None)  # what torch found: none on this machine
     with pytest.raises(RuntimeError, match="put nvcc on the PATH or set CUDA_HOME"):
         awq_kernels._nvcc()
+
+
+def test_gemv_build_key_changes_with_kernel_source_builder_torch_nvcc_and_gpu(tmp_path, monkeypatch):
+    """The merged engine's GEMV library is keyed by everything that changes it (harness/engines/gemv.py): gemv.cu,
+    the module that builds and binds it, torch's version, nvcc's and the GPU's capability each give a new key, so a
+    library built from other code or for another torch is never loaded. Mutation: leaving gemv.cu out of the key keeps
+    the key when a kernel changes."""
+    from harness.engines import gemv
+
+    args = ("Cuda compilation tools, release 13.0", (9, 0))
+    keys = {"first": gemv.build_key(*args)}
+    assert gemv.build_key(*args) == keys["first"]
+    source = tmp_path / "gemv.cu"
+    source.write_bytes(gemv.SOURCE.read_bytes() + b"// another kernel\n")
+    monkeypatch.setattr(gemv, "SOURCE", source)
+    keys["source"] = gemv.build_key(*args)
+    builder = tmp_path / "gemv.py"
+    builder.write_bytes(gemv.BUILDER.read_bytes() + b"# another binding\n")
+    monkeypatch.setattr(gemv, "BUILDER", builder)
+    keys["builder"] = gemv.build_key(*args)
+    monkeypatch.setattr(torch, "__version__", torch.__version__ + "+other")
+    keys["torch"] = gemv.build_key(*args)
+    keys["nvcc"] = gemv.build_key("Cuda compilation tools, release 13.1", (9, 0))
+    keys["gpu"] = gemv.build_key(args[0], (8, 0))
+    assert len(set(keys.values())) == len(keys), keys
+
+
+def test_gemv_op_shapes_follow_its_epilogue():
+    """torch.compile traces ``qlora::gemv`` through its fake: one row of n outputs, or n / 2 with ``silu_pairs`` (the
+    gate/up product becomes down's input). Mutation: a fake that ignores ``silu_pairs`` gives down a 2x-wide input."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from harness.engines.gemv import gemv
+
+    with FakeTensorMode():
+        x, w = torch.empty(1, 1, 64, dtype=torch.bfloat16), torch.empty(96, 64, dtype=torch.bfloat16)
+        assert gemv(x, w, None, 0.0, None, False, True).shape == (1, 96)
+        assert gemv(x, w, torch.empty(64, dtype=torch.bfloat16), 1e-5, None, True, True).shape == (1, 48)
+
+
+def test_gemv_decoder_off_cuda_computes_the_fused_decoders_products(model):
+    """Off CUDA ``GemvDecoder`` goes through ``FusedDecoder``'s own products, for a prompt and for one-token steps
+    alike (on CUDA a one-token step runs gemv.cu), so the CPU self-tests cover the layer code the GPU runs around the
+    kernels. Mutation: sending one-token steps to the CUDA op whatever the device fails here."""
+    from harness.engines.gemv import GemvDecoder
+
+    layers = fuse_projections_(model)
+    fused, hand = FusedDecoder(model, layers), GemvDecoder(model, layers)
+    mask = torch.ones(1, 8, dtype=torch.bool)
+    with torch.no_grad():
+        for ids, start in ((torch.tensor([[1, 5, 9, 14]]), 0), (torch.tensor([[7]]), 4)):
+            at = torch.arange(start, start + ids.shape[1])
+            torch.testing.assert_close(hand(ids, at[None], at, mask, hand.new_cache(1, 8)),
+                                       fused(ids, at[None], at, mask, fused.new_cache(1, 8)), rtol=0, atol=0)

@@ -406,10 +406,59 @@ def hand_gemv_bench(bf16_layer, model):
         torch.cuda.empty_cache()
 
 
-class HandSdpa(hand.GemvDecoder):
-    """gemv.cu's products with FusedDecoder's attention (scaled_dot_product_attention)."""
+# gemv.cu's block shapes tried against the shipped one (warps, 16-byte chunks a lane a batch, blocks an SM the
+# registers are sized for), each built as its own op library
+SHAPES = {"w4b8": (4, 8, 4), "w8b16": (8, 16, 1), "w4b16": (4, 16, 2), "w16b4": (16, 4, 1), "w8b4": (8, 4, 3)}
 
-    attend = FusedDecoder.attend
+
+def hand_variants(bf16_layer, model):
+    """Each projection alone (graph replay over weight copies past L2, programmatic dependent launch) through gemv.cu
+    built with each of ``SHAPES`` (in parallel), the shipped shape (w8b8) and cuBLAS."""
+    import subprocess
+
+    script = ("import sys, torch.utils.cpp_extension as c; c.load(name=sys.argv[1], sources=[sys.argv[2]], "
+              "extra_cuda_cflags=sys.argv[3].split(), build_directory=sys.argv[4], is_python_module=False)")
+    env = {**os.environ, "TORCH_CUDA_ARCH_LIST": "9.0"}
+    procs = {}
+    for name, (warps, batch, blocks) in SHAPES.items():
+        lib, where = f"qlora_gemv_{name}", Path(f"runs/_probe/{name}")
+        where.mkdir(parents=True, exist_ok=True)
+        flags = (f"-O3 -std=c++17 -DGEMV_WARPS={warps} -DGEMV_BATCH={batch} -DGEMV_MIN_BLOCKS={blocks} "
+                 f"-DGEMV_LIBRARY={lib}")
+        procs[name] = subprocess.Popen([sys.executable, "-c", script, lib, str(hand.SOURCE), flags, str(where)],
+                                       env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    ops = {"cublas": None, "w8b8": torch.ops.qlora_gemv.gemv}
+    for name, proc in procs.items():
+        out = proc.communicate()[0]
+        if proc.returncode:
+            log(f"variant {name} did not build: {out[-1500:]}")
+            continue
+        torch.ops.load_library(f"runs/_probe/{name}/qlora_gemv_{name}.so")
+        ops[name] = getattr(torch.ops, f"qlora_gemv_{name}").gemv
+    log(f"variants built: {list(ops)}")
+    stream = torch.cuda.Stream()
+    shapes = [(name, getattr(bf16_layer, name).weight) for name in ("gate_up", "down", "qkv", "o")]
+    for shape, w in shapes + [("lm_head", model.lm_head.weight)]:
+        n, k = w.shape
+        copies = [w] + [w.clone() for _ in range(max(1, -(-256 * 2**20 // (n * k * 2))) - 1)]
+        x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+        reference = x.float() @ w.float().T
+        line = []
+        for name, op in ops.items():
+            fn = (lambda c: F.linear(x, c)) if op is None else (lambda c, op=op: op(x, c, None, 0.0, None, False, True))
+            try:
+                error = ((fn(w).float() - reference).norm() / reference.norm()).item()
+                us = graph_us([lambda c=c: fn(c) for c in copies], stream)
+            except Exception as e:  # noqa: BLE001
+                log(f"variant {name} {shape} FAILED: {e!r}"[:300])
+                continue
+            results["gemv"].append({"shape": shape, "n": n, "k": k, "candidate": name, "graph_us": us,
+                                    "tb_s_graph": n * k * 2 / us / 1e6, "relative_error": error})
+            line.append(f"{name} {us:.1f} us ({n * k * 2 / us / 1e6:.2f} TB/s, err {error:.1e})")
+        log(f"variants {shape} {n}x{k}: " + "; ".join(line))
+        save()
+        del copies
+        torch.cuda.empty_cache()
 
 
 def hand_forced(model, layers, prompt, tokens):
@@ -568,9 +617,9 @@ def main(selected):
             load_fbgemm()
         if kind == "int4":
             layers = int4_layers()
-        if kind == "hand":  # gemv.cu's kernels; -nopdl: without programmatic dependent launch; -sdpa: SDPA's
-            # attention; -ipdl: inductor's own kernels launched with it too
-            decoder = (HandSdpa if rest == "sdpa" else hand.GemvDecoder)(model, layers, pdl=rest != "nopdl")
+        if kind == "hand":  # gemv.cu's kernels; -nopdl: without programmatic dependent launch; -ipdl: inductor's
+            # own kernels launched with it too
+            decoder = hand.GemvDecoder(model, layers, pdl=rest != "nopdl")
             options = {"triton.enable_pdl": True} if rest == "ipdl" else None
             return FusedGreedy(model, decoder, Tok(), name, Cfg(), inductor_options=options)
         decoder = ATTENTION["-" + attention if attention else ""](model, layers)
@@ -597,6 +646,9 @@ def main(selected):
                 continue
             if name == "gemv-hand":
                 hand_gemv_bench(projections[0], model)
+                continue
+            if name == "hand-variants":
+                hand_variants(projections[0], model)
                 continue
             if name == "hand-forced":
                 hand_forced(model, projections, prompt, reference["fused"][0][:64])

@@ -11,7 +11,6 @@
 // (griddepcontrol.wait) before it reads anything the kernel before may have written.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/empty_like.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -24,9 +23,16 @@
 
 namespace {
 
-constexpr int kWarps = 8;
+// the block's shape; defined otherwise only by .ci/decode_probe.py, which times other shapes under other op names
+#ifndef GEMV_WARPS
+#define GEMV_WARPS 8
+#define GEMV_BATCH 8
+#define GEMV_MIN_BLOCKS 2
+#define GEMV_LIBRARY qlora_gemv
+#endif
+constexpr int kWarps = GEMV_WARPS;
 constexpr int kThreads = kWarps * 32;
-constexpr int kBatch = 8;  // 16-byte chunks of weights per lane per load batch
+constexpr int kBatch = GEMV_BATCH;  // 16-byte chunks of weights per lane per load batch
 
 enum Prologue : int { kPlain = 0, kRmsNorm = 1 };
 enum Epilogue : int { kStore = 0, kResidual = 1, kSiluPairs = 2 };
@@ -175,7 +181,7 @@ __device__ __forceinline__ void finish(Step t, Step next, float& acc, float& gat
 // out[o] = bf16(W[o] . prepared x), plus residual[o] (rounded again), or SiLU(gate) * up with gate = W[o] . x and
 // up = W[outputs + o] . x; for every o < outputs
 template <int P, int E>
-__global__ void __launch_bounds__(kThreads, 2)
+__global__ void __launch_bounds__(kThreads, GEMV_MIN_BLOCKS)
     gemv_kernel(const uint4* __restrict__ w, const uint4* __restrict__ x, const uint4* __restrict__ norm_w,
                 const __nv_bfloat16* __restrict__ residual, __nv_bfloat16* __restrict__ out, int outputs, int chunks,
                 float eps) {
@@ -236,106 +242,6 @@ void launch(const at::Tensor& x, const at::Tensor& w, const uint4* norm_w, const
                                     static_cast<float>(eps)));
 }
 
-__device__ __forceinline__ float block_reduce(float v, float* scratch, bool max) {
-#pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1) {
-    const float other = __shfl_xor_sync(0xffffffffu, v, offset);
-    v = max ? fmaxf(v, other) : v + other;
-  }
-  if ((threadIdx.x & 31) == 0) scratch[threadIdx.x >> 5] = v;
-  __syncthreads();
-  v = scratch[0];
-#pragma unroll
-  for (int i = 1; i < kWarps; ++i) v = max ? fmaxf(v, scratch[i]) : v + scratch[i];
-  __syncthreads();  // scratch is reused
-  return v;
-}
-
-// One decode step's attention for one query head (a block): softmax(q . K^T * scale, masked) . V over the KV head's
-// cache slots, as scaled_dot_product_attention computes it for one query row (float32 scores, softmax and sums).
-// A group of D / 8 lanes reads one slot's key (or value) row, 16 bytes a lane; slots the mask hides are not read.
-template <int D>
-__global__ void __launch_bounds__(kThreads)
-    attention_kernel(const uint4* __restrict__ q, const uint4* __restrict__ keys, const uint4* __restrict__ values,
-                     const bool* __restrict__ mask, __nv_bfloat16* __restrict__ out, int length, int group,
-                     float scale) {
-  constexpr int kLanes = D / 8;                 // lanes per slot
-  constexpr int kSlots = kThreads / kLanes;     // slots per pass
-  extern __shared__ float scores[];             // [length]
-  __shared__ float partial[kSlots][D + 1];
-  __shared__ float scratch[kWarps];
-  const int head = blockIdx.x;
-  const int slot = threadIdx.x / kLanes, part = threadIdx.x % kLanes;
-  const size_t kv = static_cast<size_t>(head / group) * length * kLanes;
-  wait_for_previous_kernel();
-  let_next_kernel_launch();
-  const uint4 qv = q[head * kLanes + part];
-  for (int base = 0; base < length; base += kSlots) {
-    const int l = base + slot;
-    const bool used = l < length && mask[l];
-    float s = used ? dot8(keys[kv + static_cast<size_t>(l) * kLanes + part], qv, 0.0f) : 0.0f;
-#pragma unroll
-    for (int offset = kLanes / 2; offset > 0; offset >>= 1) s += __shfl_xor_sync(0xffffffffu, s, offset);
-    if (l < length && part == 0) scores[l] = used ? s * scale : -INFINITY;
-  }
-  __syncthreads();
-  float top = -INFINITY;
-  for (int l = threadIdx.x; l < length; l += kThreads) top = fmaxf(top, scores[l]);
-  top = block_reduce(top, scratch, true);
-  float total = 0.0f;
-  for (int l = threadIdx.x; l < length; l += kThreads) {
-    const float p = expf(scores[l] - top);
-    scores[l] = p;
-    total += p;
-  }
-  total = block_reduce(total, scratch, false);  // its barrier also publishes scores
-  float acc[8] = {};
-  for (int l = slot; l < length; l += kSlots) {
-    const float p = scores[l];
-    if (p == 0.0f) continue;
-    const uint4 v = values[kv + static_cast<size_t>(l) * kLanes + part];
-    const uint32_t w[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      acc[2 * i] = fmaf(p, lo(w[i]), acc[2 * i]);
-      acc[2 * i + 1] = fmaf(p, hi(w[i]), acc[2 * i + 1]);
-    }
-  }
-#pragma unroll
-  for (int i = 0; i < 8; ++i) partial[slot][part * 8 + i] = acc[i];
-  __syncthreads();
-  for (int d = threadIdx.x; d < D; d += kThreads) {
-    float o = 0.0f;
-    for (int i = 0; i < kSlots; ++i) o += partial[i][d];
-    out[head * D + d] = __float2bfloat16_rn(o / total);
-  }
-}
-
-template <int D>
-void launch_attention(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values, const at::Tensor& mask,
-                      at::Tensor& out, int heads, int length, int group, bool pdl) {
-  auto kernel = attention_kernel<D>;
-  const size_t smem = static_cast<size_t>(length) * sizeof(float);
-  if (smem > 48 * 1024) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-  }
-  cudaLaunchConfig_t config = {};
-  config.gridDim = dim3(heads);
-  config.blockDim = dim3(kThreads);
-  config.dynamicSmemBytes = smem;
-  config.stream = c10::cuda::getCurrentCUDAStream();
-  cudaLaunchAttribute attribute[1];
-  attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attribute[0].val.programmaticStreamSerializationAllowed = 1;
-  config.attrs = attribute;
-  config.numAttrs = pdl ? 1 : 0;
-  C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, reinterpret_cast<const uint4*>(q.data_ptr()),
-                                    reinterpret_cast<const uint4*>(keys.data_ptr()),
-                                    reinterpret_cast<const uint4*>(values.data_ptr()), mask.data_ptr<bool>(),
-                                    reinterpret_cast<__nv_bfloat16*>(out.data_ptr()), length, group,
-                                    1.0f / sqrtf(static_cast<float>(D))));
-}
-
 void check_operand(const at::Tensor& t, const char* what) {
   TORCH_CHECK(t.is_cuda() && t.scalar_type() == at::kBFloat16 && t.is_contiguous(), "qlora_gemv: ", what,
               " must be a contiguous bfloat16 CUDA tensor");
@@ -384,40 +290,11 @@ at::Tensor gemv(const at::Tensor& x_in, const at::Tensor& w, const std::optional
   return out;
 }
 
-// q: (1, heads, 1, D) after RoPE; keys, values: the layer's cache (1, kv_heads, length, D); mask: length booleans,
-// True where the query sees the slot. Returns (1, heads, 1, D).
-at::Tensor attention(const at::Tensor& q_in, const at::Tensor& keys, const at::Tensor& values,
-                     const at::Tensor& mask_in, bool pdl) {
-  c10::cuda::CUDAGuard guard(q_in.device());
-  const at::Tensor q = q_in.contiguous(), mask = mask_in.contiguous();
-  check_operand(q, "the query");
-  check_operand(keys, "the keys");
-  check_operand(values, "the values");
-  TORCH_CHECK(q.dim() == 4 && q.size(0) == 1 && q.size(2) == 1, "qlora_gemv: attention takes one query row");
-  TORCH_CHECK(keys.dim() == 4 && keys.size(0) == 1 && keys.sizes() == values.sizes() && keys.size(3) == q.size(3),
-              "qlora_gemv: keys and values must be (1, kv_heads, length, head_dim) like the query's head_dim");
-  const int heads = static_cast<int>(q.size(1)), kv_heads = static_cast<int>(keys.size(1));
-  const int length = static_cast<int>(keys.size(2)), dim = static_cast<int>(q.size(3));
-  TORCH_CHECK(heads % kv_heads == 0, "qlora_gemv: query heads must be a multiple of KV heads");
-  TORCH_CHECK(mask.scalar_type() == at::kBool && mask.numel() == length && mask.is_cuda(),
-              "qlora_gemv: the mask must hold one CUDA boolean a cache slot");
-  at::Tensor out = at::empty_like(q);
-  if (dim == 128) {
-    launch_attention<128>(q, keys, values, mask, out, heads, length, heads / kv_heads, pdl);
-  } else {
-    TORCH_CHECK(dim == 64, "qlora_gemv: attention takes head_dim 64 or 128, not ", dim);
-    launch_attention<64>(q, keys, values, mask, out, heads, length, heads / kv_heads, pdl);
-  }
-  return out;
-}
-
-TORCH_LIBRARY(qlora_gemv, m) {
-  m.def("attention(Tensor q, Tensor keys, Tensor values, Tensor mask, bool pdl) -> Tensor");
+TORCH_LIBRARY(GEMV_LIBRARY, m) {
   m.def("gemv(Tensor x, Tensor w, Tensor? norm_weight, float eps, Tensor? residual, bool silu_pairs, bool pdl) -> "
         "Tensor");
 }
 
-TORCH_LIBRARY_IMPL(qlora_gemv, CUDA, m) {
+TORCH_LIBRARY_IMPL(GEMV_LIBRARY, CUDA, m) {
   m.impl("gemv", &gemv);
-  m.impl("attention", &attention);
 }

@@ -6,8 +6,7 @@ bandwidth but splits o and down along their inputs (a second kernel adds the par
 up and the residual adds are kernels of their own: 441 launches a token (``results/h200/decode-tries/``, try 21).
 ``GemvDecoder`` computes a layer's four products, and ``lm_head``, with one kernel each: its prologue does the
 RMSNorm (q/k/v, gate/up, ``lm_head``), its epilogue adds the residual (o, down) or multiplies SiLU(gate) * up
-(gate/up), with the rounding of the model's eager bf16 forward (gemv.cu). Its attention over the cache is one
-kernel too (``decode_attention``), reading only the slots the mask shows. Batches, prompts and the CPU go through ``FusedDecoder``'s
+(gate/up), with the rounding of the model's eager bf16 forward (gemv.cu). Batches, prompts and the CPU go through ``FusedDecoder``'s
 own products. The kernels are launched with programmatic dependent launch: each starts reading its weights while
 the kernel before it ends.
 
@@ -121,20 +120,6 @@ def _(x, weight, norm_weight, eps, residual, silu_pairs, pdl):
     return weight.new_empty(1, weight.shape[0] // 2 if silu_pairs else weight.shape[0])
 
 
-@torch.library.custom_op("qlora::decode_attention", mutates_args=())
-def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
-                     pdl: bool) -> torch.Tensor:
-    """``scaled_dot_product_attention`` of one query row ``q`` (1, heads, 1, dim) over a layer's cache ``keys`` and
-    ``values`` (1, kv_heads, length, dim), grouped heads, where ``mask`` (length booleans) is True: (1, heads, 1,
-    dim). One opaque op for torch.compile."""
-    return getattr(torch.ops, NAMESPACE).attention(q, keys, values, mask, pdl)
-
-
-@decode_attention.register_fake
-def _(q, keys, values, mask, pdl):
-    return torch.empty_like(q)
-
-
 class GemvDecoder(FusedDecoder):
     """``FusedDecoder`` whose one-row steps on CUDA run the four products of each layer and ``lm_head`` through
     ``gemv`` (module doc); ``pdl`` launches them with programmatic dependent launch. The library must be loaded
@@ -174,11 +159,6 @@ class GemvDecoder(FusedDecoder):
             return super().head(x)
         return self._gemv(x, self.lm_head, self.norm)
 
-    def attend(self, q, keys, values, mask):
-        if not (q.is_cuda and q.shape[0] == 1 and q.shape[2] == 1):
-            return super().attend(q, keys, values, mask)
-        return decode_attention(q, keys, values, mask, self.pdl)
-
     @torch.no_grad()
     def _check(self) -> None:
         """Each kernel against ``FusedDecoder``'s product on the first layer, for one random row; RuntimeError naming
@@ -191,13 +171,7 @@ class GemvDecoder(FusedDecoder):
         hidden = like.shape[1]
         x = torch.randn(1, 1, hidden, device=like.device, dtype=like.dtype, generator=generator)
         attn = torch.randn(1, 1, proj.o.weight.shape[1], device=like.device, dtype=like.dtype, generator=generator)
-        heads, kv_heads, length = self.heads, self.kv_heads, 96
-        q = torch.randn(1, heads, 1, self.head_dim, device=like.device, dtype=like.dtype, generator=generator)
-        keys, values = (torch.randn(1, kv_heads, length, self.head_dim, device=like.device, dtype=like.dtype,
-                                    generator=generator) for _ in range(2))
-        mask = (torch.arange(length, device=like.device) % 3 != 1).view(1, 1, 1, length)  # some slots hidden
-        cases = {"attention": (self.attend, FusedDecoder.attend, (q, keys, values, mask)),
-                 "q/k/v": (self.qkv, FusedDecoder.qkv, (proj, norm_in, x)),
+        cases = {"q/k/v": (self.qkv, FusedDecoder.qkv, (proj, norm_in, x)),
                  "o": (self.attention_out, FusedDecoder.attention_out, (proj, attn, x)),
                  "gate/up and down": (self.mlp, FusedDecoder.mlp, (proj, norm_post, x)),
                  "lm_head": (self.head, FusedDecoder.head, (x[:, -1],))}

@@ -57,11 +57,14 @@ class MergedBase:
             self.engine = StaticGreedy(self.model, tokenizer, "merged", profile.inference)
             self.engine.note += f" (not fused: {unsupported})"
         else:
-            self.engine = FusedGreedy(self.model, self._decoder(kernels_dir or Path(cache_root).parent / "_kernels"),
-                                      tokenizer, "merged", profile.inference)
-            if isinstance(self.engine.decoder, GemvDecoder):
+            decoder = self._decoder(kernels_dir or Path(cache_root).parent / "_kernels")
+            hand = isinstance(decoder, GemvDecoder)  # its kernels and inductor's launch with programmatic dependence
+            self.engine = FusedGreedy(self.model, decoder, tokenizer, "merged", profile.inference,
+                                      inductor_options={"triton.enable_pdl": True} if hand else None)
+            if hand:
                 self.engine.note += ("; one-row products through harness/engines/gemv.cu (RMSNorm, SiLU(gate) * up "
-                                     "and residual adds folded in, programmatic dependent launch)")
+                                     "and residual adds folded in), kernels launched with programmatic dependent "
+                                     "launch")
 
     def _decoder(self, kernels_dir: Path) -> FusedDecoder:
         """On CUDA, ``GemvDecoder`` with gemv.cu's kernels (built into ``kernels_dir`` once per machine); on the CPU,

@@ -30,6 +30,7 @@ sys.path.insert(0, os.getcwd())
 from harness.bench.decode import _kernels  # noqa: E402
 from harness.engines import awq_kernels  # noqa: E402
 from harness.engines import gemv as hand  # noqa: E402
+from harness.engines import kernel_build  # noqa: E402
 from harness.engines.fused import FusedDecoder, FusedGreedy, fuse_projections_  # noqa: E402
 from harness.engines.int4 import int4_projections, quantize_linear  # noqa: E402
 from harness.models.base import synthetic_config  # noqa: E402
@@ -587,7 +588,7 @@ def main(selected):
         t0 = time.time()
         hand.load(KERNELS)
         log(f"gemv.cu built and loaded in {time.time() - t0:.1f} s")
-    awq_kernels.build_in_background(KERNELS)
+    kernel_build.build_in_background(awq_kernels.build, KERNELS)
     torch.manual_seed(0)
     with torch.device("cuda"):
         torch.set_default_dtype(torch.bfloat16)

@@ -132,11 +132,15 @@ class Sweep:
         """The training phase: every selected variant (all of the profile's when none were selected) before any
         model is loaded, so a merged base never shares the GPU with training. A variant that fails keeps its
         error, raised when that variant is trained, loaded or evaluated: one variant's failure ends only it.
-        A profile that times ``merged-int4`` starts building its kernels first, on the CPU beside the training."""
-        if "merged-int4" in self.profile.inference.speed_engines and not self.state.kernels_started:
-            from .engines.awq_kernels import build_in_background
+        On CUDA the merged engine's kernels (and ``merged-int4``'s, for a profile that times it) start building
+        first, on the CPU beside the training."""
+        if not self.state.kernels_started:
+            from .engines import awq_kernels, gemv
+            from .engines.kernel_build import build_in_background
 
-            build_in_background(self.runs_dir / "_kernels")
+            build_in_background(gemv.build, self.runs_dir / "_kernels")
+            if "merged-int4" in self.profile.inference.speed_engines:
+                build_in_background(awq_kernels.build, self.runs_dir / "_kernels")
             self.state.kernels_started = True
         for name in self.state.selected if self.state.selected is not None else self.profile.variants:
             try:
@@ -148,10 +152,10 @@ class Sweep:
         """Let the kernel build that ``train_selected`` started beside the training finish (it compiles on every core),
         so that no timed round shares the machine with it; ``decode_call`` and ``compare_engines`` call it first. A
         cold run whose compile cache made the setup short timed a variant's latency on 13 of 16 busy cores before."""
-        from .engines.awq_kernels import background_build_running, wait_for_background_build
+        from .engines.kernel_build import background_build_running, wait_for_background_build
 
         if background_build_running():
-            with timed("kernels", "waited for merged-int4's background build"):
+            with timed("kernels", "waited for the kernels' background build"):
                 wait_for_background_build()
 
     def evaluate(self, name: str, record: bool = True) -> VariantEval:

@@ -6,30 +6,27 @@ bandwidth but splits o and down along their inputs (a second kernel adds the par
 up and the residual adds are kernels of their own: 441 launches a token (``results/h200/decode-tries/``, try 21).
 ``GemvDecoder`` computes a layer's four products, and ``lm_head``, with one kernel each: its prologue does the
 RMSNorm (q/k/v, gate/up, ``lm_head``), its epilogue adds the residual (o, down) or multiplies SiLU(gate) * up
-(gate/up), with the rounding of the model's eager bf16 forward (gemv.cu). Batches, prompts and the CPU go through ``FusedDecoder``'s
-own products. The kernels are launched with programmatic dependent launch: each starts reading its weights while
-the kernel before it ends.
+(gate/up), with the rounding of the model's eager bf16 forward (gemv.cu). Batches, prompts and the CPU go through
+``FusedDecoder``'s own products. The kernels are launched with programmatic dependent launch: each starts reading its
+weights while the kernel before it ends.
 
-``build`` compiles gemv.cu with torch's JIT loader (nvcc on the PATH, or ``CUDA_HOME``) into
-``<cache>/gemv-<key>/``, built in a temp dir and renamed into place under a lock; the key hashes gemv.cu, this
-module, torch's and CUDA's versions, nvcc's, the GPU's compute capability and the flags. ``GemvDecoder`` checks
-every product against ``FusedDecoder``'s when it is built and refuses a wrong or non-finite one.
+``build`` compiles gemv.cu with torch's JIT loader (harness/engines/kernel_build.py; about 30 s on 16 cores, once per
+machine, started beside the training) into ``<cache>/gemv-<key>/``, built in a temp dir and renamed into place under
+a lock; the key hashes gemv.cu, this module, torch's and CUDA's versions, nvcc's, the GPU's compute capability and
+the flags. ``GemvDecoder`` checks every product against ``FusedDecoder``'s when it is built and refuses a wrong or
+non-finite one.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
 
-from ..report.atomic import atomic_dir, file_lock, sweep_partial
 from .fused import FusedDecoder
+from .kernel_build import compile_library, keyed_folder, nvcc
 
 __all__ = ["build_key", "build", "load", "gemv", "GemvDecoder"]
 
@@ -40,16 +37,6 @@ CUDA_FLAGS = ("-O3", "-std=c++17")
 CHECK_MAX_RELATIVE_ERROR = 1e-2  # each kernel against FusedDecoder's product; they differ in summation order only
 
 
-def _nvcc() -> str:
-    from torch.utils.cpp_extension import CUDA_HOME
-
-    nvcc = Path(CUDA_HOME or "/nonexistent") / "bin" / "nvcc"
-    if not nvcc.is_file():
-        raise RuntimeError("the merged engine compiles its GEMV kernels once per machine and needs CUDA's compiler: "
-                           "put nvcc on the PATH or set CUDA_HOME")
-    return str(nvcc)
-
-
 def build_key(nvcc_version: str, capability: tuple[int, int]) -> str:
     """sha256 of everything that changes the library (module doc)."""
     h = hashlib.sha256(SOURCE.read_bytes())
@@ -58,39 +45,18 @@ def build_key(nvcc_version: str, capability: tuple[int, int]) -> str:
     return h.hexdigest()
 
 
-def _compile(tmp: Path, capability: tuple[int, int]) -> None:
-    """gemv.cu compiled into ``tmp``, by a child process: torch's loader also loads what it builds, and the parent
-    loads the library only from its final place."""
-    script = ("import sys, torch.utils.cpp_extension as c; c.load(name=sys.argv[1], sources=[sys.argv[2]], "
-              "extra_cuda_cflags=sys.argv[3].split(), build_directory=sys.argv[4], is_python_module=False)")
-    (tmp / "build").mkdir()
-    shutil.copy(SOURCE, tmp / "build" / SOURCE.name)
-    env = {**os.environ, "TORCH_CUDA_ARCH_LIST": f"{capability[0]}.{capability[1]}"}
-    done = subprocess.run([sys.executable, "-c", script, NAMESPACE, str(tmp / "build" / SOURCE.name),
-                           " ".join(CUDA_FLAGS), str(tmp / "build")], env=env, capture_output=True, text=True)
-    if done.returncode:
-        raise RuntimeError(f"building the GEMV kernels failed (in {tmp}):\n{done.stderr[-4000:]}")
-    shutil.move(str(tmp / "build" / f"{NAMESPACE}.so"), tmp / f"{NAMESPACE}.so")
-    shutil.rmtree(tmp / "build")
-
-
 def build(cache_dir: Path) -> Path:
-    """The folder of the library of this machine's key in ``cache_dir``, built there first if missing (module doc).
-    Another process or thread building the same key is waited for."""
-    nvcc = _nvcc()
-    nvcc_version = subprocess.run([nvcc, "--version"], capture_output=True, text=True, check=True).stdout.strip()
+    """The folder of the library of this machine's key in ``cache_dir``, built there first if missing (module doc;
+    harness/engines/kernel_build.py). Another process or thread building the same key is waited for."""
+    _, nvcc_version = nvcc("the merged engine")
     capability = torch.cuda.get_device_capability()
-    key = build_key(nvcc_version, capability)
-    final = Path(cache_dir) / f"gemv-{key[:16]}"
-    with file_lock(final):
-        if not (final / f"{NAMESPACE}.so").is_file():
-            sweep_partial(final)
-            with atomic_dir(final) as tmp:
-                _compile(tmp, capability)
-                made = {"key": key, "torch": torch.__version__, "cuda": torch.version.cuda,
-                        "nvcc": nvcc_version.splitlines()[-1], "capability": list(capability)}
-                (tmp / "key.json").write_text(json.dumps(made, indent=1))
-    return final
+
+    def fill(tmp: Path) -> dict:
+        compile_library(NAMESPACE, [SOURCE], tmp, capability, cuda_flags=CUDA_FLAGS)
+        return {"torch": torch.__version__, "cuda": torch.version.cuda, "nvcc": nvcc_version.splitlines()[-1],
+                "capability": list(capability)}
+
+    return keyed_folder(cache_dir, "gemv", build_key(nvcc_version, capability), f"{NAMESPACE}.so", fill)
 
 
 _loaded: list[str] = []  # the folder this process loaded the library from
@@ -123,12 +89,13 @@ def _(x, weight, norm_weight, eps, residual, silu_pairs, pdl):
 class GemvDecoder(FusedDecoder):
     """``FusedDecoder`` whose one-row steps on CUDA run the four products of each layer and ``lm_head`` through
     ``gemv`` (module doc); ``pdl`` launches them with programmatic dependent launch. The library must be loaded
-    (``load``). Checks each product against ``FusedDecoder``'s on the first layer when built."""
+    (``load``). Built on CUDA, it checks each product against ``FusedDecoder``'s (``check``)."""
 
     def __init__(self, model, projections, pdl: bool = True):
         super().__init__(model, projections)
         self.pdl = pdl
-        self._check()
+        if self.lm_head.weight.device.type == "cuda":
+            self.check()
 
     @staticmethod
     def _one_row(x) -> bool:
@@ -160,12 +127,10 @@ class GemvDecoder(FusedDecoder):
         return self._gemv(x, self.lm_head, self.norm)
 
     @torch.no_grad()
-    def _check(self) -> None:
-        """Each kernel against ``FusedDecoder``'s product on the first layer, for one random row; RuntimeError naming
-        the product and the error past ``CHECK_MAX_RELATIVE_ERROR`` (a NaN fails)."""
+    def check(self) -> None:
+        """This decoder's products against ``FusedDecoder``'s on the first layer, for one random row; RuntimeError
+        naming the product and the error past ``CHECK_MAX_RELATIVE_ERROR`` (a NaN fails). Run when built on CUDA."""
         like = self.lm_head.weight
-        if like.device.type != "cuda":
-            return
         proj, norm_in, norm_post = self.projections[0], self.input_norms[0], self.post_norms[0]
         generator = torch.Generator(device=like.device).manual_seed(0)
         hidden = like.shape[1]

@@ -252,6 +252,7 @@ def test_awq_sources_are_the_checked_archive_and_missing_tools_are_named(tmp_pat
     from torch.utils import cpp_extension
 
     from harness.engines import awq_kernels
+    from harness.engines.kernel_build import CompilerMissing, nvcc
 
     monkeypatch.delenv("QLORA_GPTQMODEL_SDIST", raising=False)
     with pytest.raises(RuntimeError, match="pip download --no-deps gptqmodel==7.7.0 -d runs/_kernels"):
@@ -275,8 +276,8 @@ def test_awq_sources_are_the_checked_archive_and_missing_tools_are_named(tmp_pat
     with pytest.raises(RuntimeError, match="defines no pack_intweight"):
         awq_kernels._extract(bare, tmp_path / "bare")
     monkeypatch.setattr(cpp_extension, "CUDA_HOME", None)  # what torch found: none on this machine
-    with pytest.raises(RuntimeError, match="put nvcc on the PATH or set CUDA_HOME"):
-        awq_kernels._nvcc()
+    with pytest.raises(CompilerMissing, match="merged-int4 compiles CUDA kernels .* put nvcc on the PATH or set CUDA"):
+        nvcc("merged-int4")
 
 
 def test_gemv_build_key_changes_with_kernel_source_builder_torch_nvcc_and_gpu(tmp_path, monkeypatch):
@@ -331,3 +332,27 @@ def test_gemv_decoder_off_cuda_computes_the_fused_decoders_products(model):
             at = torch.arange(start, start + ids.shape[1])
             torch.testing.assert_close(hand(ids, at[None], at, mask, hand.new_cache(1, 8)),
                                        fused(ids, at[None], at, mask, fused.new_cache(1, 8)), rtol=0, atol=0)
+
+
+def test_gemv_decoder_check_passes_its_own_products_and_refuses_a_wrong_or_nan_one(model):
+    """``GemvDecoder.check`` (run when the merged engine is built on CUDA) holds each product to ``FusedDecoder``'s,
+    the residual stream compared by what a layer adds to it. On the CPU the products are the fused decoder's and pass;
+    mutations: an MLP adding a tenth too much, and a head returning NaN, each named."""
+    from harness.engines.gemv import GemvDecoder
+
+    layers = fuse_projections_(model)
+    GemvDecoder(model, layers).check()
+
+    class TenthTooMuch(GemvDecoder):
+        def mlp(self, proj, norm, x):
+            return x + (super().mlp(proj, norm, x) - x) * 1.1
+
+    with pytest.raises(RuntimeError, match=r"kernel for gate/up and down is wrong \(relative error 0\.1"):
+        TenthTooMuch(model, layers).check()
+
+    class NanHead(GemvDecoder):
+        def head(self, x):
+            return super().head(x) * float("nan")
+
+    with pytest.raises(RuntimeError, match=r"kernel for lm_head is wrong \(relative error nan"):
+        NanHead(model, layers).check()

@@ -10,8 +10,11 @@ AWQ's kernels), a last suffix from ``INDUCTOR`` adding inductor options; ``censu
 token; ``gemv`` times each 4-bit projection alone against cuBLAS (``int4_gemv_bench``); ``fastgemv-*`` runs the bf16
 one-row products through fbgemm-gpu-genai's ``bf16_fast_gemv``, ``*-mqa`` decode attention through its ``mqa_attn``,
 ``gemv-bf16`` and ``attention`` time those kernels alone (the wheel on ``PYTHONPATH``); ``smol-shapes`` checks the
-4-bit kernels on SmolLM2's padded projections. The 4-bit kernels are built in
-the background while the bf16 tries run. Earlier tries' candidates are in this file's history: gemlite, mslk and
+4-bit kernels on SmolLM2's padded projections; ``hand-*`` are the merged engine's own one-row kernels
+(harness/engines/gemv.cu: ``hand`` as shipped with inductor's kernels launched without PDL, ``hand-ipdl`` with it as
+the merged engine does, ``hand-nopdl`` without any; ``gemv-hand`` times each product alone, ``hand-variants`` other
+block shapes of the kernel, ``hand-forced`` compares logits, ``hand-smol`` checks SmolLM2's shapes). The 4-bit kernels
+are built in the background while the bf16 tries run. Earlier tries' candidates are in this file's history: gemlite, mslk and
 bitsandbytes at a2494d1, Marlin's options and gptqmodel's AWQ GEMV against Marlin at fda6cda.
 """
 
@@ -463,18 +466,25 @@ def hand_variants(bf16_layer, model):
 
 
 def hand_forced(model, layers, prompt, tokens):
-    """Teacher-forced logits of FusedDecoder and GemvDecoder on the same tokens (the fused engine's greedy ones):
-    per position, whether the two argmaxes agree, and the logits' relative difference."""
+    """Teacher-forced logits of the compiled FusedDecoder against GemvDecoder's and against its own eager steps, on the
+    same tokens (the fused engine's greedy ones): how often the argmaxes agree, and the logits' relative difference.
+    The eager pair says how far summation order and inductor's fusions alone move the logits on these weights."""
+    eager = Cfg()
+    eager.compile = False
     rows = {}
-    for name, decoder in (("fused", FusedDecoder(model, layers)), ("hand", hand.GemvDecoder(model, layers))):
-        rows[name] = FusedGreedy(model, decoder, Tok(), name, Cfg()).forced_logits(prompt, tokens)
-    a, b = rows["fused"], rows["hand"]
-    agree = (a.argmax(-1) == b.argmax(-1)).float().mean().item()
-    rel = ((a - b).norm(dim=-1) / a.norm(dim=-1)).tolist()
+    for name, decoder, cfg in (("fused", FusedDecoder(model, layers), Cfg()),
+                               ("hand", hand.GemvDecoder(model, layers), Cfg()),
+                               ("eager", FusedDecoder(model, layers), eager)):
+        rows[name] = FusedGreedy(model, decoder, Tok(), name, cfg).forced_logits(prompt, tokens)
+    a = rows["fused"]
     top2 = a.topk(2, dim=-1).values
-    results["hand_forced"] = {"argmax_agreement": agree, "relative_difference_max": max(rel),
-                              "relative_difference_median": statistics.median(rel),
-                              "fused_top2_gap_median": statistics.median((top2[:, 0] - top2[:, 1]).tolist())}
+    results["hand_forced"] = {"fused_top2_gap_median": statistics.median((top2[:, 0] - top2[:, 1]).tolist())}
+    for name in ("hand", "eager"):  # the compiled fused engine against the kernels, and against its own eager steps
+        b = rows[name]
+        rel = ((a - b).norm(dim=-1) / a.norm(dim=-1)).tolist()
+        results["hand_forced"][name] = {"argmax_agreement": (a.argmax(-1) == b.argmax(-1)).float().mean().item(),
+                                        "relative_difference_max": max(rel),
+                                        "relative_difference_median": statistics.median(rel)}
     log("hand forced:", json.dumps(results["hand_forced"]))
     save()
 

@@ -13,9 +13,10 @@ one-row products through fbgemm-gpu-genai's ``bf16_fast_gemv``, ``*-mqa`` decode
 4-bit kernels on SmolLM2's padded projections; ``hand-*`` are the merged engine's own one-row kernels
 (harness/engines/gemv.cu: ``hand`` as shipped with inductor's kernels launched without PDL, ``hand-ipdl`` with it as
 the merged engine does, ``hand-nopdl`` without any; ``gemv-hand`` times each product alone, ``hand-variants`` other
-block shapes of the kernel, ``hand-forced`` compares logits, ``hand-smol`` checks SmolLM2's shapes). The 4-bit kernels
-are built in the background while the bf16 tries run. Earlier tries' candidates are in this file's history: gemlite, mslk and
-bitsandbytes at a2494d1, Marlin's options and gptqmodel's AWQ GEMV against Marlin at fda6cda.
+block shapes of the kernel, ``hand-forced`` compares logits, ``hand-smol`` checks SmolLM2's shapes). The 4-bit
+kernels are built in the background while the bf16 tries run. Earlier tries' candidates are in this file's history:
+gemlite, mslk and bitsandbytes at a2494d1, Marlin's options and gptqmodel's AWQ GEMV against Marlin at fda6cda, a
+one-row attention kernel at f006e2b.
 """
 
 import json

@@ -24,8 +24,8 @@ import torch
 
 from ..report.atomic import atomic_dir, file_lock, sweep_partial
 
-__all__ = ["CompilerMissing", "nvcc", "compile_library", "keyed_folder", "build_in_background", "background_build_running",
-           "wait_for_background_build"]
+__all__ = ["CompilerMissing", "nvcc", "compile_library", "keyed_folder", "build_in_background",
+           "background_build_running", "wait_for_background_build"]
 
 
 class CompilerMissing(RuntimeError):
@@ -39,8 +39,8 @@ def nvcc(needed_by: str) -> tuple[str, str]:
 
     path = Path(CUDA_HOME or "/nonexistent") / "bin" / "nvcc"
     if not path.is_file():
-        raise CompilerMissing(f"{needed_by} compiles CUDA kernels once per machine and needs CUDA's compiler: put nvcc on "
-                           "the PATH or set CUDA_HOME")
+        raise CompilerMissing(f"{needed_by} compiles CUDA kernels once per machine and needs CUDA's compiler: put "
+                              "nvcc on the PATH or set CUDA_HOME")
     version = subprocess.run([str(path), "--version"], capture_output=True, text=True, check=True).stdout.strip()
     return str(path), version
 

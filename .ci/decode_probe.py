@@ -325,6 +325,17 @@ def graph_us(calls, stream) -> float:
     return statistics.median(samples[1:])
 
 
+def call_times(calls, stream, repeats: int) -> dict:
+    """Per call of ``calls`` (each after one warm-up): kernel time and launches from the profiler over ``repeats``
+    passes, and replay time of a graph of them captured on ``stream``."""
+    for call in calls:
+        call()
+    kernels = _kernels(lambda: [call() for _ in range(repeats) for call in calls])
+    return {"kernel_us": sum(ms for ms, _ in kernels.values()) * 1e3 / (repeats * len(calls)),
+            "kernels_per_call": sum(c for _, c in kernels.values()) / (repeats * len(calls)),
+            "graph_us": graph_us(calls, stream)}
+
+
 def int4_gemv_bench(bf16_layer, int4_layer):
     """Each projection alone, cuBLAS bf16 against the 4-bit one of ``merged-int4`` (AWQ's GEMV): kernel time per call
     (profiler, eager) and replay time per call (a graph captured on the per-thread default stream), each over copies
@@ -346,12 +357,7 @@ def int4_gemv_bench(bf16_layer, int4_layer):
         for cand, (bytes_per, calls) in cands.items():
             row = {"shape": name, "n": n, "k": k, "candidate": cand, "copies": len(calls)}
             with torch.no_grad():
-                for call in calls:
-                    call()
-                kernels = _kernels(lambda: [call() for _ in range(8) for call in calls])
-                row["kernel_us"] = sum(ms for ms, _ in kernels.values()) * 1e3 / (8 * len(calls))
-                row["kernels_per_call"] = sum(c for _, c in kernels.values()) / (8 * len(calls))
-                row["graph_us"] = graph_us(calls, stream)
+                row.update(call_times(calls, stream, 8))
             row["tb_s_weights_kernel"] = n * k * bytes_per / row["kernel_us"] / 1e6
             row["tb_s_weights_graph"] = n * k * bytes_per / row["graph_us"] / 1e6
             results["gemv"].append(row)
@@ -362,19 +368,23 @@ def int4_gemv_bench(bf16_layer, int4_layer):
         torch.cuda.empty_cache()
 
 
-def hand_gemv_bench(bf16_layer, model):
-    """Each bf16 product alone (graph replay over weight copies past L2): cuBLAS against gemv.cu's kernel, plain and
-    with its prologue or epilogue (RMSNorm before q/k/v, gate/up and lm_head; SiLU(gate) * up before down; the
-    residual after o and down), with and without programmatic dependent launch."""
-    import copy
-
-    norm = model.model.norm
-    stream = torch.cuda.Stream()
+def bf16_products(bf16_layer, model):
+    """Per bf16 product of a layer and ``lm_head``: its name, weight, copies of it past L2 (256 MiB in all) and a
+    random input row."""
     shapes = [(name, getattr(bf16_layer, name).weight) for name in ("gate_up", "down", "qkv", "o")]
     for name, w in shapes + [("lm_head", model.lm_head.weight)]:
         n, k = w.shape
         copies = [w] + [w.clone() for _ in range(max(1, -(-256 * 2**20 // (n * k * 2))) - 1)]
-        x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+        yield name, w, copies, torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+
+
+def hand_gemv_bench(bf16_layer, model):
+    """Each bf16 product alone (graph replay over weight copies past L2): cuBLAS against gemv.cu's kernel, plain and
+    with its prologue or epilogue (RMSNorm before q/k/v, gate/up and lm_head; SiLU(gate) * up before down; the
+    residual after o and down), with and without programmatic dependent launch."""
+    stream = torch.cuda.Stream()
+    for name, w, copies, x in bf16_products(bf16_layer, model):
+        n, k = w.shape
         res = torch.randn(1, n, device="cuda", dtype=torch.bfloat16)
         nw = torch.randn(k, device="cuda", dtype=torch.bfloat16)
         fused = {"gate_up": ("rmsnorm-silu", lambda c, pdl: hand.gemv(x, c, nw, 1e-5, None, True, pdl)),
@@ -393,13 +403,7 @@ def hand_gemv_bench(bf16_layer, model):
             try:
                 if cand in ("cublas", "hand", "hand-pdl"):
                     row["relative_error"] = ((fn(w).float() - reference).norm() / reference.norm()).item()
-                calls = [lambda c=c: fn(c) for c in copies]
-                for call in calls:
-                    call()
-                kernels = _kernels(lambda: [call() for _ in range(4) for call in calls])
-                row["kernel_us"] = sum(ms for ms, _ in kernels.values()) * 1e3 / (4 * len(calls))
-                row["kernels_per_call"] = sum(c for _, c in kernels.values()) / (4 * len(calls))
-                row["graph_us"] = graph_us(calls, stream)
+                row.update(call_times([lambda c=c: fn(c) for c in copies], stream, 4))
                 row["tb_s_graph"] = n * k * 2 / row["graph_us"] / 1e6
             except Exception as e:  # noqa: BLE001
                 row["error"] = repr(e)[:400]
@@ -442,11 +446,8 @@ def hand_variants(bf16_layer, model):
         ops[name] = getattr(torch.ops, f"qlora_gemv_{name}").gemv
     log(f"variants built: {list(ops)}")
     stream = torch.cuda.Stream()
-    shapes = [(name, getattr(bf16_layer, name).weight) for name in ("gate_up", "down", "qkv", "o")]
-    for shape, w in shapes + [("lm_head", model.lm_head.weight)]:
+    for shape, w, copies, x in bf16_products(bf16_layer, model):
         n, k = w.shape
-        copies = [w] + [w.clone() for _ in range(max(1, -(-256 * 2**20 // (n * k * 2))) - 1)]
-        x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
         reference = x.float() @ w.float().T
         line = []
         for name, op in ops.items():

@@ -27,7 +27,6 @@ from __future__ import annotations
 import ast
 import hashlib
 import importlib.util
-import json
 import os
 import shutil
 import tarfile
@@ -35,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from .kernel_build import compile_library, keyed_folder, nvcc
+from .kernel_build import compile_library, keyed_folder, library_key, nvcc
 
 __all__ = ["sdist", "build_key", "build", "AwqKernels", "load", "capture_stream", "awq_linear"]
 
@@ -99,10 +98,7 @@ def _extract(archive: Path, into: Path) -> tuple[Path, str]:
 
 def build_key(archive_sha256: str, nvcc_version: str, capability: tuple[int, int]) -> str:
     """sha256 of everything that changes the library (module doc)."""
-    h = hashlib.sha256(archive_sha256.encode())
-    h.update(BUILDER.read_bytes())
-    h.update(json.dumps([torch.__version__, torch.version.cuda, nvcc_version, list(capability), CUDA_FLAGS]).encode())
-    return h.hexdigest()
+    return library_key([archive_sha256.encode(), BUILDER.read_bytes()], nvcc_version, capability, CUDA_FLAGS)
 
 
 def build(cache_dir: Path) -> Path:

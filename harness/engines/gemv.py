@@ -19,14 +19,12 @@ non-finite one.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 
 import torch
 
 from .fused import FusedDecoder
-from .kernel_build import compile_library, keyed_folder, nvcc
+from .kernel_build import compile_library, keyed_folder, library_key, nvcc
 
 __all__ = ["build_key", "build", "load", "gemv", "GemvDecoder"]
 
@@ -39,10 +37,7 @@ CHECK_MAX_RELATIVE_ERROR = 1e-2  # each kernel against FusedDecoder's product; t
 
 def build_key(nvcc_version: str, capability: tuple[int, int]) -> str:
     """sha256 of everything that changes the library (module doc)."""
-    h = hashlib.sha256(SOURCE.read_bytes())
-    h.update(BUILDER.read_bytes())
-    h.update(json.dumps([torch.__version__, torch.version.cuda, nvcc_version, list(capability), CUDA_FLAGS]).encode())
-    return h.hexdigest()
+    return library_key([SOURCE.read_bytes(), BUILDER.read_bytes()], nvcc_version, capability, CUDA_FLAGS)
 
 
 def build(cache_dir: Path) -> Path:

@@ -11,6 +11,7 @@ lets it end before anything is timed (the compiler runs on every core).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -24,7 +25,7 @@ import torch
 
 from ..report.atomic import atomic_dir, file_lock, sweep_partial
 
-__all__ = ["CompilerMissing", "nvcc", "compile_library", "keyed_folder", "build_in_background",
+__all__ = ["CompilerMissing", "nvcc", "library_key", "compile_library", "keyed_folder", "build_in_background",
            "background_build_running", "wait_for_background_build"]
 
 
@@ -43,6 +44,17 @@ def nvcc(needed_by: str) -> tuple[str, str]:
                               "nvcc on the PATH or set CUDA_HOME")
     version = subprocess.run([str(path), "--version"], capture_output=True, text=True, check=True).stdout.strip()
     return str(path), version
+
+
+def library_key(texts: Sequence[bytes], nvcc_version: str, capability: tuple[int, int],
+                flags: Sequence[str]) -> str:
+    """sha256 of what changes a library: ``texts`` (its sources and the code that builds it), torch's and CUDA's
+    versions, nvcc's, the GPU's compute capability and the compiler's flags."""
+    h = hashlib.sha256()
+    for text in texts:
+        h.update(len(text).to_bytes(8, "little") + text)
+    h.update(json.dumps([torch.__version__, torch.version.cuda, nvcc_version, list(capability), list(flags)]).encode())
+    return h.hexdigest()
 
 
 def compile_library(name: str, sources: Sequence[Path], out: Path, capability: tuple[int, int],

@@ -415,9 +415,10 @@ def hand_gemv_bench(bf16_layer, model):
         torch.cuda.empty_cache()
 
 
-# gemv.cu's block shapes tried against the shipped one (warps, 16-byte chunks a lane a batch, blocks an SM the
-# registers are sized for), each built as its own op library
-SHAPES = {"w4b8": (4, 8, 4), "w8b16": (8, 16, 1), "w4b16": (4, 16, 2), "w16b4": (16, 4, 1), "w8b4": (8, 4, 3)}
+# gemv.cu's choices tried against the shipped one (w8b8: 8 warps, 8 16-byte chunks a lane a batch, registers sized for
+# 2 blocks an SM, GEMV_LOAD 0, GEMV_CONTIGUOUS 0; gemv.cu's head says what each means), each built as its own library
+SHAPES = {"w4b8": (4, 8, 4, 0, 0), "w8b16": (8, 16, 1, 0, 0), "w4b16": (4, 16, 2, 0, 0), "w16b4": (16, 4, 1, 0, 0),
+          "w8b8_cs": (8, 8, 2, 1, 0), "w8b8_ldg": (8, 8, 2, 2, 0), "w8b8_contig": (8, 8, 2, 0, 1)}
 
 
 def hand_variants(bf16_layer, model):
@@ -429,11 +430,11 @@ def hand_variants(bf16_layer, model):
               "extra_cuda_cflags=sys.argv[3].split(), build_directory=sys.argv[4], is_python_module=False)")
     env = {**os.environ, "TORCH_CUDA_ARCH_LIST": "9.0"}
     procs = {}
-    for name, (warps, batch, blocks) in SHAPES.items():
+    for name, (warps, batch, blocks, load, contiguous) in SHAPES.items():
         lib, where = f"qlora_gemv_{name}", Path(f"runs/_probe/{name}")
         where.mkdir(parents=True, exist_ok=True)
         flags = (f"-O3 -std=c++17 -DGEMV_WARPS={warps} -DGEMV_BATCH={batch} -DGEMV_MIN_BLOCKS={blocks} "
-                 f"-DGEMV_LIBRARY={lib}")
+                 f"-DGEMV_LIBRARY={lib} -DGEMV_LOAD={load} -DGEMV_CONTIGUOUS={contiguous}")
         procs[name] = subprocess.Popen([sys.executable, "-c", script, lib, str(hand.SOURCE), flags, str(where)],
                                        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     ops = {"cublas": None, "w8b8": torch.ops.qlora_gemv.gemv}

@@ -23,12 +23,19 @@
 
 namespace {
 
-// the block's shape; defined otherwise only by .ci/decode_probe.py, which times other shapes under other op names
+// the block's shape, how it loads weights and which outputs it takes; defined otherwise only by .ci/decode_probe.py,
+// which times other choices under other op names
 #ifndef GEMV_WARPS
 #define GEMV_WARPS 8
 #define GEMV_BATCH 8
 #define GEMV_MIN_BLOCKS 2
 #define GEMV_LIBRARY qlora_gemv
+#endif
+#ifndef GEMV_LOAD
+#define GEMV_LOAD 0  // 0: non-coherent, no L1 allocation, 256-byte L2 prefetch; 1: evict-first (.cs); 2: plain __ldg
+#endif
+#ifndef GEMV_CONTIGUOUS
+#define GEMV_CONTIGUOUS 0  // 0: warps stride over the outputs grid-wide; 1: each block takes one contiguous range
 #endif
 constexpr int kWarps = GEMV_WARPS;
 constexpr int kThreads = kWarps * 32;
@@ -38,11 +45,19 @@ enum Prologue : int { kPlain = 0, kRmsNorm = 1 };
 enum Epilogue : int { kStore = 0, kResidual = 1, kSiluPairs = 2 };
 
 __device__ __forceinline__ uint4 load_weights(const uint4* p) {
+#if GEMV_LOAD == 2
+  return __ldg(p);
+#else
   uint4 v;
+#if GEMV_LOAD == 1
+  asm volatile("ld.global.cs.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+#else
   asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];"
                : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
                : "l"(p));
+#endif
   return v;
+#endif
 }
 
 __device__ __forceinline__ float lo(uint32_t u) { return __uint_as_float(u << 16); }
@@ -139,9 +154,9 @@ __device__ __forceinline__ Step advance(Step t, int chunks, int stride) {
 }
 
 template <int E>
-__device__ __forceinline__ void load_batch(uint4 (&buf)[kBatch], const uint4* w, Step t, int outputs, int chunks,
-                                           int lane) {
-  if (t.o >= outputs) return;
+__device__ __forceinline__ void load_batch(uint4 (&buf)[kBatch], const uint4* w, Step t, int end, int outputs,
+                                           int chunks, int lane) {
+  if (t.o >= end) return;
   const uint4* r = w + (static_cast<size_t>(t.o) + static_cast<size_t>(t.s) * outputs) * chunks;
 #pragma unroll
   for (int j = 0; j < kBatch; ++j) {
@@ -187,25 +202,31 @@ __global__ void __launch_bounds__(kThreads, GEMV_MIN_BLOCKS)
                 float eps) {
   extern __shared__ uint4 xs[];
   __shared__ float partial[kWarps];
-  const int lane = threadIdx.x & 31;
-  const int stride = gridDim.x * kWarps;
-  Step t = {static_cast<int>(blockIdx.x) * kWarps + static_cast<int>(threadIdx.x >> 5), 0, 0};
+  const int lane = threadIdx.x & 31, warp = static_cast<int>(threadIdx.x >> 5), block = static_cast<int>(blockIdx.x);
+#if GEMV_CONTIGUOUS
+  const int per_block = (outputs + gridDim.x - 1) / gridDim.x;
+  const int stride = kWarps, end = min(outputs, (block + 1) * per_block);
+  Step t = {block * per_block + warp, 0, 0};
+#else
+  const int stride = gridDim.x * kWarps, end = outputs;
+  Step t = {block * kWarps + warp, 0, 0};
+#endif
   uint4 a[kBatch], b[kBatch];  // two batches in flight: the loop alternates between them, so no register copies
-  load_batch<E>(a, w, t, outputs, chunks, lane);  // weights only: nothing the kernel before writes
+  load_batch<E>(a, w, t, end, outputs, chunks, lane);  // weights only: nothing the kernel before writes
   wait_for_previous_kernel();
   prepare<P>(xs, x, norm_w, eps, chunks, partial);
   __syncthreads();
   let_next_kernel_launch();
   float acc = 0.0f, gate = 0.0f;
-  while (t.o < outputs) {
+  while (t.o < end) {
     Step next = advance<E>(t, chunks, stride);
-    load_batch<E>(b, w, next, outputs, chunks, lane);
+    load_batch<E>(b, w, next, end, outputs, chunks, lane);
     acc = dot_batch(a, xs, t.base, chunks, lane, acc);
     finish<E>(t, next, acc, gate, residual, out, lane);
     t = next;
-    if (t.o >= outputs) break;
+    if (t.o >= end) break;
     next = advance<E>(t, chunks, stride);
-    load_batch<E>(a, w, next, outputs, chunks, lane);
+    load_batch<E>(a, w, next, end, outputs, chunks, lane);
     acc = dot_batch(b, xs, t.base, chunks, lane, acc);
     finish<E>(t, next, acc, gate, residual, out, lane);
     t = next;

@@ -84,7 +84,13 @@ def _(x, weight, norm_weight, eps, residual, silu_pairs, pdl):
 class GemvDecoder(FusedDecoder):
     """``FusedDecoder`` whose one-row steps on CUDA run the four products of each layer and ``lm_head`` through
     ``gemv`` (module doc); ``pdl`` launches them with programmatic dependent launch. The library must be loaded
-    (``load``). Built on CUDA, it checks each product against ``FusedDecoder``'s (``check``)."""
+    (``load``). Built on CUDA, it checks each product against ``FusedDecoder``'s (``check``).
+
+    ``compile_per_layer``: in a one-row step a layer ends in the kernel that adds the residual and the next begins in
+    the one that norms it, so compiling the step per layer (``FusedGreedy``) loses no fusion there; batches, which
+    run ``FusedDecoder``'s products, lose the fused add and norm between layers (evaluation only: never timed)."""
+
+    compile_per_layer = True
 
     def __init__(self, model, projections, pdl: bool = True):
         super().__init__(model, projections)

@@ -356,3 +356,33 @@ def test_gemv_decoder_check_passes_its_own_products_and_refuses_a_wrong_or_nan_o
 
     with pytest.raises(RuntimeError, match=r"kernel for lm_head is wrong \(relative error nan"):
         NanHead(model, layers).check()
+
+
+def test_a_step_compiled_per_layer_makes_one_graph_a_region_and_decodes_as_the_model(model):
+    """``GemvDecoder`` asks ``FusedGreedy`` to compile its step per layer: prepare, one decoder layer for all of them,
+    and the step's end, each compiled once per shape (inductor, here on the CPU). The tokens are ``generate``'s.
+    Mutation: a layer that reads a number of its own layer (so dynamo guards on it and compiles each layer apart) is
+    refused by name before any token is kept."""
+    from torch._dynamo.utils import counters
+
+    from harness.engines.gemv import GemvDecoder
+
+    expected = _hf_greedy(model, 9)
+    decoder = GemvDecoder(model, fuse_projections_(model))
+    engine = FusedGreedy(model, decoder, Tok(), "merged", Cfg(), compile_on_cpu=True)
+    assert engine.regions == 3 and "compiled per layer" in engine.note
+    before = counters["stats"]["unique_graphs"]
+    assert engine.generate(PROMPTS, 9, batch_size=3, fixed_length=True) == expected
+    assert counters["stats"]["unique_graphs"] - before == 3
+
+    class GuardsOnItsLayer(GemvDecoder):
+        def layer(self, x, *args):
+            return super().layer(x, *args) * (1 + 0 * args[-3].number)  # args[-3]: the layer's projections
+
+    decoder = GuardsOnItsLayer(model, fuse_projections_(model))
+    for number, proj in enumerate(decoder.projections):
+        proj.number = number
+    engine = FusedGreedy(model, decoder, Tok(), "merged", Cfg(), compile_on_cpu=True)
+    with pytest.raises(RuntimeError, match=r"merged: compiling the decode step for 3 rows made [4-9] graphs, where "
+                                           r"its 3 region\(s\) make one each"):
+        engine.generate(PROMPTS, 9, batch_size=3, fixed_length=True)

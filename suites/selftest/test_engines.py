@@ -418,3 +418,28 @@ def test_int8_decode_step_traces_as_one_graph(tiny, int8):
     compiled = StaticGreedy(int8.model, tiny.tokenizer, "merged-int8", tiny.profile.inference, compile_on_cpu=True,
                             inductor_options=INDUCTOR_OPTIONS)  # an unknown inductor option raises here
     assert compiled.compiled and compiled._step is not compiled._decode_one
+
+
+def test_a_compiled_static_cache_engine_lowers_one_decoder_layer_for_all(tiny):
+    """A compiled ``StaticGreedy`` (``nf4-compiled`` here: NF4 + unmerged r16 through peft) marks its decoder layers
+    as one nested compile region: dynamo's graph of the step calls one subgraph once a layer, and the tokens are the
+    eager step's. Mutation: without the marking each layer's ops are inlined into the step and no subgraph is
+    called."""
+    inf = tiny.profile.inference
+    model = load_nf4_with_adapter(tiny.profile, tiny.adapters["r16"], tiny.cache_root)
+    prompt = tiny.prompts[:1]
+    eager = StaticGreedy(model, tiny.tokenizer, "nf4-compiled", inf).generate(prompt, 6, batch_size=1)
+    engine = StaticGreedy(model, tiny.tokenizer, "nf4-compiled", inf, compile_on_cpu=True)
+    graphs = []
+
+    def backend(gm, example_inputs):  # dynamo's graph, run as it is (no inductor on the CPU self-tests)
+        graphs.append(gm)
+        return gm.forward
+
+    engine._step = torch.compile(engine._decode_one, backend=backend)
+    assert engine.generate(prompt, 6, batch_size=1) == eager
+    calls = [node for gm in graphs for node in gm.graph.nodes
+             if node.target is torch.ops.higher_order.invoke_subgraph]
+    layers = model.get_base_model().get_decoder().layers
+    assert len(graphs) == 1 and len(calls) == len(layers) >= 2
+    assert len({node.args[0].target for node in calls}) == 1  # one subgraph, called by every layer

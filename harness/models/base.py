@@ -16,6 +16,7 @@ from ..config.profiles import config_hash
 from ..config.schema import LoraConfig, ModelConfig, QuantConfig, Variant
 from ..measure.memory import free_memory
 from ..report.atomic import atomic_dir, file_lock
+from .host_copy import save_pretrained
 
 __all__ = [
     "SYNTHETIC_SHAPES",
@@ -75,7 +76,7 @@ def materialize_synthetic(name: str, seed: int, cache_root: Path) -> Path:
         with torch.device(device()):
             model = MistralForCausalLM(cfg).to(torch.bfloat16)
         with atomic_dir(final) as tmp:
-            model.save_pretrained(tmp, safe_serialization=True)
+            save_pretrained(model, tmp)  # through pinned memory: a third of the time from the GPU
         del model
         free_memory()
     return final

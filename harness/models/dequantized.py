@@ -32,12 +32,13 @@ from ..report.atomic import atomic_dir, atomic_write_json, file_lock
 from ..report.phases import note
 from ..report.provenance import git_sha, library_versions, source_digest
 from .base import device, load_base
+from .host_copy import save_pretrained
 from .revision import base_identity
 
 __all__ = ["KEY_SOURCES", "key_parts", "folder", "load"]
 
 _MODELS = Path(__file__).resolve().parent
-KEY_SOURCES = (_MODELS / "base.py", _MODELS / "pretrained.py", Path(__file__).resolve())
+KEY_SOURCES = (_MODELS / "base.py", _MODELS / "pretrained.py", _MODELS / "host_copy.py", Path(__file__).resolve())
 KEY_FILE = "key.json"
 _LIBRARIES = ("torch", "transformers", "bitsandbytes")
 
@@ -70,7 +71,7 @@ def load(profile: Profile, cache_root: Path) -> tuple[torch.nn.Module, dict[str,
         else:
             model = _dequantize(profile, cache_root)
             with atomic_dir(final) as tmp:
-                model.save_pretrained(tmp, safe_serialization=True)
+                save_pretrained(model, tmp)  # through pinned memory (host_copy.py)
                 atomic_write_json(tmp / KEY_FILE, {"key": key, "parts": parts, "git_sha": git_sha()})
             del model  # loaded back below, so a built base and a loaded one are the same (buffers included)
             free_memory()

@@ -87,8 +87,8 @@ def main() -> None:
                 print(rows[-1], flush=True)
     import torch
 
-    result = {"probe": "compile_probe", "config": "Mistral, 32 layers, hidden 64, random bf16 weights (nf4: quantized, r16 LoRA)",
-              "device": "cpu", "cpus": os.cpu_count(), "torch": torch.__version__,
+    result = {"probe": "compile_probe",
+              "config": "Mistral, 32 layers, hidden 64, random bf16 weights (nf4: quantized, r16 LoRA)", "device": "cpu", "cpus": os.cpu_count(), "torch": torch.__version__,
               "git_sha": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip(),
               "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "rows": rows}
     path = os.path.join(os.environ.get("OUT", "."), "compile-probe.json")

@@ -1,13 +1,14 @@
 // One-row bf16 products of the merged engine's decode step (harness/engines/gemv.py), each with the small
 // computation before or after it folded in: the RMSNorm that feeds q/k/v, gate/up and lm_head, SiLU(gate) * up
-// after gate/up (a warp computes a gate row and its up row), and the residual add after o and down. Rounding follows the model's eager bf16 forward: every
+// after gate/up (a warp computes a gate row and its up row), the residual add after o and down, and optionally
+// RoPE with the KV cache's write after q/k/v (qkv_rope). Rounding follows the model's eager bf16 forward: every
 // value torch would store in bf16 is rounded to bf16 here too; sums and products are float32.
 //
 // A block of kWarps warps prepares the input once in shared memory, then each warp computes one output row at a
 // time: its lanes stream the row in 16-byte chunks, one batch of kBatch chunks a lane in flight while the batch
-// before it is multiplied, and reduce across the warp. The grid is sized to be resident at once, warps striding over the rows:
-// no split along the inputs, so no second kernel to reduce. Launched with programmatic dependent launch, a kernel
-// loads its first weights while the kernel before it finishes, and waits for that kernel
+// before it is multiplied, and reduce across the warp. The grid is sized to be resident at once, warps striding
+// over the rows: no split along the inputs, so no second kernel to reduce. Launched with programmatic dependent
+// launch, a kernel loads its first weights while the kernel before it finishes, and waits for that kernel
 // (griddepcontrol.wait) before it reads anything the kernel before may have written.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -207,7 +208,6 @@ __device__ __forceinline__ float dot_batch(const uint4 (&buf)[kBatch], const uin
   return acc;
 }
 
-// after the batch at `t`, with `next` the step after it: a finished row is summed across the warp and stored
 __device__ __forceinline__ float bf(__nv_bfloat16 v) { return __bfloat162float(v); }
 
 // RoPE's pair (x1, x2) of q or k head `h` at offset i, rotated and stored; or v row j stored into the cache
@@ -228,6 +228,7 @@ __device__ __forceinline__ void store_rope(int o, float first, float second, __n
   dst[k] = __float2bfloat16_rn(y2);
 }
 
+// after the batch at `t`, with `next` the step after it: a finished row is summed across the warp and stored
 template <int E>
 __device__ __forceinline__ void finish(Step t, Step next, float& acc, float& gate, const __nv_bfloat16* residual,
                                        __nv_bfloat16* out, int lane, const Rope& rope) {

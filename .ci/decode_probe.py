@@ -15,9 +15,10 @@ one-row products through fbgemm-gpu-genai's ``bf16_fast_gemv``, ``*-mqa`` decode
 the merged engine does, ``hand-nopdl`` without any, ``hand-whole`` as ``hand-ipdl`` with the step compiled whole
 instead of per layer, ``hand-rope`` with RoPE and the cache writes folded into the q/k/v kernel; ``gemv-hand`` times
 each product alone, ``hand-variants`` other block shapes of the kernel, ``hand-forced`` compares logits, ``hand-smol``
-checks SmolLM2's shapes). The 4-bit kernels are built in the background while the bf16 tries run. Earlier tries'
-candidates are in this file's history: gemlite, mslk and bitsandbytes at a2494d1, Marlin's options and gptqmodel's AWQ
-GEMV against Marlin at fda6cda, a one-row attention kernel at f006e2b.
+checks SmolLM2's shapes); ``nf4-nested`` times ``nf4-compiled``'s step compiled whole against with its layers one
+nested region (bitsandbytes and peft on ``PYTHONPATH``). The 4-bit kernels are built in the background while the bf16
+tries run. Earlier tries' candidates are in this file's history: gemlite, mslk and bitsandbytes at a2494d1, Marlin's
+options and gptqmodel's AWQ GEMV against Marlin at fda6cda, a one-row attention kernel at f006e2b.
 """
 
 import json
@@ -492,6 +493,54 @@ def hand_forced(model, layers, prompt, tokens):
     save()
 
 
+def nf4_nested():
+    """``nf4-compiled``'s step (``StaticGreedy``: NF4 through bitsandbytes, a random r16 LoRA through peft,
+    ``reduce-overhead``) on a random Mistral of 32 layers at hidden 1024, compiled whole and with its layers one nested
+    region (``decoding.compile_layers_once``, as shipped): first call, graphs compiled, p50, and tokens against the
+    eager step. Needs bitsandbytes and peft (the wheels on ``PYTHONPATH``)."""
+    import tempfile
+
+    from peft import LoraConfig, get_peft_model
+    from torch._dynamo.utils import counters
+    from transformers import BitsAndBytesConfig, MistralConfig
+
+    from harness.engines import decoding
+
+    config = MistralConfig(hidden_size=1024, intermediate_size=3584, num_hidden_layers=32, num_attention_heads=8,
+                           num_key_value_heads=2, head_dim=128, vocab_size=32768, sliding_window=None)
+    path = tempfile.mkdtemp(prefix="nf4-probe-", dir=KERNELS.parent)
+    torch.manual_seed(0)
+    MistralForCausalLM(config).to(torch.bfloat16).save_pretrained(path)
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=torch.bfloat16)
+    prompt = [1] + list(range(100, 130))
+    shipped = decoding.compile_layers_once
+    reference = None
+    for way in ("eager", "whole", "nested"):
+        torch._dynamo.reset()
+        model = MistralForCausalLM.from_pretrained(path, quantization_config=quant, dtype=torch.bfloat16,
+                                                   device_map={"": 0})
+        torch.manual_seed(1)
+        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, init_lora_weights=False, target_modules=[
+            "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])).eval()
+        cfg = Cfg()
+        cfg.compile, cfg.compile_mode, cfg.compile_fullgraph = way != "eager", "reduce-overhead", False
+        decoding.compile_layers_once = shipped if way == "nested" else (lambda model: None)
+        try:
+            engine = decoding.StaticGreedy(model, Tok(), "nf4-compiled", cfg)
+        finally:
+            decoding.compile_layers_once = shipped
+        if way == "eager":
+            reference = engine.generate([prompt], TOKENS, batch_size=1, fixed_length=True)
+        else:
+            before = counters["stats"]["unique_graphs"]
+            time_engine(f"nf4-{way}", engine, prompt, reference)
+            results["tries"][-1]["graphs"] = counters["stats"]["unique_graphs"] - before
+            save()
+        del engine, model
+        torch.cuda.empty_cache()
+
+
 def hand_check_smol():
     """gemv.cu's kernels on SmolLM2-135M's shapes (2 layers, random weights): GemvDecoder's own check, then 48 greedy
     tokens, eager, against FusedDecoder's."""
@@ -671,6 +720,9 @@ def main(selected):
                 continue
             if name == "hand-smol":
                 hand_check_smol()
+                continue
+            if name == "nf4-nested":
+                nf4_nested()
                 continue
             if name == "gemv":
                 int4_gemv_bench(projections[0], int4_layers()[0])

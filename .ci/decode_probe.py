@@ -497,7 +497,9 @@ def nf4_nested():
     """``nf4-compiled``'s step (``StaticGreedy``: NF4 through bitsandbytes, a random r16 LoRA through peft,
     ``reduce-overhead``) on a random Mistral of 32 layers at hidden 1024, compiled whole and with its layers one nested
     region (``decoding.compile_layers_once``, as shipped): first call, graphs compiled, p50, and tokens against the
-    eager step. Needs bitsandbytes and peft (the wheels on ``PYTHONPATH``)."""
+    eager step, and (torch 2.11's hierarchical-compile log) how many layer subgraphs dynamo installed: 1 when every
+    layer reused the first. Needs bitsandbytes and peft (the wheels on ``PYTHONPATH``)."""
+    import logging
     import tempfile
 
     from peft import LoraConfig, get_peft_model
@@ -514,6 +516,15 @@ def nf4_nested():
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                bnb_4bit_compute_dtype=torch.bfloat16)
     prompt = [1] + list(range(100, 130))
+    installed = []
+
+    class Installed(logging.Handler):
+        def emit(self, record):
+            if "Installing subgraph" in record.getMessage():
+                installed.append(record.getMessage())
+
+    torch._logging.set_logs(hierarchical_compile=True)
+    logging.getLogger("torch._dynamo.variables.higher_order_ops.__hierarchical_compile").addHandler(Installed())
     shipped = decoding.compile_layers_once
     reference = None
     for way in ("eager", "whole", "nested"):
@@ -534,8 +545,10 @@ def nf4_nested():
             reference = engine.generate([prompt], TOKENS, batch_size=1, fixed_length=True)
         else:
             before = counters["stats"]["unique_graphs"]
+            installed.clear()
             time_engine(f"nf4-{way}", engine, prompt, reference)
-            results["tries"][-1]["graphs"] = counters["stats"]["unique_graphs"] - before
+            results["tries"][-1].update(graphs=counters["stats"]["unique_graphs"] - before,
+                                        subgraphs_installed=len(installed))
             save()
         del engine, model
         torch.cuda.empty_cache()

@@ -527,31 +527,34 @@ def nf4_nested():
     logging.getLogger("torch._dynamo.variables.higher_order_ops.__hierarchical_compile").addHandler(Installed())
     shipped = decoding.compile_layers_once
     reference = None
-    for way in ("eager", "whole", "nested"):
-        torch._dynamo.reset()
-        model = MistralForCausalLM.from_pretrained(path, quantization_config=quant, dtype=torch.bfloat16,
-                                                   device_map={"": 0})
-        torch.manual_seed(1)
-        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, init_lora_weights=False, target_modules=[
-            "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])).eval()
-        cfg = Cfg()
-        cfg.compile, cfg.compile_mode, cfg.compile_fullgraph = way != "eager", "reduce-overhead", False
-        decoding.compile_layers_once = shipped if way == "nested" else (lambda model: None)
-        try:
-            engine = decoding.StaticGreedy(model, Tok(), "nf4-compiled", cfg)
-        finally:
-            decoding.compile_layers_once = shipped
-        if way == "eager":
-            reference = engine.generate([prompt], TOKENS, batch_size=1, fixed_length=True)
-        else:
-            before = counters["stats"]["unique_graphs"]
-            installed.clear()
-            time_engine(f"nf4-{way}", engine, prompt, reference)
-            results["tries"][-1].update(graphs=counters["stats"]["unique_graphs"] - before,
-                                        subgraphs_installed=len(installed))
-            save()
-        del engine, model
-        torch.cuda.empty_cache()
+    try:
+        for way in ("eager", "whole", "nested"):
+            torch._dynamo.reset()
+            model = MistralForCausalLM.from_pretrained(path, quantization_config=quant, dtype=torch.bfloat16,
+                                                       device_map={"": 0})
+            torch.manual_seed(1)
+            model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, init_lora_weights=False, target_modules=[
+                "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])).eval()
+            cfg = Cfg()
+            cfg.compile, cfg.compile_mode, cfg.compile_fullgraph = way != "eager", "reduce-overhead", False
+            decoding.compile_layers_once = shipped if way == "nested" else (lambda model: None)
+            try:
+                engine = decoding.StaticGreedy(model, Tok(), "nf4-compiled", cfg)
+            finally:
+                decoding.compile_layers_once = shipped
+            if way == "eager":
+                reference = engine.generate([prompt], TOKENS, batch_size=1, fixed_length=True)
+            else:
+                before = counters["stats"]["unique_graphs"]
+                installed.clear()
+                time_engine(f"nf4-{way}", engine, prompt, reference)
+                results["tries"][-1].update(graphs=counters["stats"]["unique_graphs"] - before,
+                                            subgraphs_installed=len(installed))
+                save()
+            del engine, model
+            torch.cuda.empty_cache()
+    finally:
+        torch._logging.set_logs()  # the log back to its defaults for the tries after
 
 
 def hand_check_smol():

@@ -73,9 +73,9 @@ class Cfg:
 class FloatBias(FusedDecoder):
     """The mask turned into an additive float bias once per step (SDPA converts a boolean one in each layer)."""
 
-    def forward(self, ids, positions, cache_position, pad_mask, cache):
+    def prepare(self, ids, positions, cache_position, pad_mask):  # every step's start, decode steps included
         self._bias = None
-        return super().forward(ids, positions, cache_position, pad_mask, cache)
+        return super().prepare(ids, positions, cache_position, pad_mask)
 
     def bias(self, q, mask):
         if self._bias is None:
@@ -124,9 +124,9 @@ class FlashSeqused(FusedDecoder):
     """Decode attention through FlashAttention-2's varlen kernel (torch's ``_flash_attention_forward``), reading only
     the cache slots written so far (``seqused_k``) instead of masking the rest: one row without left padding."""
 
-    def forward(self, ids, positions, cache_position, pad_mask, cache):
+    def prepare(self, ids, positions, cache_position, pad_mask):  # every step's start, decode steps included
         self._used = (cache_position[-1:] + 1).to(torch.int32)
-        return super().forward(ids, positions, cache_position, pad_mask, cache)
+        return super().prepare(ids, positions, cache_position, pad_mask)
 
     def attend(self, q, keys, values, mask):
         rows, heads, steps, dim = q.shape
@@ -192,9 +192,9 @@ class Mqa(FusedDecoder):
     """Decode attention through fbgemm's ``mqa_attn``: each KV head is a sequence of its own with its 4 query heads,
     and attends to the cache slots up to the current one (one row, no left padding; head_dim 128)."""
 
-    def forward(self, ids, positions, cache_position, pad_mask, cache):
+    def prepare(self, ids, positions, cache_position, pad_mask):  # every step's start, decode steps included
         self._seq = cache_position[-1:].to(torch.int32).expand(self.kv_heads).contiguous()
-        return super().forward(ids, positions, cache_position, pad_mask, cache)
+        return super().prepare(ids, positions, cache_position, pad_mask)
 
     def attend(self, q, keys, values, mask):
         rows, heads, steps, dim = q.shape
@@ -524,7 +524,8 @@ def nf4_nested():
                 installed.append(record.getMessage())
 
     torch._logging.set_logs(hierarchical_compile=True)
-    logging.getLogger("torch._dynamo.variables.higher_order_ops.__hierarchical_compile").addHandler(Installed())
+    for module in ("higher_order_ops", "invoke_subgraph"):  # where torch 2.11 and later releases log it
+        logging.getLogger(f"torch._dynamo.variables.{module}.__hierarchical_compile").addHandler(Installed())
     shipped = decoding.compile_layers_once
     reference = None
     try:

@@ -201,6 +201,7 @@ class _Shape:
         self.logits = torch.zeros((rows, decoder.lm_head.weight.shape[0]), dtype=decoder.lm_head.weight.dtype,
                                   device=dev)
         self.graph: Any = None
+        self.compiled = False  # whether the step is compiled for this shape (and on CUDA a chunk captured)
 
 
 class FusedGreedy:
@@ -288,6 +289,7 @@ class FusedGreedy:
             s.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(s.graph, stream=side):
                 self._chunk(s)
+        s.compiled = True
 
     def _side_stream(self) -> torch.cuda.Stream:
         """The stream the warm-up runs and the graph is captured on: a new one."""
@@ -309,22 +311,22 @@ class FusedGreedy:
     def cache_length(self, width: int, max_new_tokens: int) -> int:
         """Cache slots for a ``width``-token prompt and ``max_new_tokens`` new ones, the last graph's overshoot
         included, rounded up to ``cfg.cache_bucket``: one captured shape per bucket."""
-        steps = _round_up(max(max_new_tokens - 1, 0), self.chunk_tokens)
+        steps = _round_up(max(max_new_tokens - 1, 1), self.chunk_tokens)  # a chunk at least: the warm-up's
         return _round_up(width + steps + 1, self.cfg.cache_bucket)
 
-    def _shape(self, rows: int, width: int, max_new_tokens: int) -> tuple[_Shape, bool]:
+    def _shape(self, rows: int, width: int, max_new_tokens: int) -> _Shape:
         key = (rows, self.cache_length(width, max_new_tokens))
-        first = key not in self._shapes
-        if first:
+        if key not in self._shapes:
             self._shapes[key] = _Shape(self.decoder, *key)
-        return self._shapes[key], first
+        return self._shapes[key]
 
     def _generate_batch(self, ids, mask, max_new_tokens: int, eos_id: int | None) -> torch.Tensor:
         rows, width = ids.shape
-        s, first = self._shape(rows, width, max_new_tokens)
+        s = self._shape(rows, width, max_new_tokens)
         label = f"{rows}x{s.pad_mask.shape[1]}"
+        first = label not in self.compile_s
         t0 = time.perf_counter()
-        if first and self.compiled:
+        if self.compiled and not s.compiled:  # not on first use alone: forced_logits may have made the shape
             from .decoding import _allow_compile
 
             # dynamo keys compiled code on _decode_one, which every FusedGreedy shares: a new engine's first
@@ -370,7 +372,7 @@ class FusedGreedy:
         from .decoding import _allow_compile
 
         dev = self.device
-        s, _ = self._shape(1, len(prompt), len(forced) + 1)
+        s = self._shape(1, len(prompt), len(forced) + 1)
         s.pad_mask.fill_(True)
         at = torch.arange(len(prompt), device=dev)
         self.decoder(torch.tensor([prompt], device=dev), at[None], at, s.pad_mask, s.cache)

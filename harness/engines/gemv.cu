@@ -213,6 +213,7 @@ __device__ __forceinline__ float bf(__nv_bfloat16 v) { return __bfloat162float(v
 // RoPE's pair (x1, x2) of q or k head `h` at offset i, rotated and stored; or v row j stored into the cache
 __device__ __forceinline__ void store_rope(int o, float first, float second, __nv_bfloat16* out, const Rope& r) {
   const size_t slot = static_cast<size_t>(*r.position);
+  if (slot >= static_cast<size_t>(r.length)) __trap();  // as index_copy_'s device assert: never write past the cache
   if (o >= r.pairs()) {
     const int j = o - r.pairs(), kv = j / r.head_dim, d = j % r.head_dim;
     r.values[(static_cast<size_t>(kv) * r.length + slot) * r.head_dim + d] = __float2bfloat16_rn(second);

@@ -475,3 +475,34 @@ def test_the_code_around_the_one_row_kernels_decodes_as_the_model(model, monkeyp
     decoder = hand.GemvDecoder(model, fuse_projections_(model), fold_rope=fold_rope)
     engine = FusedGreedy(model, decoder, Tok(), "merged", Cfg())
     assert [engine.generate([p], 10, batch_size=1, fixed_length=True)[0] for p in PROMPTS] == expected
+
+
+def test_a_shape_made_by_forced_logits_is_still_compiled_and_captured_before_generate_uses_it(model, monkeypatch):
+    """Parity's ``forced_logits`` can make a shape before ``generate`` first uses it (the latency prompt's 1 x 256 is
+    also a parity shape): ``generate`` must still compile and capture it, or the timed rounds would run uncaptured
+    steps from Python. torch.compile is stubbed here (nothing is compiled on the CPU); what is checked is that the
+    shape goes through ``_compile_shape``. Mutation: deciding on the shape's first use instead fails here."""
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: fn)
+    engine = FusedGreedy(model, FusedDecoder(model, fuse_projections_(model)), Tok(), "merged", Cfg(),
+                         compile_on_cpu=True)
+    prompt = PROMPTS[0]
+    engine.forced_logits(prompt, [4, 8, 15, 16, 23, 42])
+    (shape,) = engine._shapes.values()
+    assert not shape.compiled
+    expected = FusedGreedy(model, FusedDecoder(model, fuse_projections_(model)), Tok(), "merged", Cfg()).generate(
+        [prompt], 10, batch_size=1, fixed_length=True)
+    assert engine.generate([prompt], 10, batch_size=1, fixed_length=True) == expected
+    assert list(engine._shapes.values()) == [shape] and shape.compiled
+
+
+def test_the_cache_holds_the_warm_up_chunk_even_for_one_new_token(model, monkeypatch):
+    """The warm-up that compiles a shape decodes one whole chunk from slot 0, so the cache must hold a chunk even when
+    only one token is asked for and the bucket is smaller than a chunk. Mutation: sizing it for the asked tokens alone
+    writes past the cache's end (an index error here; on CUDA a write out of bounds)."""
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: fn)
+    cfg = Cfg()
+    cfg.cache_bucket, cfg.graph_tokens = 1, 4
+    engine = FusedGreedy(model, FusedDecoder(model, fuse_projections_(model)), Tok(), "merged", cfg,
+                         compile_on_cpu=True)
+    assert engine.cache_length(2, 1) >= 2 + cfg.graph_tokens
+    assert len(engine.generate([[1, 5]], 1, batch_size=1, fixed_length=True)[0]) == 1

@@ -16,11 +16,13 @@ from ..config.profiles import config_hash
 from ..config.schema import LoraConfig, ModelConfig, QuantConfig, Variant
 from ..measure.memory import free_memory
 from ..report.atomic import atomic_dir, file_lock
+from ..report.provenance import library_versions, source_digest
 from .host_copy import save_pretrained
 
 __all__ = [
     "SYNTHETIC_SHAPES",
     "synthetic_config",
+    "synthetic_key",
     "materialize_synthetic",
     "resolve_source",
     "bnb_config",
@@ -38,6 +40,7 @@ SYNTHETIC_SHAPES = {
     "tiny": dict(hidden_size=128, intermediate_size=448, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, head_dim=32),
 }
+SYNTHETIC_SOURCES = (Path(__file__).resolve(), Path(__file__).resolve().with_name("host_copy.py"))  # synthetic_key's code
 _SYNTHETIC_PREFIX = "synthetic:"
 
 
@@ -61,12 +64,23 @@ def synthetic_config(name: str):
     )
 
 
+def synthetic_key(name: str, seed: int) -> str:
+    """What a synthetic checkpoint's weights follow: the shape, the seed, the device whose generator draws them (CUDA's
+    and the CPU's differ), torch's and transformers' versions (the generator and the init functions) and the code
+    that writes them (this module and host_copy.py)."""
+    versions = library_versions()
+    return config_hash({"name": name, "seed": seed, "config": synthetic_config(name).to_dict(),
+                        "device": device().type, "versions": {k: versions.get(k) for k in ("torch", "transformers")},
+                        "code": source_digest(SYNTHETIC_SOURCES, "harness.models.base.SYNTHETIC_SOURCES")})[:12]
+
+
 def materialize_synthetic(name: str, seed: int, cache_root: Path) -> Path:
-    """Write a seeded random checkpoint once (atomically, under a lock) and return its directory."""
+    """Write a seeded random checkpoint once (atomically, under a lock) and return its directory, named by
+    ``synthetic_key``."""
     from transformers import MistralForCausalLM
 
     cfg = synthetic_config(name)
-    key = config_hash({"name": name, "seed": seed, "config": cfg.to_dict()})[:12]
+    key = synthetic_key(name, seed)
     final = Path(cache_root) / f"synthetic-{name}-{key}"
     with file_lock(final):
         if (final / "config.json").exists():

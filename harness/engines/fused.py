@@ -135,7 +135,7 @@ class FusedDecoder(nn.Module):
     def layers(self, x, cos, sin, mask, cache_position, cache, layer=None) -> torch.Tensor:
         """The residual stream after every decoder layer, each run by ``layer`` (default ``self.layer``; a compiled
         copy of it, for ``FusedGreedy``'s regional compilation)."""
-        layer = layer or self.layer
+        layer = self.layer if layer is None else layer  # `or` on a method is a branch dynamo 2.11 cannot trace
         for norm_in, norm_post, proj, (keys, values) in zip(self.input_norms, self.post_norms, self.projections,
                                                             cache):
             x = layer(x, cos, sin, mask, cache_position, norm_in, norm_post, proj, keys, values)

@@ -433,6 +433,22 @@ def test_a_step_compiled_per_layer_makes_one_graph_a_region_and_decodes_as_the_m
         engine.generate(PROMPTS, 9, batch_size=3, fixed_length=True)
 
 
+def test_a_step_compiled_whole_makes_one_graph_and_decodes_as_the_model(model):
+    """``FusedDecoder`` (merged-int4's AWQ layers) has its step compiled whole, fullgraph (inductor, here on the
+    CPU): one graph per shape, the tokens ``generate``'s. Mutation: ``layers`` choosing its layer function with
+    ``layer or self.layer`` (a branch on a bound method, which dynamo cannot trace) fails to compile here, as it
+    did on the H200 at 6b8d020."""
+    from torch._dynamo.utils import counters
+
+    expected = _hf_greedy(model, 9)
+    engine = FusedGreedy(model, FusedDecoder(model, fuse_projections_(model)), Tok(), "merged-int4", Cfg(),
+                         compile_on_cpu=True)
+    assert engine.regions == 1 and "compiled whole" in engine.note
+    before = counters["stats"]["unique_graphs"]
+    assert engine.generate(PROMPTS, 9, batch_size=3, fixed_length=True) == expected
+    assert counters["stats"]["unique_graphs"] - before == 1
+
+
 def _gemv_standin(x, weight, norm_weight, eps, residual, silu_pairs, pdl):
     """What gemv.cu's ``gemv`` computes, composed in torch (the model's own RMSNorm arithmetic)."""
     x = x.reshape(1, -1)

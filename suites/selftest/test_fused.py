@@ -436,8 +436,8 @@ def test_a_step_compiled_per_layer_makes_one_graph_a_region_and_decodes_as_the_m
 def test_a_step_compiled_whole_makes_one_graph_and_decodes_as_the_model(model):
     """``FusedDecoder`` (merged-int4's AWQ layers) has its step compiled whole, fullgraph (inductor, here on the
     CPU): one graph per shape, the tokens ``generate``'s. Mutation: ``layers`` choosing its layer function with
-    ``layer or self.layer`` (a branch on a bound method, which dynamo cannot trace) fails to compile here, as it
-    did on the H200 at 6b8d020."""
+    ``layer or self.layer`` (a branch on a bound method) fails to compile under torch 2.11, the GPU image's
+    (``bash .ci/device_libs``), as it did on the H200 at 6b8d020; torch 2.13's dynamo traces it."""
     from torch._dynamo.utils import counters
 
     expected = _hf_greedy(model, 9)

@@ -40,7 +40,8 @@ SYNTHETIC_SHAPES = {
     "tiny": dict(hidden_size=128, intermediate_size=448, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, head_dim=32),
 }
-SYNTHETIC_SOURCES = (Path(__file__).resolve(), Path(__file__).resolve().with_name("host_copy.py"))  # synthetic_key's code
+# the code that writes a synthetic checkpoint, in synthetic_key
+SYNTHETIC_SOURCES = (Path(__file__).resolve(), Path(__file__).resolve().with_name("host_copy.py"))
 _SYNTHETIC_PREFIX = "synthetic:"
 
 

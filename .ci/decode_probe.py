@@ -13,12 +13,12 @@ one-row products through fbgemm-gpu-genai's ``bf16_fast_gemv``, ``*-mqa`` decode
 4-bit kernels on SmolLM2's padded projections; ``hand-*`` are the merged engine's own one-row kernels
 (harness/engines/gemv.cu: ``hand`` as shipped with inductor's kernels launched without PDL, ``hand-ipdl`` with it as
 the merged engine does, ``hand-nopdl`` without any, ``hand-whole`` as ``hand-ipdl`` with the step compiled whole
-instead of per layer, ``hand-rope`` with RoPE and the cache writes folded into the q/k/v kernel; ``gemv-hand`` times
-each product alone, ``hand-variants`` other block shapes of the kernel, ``hand-forced`` compares logits, ``hand-smol``
-checks SmolLM2's shapes); ``nf4-nested`` times ``nf4-compiled``'s step compiled whole against with its layers one
-nested region (bitsandbytes and peft on ``PYTHONPATH``). The 4-bit kernels are built in the background while the bf16
-tries run. Earlier tries' candidates are in this file's history: gemlite, mslk and bitsandbytes at a2494d1, Marlin's
-options and gptqmodel's AWQ GEMV against Marlin at fda6cda, a one-row attention kernel at f006e2b.
+instead of per layer; ``gemv-hand`` times each product alone, ``hand-variants`` other block shapes of the kernel,
+``hand-forced`` compares logits, ``hand-smol`` checks SmolLM2's shapes); ``nf4-nested`` times ``nf4-compiled``'s step
+compiled whole against with its layers one nested region (bitsandbytes and peft on ``PYTHONPATH``). The 4-bit kernels
+are built in the background while the bf16 tries run. Earlier tries' candidates are in this file's history: gemlite,
+mslk and bitsandbytes at a2494d1, Marlin's options and gptqmodel's AWQ GEMV against Marlin at fda6cda, a one-row
+attention kernel at f006e2b, RoPE folded into the q/k/v kernel (``hand-rope``) at 34dff5a.
 """
 
 import json
@@ -698,11 +698,10 @@ def main(selected):
         if kind == "int4":
             layers = int4_layers()
         if kind == "hand":  # gemv.cu's kernels; -nopdl: without programmatic dependent launch; -ipdl: inductor's
-            # own kernels launched with it too (as shipped); -whole: -ipdl with the step compiled whole, not per layer;
-            # -rope: -ipdl with RoPE and the cache writes folded into the q/k/v kernel
-            decoder = hand.GemvDecoder(model, layers, pdl=rest != "nopdl", fold_rope=rest == "rope")
+            # own kernels launched with it too (as shipped); -whole: -ipdl with the step compiled whole, not per layer
+            decoder = hand.GemvDecoder(model, layers, pdl=rest != "nopdl")
             decoder.compile_per_layer = rest != "whole"
-            options = {"triton.enable_pdl": True} if rest in ("ipdl", "whole", "rope") else None
+            options = {"triton.enable_pdl": True} if rest in ("ipdl", "whole") else None
             return FusedGreedy(model, decoder, Tok(), name, Cfg(), inductor_options=options)
         decoder = ATTENTION["-" + attention if attention else ""](model, layers)
         greedy = Int4Greedy if kind == "int4" else FusedGreedy

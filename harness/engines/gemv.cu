@@ -1,14 +1,13 @@
 // One-row bf16 products of the merged engine's decode step (harness/engines/gemv.py), each with the small
 // computation before or after it folded in: the RMSNorm that feeds q/k/v, gate/up and lm_head, SiLU(gate) * up
-// after gate/up (a warp computes a gate row and its up row), the residual add after o and down, and optionally
-// RoPE with the KV cache's write after q/k/v (qkv_rope). Rounding follows the model's eager bf16 forward: every
+// after gate/up (a warp computes a gate row and its up row), and the residual add after o and down. Rounding follows the model's eager bf16 forward: every
 // value torch would store in bf16 is rounded to bf16 here too; sums and products are float32.
 //
 // A block of kWarps warps prepares the input once in shared memory, then each warp computes one output row at a
 // time: its lanes stream the row in 16-byte chunks, one batch of kBatch chunks a lane in flight while the batch
-// before it is multiplied, and reduce across the warp. The grid is sized to be resident at once, warps striding
-// over the rows: no split along the inputs, so no second kernel to reduce. Launched with programmatic dependent
-// launch, a kernel loads its first weights while the kernel before it finishes, and waits for that kernel
+// before it is multiplied, and reduce across the warp. The grid is sized to be resident at once, warps striding over the rows:
+// no split along the inputs, so no second kernel to reduce. Launched with programmatic dependent launch, a kernel
+// loads its first weights while the kernel before it finishes, and waits for that kernel
 // (griddepcontrol.wait) before it reads anything the kernel before may have written.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -43,39 +42,7 @@ constexpr int kThreads = kWarps * 32;
 constexpr int kBatch = GEMV_BATCH;  // 16-byte chunks of weights per lane per load batch
 
 enum Prologue : int { kPlain = 0, kRmsNorm = 1 };
-enum Epilogue : int { kStore = 0, kResidual = 1, kSiluPairs = 2, kRope = 3 };
-
-// kRope: the q/k/v product with RoPE and the KV cache's write folded in. Its work items are RoPE's pairs, rows i and
-// i + head_dim / 2 of each q head and then each k head (one warp computes both), then the v rows. q goes to `out`
-// rotated, k rotated and v as it is into the cache slot at `*position`, as transformers' eager forward rounds them:
-// q * cos + rotate_half(q) * sin, each product rounded to bf16, then the sum.
-struct Rope {
-  const __nv_bfloat16* cos;  // head_dim values at this step's position
-  const __nv_bfloat16* sin;
-  const int64_t* position;  // the cache slot, read after the kernel before has finished
-  __nv_bfloat16* keys;      // [kv_heads, length, head_dim]
-  __nv_bfloat16* values;
-  int heads, kv_heads, head_dim, length;
-  __device__ __forceinline__ int half() const { return head_dim / 2; }
-  __device__ __forceinline__ int pairs() const { return (heads + kv_heads) * half(); }
-};
-
-// the weight row of part `s` of work item `o`
-template <int E>
-__device__ __forceinline__ size_t row_of(int o, int s, int outputs, const Rope& r) {
-  if (E == kSiluPairs) return static_cast<size_t>(o) + static_cast<size_t>(s) * outputs;
-  if (E == kRope) {
-    if (o < r.pairs()) return static_cast<size_t>(o / r.half()) * r.head_dim + o % r.half() + s * r.half();
-    return static_cast<size_t>(r.heads + r.kv_heads) * r.head_dim + (o - r.pairs());
-  }
-  return static_cast<size_t>(o);
-}
-
-// whether work item `o` has a second part (SiLU's up row, RoPE's second row of a pair)
-template <int E>
-__device__ __forceinline__ bool two_parts(int o, const Rope& r) {
-  return E == kSiluPairs || (E == kRope && o < r.pairs());
-}
+enum Epilogue : int { kStore = 0, kResidual = 1, kSiluPairs = 2 };
 
 __device__ __forceinline__ uint4 load_weights(const uint4* p) {
 #if GEMV_LOAD == 2
@@ -172,11 +139,11 @@ struct Step {
 };
 
 template <int E>
-__device__ __forceinline__ Step advance(Step t, int chunks, int stride, const Rope& r) {
+__device__ __forceinline__ Step advance(Step t, int chunks, int stride) {
   t.base += 32 * kBatch;
   if (t.base >= chunks) {
     t.base = 0;
-    if (t.s == 0 && two_parts<E>(t.o, r)) {
+    if (E == kSiluPairs && t.s == 0) {
       t.s = 1;
     } else {
       t.s = 0;
@@ -188,9 +155,9 @@ __device__ __forceinline__ Step advance(Step t, int chunks, int stride, const Ro
 
 template <int E>
 __device__ __forceinline__ void load_batch(uint4 (&buf)[kBatch], const uint4* w, Step t, int end, int outputs,
-                                           int chunks, int lane, const Rope& rope) {
+                                           int chunks, int lane) {
   if (t.o >= end) return;
-  const uint4* r = w + row_of<E>(t.o, t.s, outputs, rope) * chunks;
+  const uint4* r = w + (static_cast<size_t>(t.o) + static_cast<size_t>(t.s) * outputs) * chunks;
 #pragma unroll
   for (int j = 0; j < kBatch; ++j) {
     const int c = t.base + j * 32 + lane;
@@ -208,43 +175,18 @@ __device__ __forceinline__ float dot_batch(const uint4 (&buf)[kBatch], const uin
   return acc;
 }
 
-__device__ __forceinline__ float bf(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-// RoPE's pair (x1, x2) of q or k head `h` at offset i, rotated and stored; or v row j stored into the cache
-__device__ __forceinline__ void store_rope(int o, float first, float second, __nv_bfloat16* out, const Rope& r) {
-  const size_t slot = static_cast<size_t>(*r.position);
-  if (slot >= static_cast<size_t>(r.length)) __trap();  // as index_copy_'s device assert: never write past the cache
-  if (o >= r.pairs()) {
-    const int j = o - r.pairs(), kv = j / r.head_dim, d = j % r.head_dim;
-    r.values[(static_cast<size_t>(kv) * r.length + slot) * r.head_dim + d] = __float2bfloat16_rn(second);
-    return;
-  }
-  const int h = o / r.half(), i = o % r.half(), k = i + r.half();
-  const float x1 = round_bf16(first), x2 = round_bf16(second);
-  const float y1 = round_bf16(x1 * bf(r.cos[i])) - round_bf16(x2 * bf(r.sin[i]));
-  const float y2 = round_bf16(x2 * bf(r.cos[k])) + round_bf16(x1 * bf(r.sin[k]));
-  __nv_bfloat16* dst = h < r.heads ? out + static_cast<size_t>(h) * r.head_dim
-                                   : r.keys + (static_cast<size_t>(h - r.heads) * r.length + slot) * r.head_dim;
-  dst[i] = __float2bfloat16_rn(y1);
-  dst[k] = __float2bfloat16_rn(y2);
-}
-
 // after the batch at `t`, with `next` the step after it: a finished row is summed across the warp and stored
 template <int E>
 __device__ __forceinline__ void finish(Step t, Step next, float& acc, float& gate, const __nv_bfloat16* residual,
-                                       __nv_bfloat16* out, int lane, const Rope& rope) {
+                                       __nv_bfloat16* out, int lane) {
   if (next.base != 0) return;
   const float sum = warp_sum(acc);
   acc = 0.0f;
-  if (t.s == 0 && two_parts<E>(t.o, rope)) {
+  if (E == kSiluPairs && t.s == 0) {
     gate = sum;
     return;
   }
   if (lane != 0) return;
-  if (E == kRope) {
-    store_rope(t.o, gate, sum, out, rope);
-    return;
-  }
   float v = round_bf16(sum);
   if (E == kResidual) v = __bfloat162float(residual[t.o]) + v;
   if (E == kSiluPairs) v = silu_bf16(round_bf16(gate)) * v;
@@ -257,7 +199,7 @@ template <int P, int E>
 __global__ void __launch_bounds__(kThreads, GEMV_MIN_BLOCKS)
     gemv_kernel(const uint4* __restrict__ w, const uint4* __restrict__ x, const uint4* __restrict__ norm_w,
                 const __nv_bfloat16* __restrict__ residual, __nv_bfloat16* __restrict__ out, int outputs, int chunks,
-                float eps, const Rope rope) {
+                float eps) {
   extern __shared__ uint4 xs[];
   __shared__ float partial[kWarps];
   const int lane = threadIdx.x & 31, warp = static_cast<int>(threadIdx.x >> 5), block = static_cast<int>(blockIdx.x);
@@ -270,30 +212,30 @@ __global__ void __launch_bounds__(kThreads, GEMV_MIN_BLOCKS)
   Step t = {block * kWarps + warp, 0, 0};
 #endif
   uint4 a[kBatch], b[kBatch];  // two batches in flight: the loop alternates between them, so no register copies
-  load_batch<E>(a, w, t, end, outputs, chunks, lane, rope);  // weights only: nothing the kernel before writes
+  load_batch<E>(a, w, t, end, outputs, chunks, lane);  // weights only: nothing the kernel before writes
   wait_for_previous_kernel();
   prepare<P>(xs, x, norm_w, eps, chunks, partial);
   __syncthreads();
   let_next_kernel_launch();
   float acc = 0.0f, gate = 0.0f;
   while (t.o < end) {
-    Step next = advance<E>(t, chunks, stride, rope);
-    load_batch<E>(b, w, next, end, outputs, chunks, lane, rope);
+    Step next = advance<E>(t, chunks, stride);
+    load_batch<E>(b, w, next, end, outputs, chunks, lane);
     acc = dot_batch(a, xs, t.base, chunks, lane, acc);
-    finish<E>(t, next, acc, gate, residual, out, lane, rope);
+    finish<E>(t, next, acc, gate, residual, out, lane);
     t = next;
     if (t.o >= end) break;
-    next = advance<E>(t, chunks, stride, rope);
-    load_batch<E>(a, w, next, end, outputs, chunks, lane, rope);
+    next = advance<E>(t, chunks, stride);
+    load_batch<E>(a, w, next, end, outputs, chunks, lane);
     acc = dot_batch(b, xs, t.base, chunks, lane, acc);
-    finish<E>(t, next, acc, gate, residual, out, lane, rope);
+    finish<E>(t, next, acc, gate, residual, out, lane);
     t = next;
   }
 }
 
 template <int P, int E>
 void launch(const at::Tensor& x, const at::Tensor& w, const uint4* norm_w, const __nv_bfloat16* residual,
-            at::Tensor& out, int outputs, double eps, bool pdl, const Rope& rope = {}) {
+            at::Tensor& out, int outputs, double eps, bool pdl) {
   auto kernel = gemv_kernel<P, E>;
   const int chunks = static_cast<int>(w.size(1) / 8);
   const size_t smem = static_cast<size_t>(chunks) * sizeof(uint4);
@@ -318,7 +260,7 @@ void launch(const at::Tensor& x, const at::Tensor& w, const uint4* norm_w, const
   C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, reinterpret_cast<const uint4*>(w.data_ptr()),
                                     reinterpret_cast<const uint4*>(x.data_ptr()), norm_w, residual,
                                     reinterpret_cast<__nv_bfloat16*>(out.data_ptr()), outputs, chunks,
-                                    static_cast<float>(eps), rope));
+                                    static_cast<float>(eps)));
 }
 
 void check_operand(const at::Tensor& t, const char* what) {
@@ -369,53 +311,11 @@ at::Tensor gemv(const at::Tensor& x_in, const at::Tensor& w, const std::optional
   return out;
 }
 
-// The q/k/v product of the RMS-normed x (w: q, k and v rows stacked), RoPE applied to q and k with this step's cos
-// and sin (head_dim values each), k and v written into the cache (keys, values: [1, kv_heads, length, head_dim]) at
-// slot cache_position[0]. Returns q rotated, (1, heads * head_dim).
-at::Tensor qkv_rope(const at::Tensor& x_in, const at::Tensor& w, const at::Tensor& norm_weight, double eps,
-                    const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& cache_position, at::Tensor& keys,
-                    at::Tensor& values, int64_t heads, bool pdl) {
-  c10::cuda::CUDAGuard guard(w.device());
-  const at::Tensor x = x_in.contiguous();
-  check_operand(w, "the weight");
-  check_operand(x, "the input");
-  check_operand(norm_weight, "the norm's weight");
-  check_operand(keys, "the key cache");
-  check_operand(values, "the value cache");
-  TORCH_CHECK(keys.dim() == 4 && keys.size(0) == 1 && keys.sizes() == values.sizes(),
-              "qlora_gemv: the caches must both be [1, kv_heads, length, head_dim]");
-  const int kv_heads = static_cast<int>(keys.size(1)), length = static_cast<int>(keys.size(2));
-  const int head_dim = static_cast<int>(keys.size(3));
-  TORCH_CHECK(head_dim % 2 == 0, "qlora_gemv: RoPE needs an even head_dim");
-  TORCH_CHECK(w.dim() == 2 && w.size(0) == (heads + 2 * kv_heads) * head_dim && w.size(1) % 8 == 0,
-              "qlora_gemv: the weight must hold (heads + 2 kv_heads) * head_dim rows of a multiple of 8 inputs");
-  TORCH_CHECK(x.numel() == w.size(1) && norm_weight.numel() == w.size(1),
-              "qlora_gemv: the input and the norm's weight must hold the weight's ", w.size(1), " inputs");
-  for (const at::Tensor* t : {&cos, &sin}) {
-    TORCH_CHECK(t->is_cuda() && t->scalar_type() == at::kBFloat16 && t->is_contiguous() && t->numel() == head_dim,
-                "qlora_gemv: cos and sin must be ", head_dim, " contiguous bfloat16 CUDA values");
-  }
-  TORCH_CHECK(cache_position.is_cuda() && cache_position.scalar_type() == at::kLong && cache_position.numel() == 1,
-              "qlora_gemv: cache_position must be one int64 CUDA value");
-  Rope rope = {reinterpret_cast<const __nv_bfloat16*>(cos.data_ptr()),
-               reinterpret_cast<const __nv_bfloat16*>(sin.data_ptr()), cache_position.data_ptr<int64_t>(),
-               reinterpret_cast<__nv_bfloat16*>(keys.data_ptr()), reinterpret_cast<__nv_bfloat16*>(values.data_ptr()),
-               static_cast<int>(heads), kv_heads, head_dim, length};
-  at::Tensor out = at::empty({1, heads * head_dim}, w.options());
-  const int items = static_cast<int>((heads + kv_heads) * (head_dim / 2) + kv_heads * head_dim);
-  launch<kRmsNorm, kRope>(x, w, reinterpret_cast<const uint4*>(norm_weight.data_ptr()), nullptr, out, items, eps, pdl,
-                          rope);
-  return out;
-}
-
 TORCH_LIBRARY(GEMV_LIBRARY, m) {
   m.def("gemv(Tensor x, Tensor w, Tensor? norm_weight, float eps, Tensor? residual, bool silu_pairs, bool pdl) -> "
         "Tensor");
-  m.def("qkv_rope(Tensor x, Tensor w, Tensor norm_weight, float eps, Tensor cos, Tensor sin, Tensor cache_position, "
-        "Tensor(a!) keys, Tensor(b!) values, int heads, bool pdl) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(GEMV_LIBRARY, CUDA, m) {
   m.impl("gemv", &gemv);
-  m.impl("qkv_rope", &qkv_rope);
 }

@@ -8,8 +8,7 @@ up and the residual adds are kernels of their own: 441 launches a token (``resul
 RMSNorm (q/k/v, gate/up, ``lm_head``), its epilogue adds the residual (o, down) or multiplies SiLU(gate) * up
 (gate/up), with the rounding of the model's eager bf16 forward (gemv.cu). Batches, prompts and the CPU go through
 ``FusedDecoder``'s own products. The kernels are launched with programmatic dependent launch: each starts reading its
-weights while the kernel before it ends. ``fold_rope`` (off by default until a GPU run times it: the decode probe's
-``hand-rope``) also folds RoPE and the KV cache's write into the q/k/v kernel (``qkv_rope``).
+weights while the kernel before it ends.
 
 ``build`` compiles gemv.cu with torch's JIT loader (harness/engines/kernel_build.py; about 30 s on 16 cores, once per
 machine, started beside the training) into ``<cache>/gemv-<key>/``, built in a temp dir and renamed into place under
@@ -27,7 +26,7 @@ import torch
 from .fused import FusedDecoder
 from .kernel_build import compile_library, keyed_folder, library_key, nvcc
 
-__all__ = ["build_key", "build", "load", "gemv", "qkv_rope", "GemvDecoder"]
+__all__ = ["build_key", "build", "load", "gemv", "GemvDecoder"]
 
 NAMESPACE = "qlora_gemv"  # gemv.cu's TORCH_LIBRARY
 SOURCE = Path(__file__).with_suffix(".cu")
@@ -82,22 +81,6 @@ def _(x, weight, norm_weight, eps, residual, silu_pairs, pdl):
     return weight.new_empty(1, weight.shape[0] // 2 if silu_pairs else weight.shape[0])
 
 
-@torch.library.custom_op("qlora::qkv_rope", mutates_args=("keys", "values"))
-def qkv_rope(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tensor, eps: float, cos: torch.Tensor,
-             sin: torch.Tensor, cache_position: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, heads: int,
-             pdl: bool) -> torch.Tensor:
-    """The q/k/v product of one RMS-normed row ``x`` with RoPE (``cos``, ``sin``: this step's head_dim values)
-    applied to q and k, k and v written into ``keys`` and ``values`` ([1, kv_heads, length, head_dim]) at slot
-    ``cache_position[0]``: q rotated, (1, heads * head_dim)."""
-    return getattr(torch.ops, NAMESPACE).qkv_rope(x, weight, norm_weight, eps, cos, sin, cache_position, keys, values,
-                                                  heads, pdl)
-
-
-@qkv_rope.register_fake
-def _(x, weight, norm_weight, eps, cos, sin, cache_position, keys, values, heads, pdl):
-    return weight.new_empty(1, heads * keys.shape[-1])
-
-
 class GemvDecoder(FusedDecoder):
     """``FusedDecoder`` whose one-row steps on CUDA run the four products of each layer and ``lm_head`` through
     ``gemv`` (module doc); ``pdl`` launches them with programmatic dependent launch. The library must be loaded
@@ -109,9 +92,9 @@ class GemvDecoder(FusedDecoder):
 
     compile_per_layer = True
 
-    def __init__(self, model, projections, pdl: bool = True, fold_rope: bool = False):
+    def __init__(self, model, projections, pdl: bool = True):
         super().__init__(model, projections)
-        self.pdl, self.fold_rope = pdl, fold_rope
+        self.pdl = pdl
         if self.lm_head.weight.device.type == "cuda":
             self.check()
 
@@ -144,26 +127,6 @@ class GemvDecoder(FusedDecoder):
             return super().head(x)
         return self._gemv(x, self.lm_head, self.norm)
 
-    def prepare(self, ids, positions, cache_position, pad_mask):
-        """With ``fold_rope`` the mask is additive (0 or -inf in the model's dtype, what SDPA turns a boolean mask
-        into), made once a step: inductor had folded each layer's conversion into its RoPE kernel, which the folded
-        q/k/v product replaces."""
-        x, cos, sin, mask = super().prepare(ids, positions, cache_position, pad_mask)
-        if self.fold_rope:
-            mask = torch.zeros(mask.shape, dtype=x.dtype, device=x.device).masked_fill_(~mask, float("-inf"))
-        return x, cos, sin, mask
-
-    def layer(self, x, cos, sin, mask, cache_position, norm_in, norm_post, proj, keys, values):
-        """With ``fold_rope``, a one-row step's q/k/v product also applies RoPE and writes the cache (``qkv_rope``):
-        one kernel where inductor's RoPE and cache writes were three more."""
-        if not (self.fold_rope and self._one_row(x)):
-            return super().layer(x, cos, sin, mask, cache_position, norm_in, norm_post, proj, keys, values)
-        q = qkv_rope(x.view(1, -1), proj.qkv.weight, norm_in.weight, norm_in.variance_epsilon, cos.reshape(-1),
-                     sin.reshape(-1), cache_position, keys, values, self.heads, self.pdl)
-        attn = self.attend(q.view(1, self.heads, 1, self.head_dim), keys, values, mask)
-        x = self.attention_out(proj, attn.transpose(1, 2).reshape(1, 1, -1), x)
-        return self.mlp(proj, norm_post, x)
-
     @torch.no_grad()
     def check(self) -> None:
         """This decoder's products against ``FusedDecoder``'s on the first layer, for one random row; RuntimeError
@@ -185,39 +148,7 @@ class GemvDecoder(FusedDecoder):
             got = kernel(*args).float()
             if name in ("o", "gate/up and down"):  # the residual stream: compare what was added to it
                 want, got = want - x.float(), got - x.float()
-            _compare(name, got, want)
-        if self.fold_rope:
-            self._check_layer(proj, norm_in, norm_post)
-
-    def _check_layer(self, proj, norm_in, norm_post) -> None:
-        """The first layer with ``qkv_rope`` against ``FusedDecoder.layer`` over this decoder's products (RoPE and
-        the cache writes composed by torch), at slot 5 of a 16-slot cache whose earlier slots hold random keys and
-        values: the residual stream's change and the slot's keys and values. The rest of the cache must be as it
-        was."""
-        like = self.lm_head.weight
-        generator = torch.Generator(device=like.device).manual_seed(1)
-        at = torch.tensor([5], device=like.device)
-        x, cos, sin, mask = self.prepare(torch.tensor([[7]], device=like.device), at[None], at,
-                                         torch.ones(1, 16, dtype=torch.bool, device=like.device))
-        x = 1e-2 * torch.randn(x.shape, device=like.device, dtype=like.dtype, generator=generator)
-        history = [torch.randn(1, self.kv_heads, 16, self.head_dim, device=like.device, dtype=like.dtype,
-                               generator=generator) for _ in range(2)]
-        want_cache, got_cache = [t.clone() for t in history], [t.clone() for t in history]
-        want = FusedDecoder.layer(self, x, cos, sin, mask, at, norm_in, norm_post, proj, *want_cache)
-        got = self.layer(x, cos, sin, mask, at, norm_in, norm_post, proj, *got_cache)
-        _compare("q/k/v with RoPE and the cache write (the layer's output)", got.float() - x.float(),
-                 want.float() - x.float())
-        for name, g, w, before in zip(("keys", "values"), got_cache, want_cache, history):
-            _compare(f"q/k/v with RoPE and the cache write ({name} at the slot)", g[:, :, 5].float(),
-                     w[:, :, 5].float())
-            others = torch.ones(16, dtype=torch.bool, device=like.device)
-            others[5] = False
-            if not torch.equal(g[:, :, others], before[:, :, others]):
-                raise RuntimeError(f"merged engine: the GEMV kernel for q/k/v with RoPE wrote {name} outside slot 5")
-
-
-def _compare(name: str, got: torch.Tensor, want: torch.Tensor) -> None:
-    error = ((got - want).norm() / want.norm()).item()
-    if not error <= CHECK_MAX_RELATIVE_ERROR:  # written so that NaN fails
-        raise RuntimeError(f"merged engine: the GEMV kernel for {name} is wrong (relative error {error:.3g} "
-                           f"against the composed product, limit {CHECK_MAX_RELATIVE_ERROR:g})")
+            error = ((got - want).norm() / want.norm()).item()
+            if not error <= CHECK_MAX_RELATIVE_ERROR:  # written so that NaN fails
+                raise RuntimeError(f"merged engine: the GEMV kernel for {name} is wrong (relative error {error:.3g} "
+                                   f"against the composed product, limit {CHECK_MAX_RELATIVE_ERROR:g})")

@@ -318,25 +318,6 @@ def test_gemv_op_shapes_follow_its_epilogue():
         assert gemv(x, w, torch.empty(64, dtype=torch.bfloat16), 1e-5, None, True, True).shape == (1, 48)
 
 
-def test_qkv_rope_op_returns_q_and_declares_the_caches_written():
-    """``qlora::qkv_rope`` returns q only, (1, heads * head_dim), and tells torch.compile that it writes the key and
-    value caches (so the compiled layer neither drops nor reorders those writes). Mutation: a fake of the whole
-    product's width, or an op declared pure, fails here."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    from harness.engines.gemv import qkv_rope
-
-    with FakeTensorMode():
-        bf16 = dict(dtype=torch.bfloat16)
-        keys, values = torch.empty(1, 2, 16, 32, **bf16), torch.empty(1, 2, 16, 32, **bf16)
-        q = qkv_rope(torch.empty(1, 64, **bf16), torch.empty((4 + 2 * 2) * 32, 64, **bf16), torch.empty(64, **bf16),
-                     1e-5, torch.empty(32, **bf16), torch.empty(32, **bf16), torch.zeros(1, dtype=torch.long), keys,
-                     values, 4, True)
-        assert q.shape == (1, 4 * 32)
-    schema = torch.ops.qlora.qkv_rope.default._schema
-    assert [a.name for a in schema.arguments if a.alias_info and a.alias_info.is_write] == ["keys", "values"]
-
-
 def test_gemv_decoder_off_cuda_computes_the_fused_decoders_products(model):
     """Off CUDA ``GemvDecoder`` goes through ``FusedDecoder``'s own products, for a prompt and for one-token steps
     alike (on CUDA a one-token step runs gemv.cu), so the CPU self-tests cover the layer code the GPU runs around the
@@ -375,32 +356,6 @@ def test_gemv_decoder_check_passes_its_own_products_and_refuses_a_wrong_or_nan_o
 
     with pytest.raises(RuntimeError, match=r"kernel for lm_head is wrong \(relative error nan"):
         NanHead(model, layers).check()
-
-
-def test_gemv_decoder_check_of_the_folded_rope_refuses_a_wrong_slot_or_a_stray_write(model):
-    """With ``fold_rope`` the check also runs a whole layer against ``FusedDecoder.layer`` (RoPE and the cache writes
-    composed by torch), on a cache with history: on the CPU the layer is the composed one and passes. Mutations: the
-    cache written one slot late, and a key written outside the step's slot, each refused by name."""
-    from harness.engines.gemv import GemvDecoder
-
-    layers = fuse_projections_(model)
-    GemvDecoder(model, layers, fold_rope=True).check()
-
-    class SlotLate(GemvDecoder):
-        def layer(self, x, cos, sin, mask, cache_position, *rest):
-            return super().layer(x, cos, sin, mask, cache_position + 1, *rest)
-
-    with pytest.raises(RuntimeError, match=r"kernel for q/k/v with RoPE and the cache write \(the layer's output\) "
-                                           r"is wrong"):
-        SlotLate(model, layers, fold_rope=True).check()
-
-    class StrayWrite(GemvDecoder):
-        def layer(self, x, cos, sin, mask, cache_position, norm_in, norm_post, proj, keys, values):
-            keys[:, :, 9] = 0
-            return super().layer(x, cos, sin, mask, cache_position, norm_in, norm_post, proj, keys, values)
-
-    with pytest.raises(RuntimeError, match=r"with RoPE wrote keys outside slot 5"):
-        StrayWrite(model, layers, fold_rope=True).check()
 
 
 def test_a_step_compiled_per_layer_makes_one_graph_a_region_and_decodes_as_the_model(model):
@@ -462,33 +417,17 @@ def _gemv_standin(x, weight, norm_weight, eps, residual, silu_pairs, pdl):
     return y if residual is None else residual.reshape(1, -1) + y
 
 
-def _qkv_rope_standin(x, weight, norm_weight, eps, cos, sin, cache_position, keys, values, heads, pdl):
-    """What gemv.cu's ``qkv_rope`` computes, composed in torch."""
-    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-
-    kv_heads, dim = keys.shape[1], keys.shape[-1]
-    q, k, v = _gemv_standin(x, weight, norm_weight, eps, None, False, pdl).split(
-        [heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
-    q, k = apply_rotary_pos_emb(q.view(1, heads, 1, dim), k.view(1, kv_heads, 1, dim), cos.view(1, 1, dim),
-                                sin.view(1, 1, dim))
-    keys.index_copy_(2, cache_position, k)
-    values.index_copy_(2, cache_position, v.view(1, kv_heads, 1, dim))
-    return q.reshape(1, -1)
-
-
-@pytest.mark.parametrize("fold_rope", [False, True], ids=["rope-by-torch", "rope-folded"])
-def test_the_code_around_the_one_row_kernels_decodes_as_the_model(model, monkeypatch, fold_rope):
-    """The CPU never runs gemv.cu, so the Python around its two ops (their arguments, q's view into heads, the
-    additive mask, the cache slot) is checked here: the ops replaced by torch compositions of what the kernels
-    compute, one-row steps sent to them as on CUDA, the greedy tokens must be ``generate``'s. Mutation: q viewed
-    head-minor, the residual or a norm left out, or RoPE's cos and sin swapped changes the tokens."""
+def test_the_code_around_the_one_row_kernels_decodes_as_the_model(model, monkeypatch):
+    """The CPU never runs gemv.cu, so the Python around its op (which norm, residual and epilogue each product gets)
+    is checked here: the op replaced by a torch composition of what the kernel computes, one-row steps sent to it as
+    on CUDA, the greedy tokens must be ``generate``'s. Mutation: a residual or a norm left out changes the
+    tokens."""
     import harness.engines.gemv as hand
 
     monkeypatch.setattr(hand, "gemv", _gemv_standin)
-    monkeypatch.setattr(hand, "qkv_rope", _qkv_rope_standin)
     monkeypatch.setattr(hand.GemvDecoder, "_one_row", staticmethod(lambda x: x.numel() == x.shape[-1]))
     expected = _hf_greedy(model, 10)
-    decoder = hand.GemvDecoder(model, fuse_projections_(model), fold_rope=fold_rope)
+    decoder = hand.GemvDecoder(model, fuse_projections_(model))
     engine = FusedGreedy(model, decoder, Tok(), "merged", Cfg())
     assert [engine.generate([p], 10, batch_size=1, fixed_length=True)[0] for p in PROMPTS] == expected
 

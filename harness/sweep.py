@@ -207,7 +207,7 @@ class Sweep:
         try:
             result = self._guard(name, "inference", parity, HFGreedy(reference, self.tokenizer),
                                  self.load(name).engine, self.tokenizer, self.eval_prompts(), inf.parity_new_tokens,
-                                 self.profile.eval.batch_size)
+                                 self.profile.eval.batch_size, inf.parity_tie_logits)
         finally:
             del reference
             free_memory()

@@ -212,6 +212,9 @@ class InferenceConfig:
     parity_new_tokens: int = _spec("greedy tokens compared by the parity check", default=32, lo=1)
     parity_min_agreement: float = _spec("lowest mean token agreement of merged vs seed", default=0.9, lo=0.0,
                                         hi=1.0)
+    parity_tie_logits: float = _spec("a difference within this many logits of the seed path's own choice is a near "
+                                     "tie, passed over by the token agreement (harness/measure/parity.py)",
+                                     default=0.0, lo=0.0)
     parity_max_logit_diff: float = _spec("largest |logit difference| of merged vs seed, teacher-forced",
                                          default=1.0, lo=0.0)
     parity_max_relative_error: float | None = _spec("largest engine error as a fraction of the adapter's own effect "

@@ -153,20 +153,24 @@ class HFGreedy:
         return rows if fixed_length else [_trim_after_eos(r, self.tokenizer.eos_token_id) for r in rows]
 
     @torch.inference_mode()
-    def teacher_forced(self, prompt: list[int], forced: list[int]) -> tuple[list[int], torch.Tensor]:
+    def teacher_forced(self, prompt: list[int], forced: list[int]) -> tuple[list[int], list[float], torch.Tensor]:
         """One plain forward of prompt + forced, no cache: (this model's greedy choice at each forced position, given
-        the tokens before it; ``forced_logits``' rows). Where the choices equal ``forced`` up to position i, greedy
-        decoding of this model would have produced ``forced[:i + 1]``: what ``generate`` finds one step at a time,
-        one forward finds here."""
+        the tokens before it; how many logits below that choice it scores the forced token there, 0 where they are the
+        same; ``forced_logits``' rows). Where the choices equal ``forced`` up to position i, greedy decoding of this
+        model would have produced ``forced[:i + 1]``: what ``generate`` finds one step at a time, one forward finds
+        here."""
         dev = next(self.model.parameters()).device
         logits = self.model(input_ids=torch.tensor([prompt + forced], device=dev), use_cache=False).logits
-        after_prompt = logits[0, len(prompt) - 1:]
-        return after_prompt[:len(forced)].argmax(-1).tolist(), after_prompt[1:].float().cpu()
+        after_prompt = logits[0, len(prompt) - 1:].float()
+        scores = after_prompt[:len(forced)]
+        best = scores.max(-1).values
+        deficits = best - scores.gather(-1, torch.tensor(forced, device=dev)[:, None]).squeeze(-1)
+        return scores.argmax(-1).tolist(), deficits.tolist(), after_prompt[1:].cpu()
 
     def forced_logits(self, prompt: list[int], forced: list[int]) -> torch.Tensor:
         """The reference for ``StaticGreedy.forced_logits``: one plain teacher-forced forward of prompt + forced,
         no cache; row i is the prediction after ``prompt + forced[:i + 1]``. [len(forced), vocab] float32, CPU."""
-        return self.teacher_forced(prompt, forced)[1]
+        return self.teacher_forced(prompt, forced)[2]
 
 
 def compile_layers_once(model) -> None:

@@ -1,4 +1,5 @@
-"""``merged-int4``: the merged model's decoder projections in 4 bits, decoded by the fused engine (harness/engines/fused.py).
+"""``merged-int4``: the merged model's decoder projections in 4 bits, decoded by the fused engine
+(harness/engines/fused.py).
 
 A decode step at batch 1 reads every weight once, so 4-bit projections read about a quarter of bf16's bytes. The
 kernels are AWQ's (gptqmodel's packaging; built once per machine by harness/engines/awq_kernels.py): the decode GEMV

@@ -152,6 +152,17 @@ def test_without_git_the_declared_sha_is_used(monkeypatch, tmp_path):
     assert artifacts.git_sha() == "feedface" and artifacts.git_provenance() == {"git_sha": "feedface"}
 
 
+def test_a_declared_sha_that_is_no_commit_is_unknown_and_recorded_as_declared(monkeypatch, tmp_path):
+    """A placeholder left in the GPU command (``QLORA_GIT_SHA=SHA``, 2026-12-05) must not label a run as a commit:
+    the run says ``unknown`` and keeps what was declared beside it. Mutation: taking any declared string fails."""
+    monkeypatch.setattr(artifacts, "_REPO_ROOT", tmp_path)
+    for bad in ("SHA", "<full sha>", "257f5bf!", "abc"):
+        monkeypatch.setenv(artifacts.SHA_ENV, bad)
+        assert artifacts.git_provenance() == {"git_sha": "unknown", "git_sha_declared": bad}
+    monkeypatch.setenv(artifacts.SHA_ENV, "257f5bf")
+    assert artifacts.git_sha() == "257f5bf"
+
+
 def test_a_section_made_by_other_harness_code_is_marked_stale():
     """Same config and data, but the section's code digest is not the results file's current one: †, with why."""
     prov = {"config_hash": "c", "data_fingerprint": "fp"}

@@ -219,8 +219,8 @@ class InferenceConfig:
                                          default=1.0, lo=0.0)
     parity_max_relative_error: float | None = _spec("largest engine error as a fraction of the adapter's own effect "
                                                     "on the seed path's logits, Frobenius over every teacher-forced "
-                                                    "position (harness/parity.py); a missing or doubled merge gives "
-                                                    "about 1; not applied to the baseline (no adapter); null: "
+                                                    "position (harness/measure/parity.py); a missing or doubled merge "
+                                                    "gives about 1; not applied to the baseline (no adapter); null: "
                                                     "measured and reported, not gated (for an adapter whose effect "
                                                     "is within the engine's rounding)", default=0.1, lo=0.0,
                                                     lo_open=True)

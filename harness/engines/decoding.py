@@ -163,9 +163,9 @@ class HFGreedy:
         logits = self.model(input_ids=torch.tensor([prompt + forced], device=dev), use_cache=False).logits
         after_prompt = logits[0, len(prompt) - 1:].float()
         scores = after_prompt[:len(forced)]
-        best = scores.max(-1).values
+        best, choices = scores.max(-1)  # the first of equal maxima, as argmax
         deficits = best - scores.gather(-1, torch.tensor(forced, device=dev)[:, None]).squeeze(-1)
-        return scores.argmax(-1).tolist(), deficits.tolist(), after_prompt[1:].cpu()
+        return choices.tolist(), deficits.tolist(), after_prompt[1:].cpu()
 
     def forced_logits(self, prompt: list[int], forced: list[int]) -> torch.Tensor:
         """The reference for ``StaticGreedy.forced_logits``: one plain teacher-forced forward of prompt + forced,

@@ -32,7 +32,7 @@ differing token each must be among the other's top log-probabilities) but must s
 parted. ``token_agreement_exact`` keeps the count to the first difference of any size, and ``near_ties`` says how
 many were passed over; with ``parity_tie_logits`` 0 only exact ties are.
 
-Logits come from each engine's ``forced_logits`` (harness/decoding.py): the candidate's through its own static
+Logits come from each engine's ``forced_logits`` (harness/engines/decoding.py): the candidate's through its own static
 cache and decode step (compiled where it compiles), the reference's from a plain forward.
 """
 

@@ -102,7 +102,7 @@ def _in_order(mapping: dict[str, Any], order: list[str]) -> list[tuple[str, Any]
 
 def _parity(p: dict | None) -> str:
     """Token agreement / max |logit diff| of the profile's engine against the separately built seed path, and its
-    error as a fraction of the adapter's own effect (harness/parity.py)."""
+    error as a fraction of the adapter's own effect (harness/measure/parity.py)."""
     if not p:
         return "n/a"
     return f"{p['token_agreement']:.2f} tok{_ties(p)}, {p['max_logit_diff']:.1e} logit" + _relative(p)

@@ -133,7 +133,7 @@ class MergedBase:
             self._merged_in = False
         if adapter_dir is not None:
             self._merged_in = True
-            wrapped = PeftModel.from_pretrained(self.model, str(adapter_dir))
+            wrapped = PeftModel.from_pretrained(self.model, str(adapter_dir), low_cpu_mem_usage=True)
             try:
                 merged = wrapped.merge_and_unload()
             except BaseException:

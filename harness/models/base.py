@@ -125,20 +125,34 @@ def bnb_config(q: QuantConfig):
 def load_base(model_cfg: ModelConfig, q: QuantConfig, cache_root: Path, fsdp: bool = False):
     """Load the base model, 4-bit quantized when configured, on the GPU if there is one.
 
-    With ``fsdp`` no device map is given: accelerate's FSDP plugin places and shards the weights itself.
+    A 4-bit base is quantized once and then read from ``runs/_models/nf4-<key>/`` (``harness.models.nf4_store``).
+    With ``fsdp`` it is quantized at every load, with no device map: accelerate's FSDP plugin places and shards the
+    weights itself.
     """
     from transformers import AutoModelForCausalLM
 
-    path = resolve_source(model_cfg, cache_root)
     dev = device()
-    revision = None if model_cfg.source.startswith(_SYNTHETIC_PREFIX) else model_cfg.revision
-    model = AutoModelForCausalLM.from_pretrained(
-        path, revision=revision, quantization_config=bnb_config(q), dtype=getattr(torch, q.compute_dtype),
-        attn_implementation=model_cfg.attn_implementation,
-        device_map=None if fsdp else ({"": dev.index or 0} if dev.type == "cuda" else {"": "cpu"}),
-    )
-    model.eval()
-    return model
+
+    def from_pretrained(path, quantization_config=None, revision=None):
+        # a stored 4-bit base carries its quantization config; passing None would load it as if it had none
+        model = AutoModelForCausalLM.from_pretrained(
+            path, revision=revision, dtype=getattr(torch, q.compute_dtype),
+            attn_implementation=model_cfg.attn_implementation,
+            device_map=None if fsdp else ({"": dev.index or 0} if dev.type == "cuda" else {"": "cpu"}),
+            **({"quantization_config": quantization_config} if quantization_config is not None else {}),
+        )
+        model.eval()
+        return model
+
+    def from_source():
+        revision = None if model_cfg.source.startswith(_SYNTHETIC_PREFIX) else model_cfg.revision
+        return from_pretrained(resolve_source(model_cfg, cache_root), bnb_config(q), revision)
+
+    if not q.load_in_4bit or fsdp:
+        return from_source()
+    from . import nf4_store
+
+    return nf4_store.load(model_cfg, q, cache_root, dev.type, from_source, from_pretrained)
 
 
 def load_tokenizer(model_cfg: ModelConfig, cache_root: Path):

@@ -91,6 +91,10 @@ def _dequantize(profile: Profile, cache_root: Path) -> torch.nn.Module:
             model = nf4.dequantize(dtype=dtype)
         except TypeError:  # transformers releases before dequantize(dtype=...)
             model = nf4.dequantize()
+        # A base read from the stored 4-bit folder keeps the loader's record of the deserialization it ran, and
+        # save_pretrained would try to reverse it (NotImplementedError under transformers 5.17). Dequantizing drops
+        # that record from 5.24 on (HfQuantizer.remove_quantization_config); do the same here.
+        model.__dict__.pop("_weight_conversions", None)
     del nf4
     gc.collect()  # the replaced 4-bit modules are cyclic garbage: keep only the dequantized weights resident
     return model.to(dtype)

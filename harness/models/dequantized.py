@@ -25,13 +25,11 @@ import torch
 
 from ..config.profiles import config_hash
 from ..config.schema import Profile
-from ..measure.memory import free_memory
-from ..report.atomic import atomic_dir, file_lock
+from ..report.atomic import file_lock
 from ..report.phases import note
 from ..report.provenance import library_versions, source_digest
 from .base import device, load_base
-from .host_copy import save_pretrained
-from .keyed_folder import remove_superseded, stored_key, write_key
+from .keyed_folder import store
 from .revision import base_identity
 
 __all__ = ["KEY_SOURCES", "key_parts", "folder", "load"]
@@ -65,18 +63,10 @@ def load(profile: Profile, cache_root: Path) -> tuple[torch.nn.Module, dict[str,
     key = config_hash(parts)
     final = folder(cache_root, key)
     with file_lock(final):
-        if stored_key(final) == key:
-            note("dequantized-base", f"loaded {final.name}")
-        else:
-            model = _dequantize(profile, cache_root)
-            with atomic_dir(final) as tmp:
-                save_pretrained(model, tmp)  # through pinned memory (host_copy.py)
-                write_key(tmp, key, parts)
-            del model  # loaded back below, so a built base and a loaded one are the same (buffers included)
-            free_memory()
-            note("dequantized-base", f"built and kept as {final.name}")
-            remove_superseded(final, parts, ("base", "quantization", "dtype", "device_type"))
-        model = _from_disk(profile, final)
+        built = store(final, key, parts, ("base", "quantization", "dtype", "device_type"),
+                      lambda: _dequantize(profile, cache_root))
+        note("dequantized-base", f"{'built and kept as' if built else 'loaded'} {final.name}")
+        model = _from_disk(profile, final)  # also when built: a built base and a loaded one are the same (buffers)
     model.eval()
     return model, _mapped(final, model)
 

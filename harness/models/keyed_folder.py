@@ -11,12 +11,14 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-from ..report.atomic import atomic_write_json, file_lock
+from ..measure.memory import free_memory
+from ..report.atomic import atomic_dir, atomic_write_json, file_lock
 from ..report.provenance import git_sha
+from .host_copy import save_pretrained
 
-__all__ = ["KEY_FILE", "stored_key", "write_key", "remove_superseded"]
+__all__ = ["KEY_FILE", "stored_key", "write_key", "remove_superseded", "store"]
 
 KEY_FILE = "key.json"
 
@@ -27,6 +29,22 @@ def stored_key(path: Path) -> str | None:
         return json.loads((path / KEY_FILE).read_text(encoding="utf-8")).get("key")
     except (OSError, ValueError, AttributeError):
         return None
+
+
+def store(final: Path, key: str, parts: dict[str, Any], same: tuple[str, ...], build: Callable) -> bool:
+    """Unless ``final``'s key file names ``key``: write ``build()``'s model there (through pinned memory,
+    host_copy.py) with its key, free it, and remove the superseded folders. True when it wrote. Call it under
+    ``file_lock(final)`` and load ``final`` under the same lock, so a built model and a stored one are the same."""
+    if stored_key(final) == key:
+        return False
+    model = build()
+    with atomic_dir(final) as tmp:
+        save_pretrained(model, tmp)
+        write_key(tmp, key, parts)
+    del model
+    free_memory()
+    remove_superseded(final, parts, same)
+    return True
 
 
 def write_key(folder: Path, key: str, parts: dict[str, Any]) -> None:

@@ -26,12 +26,10 @@ import torch
 
 from ..config.profiles import config_hash
 from ..config.schema import ModelConfig, QuantConfig
-from ..measure.memory import free_memory
-from ..report.atomic import atomic_dir, file_lock
+from ..report.atomic import file_lock
 from ..report.phases import note
 from ..report.provenance import library_versions, source_digest
-from .host_copy import save_pretrained
-from .keyed_folder import remove_superseded, stored_key, write_key
+from .keyed_folder import store
 from .revision import base_identity
 
 __all__ = ["KEY_SOURCES", "key_parts", "folder", "load"]
@@ -61,13 +59,6 @@ def load(model_cfg: ModelConfig, q: QuantConfig, cache_root: Path, device_type: 
     key = config_hash(parts)
     final = folder(cache_root, key)
     with file_lock(final):
-        if stored_key(final) != key:
-            model = quantize()
-            with atomic_dir(final) as tmp:
-                save_pretrained(model, tmp)  # through pinned memory (host_copy.py)
-                write_key(tmp, key, parts)
-            del model  # loaded back below, as every later session loads it
-            free_memory()
+        if store(final, key, parts, ("base", "quantization", "device_type"), quantize):
             note("nf4-base", f"quantized and kept as {final.name}")
-            remove_superseded(final, parts, ("base", "quantization", "device_type"))
-        return from_disk(final)
+        return from_disk(final)  # also after writing it: as every later session loads it

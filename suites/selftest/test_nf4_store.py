@@ -9,6 +9,7 @@ import json
 import pytest
 import torch
 
+import harness.models.keyed_folder as keyed_folder
 import harness.models.nf4_store as nf4_store
 from harness.config.profiles import config_hash, load_profile
 from harness.models.base import bnb_config, load_base, resolve_source
@@ -19,8 +20,8 @@ from harness.report import provenance
 @pytest.fixture
 def counted(monkeypatch):
     """The calls that quantize, by the folder they were written to."""
-    made, real = [], nf4_store.save_pretrained
-    monkeypatch.setattr(nf4_store, "save_pretrained", lambda model, tmp: made.append(tmp) or real(model, tmp))
+    made, real = [], keyed_folder.save_pretrained
+    monkeypatch.setattr(keyed_folder, "save_pretrained", lambda model, tmp: made.append(tmp) or real(model, tmp))
     return made
 
 

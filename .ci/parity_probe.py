@@ -52,14 +52,15 @@ def main(profile: str) -> None:
     prompts, inf = sweep.eval_prompts(), sweep.profile.inference
     results = {"profile": profile, "torch": torch.__version__, "variants": {},
                "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
+    others = None  # built once: the merged base merges each variant into the same tensors, as the shipped engine's
     for name in sweep.profile.variants:
         loaded = sweep.load(name)
         merged = sweep.state.merged
         tokens = loaded.engine.generate(prompts, inf.parity_new_tokens, sweep.profile.eval.batch_size)
-        decoders = {"shipped": loaded.engine,
-                    "cublas": FusedGreedy(merged.model, FusedDecoder(merged.model, merged.projections),
-                                          sweep.tokenizer, "cublas", inf),
-                    "plain": HFGreedy(merged.model, sweep.tokenizer)}
+        others = others or {"cublas": FusedGreedy(merged.model, FusedDecoder(merged.model, merged.projections),
+                                                  sweep.tokenizer, "cublas", inf),
+                            "plain": HFGreedy(merged.model, sweep.tokenizer)}
+        decoders = {"shipped": loaded.engine, **others}
         logits = {k: [e.forced_logits(p, t) for p, t in zip(prompts, tokens, strict=True)]
                   for k, e in decoders.items()}
         adapter = None if loaded.variant.is_baseline else sweep.adapter(name)[0] / "adapter"

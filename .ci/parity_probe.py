@@ -67,7 +67,8 @@ def main(profile: str) -> None:
         reference = HFGreedy(load_nf4_with_adapter(sweep.profile, adapter, sweep.runs_dir / "_models"),
                              sweep.tokenizer)
         seed = [reference.forced_logits(p, t) for p, t in zip(prompts, tokens, strict=True)]
-        row = {"engine_note": loaded.engine.note, "decoder": type(getattr(loaded.engine, "decoder", loaded.engine)).__name__,
+        decoder = getattr(loaded.engine, "decoder", loaded.engine)  # StaticGreedy (not fused) has none
+        row = {"engine_note": loaded.engine.note, "decoder": type(decoder).__name__,
                **{f"{k}_vs_seed": errors(seed, v) for k, v in logits.items()},
                "shipped_vs_cublas": errors(logits["cublas"], logits["shipped"])}
         results["variants"][name] = row

@@ -14,7 +14,6 @@ Writes $OUT/merge-rounding-probe.json after each variant.
 
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -26,6 +25,7 @@ from harness.engines.merged import MergedBase  # noqa: E402
 from harness.measure.memory import free_memory  # noqa: E402
 from harness.measure.parity import parity  # noqa: E402
 from harness.models.nf4 import load_nf4_with_adapter  # noqa: E402
+from harness.report.provenance import git_sha  # noqa: E402
 from harness.sweep import Sweep  # noqa: E402
 
 KEYS = ("max_logit_diff", "engine_error_rms", "adapter_effect_rms", "relative_error", "token_agreement",
@@ -40,7 +40,7 @@ def main() -> None:
     cache_root, prompts, inf = trainer.runs_dir / "_models", trainer.eval_prompts(), bf16.inference
     merged = MergedBase(bf16, cache_root, trainer.tokenizer)
     out = {"probe": "merge_rounding_probe", "trained_by": "smollm2-135m", "checked_as": bf16.name, "device": "cpu",
-           "git_sha": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip(),
+           "git_sha": git_sha(),
            "engine_note": merged.engine.note, "prompts": len(prompts), "variants": {}}
     for name in bf16.variants:
         adapter = None if name == "baseline" else trainer.adapter(name)[0] / "adapter"

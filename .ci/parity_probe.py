@@ -29,6 +29,7 @@ from harness.engines.decoding import HFGreedy  # noqa: E402
 from harness.engines.fused import FusedDecoder, FusedGreedy  # noqa: E402
 from harness.measure.memory import free_memory  # noqa: E402
 from harness.models.nf4 import load_nf4_with_adapter  # noqa: E402
+from harness.report.provenance import git_sha  # noqa: E402
 from harness.sweep import Sweep  # noqa: E402
 
 OUT = Path(os.environ.get("OUT", "/tmp"))
@@ -50,8 +51,9 @@ def main(profile: str) -> None:
     sweep = Sweep.prepare(profile, session_id=f"parity-probe-{int(time.time())}")
     sweep.train_selected()
     prompts, inf = sweep.eval_prompts(), sweep.profile.inference
-    results = {"profile": profile, "torch": torch.__version__, "variants": {},
+    results = {"profile": profile, "git_sha": git_sha(), "torch": torch.__version__, "variants": {},
                "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
+    OUT.mkdir(parents=True, exist_ok=True)
     others = None  # built once: the merged base merges each variant into the same tensors, as the shipped engine's
     for name in sweep.profile.variants:
         loaded = sweep.load(name)
@@ -74,7 +76,6 @@ def main(profile: str) -> None:
         results["variants"][name] = row
         print(name, row["decoder"], "; ".join(f"{k} rms {v['rms']:.3g} max {v['max']:.3g}"
                                               for k, v in row.items() if isinstance(v, dict)), flush=True)
-        OUT.mkdir(parents=True, exist_ok=True)
         (OUT / "parity-probe.json").write_text(json.dumps(results, indent=1))
         del reference, decoders, logits, seed
         free_memory()

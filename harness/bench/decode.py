@@ -87,7 +87,7 @@ def _measure(engine, prompt: list[int], tokens: int, rounds: int, bandwidth_tbs:
 
 def profile_decode(profile_name: str, runs_dir: Path, engines: list[str], bandwidth_tbs: float, rounds: int = 10,
                    top: int = 12) -> dict:
-    from ..config.preflight import check_profile_data
+    from ..config.preflight import prepare_profile
     from ..config.profiles import load_profile
     from ..data.prompt import encode_prompt
     from ..engines.decoding import StaticGreedy
@@ -97,8 +97,7 @@ def profile_decode(profile_name: str, runs_dir: Path, engines: list[str], bandwi
     from ..models.base import load_tokenizer
     from ..report.provenance import provenance
 
-    profile = load_profile(profile_name)
-    splits = check_profile_data(profile)
+    profile, splits, _ = prepare_profile(load_profile(profile_name))  # a folder source keyed by its content
     tokenizer = load_tokenizer(profile.model, runs_dir / "_models")
     base = MergedBase(profile, runs_dir / "_models", tokenizer)
     ex = splits["validation"][0]

@@ -69,7 +69,7 @@ class _Checker:
                               f"indented 'key: value' lines, as in {CONFIG_DIR / 'tiny.yaml'}")
             return None
         hints = typing.get_type_hints(cls)
-        fields = {f.name: f for f in dataclasses.fields(cls) if f.name not in skip}
+        fields = {f.name: f for f in dataclasses.fields(cls) if f.name not in skip and not f.metadata.get("filled")}
         renamed = set()  # a typo of a missing key ('learnig_rate') is one problem, not 'unknown' plus 'missing'
         for key in raw:
             if key not in fields:

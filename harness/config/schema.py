@@ -30,10 +30,11 @@ __all__ = [
 
 
 def _spec(doc: str = "", *, default: Any = dataclasses.MISSING, lo=None, hi=None, choices=None, lo_open=False,
-          hi_open=False, per_device=False):
+          hi_open=False, per_device=False, filled=False):
     # per_device: one number for every device, or {device: number} (matching rule in harness.gates)
+    # filled: set by the harness after loading, never read from YAML (a YAML key of that name is unknown)
     meta = {"doc": doc, "lo": lo, "hi": hi, "choices": choices, "lo_open": lo_open, "hi_open": hi_open,
-            "per_device": per_device}
+            "per_device": per_device, "filled": filled}
     if default is dataclasses.MISSING:
         return field(metadata=meta)
     if isinstance(default, (list, dict)):
@@ -50,6 +51,8 @@ class ModelConfig:
     attn_implementation: str = _spec("attention kernel", default="sdpa",
                                      choices=("sdpa", "eager", "flash_attention_2", "flash_attention_3"))
     synthetic_seed: int = _spec("seed for synthetic weights", default=0, lo=0)
+    content: str | None = _spec("a local checkpoint folder's sha256 (harness/models/folder_digest.py), pinned before "
+                                "anything is keyed; null for other sources", default=None, filled=True)
 
 
 @dataclass(frozen=True)
@@ -271,6 +274,8 @@ class Profile:
         d = dataclasses.asdict(self)
         d["variant_defs"] = {k: dataclasses.asdict(v) for k, v in self.variant_defs.items()}
         d.pop("source_file")
+        if d["model"]["content"] is None:  # only a folder source has one: every other config hash stays as it was
+            d["model"].pop("content")
         if d.get("data"):  # presentation only: no figure or cached prediction goes stale when it changes
             d["data"].pop("headline_split", None)
         return d

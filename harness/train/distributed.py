@@ -198,6 +198,7 @@ def main(argv: list[str] | None = None) -> None:
     from ..config.profiles import load_profile
     from ..data.dataset import load_splits
     from ..models.base import load_base, load_tokenizer
+    from ..models.revision import pin_revision
     from ..report.atomic import atomic_write_json
     from .trainer import train_adapter
 
@@ -208,7 +209,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--config-hash", default=None, help="the launcher's profile hash; a mismatch is an error")
     args = ap.parse_args(argv)
-    profile = load_profile(args.profile)
+    profile = pin_revision(load_profile(args.profile))  # as the launcher keyed it: a commit, a folder's content
     if args.config_hash and config_hash(profile) != args.config_hash:
         raise SystemExit(f"{args.profile}: the profile on disk differs from the one the launcher keyed the adapter "
                          f"with (edited during the run, or changed in memory); launch from the file as it is")

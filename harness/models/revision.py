@@ -113,7 +113,10 @@ def _pin_content(profile: Profile) -> Profile:
         return profile
     from .folder_digest import folder_digest
 
-    digest = folder_digest(profile.model.source, DIGEST_MEMO)
+    try:
+        digest = folder_digest(profile.model.source, DIGEST_MEMO)
+    except OSError as e:  # an empty folder, an unreadable file: one error before anything runs
+        raise ConfigError([f"{_where(profile, 'source')}: cannot key the folder by its content: {e}"]) from None
     return dataclasses.replace(profile, model=dataclasses.replace(profile.model, content=digest))
 
 
@@ -126,6 +129,6 @@ def _is_hub_id(source: str) -> bool:
                 or Path(source).expanduser().is_dir())
 
 
-def _where(profile: Profile) -> str:
-    line = read_yaml(Path(profile.source_file))[1].get(("model", "revision")) if profile.source_file else None
-    return f"{profile.source_file}{f':{line}' if line else ''}: model.revision"
+def _where(profile: Profile, key: str = "revision") -> str:
+    line = read_yaml(Path(profile.source_file))[1].get(("model", key)) if profile.source_file else None
+    return f"{profile.source_file}{f':{line}' if line else ''}: model.{key}"

@@ -93,6 +93,15 @@ def test_the_memo_spares_rehashing_only_while_a_files_stat_is_unchanged(tmp_path
     assert hashed[3:] == ["config.json", "model.safetensors"]
 
 
+def test_an_empty_folder_is_refused_naming_the_profile_line(tmp_path, checkpoint):
+    for f in checkpoint.iterdir():
+        f.unlink()
+    profile = load_profile(write_profile(tmp_path / "p", {"model": {"source": str(checkpoint), "revision": None}}))
+    line = next(i for i, x in enumerate(open(profile.source_file, encoding="utf-8"), 1) if "source:" in x)
+    with pytest.raises(ConfigError, match=rf"profile.yaml:{line}: model.source: cannot key the folder .* no files"):
+        prepare_profile(profile)
+
+
 def test_an_unpinned_folder_source_is_refused_by_the_keys(tmp_path, checkpoint):
     profile = load_profile(write_profile(tmp_path / "p", {"model": {"source": str(checkpoint), "revision": None}}))
     with pytest.raises(ValueError, match="local folder whose content is not pinned"):

@@ -40,12 +40,13 @@ from harness.engines import kernel_build  # noqa: E402
 from harness.engines.fused import FusedDecoder, FusedGreedy, fuse_projections_  # noqa: E402
 from harness.engines.int4 import Int4Merged, int4_projections, quantize_linear  # noqa: E402
 from harness.models.base import synthetic_config  # noqa: E402
+from harness.report.provenance import git_sha  # noqa: E402
 
 OUT = os.environ.get("OUT", "/tmp")
 KERNELS = Path(os.environ.get("PROBE_KERNELS", "runs/_kernels"))
 TOKENS, ROUNDS, BUDGET_S = 128, 10, float(os.environ.get("PROBE_BUDGET_S", 480))
 START = time.time()
-results: dict = {"tries": [], "gemv": [], "census": {}, "torch": torch.__version__}
+results: dict = {"tries": [], "gemv": [], "census": {}, "torch": torch.__version__, "git_sha": git_sha()}
 
 
 def log(*a):

@@ -42,8 +42,10 @@ def main() -> None:
     out = {"probe": "merge_rounding_probe", "trained_by": "smollm2-135m", "checked_as": bf16.name, "device": "cpu",
            "git_sha": git_sha(),
            "engine_note": merged.engine.note, "prompts": len(prompts), "variants": {}}
+    path = Path(os.environ.get("OUT", ".")) / "merge-rounding-probe.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
     for name in bf16.variants:
-        adapter = None if name == "baseline" else trainer.adapter(name)[0] / "adapter"
+        adapter = None if bf16.variant(name).is_baseline else trainer.adapter(name)[0] / "adapter"
         merged.activate(name, adapter)
         reference = HFGreedy(load_nf4_with_adapter(bf16, adapter, cache_root), trainer.tokenizer)
         result = parity(reference, merged.engine, trainer.tokenizer, prompts, inf.parity_new_tokens,
@@ -51,7 +53,6 @@ def main() -> None:
         out["variants"][name] = {k: result.get(k) for k in KEYS}
         out["wall_s"] = round(time.time() - start, 1)
         print(name, json.dumps(out["variants"][name]), flush=True)
-        path = Path(os.environ.get("OUT", ".")) / "merge-rounding-probe.json"
         path.write_text(json.dumps(out, indent=1) + "\n")
         del reference
         free_memory()

@@ -18,7 +18,8 @@ from harness.measure.gates import (device_key, gate_status, latency_failures, sp
 
 H100, H200, A100 = "NVIDIA H100 80GB HBM3", "NVIDIA H200", "NVIDIA A100-SXM4-80GB"
 # The committed runs of synthetic-7b (merged engine, 128 tokens): the H100's at 46031d4, and the H200's of record.
-H100_RUN = json.loads((REPO / "results/h100/synthetic-7b/46031d4-cold/results.json").read_text(encoding="utf-8"))["variants"]
+H100_RUN = json.loads((REPO / "results/h100/synthetic-7b/46031d4-cold/results.json").read_text(encoding="utf-8"))[
+    "variants"]
 H200_RUN = json.loads((REPO / "results/h200/synthetic-7b/results.json").read_text(encoding="utf-8"))["variants"]
 H200_P50_S = H200_RUN["r16"]["latency"]["p50_s"]  # 0.596 s
 H200_SPEED = H200_RUN["r16"]["speed"]["merged"]  # 0.597 s, 13.2x the seed path

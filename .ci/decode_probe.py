@@ -10,9 +10,15 @@ AWQ's kernels), a last suffix from ``INDUCTOR`` adding inductor options; ``censu
 token; ``gemv`` times each 4-bit projection alone against cuBLAS (``int4_gemv_bench``); ``fastgemv-*`` runs the bf16
 one-row products through fbgemm-gpu-genai's ``bf16_fast_gemv``, ``*-mqa`` decode attention through its ``mqa_attn``,
 ``gemv-bf16`` and ``attention`` time those kernels alone (the wheel on ``PYTHONPATH``); ``smol-shapes`` checks the
-4-bit kernels on SmolLM2's padded projections. The 4-bit kernels are built in
-the background while the bf16 tries run. Earlier tries' candidates are in this file's history: gemlite, mslk and
-bitsandbytes at a2494d1, Marlin's options and gptqmodel's AWQ GEMV against Marlin at fda6cda.
+4-bit kernels on SmolLM2's padded projections; ``hand-*`` are the merged engine's own one-row kernels
+(harness/engines/gemv.cu: ``hand`` as shipped with inductor's kernels launched without PDL, ``hand-ipdl`` with it as
+the merged engine does, ``hand-nopdl`` without any, ``hand-whole`` as ``hand-ipdl`` with the step compiled whole
+instead of per layer; ``gemv-hand`` times each product alone, ``hand-variants`` other block shapes of the kernel,
+``hand-forced`` compares logits, ``hand-smol`` checks SmolLM2's shapes); ``nf4-nested`` times ``nf4-compiled``'s step
+compiled whole against with its layers one nested region (bitsandbytes and peft on ``PYTHONPATH``). The 4-bit kernels
+are built in the background while the bf16 tries run. Earlier tries' candidates are in this file's history: gemlite,
+mslk and bitsandbytes at a2494d1, Marlin's options and gptqmodel's AWQ GEMV against Marlin at fda6cda, a one-row
+attention kernel at f006e2b, RoPE folded into the q/k/v kernel (``hand-rope``) at 34dff5a.
 """
 
 import json
@@ -29,15 +35,18 @@ import torch.nn.functional as F
 sys.path.insert(0, os.getcwd())
 from harness.bench.decode import _kernels  # noqa: E402
 from harness.engines import awq_kernels  # noqa: E402
+from harness.engines import gemv as hand  # noqa: E402
+from harness.engines import kernel_build  # noqa: E402
 from harness.engines.fused import FusedDecoder, FusedGreedy, fuse_projections_  # noqa: E402
 from harness.engines.int4 import Int4Merged, int4_projections, quantize_linear  # noqa: E402
 from harness.models.base import synthetic_config  # noqa: E402
+from harness.report.provenance import git_sha  # noqa: E402
 
 OUT = os.environ.get("OUT", "/tmp")
 KERNELS = Path(os.environ.get("PROBE_KERNELS", "runs/_kernels"))
 TOKENS, ROUNDS, BUDGET_S = 128, 10, float(os.environ.get("PROBE_BUDGET_S", 480))
 START = time.time()
-results: dict = {"tries": [], "gemv": [], "census": {}, "torch": torch.__version__}
+results: dict = {"tries": [], "gemv": [], "census": {}, "torch": torch.__version__, "git_sha": git_sha()}
 
 
 def log(*a):
@@ -65,9 +74,9 @@ class Cfg:
 class FloatBias(FusedDecoder):
     """The mask turned into an additive float bias once per step (SDPA converts a boolean one in each layer)."""
 
-    def forward(self, ids, positions, cache_position, pad_mask, cache):
+    def prepare(self, ids, positions, cache_position, pad_mask):  # every step's start, decode steps included
         self._bias = None
-        return super().forward(ids, positions, cache_position, pad_mask, cache)
+        return super().prepare(ids, positions, cache_position, pad_mask)
 
     def bias(self, q, mask):
         if self._bias is None:
@@ -116,9 +125,9 @@ class FlashSeqused(FusedDecoder):
     """Decode attention through FlashAttention-2's varlen kernel (torch's ``_flash_attention_forward``), reading only
     the cache slots written so far (``seqused_k``) instead of masking the rest: one row without left padding."""
 
-    def forward(self, ids, positions, cache_position, pad_mask, cache):
+    def prepare(self, ids, positions, cache_position, pad_mask):  # every step's start, decode steps included
         self._used = (cache_position[-1:] + 1).to(torch.int32)
-        return super().forward(ids, positions, cache_position, pad_mask, cache)
+        return super().prepare(ids, positions, cache_position, pad_mask)
 
     def attend(self, q, keys, values, mask):
         rows, heads, steps, dim = q.shape
@@ -184,9 +193,9 @@ class Mqa(FusedDecoder):
     """Decode attention through fbgemm's ``mqa_attn``: each KV head is a sequence of its own with its 4 query heads,
     and attends to the cache slots up to the current one (one row, no left padding; head_dim 128)."""
 
-    def forward(self, ids, positions, cache_position, pad_mask, cache):
+    def prepare(self, ids, positions, cache_position, pad_mask):  # every step's start, decode steps included
         self._seq = cache_position[-1:].to(torch.int32).expand(self.kv_heads).contiguous()
-        return super().forward(ids, positions, cache_position, pad_mask, cache)
+        return super().prepare(ids, positions, cache_position, pad_mask)
 
     def attend(self, q, keys, values, mask):
         rows, heads, steps, dim = q.shape
@@ -318,6 +327,17 @@ def graph_us(calls, stream) -> float:
     return statistics.median(samples[1:])
 
 
+def call_times(calls, stream, repeats: int) -> dict:
+    """Per call of ``calls`` (each after one warm-up): kernel time and launches from the profiler over ``repeats``
+    passes, and replay time of a graph of them captured on ``stream``."""
+    for call in calls:
+        call()
+    kernels = _kernels(lambda: [call() for _ in range(repeats) for call in calls])
+    return {"kernel_us": sum(ms for ms, _ in kernels.values()) * 1e3 / (repeats * len(calls)),
+            "kernels_per_call": sum(c for _, c in kernels.values()) / (repeats * len(calls)),
+            "graph_us": graph_us(calls, stream)}
+
+
 def int4_gemv_bench(bf16_layer, int4_layer):
     """Each projection alone, cuBLAS bf16 against the 4-bit one of ``merged-int4`` (AWQ's GEMV): kernel time per call
     (profiler, eager) and replay time per call (a graph captured on the per-thread default stream), each over copies
@@ -339,12 +359,7 @@ def int4_gemv_bench(bf16_layer, int4_layer):
         for cand, (bytes_per, calls) in cands.items():
             row = {"shape": name, "n": n, "k": k, "candidate": cand, "copies": len(calls)}
             with torch.no_grad():
-                for call in calls:
-                    call()
-                kernels = _kernels(lambda: [call() for _ in range(8) for call in calls])
-                row["kernel_us"] = sum(ms for ms, _ in kernels.values()) * 1e3 / (8 * len(calls))
-                row["kernels_per_call"] = sum(c for _, c in kernels.values()) / (8 * len(calls))
-                row["graph_us"] = graph_us(calls, stream)
+                row.update(call_times(calls, stream, 8))
             row["tb_s_weights_kernel"] = n * k * bytes_per / row["kernel_us"] / 1e6
             row["tb_s_weights_graph"] = n * k * bytes_per / row["graph_us"] / 1e6
             results["gemv"].append(row)
@@ -353,6 +368,219 @@ def int4_gemv_bench(bf16_layer, int4_layer):
             save()
         del cands, calls
         torch.cuda.empty_cache()
+
+
+def bf16_products(bf16_layer, model):
+    """Per bf16 product of a layer and ``lm_head``: its name, weight, copies of it past L2 (256 MiB in all) and a
+    random input row."""
+    shapes = [(name, getattr(bf16_layer, name).weight) for name in ("gate_up", "down", "qkv", "o")]
+    for name, w in shapes + [("lm_head", model.lm_head.weight)]:
+        n, k = w.shape
+        copies = [w] + [w.clone() for _ in range(max(1, -(-256 * 2**20 // (n * k * 2))) - 1)]
+        yield name, w, copies, torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+
+
+def hand_gemv_bench(bf16_layer, model):
+    """Each bf16 product alone (graph replay over weight copies past L2): cuBLAS against gemv.cu's kernel, plain and
+    with its prologue or epilogue (RMSNorm before q/k/v, gate/up and lm_head; SiLU(gate) * up before down; the
+    residual after o and down), with and without programmatic dependent launch."""
+    stream = torch.cuda.Stream()
+    for name, w, copies, x in bf16_products(bf16_layer, model):
+        n, k = w.shape
+        res = torch.randn(1, n, device="cuda", dtype=torch.bfloat16)
+        nw = torch.randn(k, device="cuda", dtype=torch.bfloat16)
+        fused = {"gate_up": ("rmsnorm-silu", lambda c, pdl: hand.gemv(x, c, nw, 1e-5, None, True, pdl)),
+                 "qkv": ("rmsnorm", lambda c, pdl: hand.gemv(x, c, nw, 1e-5, None, False, pdl)),
+                 "lm_head": ("rmsnorm", lambda c, pdl: hand.gemv(x, c, nw, 1e-5, None, False, pdl)),
+                 "down": ("residual", lambda c, pdl: hand.gemv(x, c, None, 0.0, res, False, pdl)),
+                 "o": ("residual", lambda c, pdl: hand.gemv(x, c, None, 0.0, res, False, pdl))}[name]
+        cands = {"cublas": lambda c: F.linear(x, c),
+                 "hand": lambda c: hand.gemv(x, c, None, 0.0, None, False, False),
+                 "hand-pdl": lambda c: hand.gemv(x, c, None, 0.0, None, False, True),
+                 f"hand-{fused[0]}": lambda c: fused[1](c, False),
+                 f"hand-{fused[0]}-pdl": lambda c: fused[1](c, True)}
+        reference = x.float() @ w.float().T
+        for cand, fn in cands.items():
+            row = {"shape": name, "n": n, "k": k, "candidate": cand, "copies": len(copies)}
+            try:
+                if cand in ("cublas", "hand", "hand-pdl"):
+                    row["relative_error"] = ((fn(w).float() - reference).norm() / reference.norm()).item()
+                row.update(call_times([lambda c=c: fn(c) for c in copies], stream, 4))
+                row["tb_s_graph"] = n * k * 2 / row["graph_us"] / 1e6
+            except Exception as e:  # noqa: BLE001
+                row["error"] = repr(e)[:400]
+            results["gemv"].append(row)
+            log(f"gemv {name} {n}x{k} {cand}: " + ", ".join(f"{a} {b:.4g}" if isinstance(b, float) else f"{a} {b}"
+                                                            for a, b in row.items() if a not in ("shape", "n", "k")))
+            save()
+        del copies
+        torch.cuda.empty_cache()
+
+
+# gemv.cu's choices tried against the shipped one (w8b8: 8 warps, 8 16-byte chunks a lane a batch, registers sized for
+# 2 blocks an SM, GEMV_LOAD 0, GEMV_CONTIGUOUS 0; gemv.cu's head says what each means), each built as its own library
+SHAPES = {"w4b8": (4, 8, 4, 0, 0), "w8b16": (8, 16, 1, 0, 0), "w4b16": (4, 16, 2, 0, 0), "w16b4": (16, 4, 1, 0, 0),
+          "w8b8_cs": (8, 8, 2, 1, 0), "w8b8_ldg": (8, 8, 2, 2, 0), "w8b8_contig": (8, 8, 2, 0, 1)}
+
+
+def hand_variants(bf16_layer, model):
+    """Each projection alone (graph replay over weight copies past L2, programmatic dependent launch) through gemv.cu
+    built with each of ``SHAPES`` (in parallel), the shipped shape (w8b8) and cuBLAS."""
+    import subprocess
+
+    script = ("import sys, torch.utils.cpp_extension as c; c.load(name=sys.argv[1], sources=[sys.argv[2]], "
+              "extra_cuda_cflags=sys.argv[3].split(), build_directory=sys.argv[4], is_python_module=False)")
+    env = {**os.environ, "TORCH_CUDA_ARCH_LIST": "9.0"}
+    procs = {}
+    for name, (warps, batch, blocks, load, contiguous) in SHAPES.items():
+        lib, where = f"qlora_gemv_{name}", Path(f"runs/_probe/{name}")
+        where.mkdir(parents=True, exist_ok=True)
+        flags = (f"-O3 -std=c++17 -DGEMV_WARPS={warps} -DGEMV_BATCH={batch} -DGEMV_MIN_BLOCKS={blocks} "
+                 f"-DGEMV_LIBRARY={lib} -DGEMV_LOAD={load} -DGEMV_CONTIGUOUS={contiguous}")
+        procs[name] = subprocess.Popen([sys.executable, "-c", script, lib, str(hand.SOURCE), flags, str(where)],
+                                       env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    ops = {"cublas": None, "w8b8": torch.ops.qlora_gemv.gemv}
+    for name, proc in procs.items():
+        out = proc.communicate()[0]
+        if proc.returncode:
+            log(f"variant {name} did not build: {out[-1500:]}")
+            continue
+        torch.ops.load_library(f"runs/_probe/{name}/qlora_gemv_{name}.so")
+        ops[name] = getattr(torch.ops, f"qlora_gemv_{name}").gemv
+    log(f"variants built: {list(ops)}")
+    stream = torch.cuda.Stream()
+    for shape, w, copies, x in bf16_products(bf16_layer, model):
+        n, k = w.shape
+        reference = x.float() @ w.float().T
+        line = []
+        for name, op in ops.items():
+            fn = (lambda c: F.linear(x, c)) if op is None else (lambda c, op=op: op(x, c, None, 0.0, None, False, True))
+            try:
+                error = ((fn(w).float() - reference).norm() / reference.norm()).item()
+                us = graph_us([lambda c=c: fn(c) for c in copies], stream)
+            except Exception as e:  # noqa: BLE001
+                log(f"variant {name} {shape} FAILED: {e!r}"[:300])
+                continue
+            results["gemv"].append({"shape": shape, "n": n, "k": k, "candidate": name, "graph_us": us,
+                                    "tb_s_graph": n * k * 2 / us / 1e6, "relative_error": error})
+            line.append(f"{name} {us:.1f} us ({n * k * 2 / us / 1e6:.2f} TB/s, err {error:.1e})")
+        log(f"variants {shape} {n}x{k}: " + "; ".join(line))
+        save()
+        del copies
+        torch.cuda.empty_cache()
+
+
+def hand_forced(model, layers, prompt, tokens):
+    """Teacher-forced logits of the compiled FusedDecoder against GemvDecoder's and against its own eager steps, on the
+    same tokens (the fused engine's greedy ones): how often the argmaxes agree, and the logits' relative difference.
+    The eager pair says how far summation order and inductor's fusions alone move the logits on these weights."""
+    eager = Cfg()
+    eager.compile = False
+    rows = {}
+    for name, decoder, cfg in (("fused", FusedDecoder(model, layers), Cfg()),
+                               ("hand", hand.GemvDecoder(model, layers), Cfg()),
+                               ("eager", FusedDecoder(model, layers), eager)):
+        rows[name] = FusedGreedy(model, decoder, Tok(), name, cfg).forced_logits(prompt, tokens)
+    a = rows["fused"]
+    top2 = a.topk(2, dim=-1).values
+    results["hand_forced"] = {"fused_top2_gap_median": statistics.median((top2[:, 0] - top2[:, 1]).tolist())}
+    for name in ("hand", "eager"):  # the compiled fused engine against the kernels, and against its own eager steps
+        b = rows[name]
+        rel = ((a - b).norm(dim=-1) / a.norm(dim=-1)).tolist()
+        results["hand_forced"][name] = {"argmax_agreement": (a.argmax(-1) == b.argmax(-1)).float().mean().item(),
+                                        "relative_difference_max": max(rel),
+                                        "relative_difference_median": statistics.median(rel)}
+    log("hand forced:", json.dumps(results["hand_forced"]))
+    save()
+
+
+def nf4_nested():
+    """``nf4-compiled``'s step (``StaticGreedy``: NF4 through bitsandbytes, a random r16 LoRA through peft,
+    ``reduce-overhead``) on a random Mistral of 32 layers at hidden 1024, compiled whole and with its layers one nested
+    region (``decoding.compile_layers_once``, as shipped): first call, graphs compiled, p50, and tokens against the
+    eager step, and (torch 2.11's hierarchical-compile log) how many layer subgraphs dynamo installed: 1 when every
+    layer reused the first. Needs bitsandbytes and peft (the wheels on ``PYTHONPATH``)."""
+    import logging
+    import tempfile
+
+    from peft import LoraConfig, get_peft_model
+    from torch._dynamo.utils import counters
+    from transformers import BitsAndBytesConfig, MistralConfig
+
+    from harness.engines import decoding
+
+    config = MistralConfig(hidden_size=1024, intermediate_size=3584, num_hidden_layers=32, num_attention_heads=8,
+                           num_key_value_heads=2, head_dim=128, vocab_size=32768, sliding_window=None)
+    path = tempfile.mkdtemp(prefix="nf4-probe-", dir=KERNELS.parent)
+    torch.manual_seed(0)
+    MistralForCausalLM(config).to(torch.bfloat16).save_pretrained(path)
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=torch.bfloat16)
+    prompt = [1] + list(range(100, 130))
+    installed = []
+
+    class Installed(logging.Handler):
+        def emit(self, record):
+            if "Installing subgraph" in record.getMessage():
+                installed.append(record.getMessage())
+
+    torch._logging.set_logs(hierarchical_compile=True)
+    for module in ("higher_order_ops", "invoke_subgraph"):  # where torch 2.11 and later releases log it
+        logging.getLogger(f"torch._dynamo.variables.{module}.__hierarchical_compile").addHandler(Installed())
+    shipped = decoding.compile_layers_once
+    reference = None
+    try:
+        for way in ("eager", "whole", "nested"):
+            torch._dynamo.reset()
+            model = MistralForCausalLM.from_pretrained(path, quantization_config=quant, dtype=torch.bfloat16,
+                                                       device_map={"": 0})
+            torch.manual_seed(1)
+            model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, init_lora_weights=False, target_modules=[
+                "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])).eval()
+            cfg = Cfg()
+            cfg.compile, cfg.compile_mode, cfg.compile_fullgraph = way != "eager", "reduce-overhead", False
+            decoding.compile_layers_once = shipped if way == "nested" else (lambda model: None)
+            try:
+                engine = decoding.StaticGreedy(model, Tok(), "nf4-compiled", cfg)
+            finally:
+                decoding.compile_layers_once = shipped
+            if way == "eager":
+                reference = engine.generate([prompt], TOKENS, batch_size=1, fixed_length=True)
+            else:
+                before = counters["stats"]["unique_graphs"]
+                installed.clear()
+                time_engine(f"nf4-{way}", engine, prompt, reference)
+                results["tries"][-1].update(graphs=counters["stats"]["unique_graphs"] - before,
+                                            subgraphs_installed=len(installed))
+                save()
+            del engine, model
+            torch.cuda.empty_cache()
+    finally:
+        torch._logging.set_logs()  # the log back to its defaults for the tries after
+
+
+def hand_check_smol():
+    """gemv.cu's kernels on SmolLM2-135M's shapes (2 layers, random weights): GemvDecoder's own check, then 48 greedy
+    tokens, eager, against FusedDecoder's."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=2,
+                      num_attention_heads=9, num_key_value_heads=3, rms_norm_eps=1e-5, tie_word_embeddings=True,
+                      bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        smol = LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
+    layers = fuse_projections_(smol)
+    prompt = [1] + torch.randint(3, 49152, (20,)).tolist()
+    eager = Cfg()
+    eager.compile = False
+    outs = {}
+    for name, decoder in (("fused", FusedDecoder(smol, layers)), ("hand", hand.GemvDecoder(smol, layers))):
+        outs[name] = FusedGreedy(smol, decoder, Tok(), name, eager).generate([prompt], 48, 1, fixed_length=True)[0]
+    agree = sum(a == b for a, b in zip(outs["fused"], outs["hand"])) / 48
+    results["smol_hand"] = {"check": "passed", "agreement": agree, "tokens": outs}
+    log(f"smol hand: check passed, agreement {agree}")
+    save()
 
 
 ATTENTION = {"": FusedDecoder, "-folded-cudnn": FoldedCudnn, "-folded-eff": FoldedEfficient, "-flex": Flex,
@@ -436,7 +664,11 @@ def gemv_us(mod, in_features: int) -> float:
 
 def main(selected):
     results["device"] = torch.cuda.get_device_name()
-    awq_kernels.build_in_background(KERNELS)
+    if any("hand" in name for name in selected):
+        t0 = time.time()
+        hand.load(KERNELS)
+        log(f"gemv.cu built and loaded in {time.time() - t0:.1f} s")
+    kernel_build.build_in_background(awq_kernels.build, KERNELS)
     torch.manual_seed(0)
     with torch.device("cuda"):
         torch.set_default_dtype(torch.bfloat16)
@@ -466,6 +698,12 @@ def main(selected):
             load_fbgemm()
         if kind == "int4":
             layers = int4_layers()
+        if kind == "hand":  # gemv.cu's kernels; -nopdl: without programmatic dependent launch; -ipdl: inductor's
+            # own kernels launched with it too (as shipped); -whole: -ipdl with the step compiled whole, not per layer
+            decoder = hand.GemvDecoder(model, layers, pdl=rest != "nopdl")
+            decoder.compile_per_layer = rest != "whole"
+            options = {"triton.enable_pdl": True} if rest in ("ipdl", "whole") else None
+            return FusedGreedy(model, decoder, Tok(), name, Cfg(), inductor_options=options)
         decoder = ATTENTION["-" + attention if attention else ""](model, layers)
         greedy = Int4Greedy if kind == "int4" else FusedGreedy
         return greedy(model, decoder, Tok(), name, Cfg(), inductor_options=inductor)
@@ -488,6 +726,21 @@ def main(selected):
                 load_fbgemm()
                 attention_bench()
                 continue
+            if name == "gemv-hand":
+                hand_gemv_bench(projections[0], model)
+                continue
+            if name == "hand-variants":
+                hand_variants(projections[0], model)
+                continue
+            if name == "hand-forced":
+                hand_forced(model, projections, prompt, reference["fused"][0][:64])
+                continue
+            if name == "hand-smol":
+                hand_check_smol()
+                continue
+            if name == "nf4-nested":
+                nf4_nested()
+                continue
             if name == "gemv":
                 int4_gemv_bench(projections[0], int4_layers()[0])
                 continue
@@ -504,7 +757,7 @@ def main(selected):
             name = name.removeprefix("census-")
             torch._dynamo.reset()
             kind = name.partition("-")[0]
-            control = "fused" if kind == "fastgemv" else kind  # the same weights: agreement against bf16's
+            control = "fused" if kind in ("fastgemv", "hand") else kind  # the same weights: agreement against bf16's
             out = time_engine(name, engine(name), prompt, reference.get(control), census)
             reference.setdefault(control, out)
             torch.cuda.empty_cache()

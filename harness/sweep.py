@@ -130,13 +130,14 @@ class Sweep:
 
     def train_selected(self) -> None:
         """The training phase: every selected variant (all of the profile's when none were selected) before any
-        model is loaded, so a merged base never shares the GPU with training. A variant that fails keeps its
-        error, raised when that variant is trained, loaded or evaluated: one variant's failure ends only it.
-        A profile that times ``merged-int4`` starts building its kernels first, on the CPU beside the training."""
-        if "merged-int4" in self.profile.inference.speed_engines and not self.state.kernels_started:
-            from .engines.awq_kernels import build_in_background
+        model is loaded, so a merged base never shares the GPU with training; on CUDA the engines' kernels build beside
+        it. A variant that fails keeps its error, raised when that variant is trained, loaded or evaluated."""
+        if not self.state.kernels_started:
+            from .engines import awq_kernels, gemv, kernel_build
 
-            build_in_background(self.runs_dir / "_kernels")
+            int4 = "merged-int4" in self.profile.inference.speed_engines
+            for build in (gemv.build, awq_kernels.build) if int4 else (gemv.build,):
+                kernel_build.build_in_background(build, self.runs_dir / "_kernels")
             self.state.kernels_started = True
         for name in self.state.selected if self.state.selected is not None else self.profile.variants:
             try:
@@ -145,13 +146,12 @@ class Sweep:
                 pass
 
     def wait_for_kernels(self) -> None:
-        """Let the kernel build that ``train_selected`` started beside the training finish (it compiles on every core),
-        so that no timed round shares the machine with it; ``decode_call`` and ``compare_engines`` call it first. A
-        cold run whose compile cache made the setup short timed a variant's latency on 13 of 16 busy cores before."""
-        from .engines.awq_kernels import background_build_running, wait_for_background_build
+        """Let the kernel builds ``train_selected`` started end before a timed round (``decode_call``, the comparison):
+        they compile on every core, and a cold run once timed a variant's latency on 13 of 16 busy cores."""
+        from .engines.kernel_build import background_build_running, wait_for_background_build
 
         if background_build_running():
-            with timed("kernels", "waited for merged-int4's background build"):
+            with timed("kernels", "waited for the kernels' background build"):
                 wait_for_background_build()
 
     def evaluate(self, name: str, record: bool = True) -> VariantEval:
@@ -207,7 +207,7 @@ class Sweep:
         try:
             result = self._guard(name, "inference", parity, HFGreedy(reference, self.tokenizer),
                                  self.load(name).engine, self.tokenizer, self.eval_prompts(), inf.parity_new_tokens,
-                                 self.profile.eval.batch_size)
+                                 self.profile.eval.batch_size, inf.parity_tie_logits)
         finally:
             del reference
             free_memory()

@@ -7,10 +7,10 @@ Builds the profile's merged base (no adapter) as the sweep does, then for each e
 work: what CUDA graphs remove), and the kernels that take the most time, grouped by name. The floor is the bytes of
 weights one token reads over ``--bandwidth-tbs`` (default: the H200's 4.8 TB/s; the H100 SXM's is 3.35).
 
-Engines: ``merged`` (the sweep's: fused projections, CUDA-graphed loop), ``merged-int4`` (harness/engines/int4.py),
-``merged-int8`` (harness/engines/int8.py: torchao's int8 through the model's own forward) and ``hf-step`` (the
-merged weights through the model's own forward, one compiled CUDA-graphed step per token: the engine ``merged``
-replaced, kept here as the same-run baseline).
+Engines: ``merged`` (the sweep's: fused projections, CUDA-graphed loop, one-row products in gemv.cu's kernels),
+``merged-int4`` (harness/engines/int4.py), ``merged-int8`` (harness/engines/int8.py: torchao's int8 through the
+model's own forward) and ``hf-step`` (the merged weights through the model's own forward, one compiled CUDA-graphed
+step per token: the engine ``merged`` replaced, kept here as the same-run baseline).
 """
 
 from __future__ import annotations

@@ -48,6 +48,7 @@ from ..data.dataset import load_splits
 from ..data.prompt import training_rows
 from ..measure.memory import free_memory
 from ..models.base import load_base, load_tokenizer, peft_config
+from ..models.revision import pin_revision
 from ..report.atomic import atomic_write_json
 from ..report.provenance import provenance
 from ..train.layer_compile import compile_decoder_layers, use_compiled_step
@@ -177,7 +178,7 @@ def main(argv=None) -> None:
     ap.add_argument("--setups", default=",".join(SETUPS))
     ap.add_argument("--out", type=Path, default=Path("runs/train_bench.json"))
     args = ap.parse_args(argv)
-    profile = load_profile(args.profile)
+    profile = pin_revision(load_profile(args.profile))  # a folder source keyed by its content (nf4_store)
     tokenizer = load_tokenizer(profile.model, Path("runs") / "_models")
     batch = packed_row(profile, tokenizer, args.tokens)
     results = {"profile": profile.name, "variant": args.variant, "tokens": args.tokens, **provenance(), "setups": []}

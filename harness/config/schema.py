@@ -215,12 +215,15 @@ class InferenceConfig:
     parity_new_tokens: int = _spec("greedy tokens compared by the parity check", default=32, lo=1)
     parity_min_agreement: float = _spec("lowest mean token agreement of merged vs seed", default=0.9, lo=0.0,
                                         hi=1.0)
+    parity_tie_logits: float = _spec("a difference within this many logits of the seed path's own choice is a near "
+                                     "tie, passed over by the token agreement (harness/measure/parity.py)",
+                                     default=0.0, lo=0.0)
     parity_max_logit_diff: float = _spec("largest |logit difference| of merged vs seed, teacher-forced",
                                          default=1.0, lo=0.0)
     parity_max_relative_error: float | None = _spec("largest engine error as a fraction of the adapter's own effect "
                                                     "on the seed path's logits, Frobenius over every teacher-forced "
-                                                    "position (harness/parity.py); a missing or doubled merge gives "
-                                                    "about 1; not applied to the baseline (no adapter); null: "
+                                                    "position (harness/measure/parity.py); a missing or doubled merge "
+                                                    "gives about 1; not applied to the baseline (no adapter); null: "
                                                     "measured and reported, not gated (for an adapter whose effect "
                                                     "is within the engine's rounding)", default=0.1, lo=0.0,
                                                     lo_open=True)

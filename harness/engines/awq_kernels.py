@@ -6,9 +6,9 @@ The sources come from gptqmodel's source archive, read as a file and never insta
 peft route LoRA loading through it (and then ask for optimum: every variant failed to load on the H200 at d7f5e0c),
 and importing it patches transformers and safetensors. ``pip download --no-deps gptqmodel==7.7.0 -d runs/_kernels``
 puts the archive where ``sdist`` looks (``$QLORA_GPTQMODEL_SDIST`` names another place); its sha256 must be
-``SDIST_SHA256``, the archive this module was checked with. ``build`` compiles it with torch's JIT loader (nvcc on the
-PATH, or ``CUDA_HOME``): about a minute, once per machine, started beside the training (``build_in_background``). The
-library goes into ``<cache>/awq-<key>/``, built in a temp dir beside it and renamed into place, under a lock. The key
+``SDIST_SHA256``, the archive this module was checked with. ``build`` compiles it with torch's JIT loader
+(harness/engines/kernel_build.py): about a minute, once per machine, started beside the training. The library goes
+into ``<cache>/awq-<key>/``, built in a temp dir beside it and renamed into place, under a lock. The key
 hashes the archive, this module, torch's and CUDA's versions, nvcc's, the GPU's compute capability and the flags, so a
 library built from other sources or for another torch is never loaded. Beside it, ``pack.py``: gptqmodel's
 ``pack_intweight`` (the weight layout these kernels read), the function's own text taken from its module in the
@@ -27,21 +27,16 @@ from __future__ import annotations
 import ast
 import hashlib
 import importlib.util
-import json
 import os
 import shutil
-import subprocess
-import sys
 import tarfile
-import threading
 from pathlib import Path
 
 import torch
 
-from ..report.atomic import atomic_dir, file_lock, sweep_partial
+from .kernel_build import compile_library, keyed_folder, library_key, nvcc
 
-__all__ = ["sdist", "build_key", "build", "build_in_background", "background_build_running",
-           "wait_for_background_build", "AwqKernels", "load", "capture_stream", "awq_linear"]
+__all__ = ["sdist", "build_key", "build", "AwqKernels", "load", "capture_stream", "awq_linear"]
 
 NAMESPACE = "qlora_awq"  # BINDING's TORCH_LIBRARY
 SOURCES = ("gemv_fast_cuda_entry.cu", "gemm_fast_cuda_entry.cu")  # in gptqmodel_ext/awq/
@@ -101,95 +96,30 @@ def _extract(archive: Path, into: Path) -> tuple[Path, str]:
     return top / "gptqmodel_ext" / "awq", ast.get_source_segment(module, pack)
 
 
-def _nvcc() -> str:
-    """The nvcc that torch's loader will build with (``CUDA_HOME``, else the PATH's, else /usr/local/cuda)."""
-    from torch.utils.cpp_extension import CUDA_HOME
-
-    nvcc = Path(CUDA_HOME or "/nonexistent") / "bin" / "nvcc"
-    if not nvcc.is_file():
-        raise RuntimeError("merged-int4 compiles AWQ's kernels once per machine and needs CUDA's compiler: put nvcc "
-                           "on the PATH or set CUDA_HOME")
-    return str(nvcc)
-
-
 def build_key(archive_sha256: str, nvcc_version: str, capability: tuple[int, int]) -> str:
     """sha256 of everything that changes the library (module doc)."""
-    h = hashlib.sha256(archive_sha256.encode())
-    h.update(BUILDER.read_bytes())
-    h.update(json.dumps([torch.__version__, torch.version.cuda, nvcc_version, list(capability), CUDA_FLAGS]).encode())
-    return h.hexdigest()
-
-
-def _build(src: Path, out: Path, capability: tuple[int, int]) -> None:
-    """Compile BINDING with the sources in ``src``; the library lands in ``out``. In a child process: torch's loader
-    also loads what it builds, and the parent loads the library only from its final place."""
-    (src / "binding.cpp").write_text(BINDING)
-    sources = [src / "binding.cpp", *(src / name for name in SOURCES)]
-    script = ("import sys, torch.utils.cpp_extension as c; c.load(name=sys.argv[1], sources=sys.argv[5:], "
-              "extra_include_paths=[sys.argv[2]], extra_cflags=sys.argv[3].split(), "
-              "extra_cuda_cflags=sys.argv[4].split(), build_directory=sys.argv[2] + '/../build', "
-              "is_python_module=False)")
-    (src.parent / "build").mkdir()  # beside src, inside the temp dir
-    env = {**os.environ, "TORCH_CUDA_ARCH_LIST": f"{capability[0]}.{capability[1]}",
-           "MAX_JOBS": os.environ.get("MAX_JOBS", str(os.cpu_count() or 1))}
-    done = subprocess.run([sys.executable, "-c", script, NAMESPACE, str(src), " ".join(FLAGS), " ".join(CUDA_FLAGS),
-                           *map(str, sources)], env=env, capture_output=True, text=True)
-    if done.returncode:
-        raise RuntimeError(f"building AWQ's kernels failed (in {src.parent}):\n{done.stderr[-4000:]}")
-    shutil.move(str(src.parent / "build" / f"{NAMESPACE}.so"), out / f"{NAMESPACE}.so")
+    return library_key([archive_sha256.encode(), BUILDER.read_bytes()], nvcc_version, capability, CUDA_FLAGS)
 
 
 def build(cache_dir: Path) -> Path:
-    """The folder of the library of this machine's key in ``cache_dir``, built there first if missing (module doc).
-    Another process or thread building the same key is waited for."""
-    archive, nvcc = sdist(cache_dir), _nvcc()
-    nvcc_version = subprocess.run([nvcc, "--version"], capture_output=True, text=True, check=True).stdout.strip()
+    """The folder of the library of this machine's key in ``cache_dir``, built there first if missing (module doc;
+    harness/engines/kernel_build.py). Another process or thread building the same key is waited for."""
+    archive = sdist(cache_dir)
+    _, nvcc_version = nvcc("merged-int4")
     capability = torch.cuda.get_device_capability()
     key = build_key(SDIST_SHA256, nvcc_version, capability)
-    final = Path(cache_dir) / f"awq-{key[:16]}"
-    with file_lock(final):
-        if not (final / f"{NAMESPACE}.so").is_file():
-            sweep_partial(final)
-            with atomic_dir(final) as tmp:
-                sources, pack = _extract(archive, tmp / "src")
-                _build(sources, tmp, capability)
-                (tmp / "pack.py").write_text(f"# {PACK_MODULE} of {SDIST}\nimport torch\n\n\n{pack}\n")
-                shutil.rmtree(tmp / "src")
-                made = {"key": key, "sdist": SDIST, "sdist_sha256": SDIST_SHA256, "torch": torch.__version__,
-                        "cuda": torch.version.cuda, "nvcc": nvcc_version.splitlines()[-1],
-                        "capability": list(capability)}
-                (tmp / "key.json").write_text(json.dumps(made, indent=1))
-    return final
 
+    def fill(tmp: Path) -> dict:
+        sources, pack = _extract(archive, tmp / "src")
+        (sources / "binding.cpp").write_text(BINDING)
+        compile_library(NAMESPACE, [sources / "binding.cpp", *(sources / name for name in SOURCES)], tmp, capability,
+                        FLAGS, CUDA_FLAGS, include=sources)
+        (tmp / "pack.py").write_text(f"# {PACK_MODULE} of {SDIST}\nimport torch\n\n\n{pack}\n")
+        shutil.rmtree(tmp / "src")
+        return {"sdist": SDIST, "sdist_sha256": SDIST_SHA256, "torch": torch.__version__, "cuda": torch.version.cuda,
+                "nvcc": nvcc_version.splitlines()[-1], "capability": list(capability)}
 
-_background: list[threading.Thread] = []  # builds started by build_in_background, for wait_for_background_build
-
-
-def build_in_background(cache_dir: Path) -> None:
-    """Start ``build`` in a thread (the compiling is a child process's) where CUDA is here. A build that cannot start
-    or fails is left to ``load``, which builds again in the foreground and raises the error there."""
-    if torch.cuda.is_available():
-        thread = threading.Thread(target=_quiet_build, args=(cache_dir,), daemon=True, name="awq-build")
-        _background.append(thread)
-        thread.start()
-
-
-def background_build_running() -> bool:
-    """Whether a build that ``build_in_background`` started is still compiling."""
-    return any(t.is_alive() for t in _background)
-
-
-def wait_for_background_build() -> None:
-    """Block until every build that ``build_in_background`` started has ended."""
-    while _background:
-        _background.pop().join()
-
-
-def _quiet_build(cache_dir: Path) -> None:
-    try:
-        build(cache_dir)
-    except Exception:  # noqa: BLE001 - load() meets the same error in the foreground
-        pass
+    return keyed_folder(cache_dir, "awq", key, f"{NAMESPACE}.so", fill)
 
 
 class AwqKernels:

@@ -4,12 +4,12 @@ on one variant (``inference.speed_variant``), one prompt, one machine and one se
 Each engine is built once per session. ``seed`` and ``nf4-compiled`` each get their own NF4 + adapter model, built
 separately, so the parity of the two compares two models, never one object with itself; ``merged`` is the
 sweep's own merged base with the speed variant merged in; ``merged-int8`` is an int8 weight-only copy of that
-(harness/engines/int8.py), ``merged-int4`` a 4-bit copy of its fused projections (harness/engines/int4.py, CUDA only), and
-``quality`` scores what a quantized engine's speed costs against ``merged``, for every variant of the sweep. ``parity`` holds a fast
-engine's greedy tokens and logits against the seed path on every evaluation prompt (thresholds in
-``inference.parity_*``): the fast engine's logits come through its own static cache and (compiled) decode step, the
-seed path's from a plain forward, and the error is also taken relative to the adapter's own effect
-(harness/parity.py).
+(harness/engines/int8.py), ``merged-int4`` a 4-bit copy of its fused projections (harness/engines/int4.py, CUDA
+only), and ``quality`` scores what a quantized engine's speed costs against ``merged``, for every variant of the
+sweep. ``parity`` holds a fast engine's greedy tokens and logits against the seed path on every evaluation prompt
+(thresholds in ``inference.parity_*``): the fast engine's logits come through its own static cache and (compiled)
+decode step, the seed path's from a plain forward, and the error is also taken relative to the adapter's own effect
+(harness/measure/parity.py).
 
 A comparison recorded earlier on this machine under this session's key (``harness.measure.reuse``: code, libraries,
 config, data, every adapter, machine) is reused whole, its ratios, parity and quality costs with it, once
@@ -255,7 +255,8 @@ class EngineComparison:
         inf = self.profile.inference
         # the candidate decodes one prompt at a time: its timed 1-row graph serves, no other shape is compiled
         result = parity(self.engine("seed"), self._active(candidate), self.sweep.tokenizer, self.sweep.eval_prompts(),
-                        inf.parity_new_tokens, self.profile.eval.batch_size, candidate_batch_size=1)
+                        inf.parity_new_tokens, self.profile.eval.batch_size, inf.parity_tie_logits,
+                        candidate_batch_size=1)
         result["candidate"], result["merged_dtype"] = candidate, inf.merged_dtype
         result["max_relative_error"] = inf.parity_max_relative_error  # the limit applied; null: not gated
         self._record({key: result}, candidate)

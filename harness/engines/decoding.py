@@ -22,6 +22,7 @@ compile time into a measurement; it raises instead.
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -32,7 +33,7 @@ import torch
 from ..config.schema import InferenceConfig
 
 __all__ = ["FULLGRAPH_ENGINES", "EOS_CHECK_EVERY", "round_up", "left_pad", "padded_batches", "generate_greedy",
-           "HFGreedy", "StaticGreedy", "no_recompile", "timed_round"]
+           "HFGreedy", "StaticGreedy", "compile_layers_once", "no_recompile", "timed_round"]
 
 FULLGRAPH_ENGINES = ("merged", "merged-int8")  # compiled with fullgraph=cfg.compile_fullgraph
 EOS_CHECK_EVERY = 16  # host syncs while decoding: one per this many tokens, only when stopping at EOS
@@ -152,24 +153,43 @@ class HFGreedy:
         return rows if fixed_length else [_trim_after_eos(r, self.tokenizer.eos_token_id) for r in rows]
 
     @torch.inference_mode()
-    def teacher_forced(self, prompt: list[int], forced: list[int]) -> tuple[list[int], torch.Tensor]:
+    def teacher_forced(self, prompt: list[int], forced: list[int]) -> tuple[list[int], list[float], torch.Tensor]:
         """One plain forward of prompt + forced, no cache: (this model's greedy choice at each forced position, given
-        the tokens before it; ``forced_logits``' rows). Where the choices equal ``forced`` up to position i, greedy
-        decoding of this model would have produced ``forced[:i + 1]``: what ``generate`` finds one step at a time,
-        one forward finds here."""
+        the tokens before it; how many logits below that choice it scores the forced token there, 0 where they are the
+        same; ``forced_logits``' rows). Where the choices equal ``forced`` up to position i, greedy decoding of this
+        model would have produced ``forced[:i + 1]``: what ``generate`` finds one step at a time, one forward finds
+        here."""
         dev = next(self.model.parameters()).device
         logits = self.model(input_ids=torch.tensor([prompt + forced], device=dev), use_cache=False).logits
-        after_prompt = logits[0, len(prompt) - 1:]
-        return after_prompt[:len(forced)].argmax(-1).tolist(), after_prompt[1:].float().cpu()
+        after_prompt = logits[0, len(prompt) - 1:].float()
+        scores = after_prompt[:len(forced)]
+        best, choices = scores.max(-1)  # the first of equal maxima, as argmax
+        deficits = best - scores.gather(-1, torch.tensor(forced, device=dev)[:, None]).squeeze(-1)
+        return choices.tolist(), deficits.tolist(), after_prompt[1:].cpu()
 
     def forced_logits(self, prompt: list[int], forced: list[int]) -> torch.Tensor:
         """The reference for ``StaticGreedy.forced_logits``: one plain teacher-forced forward of prompt + forced,
         no cache; row i is the prediction after ``prompt + forced[:i + 1]``. [len(forced), vocab] float32, CPU."""
-        return self.teacher_forced(prompt, forced)[1]
+        return self.teacher_forced(prompt, forced)[2]
+
+
+def compile_layers_once(model) -> None:
+    """Mark ``model``'s decoder layers (a transformers decoder, or peft's model of one) as one nested compile region
+    per layer class (``torch.compiler.nested_compile_region``): a compile of the whole decode step still traces each
+    layer, but lowers and compiles one for all of them when their traces match, and the step stays one graph (one
+    CUDA graph). Eager calls are unchanged. What it costs: no fusion across a layer boundary (the residual add with
+    the next layer's RMSNorm: one kernel a layer more)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    regions: dict[type, Any] = {}
+    for layer in base.get_decoder().layers:
+        kind = type(layer)
+        region = regions.setdefault(kind, torch.compiler.nested_compile_region(kind.forward))
+        layer.forward = functools.partial(region, layer)
 
 
 class StaticGreedy:
-    """Greedy decoding with a static KV cache and (on CUDA) a compiled, CUDA-graphed decode step.
+    """Greedy decoding with a static KV cache and (on CUDA) a compiled, CUDA-graphed decode step, its decoder layers
+    compiled once for all (``compile_layers_once``).
 
     Shapes are fixed per (batch rows, cache length): batches are padded to ``batch_size`` rows and the cache length
     is rounded up to ``bucket`` tokens, so a sweep compiles one graph for evaluation and one for latency.
@@ -189,6 +209,7 @@ class StaticGreedy:
         self._caches: dict[tuple[int, int], Any] = {}
         self._step = self._decode_one
         if self.compiled:
+            compile_layers_once(model)
             fullgraph = cfg.compile_fullgraph and name in FULLGRAPH_ENGINES  # bnb 4-bit layers may break the graph
             if inductor_options:  # torch.compile takes mode or options, not both: spell the mode out as options
                 from torch._inductor import list_mode_options

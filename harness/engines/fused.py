@@ -86,7 +86,13 @@ def fuse_projections_(model) -> nn.ModuleList:
 class FusedDecoder(nn.Module):
     """``model``'s forward over a static KV cache, with ``projections`` (from ``fuse_projections_``, or a quantized
     copy of them) in place of the seven per-layer Linears. Embeddings, norms, RoPE and ``lm_head`` are the model's
-    own modules. ``forward`` returns the logits of each row's last position."""
+    own modules. ``forward`` returns the logits of each row's last position.
+
+    ``compile_per_layer`` is False: a layer ends in the residual add after down and the next begins with its
+    RMSNorm, which a compile of the whole step fuses into one kernel (32 launches a token fewer).
+    """
+
+    compile_per_layer = False
 
     def __init__(self, model, projections: nn.ModuleList):
         super().__init__()
@@ -112,29 +118,63 @@ class FusedDecoder(nn.Module):
     def forward(self, ids, positions, cache_position, pad_mask, cache) -> torch.Tensor:
         """ids, positions: [rows, T]; cache_position: [T], where these tokens go in the cache; pad_mask: [rows,
         length] bool, False on left padding; cache: ``new_cache``'s list, written in place. Returns [rows, vocab]."""
-        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+        x, cos, sin, mask = self.prepare(ids, positions, cache_position, pad_mask)
+        return self.head(self.layers(x, cos, sin, mask, cache_position, cache)[:, -1])
 
-        rows, steps = ids.shape
+    def prepare(self, ids, positions, cache_position, pad_mask):
+        """What every layer takes besides the residual stream: (the embedded ``ids``, RoPE's cos and sin at
+        ``positions``, the attention mask over the cache's slots)."""
         x = self.embed(ids)
         cos, sin = self.rotary(x, positions)
         key_index = torch.arange(pad_mask.shape[1], device=ids.device)
         query_index = cache_position[:, None]
         # causal over cache slots, pads hidden; a left-pad query still sees itself, so no row is all -inf
         mask = (pad_mask[:, None, None, :] & (key_index <= query_index)) | (key_index == query_index)
+        return x, cos, sin, mask
+
+    def layers(self, x, cos, sin, mask, cache_position, cache, layer=None) -> torch.Tensor:
+        """The residual stream after every decoder layer, each run by ``layer`` (default ``self.layer``; a compiled
+        copy of it, for ``FusedGreedy``'s regional compilation)."""
+        layer = self.layer if layer is None else layer  # `or` on a method is a branch dynamo 2.11 cannot trace
         for norm_in, norm_post, proj, (keys, values) in zip(self.input_norms, self.post_norms, self.projections,
                                                             cache):
-            q, k, v = proj.qkv(norm_in(x)).split(self.split, dim=-1)
-            q = q.view(rows, steps, self.heads, self.head_dim).transpose(1, 2)
-            k = k.view(rows, steps, self.kv_heads, self.head_dim).transpose(1, 2)
-            v = v.view(rows, steps, self.kv_heads, self.head_dim).transpose(1, 2)
-            q, k = apply_rotary_pos_emb(q, k, cos, sin)
-            keys.index_copy_(2, cache_position, k)
-            values.index_copy_(2, cache_position, v)
-            attn = self.attend(q, keys, values, mask)
-            x = x + proj.o(attn.transpose(1, 2).reshape(rows, steps, -1))
-            gate, up = proj.gate_up(norm_post(x)).chunk(2, dim=-1)
-            x = x + proj.down(F.silu(gate) * up)
-        return self.lm_head(self.norm(x[:, -1]))
+            x = layer(x, cos, sin, mask, cache_position, norm_in, norm_post, proj, keys, values)
+        return x
+
+    def layer(self, x, cos, sin, mask, cache_position, norm_in, norm_post, proj, keys, values) -> torch.Tensor:
+        """One decoder layer: the residual stream ``x`` [rows, T, hidden] after it; writes this step's keys and
+        values into the layer's cache (``keys``, ``values``) at ``cache_position``."""
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+        rows, steps = x.shape[:2]
+        q, k, v = self.qkv(proj, norm_in, x).split(self.split, dim=-1)
+        q = q.view(rows, steps, self.heads, self.head_dim).transpose(1, 2)
+        k = k.view(rows, steps, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(rows, steps, self.kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        keys.index_copy_(2, cache_position, k)
+        values.index_copy_(2, cache_position, v)
+        attn = self.attend(q, keys, values, mask)
+        x = self.attention_out(proj, attn.transpose(1, 2).reshape(rows, steps, -1), x)
+        return self.mlp(proj, norm_post, x)
+
+    # the layer's products, each with what comes right before or after it: a subclass may compute them otherwise
+    def qkv(self, proj, norm, x) -> torch.Tensor:
+        """q, k and v side by side: the q/k/v product of the normed residual stream ``x``."""
+        return proj.qkv(norm(x))
+
+    def attention_out(self, proj, attn, x) -> torch.Tensor:
+        """The residual stream after attention: ``x`` plus the o product of ``attn``."""
+        return x + proj.o(attn)
+
+    def mlp(self, proj, norm, x) -> torch.Tensor:
+        """The residual stream after the MLP: ``x`` plus down(SiLU(gate) * up) of the normed ``x``."""
+        gate, up = proj.gate_up(norm(x)).chunk(2, dim=-1)
+        return x + proj.down(F.silu(gate) * up)
+
+    def head(self, x) -> torch.Tensor:
+        """The logits of the last positions ``x`` [rows, hidden]: ``lm_head`` of the final norm."""
+        return self.lm_head(self.norm(x))
 
     def attend(self, q, keys, values, mask) -> torch.Tensor:
         """Attention of q [rows, heads, T, dim] over the whole cache under ``mask`` (grouped KV heads)."""
@@ -161,6 +201,7 @@ class _Shape:
         self.logits = torch.zeros((rows, decoder.lm_head.weight.shape[0]), dtype=decoder.lm_head.weight.dtype,
                                   device=dev)
         self.graph: Any = None
+        self.compiled = False  # whether the step is compiled for this shape (and on CUDA a chunk captured)
 
 
 class FusedGreedy:
@@ -170,28 +211,50 @@ class FusedGreedy:
     graphs of its own; ``inductor_options`` on top), then ``cfg.graph_tokens`` steps are captured as one CUDA graph.
     The cache length is ``max_new_tokens`` past the prompt rounded up to ``cfg.cache_bucket``, with room for the
     last chunk's overshoot (whose tokens are dropped).
+
+    The step is compiled whole, or in three regions when ``decoder.compile_per_layer`` says nothing between two
+    layers is worth fusing: ``prepare``, one decoder layer (one graph serves every layer: they share a shape) and
+    ``_finish``. A region compiles a thirty-second of a 32-layer step, and the CUDA graph replays the same kernels
+    either way. ``compile_on_cpu`` compiles on the CPU too (the self-tests); nothing is captured there.
     """
 
     def __init__(self, model, decoder: FusedDecoder, tokenizer, name: str, cfg,
-                 inductor_options: dict[str, Any] | None = None):
+                 inductor_options: dict[str, Any] | None = None, compile_on_cpu: bool = False):
         self.model, self.decoder, self.tokenizer, self.name, self.cfg = model, decoder, tokenizer, name, cfg
         self.chunk_tokens = chunk_tokens = cfg.graph_tokens
         self.device = decoder.lm_head.weight.device
-        self.compiled = bool(cfg.compile) and self.device.type == "cuda"
-        self.note = (f"fused q/k/v and gate/up, static KV cache, decode step compiled, {chunk_tokens} steps per "
-                     "CUDA graph" if self.compiled else
+        self.compiled = bool(cfg.compile) and (self.device.type == "cuda" or compile_on_cpu)
+        self.regions = 3 if self.compiled and decoder.compile_per_layer else 1  # graphs compiled per shape
+        self.note = (f"fused q/k/v and gate/up, static KV cache, decode step compiled "
+                     f"{'per layer' if self.regions > 1 else 'whole'}, {chunk_tokens} steps per CUDA graph"
+                     if self.compiled else
                      "fused q/k/v and gate/up, static KV cache, eager: compilation and CUDA graphs need CUDA")
         self.compile_s: dict[str, float] = {}
         self._shapes: dict[tuple[int, int], _Shape] = {}
+        self._prepare, self._layer, self._finish_step = decoder.prepare, decoder.layer, self._finish
         self._step = self._decode_one
         if self.compiled:
             from torch._inductor import list_mode_options
 
             options = {**list_mode_options(cfg.compile_mode), "triton.cudagraphs": False, **(inductor_options or {})}
-            self._step = torch.compile(self._decode_one, fullgraph=True, dynamic=False, options=options)
+
+            def compiled(fn):
+                return torch.compile(fn, fullgraph=True, dynamic=False, options=options)
+
+            if self.regions > 1:
+                self._prepare, self._layer, self._finish_step = map(compiled, (decoder.prepare, decoder.layer,
+                                                                              self._finish))
+            else:
+                self._step = compiled(self._decode_one)
 
     def _decode_one(self, s: _Shape) -> None:
-        s.logits.copy_(self.decoder(s.token, s.position, s.cache_position, s.pad_mask, s.cache))
+        x, cos, sin, mask = self._prepare(s.token, s.position, s.cache_position, s.pad_mask)
+        self._finish_step(s, self.decoder.layers(x, cos, sin, mask, s.cache_position, s.cache, self._layer))
+
+    def _finish(self, s: _Shape, x: torch.Tensor) -> None:
+        """The step's end, from the residual stream after the last layer: the logits, their argmax, the buffers
+        advanced by one token."""
+        s.logits.copy_(self.decoder.head(x[:, -1]))
         s.token.copy_(s.logits.argmax(-1, keepdim=True))
         s.out.index_copy_(1, s.out_index, s.token)
         s.position.add_(1)
@@ -202,17 +265,31 @@ class FusedGreedy:
         for _ in range(self.chunk_tokens):
             self._step(s)
 
-    def _capture(self, s: _Shape) -> None:
-        """Compile the step (a warm-up chunk on a side stream, as CUDA graph capture requires), then capture one
-        chunk. The warm-up writes into the cache and buffers; the prefill that follows overwrites what it uses."""
-        side = self._side_stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
+    def _compile_shape(self, s: _Shape) -> None:
+        """Compile the step for ``s``'s shape (a warm-up chunk; on CUDA on a side stream, as CUDA graph capture
+        requires), check that it made no more graphs than its regions, then on CUDA capture one chunk. The warm-up
+        writes into the cache and buffers; the prefill that follows overwrites what it uses."""
+        from torch._dynamo.utils import counters
+
+        cuda = self.device.type == "cuda"
+        side = self._side_stream() if cuda else None
+        before = counters["stats"]["unique_graphs"]
+        if cuda:
+            side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # a None stream: a no-op, as on the CPU
             self._chunk(s)
-        torch.cuda.current_stream().wait_stream(side)
-        s.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(s.graph, stream=side):
-            self._chunk(s)
+        if cuda:
+            torch.cuda.current_stream().wait_stream(side)
+        made = counters["stats"]["unique_graphs"] - before
+        if made > self.regions:  # a layer that guards on its own weights compiles 32 times, or falls back to eager
+            raise RuntimeError(f"{self.name}: compiling the decode step for {len(s.token)} rows made {made} graphs, "
+                               f"where its {self.regions} region(s) make one each: something in it recompiles "
+                               f"per layer or per token (run with TORCH_LOGS=recompiles to see the guard)")
+        if cuda:
+            s.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(s.graph, stream=side):
+                self._chunk(s)
+        s.compiled = True
 
     def _side_stream(self) -> torch.cuda.Stream:
         """The stream the warm-up runs and the graph is captured on: a new one."""
@@ -234,28 +311,28 @@ class FusedGreedy:
     def cache_length(self, width: int, max_new_tokens: int) -> int:
         """Cache slots for a ``width``-token prompt and ``max_new_tokens`` new ones, the last graph's overshoot
         included, rounded up to ``cfg.cache_bucket``: one captured shape per bucket."""
-        steps = _round_up(max(max_new_tokens - 1, 0), self.chunk_tokens)
+        steps = _round_up(max(max_new_tokens - 1, 1), self.chunk_tokens)  # a chunk at least: the warm-up's
         return _round_up(width + steps + 1, self.cfg.cache_bucket)
 
-    def _shape(self, rows: int, width: int, max_new_tokens: int) -> tuple[_Shape, bool]:
+    def _shape(self, rows: int, width: int, max_new_tokens: int) -> _Shape:
         key = (rows, self.cache_length(width, max_new_tokens))
-        first = key not in self._shapes
-        if first:
+        if key not in self._shapes:
             self._shapes[key] = _Shape(self.decoder, *key)
-        return self._shapes[key], first
+        return self._shapes[key]
 
     def _generate_batch(self, ids, mask, max_new_tokens: int, eos_id: int | None) -> torch.Tensor:
         rows, width = ids.shape
-        s, first = self._shape(rows, width, max_new_tokens)
+        s = self._shape(rows, width, max_new_tokens)
         label = f"{rows}x{s.pad_mask.shape[1]}"
+        first = label not in self.compile_s
         t0 = time.perf_counter()
-        if first and self.compiled:
+        if self.compiled and not s.compiled:  # not on first use alone: forced_logits may have made the shape
             from .decoding import _allow_compile
 
             # dynamo keys compiled code on _decode_one, which every FusedGreedy shares: a new engine's first
             # compile counts as a recompile, which timed rounds forbid (decoding.no_recompile); it is never timed
             with _allow_compile(True):
-                self._capture(s)
+                self._compile_shape(s)
         dev = self.device
         mask = mask.to(dev)
         s.pad_mask.zero_()
@@ -295,7 +372,7 @@ class FusedGreedy:
         from .decoding import _allow_compile
 
         dev = self.device
-        s, _ = self._shape(1, len(prompt), len(forced) + 1)
+        s = self._shape(1, len(prompt), len(forced) + 1)
         s.pad_mask.fill_(True)
         at = torch.arange(len(prompt), device=dev)
         self.decoder(torch.tensor([prompt], device=dev), at[None], at, s.pad_mask, s.cache)

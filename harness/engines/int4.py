@@ -1,4 +1,5 @@
-"""``merged-int4``: the merged model's decoder projections in 4 bits, decoded by the fused engine (harness/engines/fused.py).
+"""``merged-int4``: the merged model's decoder projections in 4 bits, decoded by the fused engine
+(harness/engines/fused.py).
 
 A decode step at batch 1 reads every weight once, so 4-bit projections read about a quarter of bf16's bytes. The
 kernels are AWQ's (gptqmodel's packaging; built once per machine by harness/engines/awq_kernels.py): the decode GEMV
@@ -106,11 +107,10 @@ def quantize_linear(linear: nn.Linear, kernels: AwqKernels, check: bool = False)
     weight = nn.functional.pad(linear.weight, (0, columns - in_features, 0, rows - out_features))
     q, scale, zero = quantize(weight, GROUP_SIZE)  # an all-zero group: q = zero = 0
     module = Int4Linear(q, scale, zero, kernels, out_features, in_features)
-    if check:
-        scales, zeros = folded(scale, zero)
-        dequantized = (q * scales.float().repeat_interleave(GROUP_SIZE, 1)
-                       + zeros.float().repeat_interleave(GROUP_SIZE, 1))
-        check_kernel(module, dequantized[:out_features, :in_features].to(linear.weight.dtype), linear.weight.dtype)
+    if check:  # the weight the kernels multiply by: q with the module's own float16 scales and folded zero points
+        dequantized = (q * module.scales.t().float().repeat_interleave(GROUP_SIZE, 1)
+                       + module.zeros.t().float().repeat_interleave(GROUP_SIZE, 1))
+        check_kernel(module, dequantized[:out_features, :in_features], linear.weight.dtype)
     return module
 
 

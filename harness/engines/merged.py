@@ -2,7 +2,9 @@
 
 ``merged`` is the deployable artifact: the NF4 base dequantized to ``merged_dtype``, the adapter merged in that
 dtype (never into 4-bit: peft #2321, transformers #31293), decoded by ``harness.engines.fused.FusedGreedy``
-(fused projections, decode steps captured as CUDA graphs; ``StaticGreedy`` for architectures it does not cover).
+(fused projections, decode steps captured as CUDA graphs; ``StaticGreedy`` for architectures it does not cover). On
+CUDA its one-row steps run ``harness.engines.gemv``'s kernels, built into ``kernels_dir`` (default: ``_kernels``
+beside ``cache_root``) once per machine; where there is no nvcc to build them, cuBLAS's, which the engine's note says.
 
 ``MergedBase`` keeps the dequantized weights for the whole sweep and merges each variant into them in place
 (restoring the pristine weights first), so the compiled decode graphs, which hold the weights' addresses, are
@@ -20,6 +22,9 @@ import torch
 from ..config.schema import Profile
 from .decoding import StaticGreedy
 from .fused import FusedDecoder, FusedGreedy, check_supported, fuse_projections_
+from .gemv import GemvDecoder
+from .gemv import load as load_gemv
+from .kernel_build import CompilerMissing
 
 __all__ = ["MergedBase"]
 
@@ -33,7 +38,7 @@ class MergedBase:
     verifies it). peft computes each delta (B @ A * alpha / r) and adds it in place (``merge_and_unload``).
     """
 
-    def __init__(self, profile: Profile, cache_root: Path, tokenizer):
+    def __init__(self, profile: Profile, cache_root: Path, tokenizer, kernels_dir: Path | None = None):
         from ..models.dequantized import load
 
         allocated = torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
@@ -53,8 +58,25 @@ class MergedBase:
             self.engine = StaticGreedy(self.model, tokenizer, "merged", profile.inference)
             self.engine.note += f" (not fused: {unsupported})"
         else:
-            self.engine = FusedGreedy(self.model, FusedDecoder(self.model, self.projections), tokenizer, "merged",
-                                      profile.inference)
+            decoder, note = self._decoder(kernels_dir or Path(cache_root).parent / "_kernels")
+            hand = isinstance(decoder, GemvDecoder)  # its kernels and inductor's launch with programmatic dependence
+            self.engine = FusedGreedy(self.model, decoder, tokenizer, "merged", profile.inference,
+                                      inductor_options={"triton.enable_pdl": True} if hand else None)
+            self.engine.note += note
+
+    def _decoder(self, kernels_dir: Path) -> tuple[FusedDecoder, str]:
+        """On CUDA, ``GemvDecoder`` with gemv.cu's kernels (built into ``kernels_dir`` once per machine); on the CPU,
+        or on CUDA without nvcc to build them, ``FusedDecoder``, its one-row products cuBLAS's. With what the engine's
+        note (the card's engines table) says of it."""
+        if self.model.lm_head.weight.device.type != "cuda":
+            return FusedDecoder(self.model, self.projections), ""
+        try:
+            load_gemv(kernels_dir)
+        except CompilerMissing as e:
+            return FusedDecoder(self.model, self.projections), f"; one-row products cuBLAS's, not gemv.cu's: {e}"
+        return GemvDecoder(self.model, self.projections), ("; one-row products through harness/engines/gemv.cu "
+                                                           "(RMSNorm, SiLU(gate) * up and residual adds folded in), "
+                                                           "kernels launched with programmatic dependent launch")
 
     def _storage_map(self) -> dict[str, tuple[int, tuple[int, ...], torch.dtype]]:
         return {n: (p.data_ptr(), tuple(p.shape), p.dtype) for n, p in self.model.named_parameters()}
@@ -111,7 +133,7 @@ class MergedBase:
             self._merged_in = False
         if adapter_dir is not None:
             self._merged_in = True
-            wrapped = PeftModel.from_pretrained(self.model, str(adapter_dir))
+            wrapped = PeftModel.from_pretrained(self.model, str(adapter_dir), low_cpu_mem_usage=True)
             try:
                 merged = wrapped.merge_and_unload()
             except BaseException:

@@ -24,9 +24,10 @@ __all__ = ["EVAL_SOURCES", "eval_key", "eval_key_parts", "predictions_path", "wr
 
 _HARNESS = Path(__file__).resolve().parents[1]
 EVAL_SOURCES = tuple(_HARNESS / n for n in ("engines/decoding.py", "engines/fused.py", "engines/merged.py",
+                                            "engines/gemv.py", "engines/gemv.cu",
                                             "models/dequantized.py", "models/nf4.py", "measure/evaluate.py",
                                             "data/prompt.py", "measure/metrics.py", "models/base.py",
-                                            "models/pretrained.py",
+                                            "models/pretrained.py", "models/nf4_store.py",
                                             # the quantized engines and their cost against merged: a change to
                                             # them makes the card's cost tables stale (†) like any other figure
                                             "engines/int8.py", "engines/int4.py", "engines/awq_kernels.py",

@@ -16,10 +16,13 @@ from ..config.profiles import config_hash
 from ..config.schema import LoraConfig, ModelConfig, QuantConfig, Variant
 from ..measure.memory import free_memory
 from ..report.atomic import atomic_dir, file_lock
+from ..report.provenance import library_versions, source_digest
+from .host_copy import save_pretrained
 
 __all__ = [
     "SYNTHETIC_SHAPES",
     "synthetic_config",
+    "synthetic_key",
     "materialize_synthetic",
     "resolve_source",
     "bnb_config",
@@ -37,6 +40,8 @@ SYNTHETIC_SHAPES = {
     "tiny": dict(hidden_size=128, intermediate_size=448, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, head_dim=32),
 }
+# the code that writes a synthetic checkpoint, in synthetic_key
+SYNTHETIC_SOURCES = (Path(__file__).resolve(), Path(__file__).resolve().with_name("host_copy.py"))
 _SYNTHETIC_PREFIX = "synthetic:"
 
 
@@ -60,12 +65,23 @@ def synthetic_config(name: str):
     )
 
 
+def synthetic_key(name: str, seed: int) -> str:
+    """What a synthetic checkpoint's weights follow: the shape, the seed, the device whose generator draws them (CUDA's
+    and the CPU's differ), torch's and transformers' versions (the generator and the init functions) and the code
+    that writes them (this module and host_copy.py)."""
+    versions = library_versions()
+    return config_hash({"name": name, "seed": seed, "config": synthetic_config(name).to_dict(),
+                        "device": device().type, "versions": {k: versions.get(k) for k in ("torch", "transformers")},
+                        "code": source_digest(SYNTHETIC_SOURCES, "harness.models.base.SYNTHETIC_SOURCES")})[:12]
+
+
 def materialize_synthetic(name: str, seed: int, cache_root: Path) -> Path:
-    """Write a seeded random checkpoint once (atomically, under a lock) and return its directory."""
+    """Write a seeded random checkpoint once (atomically, under a lock) and return its directory, named by
+    ``synthetic_key``."""
     from transformers import MistralForCausalLM
 
     cfg = synthetic_config(name)
-    key = config_hash({"name": name, "seed": seed, "config": cfg.to_dict()})[:12]
+    key = synthetic_key(name, seed)
     final = Path(cache_root) / f"synthetic-{name}-{key}"
     with file_lock(final):
         if (final / "config.json").exists():
@@ -75,7 +91,7 @@ def materialize_synthetic(name: str, seed: int, cache_root: Path) -> Path:
         with torch.device(device()):
             model = MistralForCausalLM(cfg).to(torch.bfloat16)
         with atomic_dir(final) as tmp:
-            model.save_pretrained(tmp, safe_serialization=True)
+            save_pretrained(model, tmp)  # through pinned memory: a third of the time from the GPU
         del model
         free_memory()
     return final
@@ -109,20 +125,34 @@ def bnb_config(q: QuantConfig):
 def load_base(model_cfg: ModelConfig, q: QuantConfig, cache_root: Path, fsdp: bool = False):
     """Load the base model, 4-bit quantized when configured, on the GPU if there is one.
 
-    With ``fsdp`` no device map is given: accelerate's FSDP plugin places and shards the weights itself.
+    A 4-bit base is quantized once and then read from ``runs/_models/nf4-<key>/`` (``harness.models.nf4_store``).
+    With ``fsdp`` it is quantized at every load, with no device map: accelerate's FSDP plugin places and shards the
+    weights itself.
     """
     from transformers import AutoModelForCausalLM
 
-    path = resolve_source(model_cfg, cache_root)
     dev = device()
-    revision = None if model_cfg.source.startswith(_SYNTHETIC_PREFIX) else model_cfg.revision
-    model = AutoModelForCausalLM.from_pretrained(
-        path, revision=revision, quantization_config=bnb_config(q), dtype=getattr(torch, q.compute_dtype),
-        attn_implementation=model_cfg.attn_implementation,
-        device_map=None if fsdp else ({"": dev.index or 0} if dev.type == "cuda" else {"": "cpu"}),
-    )
-    model.eval()
-    return model
+
+    def from_pretrained(path, quantization_config=None, revision=None):
+        # a stored 4-bit base carries its quantization config; passing None would load it as if it had none
+        model = AutoModelForCausalLM.from_pretrained(
+            path, revision=revision, dtype=getattr(torch, q.compute_dtype),
+            attn_implementation=model_cfg.attn_implementation,
+            device_map=None if fsdp else ({"": dev.index or 0} if dev.type == "cuda" else {"": "cpu"}),
+            **({"quantization_config": quantization_config} if quantization_config is not None else {}),
+        )
+        model.eval()
+        return model
+
+    def from_source():
+        revision = None if model_cfg.source.startswith(_SYNTHETIC_PREFIX) else model_cfg.revision
+        return from_pretrained(resolve_source(model_cfg, cache_root), bnb_config(q), revision)
+
+    if not q.load_in_4bit or fsdp:
+        return from_source()
+    from . import nf4_store
+
+    return nf4_store.load(model_cfg, q, cache_root, dev.type, from_source, from_pretrained)
 
 
 def load_tokenizer(model_cfg: ModelConfig, cache_root: Path):

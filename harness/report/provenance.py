@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 import subprocess
 import time
 from importlib import metadata
@@ -20,6 +21,7 @@ TRACKED_LIBRARIES = ("torch", "transformers", "peft", "trl", "bitsandbytes", "da
                      "accelerate", "huggingface_hub", "torchao")
 PROJECT_ROOT = Path(__file__).resolve().parents[2]  # runs/, the card and data/ live here, whatever pytest's rootdir
 _REPO_ROOT = PROJECT_ROOT
+_COMMIT = re.compile(r"[0-9a-f]{7,40}")  # what a declared sha must look like
 SHA_ENV, SHA_FILE = "QLORA_GIT_SHA", ".git_sha"  # where a copy without .git (the GPU machine) gets its sha
 
 
@@ -38,16 +40,17 @@ def git_sha() -> str:
 
     A real ``.git`` wins: ``$QLORA_GIT_SHA`` cannot see an edit and never says ``-dirty``. Without ``.git`` (a copy
     of the tree on another machine) the sha comes from ``$QLORA_GIT_SHA`` or the file ``.git_sha`` at the project
-    root; with neither, ``unknown`` (the card then says where to set it). ``git_provenance`` records both.
+    root; with neither, or with a value that is not a commit's sha (7-40 hex digits: a placeholder left in a
+    command, as "SHA" was on the H200 on 2026-12-05), ``unknown`` (the card then says where to set it).
+    ``git_provenance`` records both.
     """
     if (_REPO_ROOT / ".git").exists():
         real = _git_head()
         if real is not None:
             return real
-    if os.environ.get(SHA_ENV):
-        return os.environ[SHA_ENV].strip()
     file = _REPO_ROOT / SHA_FILE
-    return file.read_text().strip() if file.is_file() else "unknown"
+    declared = os.environ.get(SHA_ENV, "").strip() or (file.read_text().strip() if file.is_file() else "")
+    return declared if _COMMIT.fullmatch(declared) else "unknown"
 
 
 def git_provenance() -> dict[str, str]:

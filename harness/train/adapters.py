@@ -42,8 +42,8 @@ _HARNESS = Path(__file__).resolve().parents[1]
 # The modules whose code decides what an adapter learns: data layout, tokenization, base loading, the trainer and
 # its launcher. Editing any of them changes every adapter key; a listed file that is missing is an error.
 ADAPTER_SOURCES = tuple(_HARNESS / n for n in (
-    "train/trainer.py", "train/layer_compile.py", "data/prompt.py", "models/base.py", "models/pretrained.py",
-    "train/distributed.py"))
+    "train/trainer.py", "train/layer_compile.py", "data/prompt.py", "models/base.py", "models/nf4_store.py",
+    "models/pretrained.py", "train/distributed.py"))
 
 
 def adapter_source_digest(files=None) -> str:
@@ -54,7 +54,7 @@ def artifact_key(profile: Profile, variant: Variant, train_examples: list[Exampl
     """Everything that changes a trained adapter. Its hash names the artifact directory."""
     versions = library_versions()
     return {
-        "base": base_identity(profile),
+        "base": base_identity(profile.model),
         "quantization": dataclasses.asdict(profile.quantization),
         "lora": {**dataclasses.asdict(profile.lora), "r": variant.r, "alpha": variant.alpha},
         "training": dataclasses.asdict(profile.training),

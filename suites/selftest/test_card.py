@@ -143,6 +143,22 @@ def test_an_ungated_relative_parity_says_so():
     assert "err/effect 1.2e+00 |" in card(max_relative_error=0.1) and "err/effect 1.2e+00 |" in card()
 
 
+def test_an_agreement_past_near_ties_shows_the_exact_one_beside_it():
+    """Where near ties were passed over (``parity_tie_logits`` above 0), the parity cell gives the agreement to the
+    first difference of any size beside the gated one; with no tolerance, or in a file written before it existed,
+    the cell is as before. Mutation: dropping the exact figure, or showing it for an exact profile, fails here."""
+    from harness.report.card_render import render_section
+
+    parity = {"token_agreement": 0.93, "token_agreement_exact": 0.66, "max_logit_diff": 1.0, "relative_error": None}
+
+    def card(**extra):
+        row = {**RESULTS["variants"]["r16"], "parity": {**parity, **extra}}
+        return render_section({**RESULTS, "variants": {"r16": row}})
+
+    assert "| 0.93 tok (0.66 exact), 1.0e+00 logit" in card(tie_logits=0.5)
+    assert "| 0.93 tok, 1.0e+00 logit" in card(tie_logits=0.0) and "| 0.93 tok, 1.0e+00 logit" in card()
+
+
 def test_a_busy_engine_timing_is_marked_and_explained():
     """The H200 run at 6687e16 timed the seed path on a busy machine (IQR/median 0.11): its p50 carries ‡ and a line
     under the engines table says what ‡ means; a quiet engine gets neither."""

@@ -25,7 +25,7 @@ from harness.data.prompt import encode_prompt
 from harness.engines.decoding import HFGreedy, StaticGreedy, no_recompile
 from harness.engines.int8 import INDUCTOR_OPTIONS, Int8Merged, leaf_tensors, resident_gib
 from harness.engines.merged import MergedBase
-from harness.measure.parity import parity, parity_check_count, parity_failures
+from harness.measure.parity import agreement_past_near_ties, parity, parity_check_count, parity_failures
 from harness.models.base import load_tokenizer
 from harness.models.nf4 import load_nf4_with_adapter
 from harness.train.adapters import ensure_adapter
@@ -50,7 +50,7 @@ class Tiny:
     def parity(self, reference, candidate) -> dict:
         inf = self.profile.inference
         return parity(reference, candidate, self.tokenizer, self.prompts, inf.parity_new_tokens,
-                      self.profile.eval.batch_size)
+                      self.profile.eval.batch_size, inf.parity_tie_logits)
 
 
 @pytest.fixture(scope="module")
@@ -133,10 +133,45 @@ def test_the_references_teacher_forced_choices_are_its_own_greedy_decode(tiny, v
     n = tiny.profile.inference.parity_new_tokens
     own, others = (r.generate(tiny.prompts, n, tiny.profile.eval.batch_size) for r in (reference, other))
     for prompt, tokens in zip(tiny.prompts, own, strict=True):
-        assert reference.teacher_forced(prompt, tokens)[0] == tokens
+        choices, deficits, _ = reference.teacher_forced(prompt, tokens)
+        assert choices == tokens and deficits == [0.0] * len(tokens)
     differing = [(p, t) for p, t, o in zip(tiny.prompts, others, own, strict=True) if t != o]
     assert differing, "r8 decodes every prompt as this variant does: no case to tell the choices from the input"
     assert all(reference.teacher_forced(p, t)[0] != t for p, t in differing)
+
+
+def test_the_references_deficit_is_how_far_below_its_choice_it_scores_the_token_given(tiny):
+    """``teacher_forced``'s deficits, which decide what is a near tie: at the first position where another variant's
+    token is not the reference's choice, the deficit is the reference's logit for its choice minus its logit for that
+    token, read here from a plain forward of its own; 0 before it. Mutation: reading the row after (the logits
+    ``forced_logits`` returns) or the sign reversed fails here."""
+    reference, other = tiny.reference("r16"), tiny.reference("r8")
+    n = tiny.profile.inference.parity_new_tokens
+    checked = 0
+    for prompt, tokens in zip(tiny.prompts, other.generate(tiny.prompts, n, tiny.profile.eval.batch_size)):
+        choices, deficits, _ = reference.teacher_forced(prompt, tokens)
+        first = next((i for i, (a, b) in enumerate(zip(choices, tokens)) if a != b), None)
+        if first is None:
+            continue
+        with torch.inference_mode():
+            logits = reference.model(input_ids=torch.tensor([prompt + tokens[:first]])).logits[0, -1].float()
+        assert deficits[:first] == [0.0] * first
+        assert deficits[first] == pytest.approx((logits.max() - logits[tokens[first]]).item(), rel=1e-4, abs=1e-6)
+        assert deficits[first] > 0
+        checked += 1
+    assert checked, "r8's tokens are r16's choices everywhere: no difference to measure"
+
+
+def test_agreement_passes_over_near_ties_within_the_tolerance_and_stops_at_the_first_beyond():
+    """The rule the gated agreement follows (harness/measure/parity.py): deficits up to ``tie_logits`` are passed
+    over and counted, the first above it ends the agreement, and a NaN ends it too. Mutation: ignoring the tolerance,
+    or counting past the first difference beyond it, fails here."""
+    deficits = [0.0, 0.25, 0.0, 0.75, 0.0]
+    assert agreement_past_near_ties(deficits, 0.5) == (3 / 5, 1)
+    assert agreement_past_near_ties(deficits, 0.0) == (1 / 5, 0)
+    assert agreement_past_near_ties(deficits, 1.0) == (1.0, 2)
+    assert agreement_past_near_ties([0.0, float("nan"), 0.0], 1e9) == (1 / 3, 0)
+    assert agreement_past_near_ties([], 0.5) == (0.0, 0)
 
 
 # -- relative parity: the engine's error as a fraction of the adapter's own effect -------------------------------
@@ -218,6 +253,29 @@ def test_relative_parity_gate_fails_a_broken_merge(tiny, shapes, shape, mutation
     assert any("inference.parity_max_relative_error" in f for f in failures), (failures, result)
     assert result["relative_error"] > 3 * profile.inference.parity_max_relative_error, result  # not by a hair
     base.activate("r16", tiny.adapters["r16"])  # the next test starts from a clean merge
+
+
+def test_near_ties_passed_over_leave_a_lost_merge_failing_the_agreement(tiny, shapes):
+    """The bf16 shape under smollm2-135m-bf16's agreement gate and tie tolerance: the correct r16 merge passes, with
+    the agreement at least the exact one; the merge skipped (the base alone against the r16 seed path) still fails
+    the agreement, its tokens further from the reference's choices than near ties. Mutation: a tolerance large enough
+    to pass over anything passes the skipped merge."""
+    profile, base, reference = shapes["tiny-bf16-7b-gates"]
+    gates = load_profile("smollm2-135m-bf16").inference
+    inf = dataclasses.replace(profile.inference, parity_min_agreement=gates.parity_min_agreement,
+                              parity_tie_logits=gates.parity_tie_logits)
+    run = lambda: parity(reference, base.engine, tiny.tokenizer, tiny.prompts, inf.parity_new_tokens,  # noqa: E731
+                         profile.eval.batch_size, inf.parity_tie_logits)
+    base.activate("r16", tiny.adapters["r16"])
+    good = run()
+    assert good["token_agreement"] >= max(good["token_agreement_exact"], inf.parity_min_agreement), good
+    base.activate("baseline", None)
+    lost = run()
+    print(f"r16 merged: {good['token_agreement']:.3f} ({good['token_agreement_exact']:.3f} exact, "
+          f"{good['near_ties']} near ties); merge skipped: {lost['token_agreement']:.3f} "
+          f"({lost['token_agreement_exact']:.3f} exact, {lost['near_ties']} near ties)")
+    assert any("inference.parity_min_agreement" in f for f in parity_failures(lost, inf)), lost
+    base.activate("r16", tiny.adapters["r16"])
 
 
 def test_relative_parity_does_not_apply_without_an_adapter(tiny, merged):
@@ -418,3 +476,28 @@ def test_int8_decode_step_traces_as_one_graph(tiny, int8):
     compiled = StaticGreedy(int8.model, tiny.tokenizer, "merged-int8", tiny.profile.inference, compile_on_cpu=True,
                             inductor_options=INDUCTOR_OPTIONS)  # an unknown inductor option raises here
     assert compiled.compiled and compiled._step is not compiled._decode_one
+
+
+def test_a_compiled_static_cache_engine_lowers_one_decoder_layer_for_all(tiny):
+    """A compiled ``StaticGreedy`` (``nf4-compiled`` here: NF4 + unmerged r16 through peft) marks its decoder layers
+    as one nested compile region: dynamo's graph of the step calls one subgraph once a layer, and the tokens are the
+    eager step's. Mutation: without the marking each layer's ops are inlined into the step and no subgraph is
+    called."""
+    inf = tiny.profile.inference
+    model = load_nf4_with_adapter(tiny.profile, tiny.adapters["r16"], tiny.cache_root)
+    prompt = tiny.prompts[:1]
+    eager = StaticGreedy(model, tiny.tokenizer, "nf4-compiled", inf).generate(prompt, 6, batch_size=1)
+    engine = StaticGreedy(model, tiny.tokenizer, "nf4-compiled", inf, compile_on_cpu=True)
+    graphs = []
+
+    def backend(gm, example_inputs):  # dynamo's graph, run as it is (no inductor on the CPU self-tests)
+        graphs.append(gm)
+        return gm.forward
+
+    engine._step = torch.compile(engine._decode_one, backend=backend)
+    assert engine.generate(prompt, 6, batch_size=1) == eager
+    calls = [node for gm in graphs for node in gm.graph.nodes
+             if node.target is torch.ops.higher_order.invoke_subgraph]
+    layers = model.get_base_model().get_decoder().layers
+    assert len(graphs) == 1 and len(calls) == len(layers) >= 2
+    assert len({node.args[0].target for node in calls}) == 1  # one subgraph, called by every layer

@@ -42,7 +42,7 @@ def _rewrite_in_place(path, data: bytes) -> None:
 
 def _keys(profile) -> dict:
     """Every key a base's content must reach."""
-    return {"config": config_hash(profile), "base": revision.base_identity(profile),
+    return {"config": config_hash(profile), "base": revision.base_identity(profile.model),
             "adapter": adapters.artifact_key(profile, profile.variant("r8"), check_profile_data(profile)["train"]),
             "dequantized": dequantized.key_parts(profile), "eval": predictions.eval_key(profile, "fp")}
 
@@ -105,7 +105,7 @@ def test_an_empty_folder_is_refused_naming_the_profile_line(tmp_path, checkpoint
 def test_an_unpinned_folder_source_is_refused_by_the_keys(tmp_path, checkpoint):
     profile = load_profile(write_profile(tmp_path / "p", {"model": {"source": str(checkpoint), "revision": None}}))
     with pytest.raises(ValueError, match="local folder whose content is not pinned"):
-        revision.base_identity(profile)
+        revision.base_identity(profile.model)
 
 
 def test_content_is_not_a_yaml_key_and_other_sources_keep_their_config_hash(tmp_path):

@@ -252,6 +252,7 @@ def test_awq_sources_are_the_checked_archive_and_missing_tools_are_named(tmp_pat
     from torch.utils import cpp_extension
 
     from harness.engines import awq_kernels
+    from harness.engines.kernel_build import CompilerMissing, nvcc
 
     monkeypatch.delenv("QLORA_GPTQMODEL_SDIST", raising=False)
     with pytest.raises(RuntimeError, match="pip download --no-deps gptqmodel==7.7.0 -d runs/_kernels"):
@@ -275,5 +276,188 @@ def test_awq_sources_are_the_checked_archive_and_missing_tools_are_named(tmp_pat
     with pytest.raises(RuntimeError, match="defines no pack_intweight"):
         awq_kernels._extract(bare, tmp_path / "bare")
     monkeypatch.setattr(cpp_extension, "CUDA_HOME", None)  # what torch found: none on this machine
-    with pytest.raises(RuntimeError, match="put nvcc on the PATH or set CUDA_HOME"):
-        awq_kernels._nvcc()
+    with pytest.raises(CompilerMissing, match="merged-int4 compiles CUDA kernels .* put nvcc on the PATH or set CUDA"):
+        nvcc("merged-int4")
+
+
+def test_gemv_build_key_changes_with_kernel_source_builder_torch_nvcc_and_gpu(tmp_path, monkeypatch):
+    """The merged engine's GEMV library is keyed by everything that changes it (harness/engines/gemv.py): gemv.cu,
+    the module that builds and binds it, torch's version, nvcc's and the GPU's capability each give a new key, so a
+    library built from other code or for another torch is never loaded. Mutation: leaving gemv.cu out of the key keeps
+    the key when a kernel changes."""
+    from harness.engines import gemv
+
+    args = ("Cuda compilation tools, release 13.0", (9, 0))
+    keys = {"first": gemv.build_key(*args)}
+    assert gemv.build_key(*args) == keys["first"]
+    source = tmp_path / "gemv.cu"
+    source.write_bytes(gemv.SOURCE.read_bytes() + b"// another kernel\n")
+    monkeypatch.setattr(gemv, "SOURCE", source)
+    keys["source"] = gemv.build_key(*args)
+    builder = tmp_path / "gemv.py"
+    builder.write_bytes(gemv.BUILDER.read_bytes() + b"# another binding\n")
+    monkeypatch.setattr(gemv, "BUILDER", builder)
+    keys["builder"] = gemv.build_key(*args)
+    monkeypatch.setattr(torch, "__version__", torch.__version__ + "+other")
+    keys["torch"] = gemv.build_key(*args)
+    keys["nvcc"] = gemv.build_key("Cuda compilation tools, release 13.1", (9, 0))
+    keys["gpu"] = gemv.build_key(args[0], (8, 0))
+    assert len(set(keys.values())) == len(keys), keys
+
+
+def test_gemv_op_shapes_follow_its_epilogue():
+    """torch.compile traces ``qlora::gemv`` through its fake: one row of n outputs, or n / 2 with ``silu_pairs`` (the
+    gate/up product becomes down's input). Mutation: a fake that ignores ``silu_pairs`` gives down a 2x-wide input."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from harness.engines.gemv import gemv
+
+    with FakeTensorMode():
+        x, w = torch.empty(1, 1, 64, dtype=torch.bfloat16), torch.empty(96, 64, dtype=torch.bfloat16)
+        assert gemv(x, w, None, 0.0, None, False, True).shape == (1, 96)
+        assert gemv(x, w, torch.empty(64, dtype=torch.bfloat16), 1e-5, None, True, True).shape == (1, 48)
+
+
+def test_gemv_decoder_off_cuda_computes_the_fused_decoders_products(model):
+    """Off CUDA ``GemvDecoder`` goes through ``FusedDecoder``'s own products, for a prompt and for one-token steps
+    alike (on CUDA a one-token step runs gemv.cu), so the CPU self-tests cover the layer code the GPU runs around the
+    kernels. Mutation: sending one-token steps to the CUDA op whatever the device fails here."""
+    from harness.engines.gemv import GemvDecoder
+
+    layers = fuse_projections_(model)
+    fused, hand = FusedDecoder(model, layers), GemvDecoder(model, layers)
+    mask = torch.ones(1, 8, dtype=torch.bool)
+    with torch.no_grad():
+        for ids, start in ((torch.tensor([[1, 5, 9, 14]]), 0), (torch.tensor([[7]]), 4)):
+            at = torch.arange(start, start + ids.shape[1])
+            torch.testing.assert_close(hand(ids, at[None], at, mask, hand.new_cache(1, 8)),
+                                       fused(ids, at[None], at, mask, fused.new_cache(1, 8)), rtol=0, atol=0)
+
+
+def test_gemv_decoder_check_passes_its_own_products_and_refuses_a_wrong_or_nan_one(model):
+    """``GemvDecoder.check`` (run when the merged engine is built on CUDA) holds each product to ``FusedDecoder``'s,
+    the residual stream compared by what a layer adds to it. On the CPU the products are the fused decoder's and pass;
+    mutations: an MLP adding a tenth too much, and a head returning NaN, each named."""
+    from harness.engines.gemv import GemvDecoder
+
+    layers = fuse_projections_(model)
+    GemvDecoder(model, layers).check()
+
+    class TenthTooMuch(GemvDecoder):
+        def mlp(self, proj, norm, x):
+            return x + (super().mlp(proj, norm, x) - x) * 1.1
+
+    with pytest.raises(RuntimeError, match=r"kernel for gate/up and down is wrong \(relative error 0\.1"):
+        TenthTooMuch(model, layers).check()
+
+    class NanHead(GemvDecoder):
+        def head(self, x):
+            return super().head(x) * float("nan")
+
+    with pytest.raises(RuntimeError, match=r"kernel for lm_head is wrong \(relative error nan"):
+        NanHead(model, layers).check()
+
+
+def test_a_step_compiled_per_layer_makes_one_graph_a_region_and_decodes_as_the_model(model):
+    """``GemvDecoder`` asks ``FusedGreedy`` to compile its step per layer: prepare, one decoder layer for all of them,
+    and the step's end, each compiled once per shape (inductor, here on the CPU). The tokens are ``generate``'s.
+    Mutation: a layer that reads a number of its own layer (so dynamo guards on it and compiles each layer apart) is
+    refused by name before any token is kept."""
+    from torch._dynamo.utils import counters
+
+    from harness.engines.gemv import GemvDecoder
+
+    expected = _hf_greedy(model, 9)
+    decoder = GemvDecoder(model, fuse_projections_(model))
+    engine = FusedGreedy(model, decoder, Tok(), "merged", Cfg(), compile_on_cpu=True)
+    assert engine.regions == 3 and "compiled per layer" in engine.note
+    before = counters["stats"]["unique_graphs"]
+    assert engine.generate(PROMPTS, 9, batch_size=3, fixed_length=True) == expected
+    assert counters["stats"]["unique_graphs"] - before == 3
+
+    class GuardsOnItsLayer(GemvDecoder):
+        def layer(self, x, *args):
+            return super().layer(x, *args) * (1 + 0 * args[-3].number)  # args[-3]: the layer's projections
+
+    decoder = GuardsOnItsLayer(model, fuse_projections_(model))
+    for number, proj in enumerate(decoder.projections):
+        proj.number = number
+    engine = FusedGreedy(model, decoder, Tok(), "merged", Cfg(), compile_on_cpu=True)
+    with pytest.raises(RuntimeError, match=r"merged: compiling the decode step for 3 rows made [4-9] graphs, where "
+                                           r"its 3 region\(s\) make one each"):
+        engine.generate(PROMPTS, 9, batch_size=3, fixed_length=True)
+
+
+def test_a_step_compiled_whole_makes_one_graph_and_decodes_as_the_model(model):
+    """``FusedDecoder`` (merged-int4's AWQ layers) has its step compiled whole, fullgraph (inductor, here on the
+    CPU): one graph per shape, the tokens ``generate``'s. Mutation: ``layers`` choosing its layer function with
+    ``layer or self.layer`` (a branch on a bound method) fails to compile under torch 2.11, the GPU image's
+    (``bash .ci/device_libs``), as it did on the H200 at 6b8d020; torch 2.13's dynamo traces it."""
+    from torch._dynamo.utils import counters
+
+    expected = _hf_greedy(model, 9)
+    engine = FusedGreedy(model, FusedDecoder(model, fuse_projections_(model)), Tok(), "merged-int4", Cfg(),
+                         compile_on_cpu=True)
+    assert engine.regions == 1 and "compiled whole" in engine.note
+    before = counters["stats"]["unique_graphs"]
+    assert engine.generate(PROMPTS, 9, batch_size=3, fixed_length=True) == expected
+    assert counters["stats"]["unique_graphs"] - before == 1
+
+
+def _gemv_standin(x, weight, norm_weight, eps, residual, silu_pairs, pdl):
+    """What gemv.cu's ``gemv`` computes, composed in torch (the model's own RMSNorm arithmetic)."""
+    x = x.reshape(1, -1)
+    if norm_weight is not None:
+        h = x.float()
+        x = norm_weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    y = torch.nn.functional.linear(x, weight)
+    if silu_pairs:
+        gate, up = y.chunk(2, dim=-1)
+        y = torch.nn.functional.silu(gate) * up
+    return y if residual is None else residual.reshape(1, -1) + y
+
+
+def test_the_code_around_the_one_row_kernels_decodes_as_the_model(model, monkeypatch):
+    """The CPU never runs gemv.cu, so the Python around its op (which norm, residual and epilogue each product gets)
+    is checked here: the op replaced by a torch composition of what the kernel computes, one-row steps sent to it as
+    on CUDA, the greedy tokens must be ``generate``'s. Mutation: a residual or a norm left out changes the
+    tokens."""
+    import harness.engines.gemv as hand
+
+    monkeypatch.setattr(hand, "gemv", _gemv_standin)
+    monkeypatch.setattr(hand.GemvDecoder, "_one_row", staticmethod(lambda x: x.numel() == x.shape[-1]))
+    expected = _hf_greedy(model, 10)
+    decoder = hand.GemvDecoder(model, fuse_projections_(model))
+    engine = FusedGreedy(model, decoder, Tok(), "merged", Cfg())
+    assert [engine.generate([p], 10, batch_size=1, fixed_length=True)[0] for p in PROMPTS] == expected
+
+
+def test_a_shape_made_by_forced_logits_is_still_compiled_and_captured_before_generate_uses_it(model, monkeypatch):
+    """Parity's ``forced_logits`` can make a shape before ``generate`` first uses it (the latency prompt's 1 x 256 is
+    also a parity shape): ``generate`` must still compile and capture it, or the timed rounds would run uncaptured
+    steps from Python. torch.compile is stubbed here (nothing is compiled on the CPU); what is checked is that the
+    shape goes through ``_compile_shape``. Mutation: deciding on the shape's first use instead fails here."""
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: fn)
+    engine = FusedGreedy(model, FusedDecoder(model, fuse_projections_(model)), Tok(), "merged", Cfg(),
+                         compile_on_cpu=True)
+    prompt = PROMPTS[0]
+    engine.forced_logits(prompt, [4, 8, 15, 16, 23, 42])
+    (shape,) = engine._shapes.values()
+    assert not shape.compiled
+    expected = FusedGreedy(model, FusedDecoder(model, fuse_projections_(model)), Tok(), "merged", Cfg()).generate(
+        [prompt], 10, batch_size=1, fixed_length=True)
+    assert engine.generate([prompt], 10, batch_size=1, fixed_length=True) == expected
+    assert list(engine._shapes.values()) == [shape] and shape.compiled
+
+
+def test_the_cache_holds_the_warm_up_chunk_even_for_one_new_token(model, monkeypatch):
+    """The warm-up that compiles a shape decodes one whole chunk from slot 0, so the cache must hold a chunk even when
+    only one token is asked for and the bucket is smaller than a chunk. Mutation: sizing it for the asked tokens alone
+    writes past the cache's end (an index error here; on CUDA a write out of bounds)."""
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: fn)
+    cfg = Cfg()
+    cfg.cache_bucket, cfg.graph_tokens = 1, 4
+    engine = FusedGreedy(model, FusedDecoder(model, fuse_projections_(model)), Tok(), "merged", cfg,
+                         compile_on_cpu=True)
+    assert engine.cache_length(2, 1) >= 2 + cfg.graph_tokens
+    assert len(engine.generate([[1, 5]], 1, batch_size=1, fixed_length=True)[0]) == 1

@@ -48,6 +48,28 @@ def test_a_baseline_decoded_on_another_device_gets_another_eval_key(monkeypatch)
     assert predictions.eval_key_parts(profile, "fp")["device"] == "cuda:NVIDIA H100 80GB HBM3"
 
 
+@pytest.mark.parametrize("change", ["torch", "transformers", "device", "code"])
+def test_a_synthetic_checkpoint_drawn_by_other_libraries_device_or_code_gets_another_folder(monkeypatch, tmp_path,
+                                                                                            change):
+    """Random weights follow the generator (torch, and CUDA's differs from the CPU's), the init functions
+    (transformers) and the code that writes them: a checkpoint made under any other of these is never loaded."""
+    import torch
+
+    import harness.models.base as base
+
+    before = base.synthetic_key("tiny", 0)
+    if change == "device":
+        monkeypatch.setattr(base, "device", lambda: torch.device("cuda", 0))
+    elif change == "code":
+        edited = tmp_path / "host_copy.py"
+        edited.write_bytes(base.SYNTHETIC_SOURCES[1].read_bytes() + b"# edited\n")
+        monkeypatch.setattr(base, "SYNTHETIC_SOURCES", (base.SYNTHETIC_SOURCES[0], edited))
+    else:
+        monkeypatch.setattr(base, "library_versions", _with(artifacts.library_versions, **{change: "0.0.1"}))
+    assert base.synthetic_key("tiny", 0) != before
+    assert base.synthetic_key("tiny", 1) != before  # and the seed, as before
+
+
 def test_stored_predictions_with_line_separators_in_their_text_read_back_whole(tmp_path):
     """Random weights decode any token, U+2028, U+0085 or a form feed among them; ``ensure_ascii=False`` leaves those in
     the JSONL, and a reader splitting on every Unicode line break (``str.splitlines``) cut a row in two on the GPU."""
@@ -128,6 +150,17 @@ def test_without_git_the_declared_sha_is_used(monkeypatch, tmp_path):
     monkeypatch.setattr(artifacts, "_REPO_ROOT", tmp_path)  # a copy of the tree without .git (the GPU machine)
     monkeypatch.setenv(artifacts.SHA_ENV, "feedface")
     assert artifacts.git_sha() == "feedface" and artifacts.git_provenance() == {"git_sha": "feedface"}
+
+
+def test_a_declared_sha_that_is_no_commit_is_unknown_and_recorded_as_declared(monkeypatch, tmp_path):
+    """A placeholder left in the GPU command (``QLORA_GIT_SHA=SHA``, 2026-12-05) must not label a run as a commit:
+    the run says ``unknown`` and keeps what was declared beside it. Mutation: taking any declared string fails."""
+    monkeypatch.setattr(artifacts, "_REPO_ROOT", tmp_path)
+    for bad in ("SHA", "<full sha>", "257f5bf!", "abc"):
+        monkeypatch.setenv(artifacts.SHA_ENV, bad)
+        assert artifacts.git_provenance() == {"git_sha": "unknown", "git_sha_declared": bad}
+    monkeypatch.setenv(artifacts.SHA_ENV, "257f5bf")
+    assert artifacts.git_sha() == "257f5bf"
 
 
 def test_a_section_made_by_other_harness_code_is_marked_stale():

@@ -78,3 +78,36 @@ def test_conversion_is_a_loadable_checkpoint_written_once(tmp_path):
     assert convert_gguf(gguf, tmp_path) == folder
     assert os.stat(folder / "model.safetensors").st_mtime_ns == mtime
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".tmp-")] == []
+
+
+@pytest.mark.slow
+def test_conversion_takes_the_special_tokens_the_file_names(tmp_path, monkeypatch):
+    """transformers 5.17's GGUF tokenizer (the GPU image's) gives SmolLM2 ``<|im_start|>`` as EOS and no padding
+    token; the file names ``<|im_end|>`` for both. That tokenizer is simulated here whatever transformers runs the
+    test: the converted folder's tokenizer must carry the file's tokens, and the marker says what was set. Mutation:
+    a conversion that keeps the loader's tokens fails here (on 5.17, the test above fails too)."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    from harness.models import pretrained
+
+    gguf = _smol_gguf()
+    loader = AutoTokenizer.from_pretrained
+
+    def as_5_17(*args, **kwargs):
+        tok = loader(*args, **kwargs)
+        tok.eos_token, tok.pad_token = "<|im_start|>", None
+        return tok
+
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", as_5_17)
+    assert pretrained.gguf_special_tokens(gguf, loader(str(gguf.parent), gguf_file=gguf.name)) == {
+        "bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "pad_token": "<|im_end|>"}
+    folder = convert_gguf(gguf, tmp_path)
+    monkeypatch.undo()
+    tok = AutoTokenizer.from_pretrained(folder)
+    assert (tok.eos_token, tok.eos_token_id, tok.pad_token, tok.bos_token) == ("<|im_end|>", 2, "<|im_end|>",
+                                                                               "<|im_start|>")
+    marker = json.loads((folder / "converted_from.json").read_text())
+    assert marker["special_tokens_set_from_the_file"] == {"eos_token": ["<|im_start|>", "<|im_end|>"],
+                                                          "pad_token": [None, "<|im_end|>"]}

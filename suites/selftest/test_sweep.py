@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 import harness.models.dequantized as dequantized
+import harness.models.nf4_store as nf4_store
 import harness.train.adapters as adapters
 from fixtures.user_runs import REPO, quick_profile, write_profile
 from harness.config.preflight import check_profile_data
@@ -254,7 +255,9 @@ def test_a_session_logs_where_its_seconds_went(tmp_path):
     written = len(lines)
     notes = [line.split(" what=", 1)[1] for line in lines if " wall_s=" not in line]  # decisions, no time of their own
     key = config_hash(dequantized.key_parts(sweep.profile))
-    assert notes == [f"none (key {sweep.state.compile_cache['key']})",
+    q = sweep.profile.quantization
+    nf4 = nf4_store.folder(Path("."), config_hash(nf4_store.key_parts(sweep.profile.model, q, "cpu")))
+    assert notes == [f"none (key {sweep.state.compile_cache['key']})", f"quantized and kept as {nf4.name}",
                      f"built and kept as {dequantized.folder(Path('.'), key).name}"], lines
     lines = [line for line in lines if " wall_s=" in line]
     fields = [dict(kv.split("=", 1) for kv in line.split(" what=")[0].split()[1:]) for line in lines]
@@ -275,11 +278,11 @@ def test_no_round_is_timed_while_the_kernel_build_runs(tmp_path, monkeypatch):
     """The latency benchmark's timed unit and the engine comparison start only once ``merged-int4``'s background kernel
     build (a compiler on every core) has ended: a round timed beside it times the compiler too. Seen on an H200: a
     cold run whose setup the compile cache had shortened timed the baseline's 50 rounds on 13 of 16 busy cores. The
-    build is awq_kernels's own background start, with a one-second stand-in for the compiler (this machine has no
+    build is kernel_build's own background start, with a one-second stand-in for the compiler (this machine has no
     CUDA)."""
     import time
 
-    from harness.engines import awq_kernels
+    from harness.engines import kernel_build
 
     profile = quick_profile(tmp_path / "p", {"variants": ["baseline", "r16"]})
     sweep = Sweep.prepare(profile, runs_dir=tmp_path / "runs", card=None)
@@ -288,10 +291,10 @@ def test_no_round_is_timed_while_the_kernel_build_runs(tmp_path, monkeypatch):
     for name, start in (("decode_call", lambda: sweep.decode_call("r16")), ("compare_engines", sweep.compare_engines)):
         ended.clear()
         with monkeypatch.context() as m:  # only the start sees CUDA: the sweep runs on this machine's CPU
-            m.setattr(awq_kernels, "_quiet_build", lambda cache_dir: (time.sleep(1.0), ended.append(time.monotonic())))
-            m.setattr(awq_kernels.torch.cuda, "is_available", lambda: True)
-            awq_kernels.build_in_background(tmp_path / "kernels")
-        assert awq_kernels.background_build_running()
+            m.setattr(kernel_build.torch.cuda, "is_available", lambda: True)
+            kernel_build.build_in_background(lambda cache_dir: (time.sleep(1.0), ended.append(time.monotonic())),
+                                             tmp_path / "kernels")
+        assert kernel_build.background_build_running()
         start()
         assert ended, f"{name} returned while the build was still running"
     log = (tmp_path / "runs" / sweep.profile.name / "phases.log").read_text()

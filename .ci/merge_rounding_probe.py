@@ -25,6 +25,7 @@ from harness.engines.merged import MergedBase  # noqa: E402
 from harness.measure.memory import free_memory  # noqa: E402
 from harness.measure.parity import parity  # noqa: E402
 from harness.models.nf4 import load_nf4_with_adapter  # noqa: E402
+from harness.report.atomic import atomic_write_text  # noqa: E402
 from harness.report.provenance import git_sha  # noqa: E402
 from harness.sweep import Sweep  # noqa: E402
 
@@ -43,7 +44,6 @@ def main() -> None:
            "git_sha": git_sha(),
            "engine_note": merged.engine.note, "prompts": len(prompts), "variants": {}}
     path = Path(os.environ.get("OUT", ".")) / "merge-rounding-probe.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
     for name in bf16.variants:
         adapter = None if bf16.variant(name).is_baseline else trainer.adapter(name)[0] / "adapter"
         merged.activate(name, adapter)
@@ -53,7 +53,7 @@ def main() -> None:
         out["variants"][name] = {k: result.get(k) for k in KEYS}
         out["wall_s"] = round(time.time() - start, 1)
         print(name, json.dumps(out["variants"][name]), flush=True)
-        path.write_text(json.dumps(out, indent=1) + "\n")
+        atomic_write_text(path, json.dumps(out, indent=1) + "\n")  # rewritten a variant at a time
         del reference
         free_memory()
 

@@ -29,6 +29,7 @@ from harness.engines.decoding import HFGreedy  # noqa: E402
 from harness.engines.fused import FusedDecoder, FusedGreedy  # noqa: E402
 from harness.measure.memory import free_memory  # noqa: E402
 from harness.models.nf4 import load_nf4_with_adapter  # noqa: E402
+from harness.report.atomic import atomic_write_text  # noqa: E402
 from harness.report.provenance import git_sha  # noqa: E402
 from harness.sweep import Sweep  # noqa: E402
 
@@ -53,7 +54,6 @@ def main(profile: str) -> None:
     prompts, inf = sweep.eval_prompts(), sweep.profile.inference
     results = {"profile": profile, "git_sha": git_sha(), "torch": torch.__version__, "variants": {},
                "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
-    OUT.mkdir(parents=True, exist_ok=True)
     others = None  # built once: the merged base merges each variant into the same tensors, as the shipped engine's
     for name in sweep.profile.variants:
         loaded = sweep.load(name)
@@ -76,7 +76,7 @@ def main(profile: str) -> None:
         results["variants"][name] = row
         print(name, row["decoder"], "; ".join(f"{k} rms {v['rms']:.3g} max {v['max']:.3g}"
                                               for k, v in row.items() if isinstance(v, dict)), flush=True)
-        (OUT / "parity-probe.json").write_text(json.dumps(results, indent=1))
+        atomic_write_text(OUT / "parity-probe.json", json.dumps(results, indent=1))  # rewritten a variant at a time
         del reference, decoders, logits, seed
         free_memory()
     sweep.close()

@@ -23,7 +23,7 @@ import pytest
 
 from .config.errors import InputError
 from .config.profiles import available_profiles
-from .report.phases import note
+from .report.phases import end_session
 from .train.oom import VariantOutOfMemory, is_out_of_memory
 
 __all__ = ["SWEEP_KEY", "MARKERS", "end_variant", "variant_of"]
@@ -317,7 +317,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
             _card_from_workers(sweep)
     if sweep.state.compile_cache is not None:
         sweep.own_phase_log()  # a sweep made inside a test (the real-OOM test's) may have taken the log over
-        note("session-end", f"exitstatus={int(session.exitstatus)}")
+        end_session(int(session.exitstatus))
 
 
 @pytest.hookimpl(optionalhook=True)

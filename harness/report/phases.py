@@ -10,20 +10,37 @@ why not; ``phase=compile-cache``: the compiled artifacts loaded or none; ``phase
 engine's starting weights loaded from ``runs/_models/`` or built and kept there; ``phase=session-end``: the session's
 exit status, its log's last line, from the plugin). A block that raises is logged too, with
 ``failed=<exception type>`` before ``what``. Nothing here changes what a phase does.
+
+The session's end also says what the garbage collector's full collections took (``phase=gc``, counted from the first
+``log_to``): the harness collects before every peak-memory reset and after every dropped model, and on the 7B shape one
+such collection took 1.2 s (``docs/performance.md``, issue 18's try 3), time no other phase line shows.
 """
 
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["LOGGER", "timed", "note", "log_to"]
+__all__ = ["LOGGER", "timed", "note", "log_to", "end_session"]
 
 LOGGER = logging.getLogger("harness.phases")
+_FULL_COLLECTIONS = {"count": 0, "seconds": 0.0, "started": None}  # generation-2 collections since the first log_to
+
+
+def _time_full_collections(phase: str, info: dict) -> None:
+    if info["generation"] != 2:
+        return
+    if phase == "start":
+        _FULL_COLLECTIONS["started"] = time.perf_counter()
+    elif _FULL_COLLECTIONS["started"] is not None:
+        _FULL_COLLECTIONS["count"] += 1
+        _FULL_COLLECTIONS["seconds"] += time.perf_counter() - _FULL_COLLECTIONS["started"]
+        _FULL_COLLECTIONS["started"] = None
 
 
 @contextlib.contextmanager
@@ -48,6 +65,8 @@ def note(phase: str, what: str) -> None:
 def log_to(path: Path) -> None:
     """Append the phase lines to ``path`` from now on, and no longer to the file an earlier call named (one session
     log per process: the sweep that started last owns it). The file is opened at the first line."""
+    if _time_full_collections not in gc.callbacks:
+        gc.callbacks.append(_time_full_collections)
     path = Path(path).resolve()
     for handler in [h for h in LOGGER.handlers if isinstance(h, logging.FileHandler)]:
         if handler.baseFilename == str(path):
@@ -59,3 +78,11 @@ def log_to(path: Path) -> None:
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%dT%H:%M:%S"))
     LOGGER.addHandler(handler)
     LOGGER.setLevel(logging.INFO)
+
+
+def end_session(exitstatus: int) -> None:
+    """The log's last two lines: the full collections' count and seconds since the first ``log_to`` (``phase=gc``),
+    then the session's exit status (``phase=session-end``)."""
+    LOGGER.info("pid=%d phase=gc wall_s=%.1f what=%d full collections, explicit and automatic", os.getpid(),
+                _FULL_COLLECTIONS["seconds"], _FULL_COLLECTIONS["count"])
+    note("session-end", f"exitstatus={exitstatus}")

@@ -4,6 +4,7 @@ run that measured nothing fails."""
 from __future__ import annotations
 
 import json
+import re
 import types
 
 import pytest
@@ -111,7 +112,8 @@ def test_the_phase_log_ends_with_the_sessions_exit_status_after_everything_it_wr
     interpreter's exit (inductor's compile workers shutting down), so run.txt said rc=124 only. The phase log's last
     line now gives the session's own exit status, after the results, also when a sweep made inside a test took the log
     over, as on the H200's tiny run (mutations: without the note there is no such line; without taking the log back,
-    in the save or at the end, a line goes elsewhere)."""
+    in the save or at the end, a line goes elsewhere). Before it, what the garbage collector's full collections took
+    (issue 18: time no other line shows)."""
     runs = tmp_path / "runs"
     pytester.makepyfile(test_phase=STARTS_PHASE_LOG.replace("OUTCOME", outcome).replace("RECORD", str(record)))
     result = pytester.runpytest("--profile", str(quick_profile(tmp_path / "p")), "--runs-dir", str(runs),
@@ -119,7 +121,9 @@ def test_the_phase_log_ends_with_the_sessions_exit_status_after_everything_it_wr
     assert result.ret == status, result.outlines
     lines = (runs / "tiny" / "phases.log").read_text().splitlines()
     assert lines[-1].endswith(f"phase=session-end what=exitstatus={status}"), lines
-    saved = "phase=compile-cache" in lines[-2] and lines[-2].endswith("what=save")  # the session's last write
+    gc_line = re.search(r" phase=gc wall_s=(\d+\.\d) what=(\d+) full collections, explicit and automatic$", lines[-2])
+    assert gc_line and int(gc_line[2]) >= 1, lines  # the tiny session collects before its peaks and after its models
+    saved = "phase=compile-cache" in lines[-3] and lines[-3].endswith("what=save")  # the session's last write
     assert saved is record and (runs / "tiny" / "results.json").exists() is record, lines  # no figures, no save
 
 

@@ -53,8 +53,11 @@ def timed(phase: str, what: str = "") -> Iterator[None]:
         failed = f" failed={type(e).__name__}"
         raise
     finally:
-        LOGGER.info("pid=%d phase=%s wall_s=%.1f%s what=%s", os.getpid(), phase, time.perf_counter() - start,
-                    failed, what or "-")
+        _log_wall(phase, time.perf_counter() - start, what, failed)
+
+
+def _log_wall(phase: str, seconds: float, what: str, failed: str = "") -> None:
+    LOGGER.info("pid=%d phase=%s wall_s=%.1f%s what=%s", os.getpid(), phase, seconds, failed, what or "-")
 
 
 def note(phase: str, what: str) -> None:
@@ -83,6 +86,6 @@ def log_to(path: Path) -> None:
 def end_session(exitstatus: int) -> None:
     """The log's last two lines: the full collections' count and seconds since the first ``log_to`` (``phase=gc``),
     then the session's exit status (``phase=session-end``)."""
-    LOGGER.info("pid=%d phase=gc wall_s=%.1f what=%d full collections, explicit and automatic", os.getpid(),
-                _FULL_COLLECTIONS["seconds"], _FULL_COLLECTIONS["count"])
+    _log_wall("gc", _FULL_COLLECTIONS["seconds"],
+              f"{_FULL_COLLECTIONS['count']} full collections, explicit and automatic")
     note("session-end", f"exitstatus={exitstatus}")

@@ -71,9 +71,8 @@ _OPTION_DESTS = ("profile", "runs_dir", "card", "retrain", "retime", "latency_ru
 
 
 def _wanted(config: pytest.Config) -> bool:
-    """The plugin wakes for the harness's own project, or when a qlora option asks for it. Installed in an
-    environment, its entry point is loaded by every project's pytest run: those stay untouched (no profile read,
-    no re-exec, no markers, no output, nothing written)."""
+    """The plugin wakes for the harness's own project, or when a qlora option asks for it; every other project's
+    pytest run, which loads its entry point too, stays untouched (no profile read, re-exec, marker, output or file)."""
     from .report.provenance import PROJECT_ROOT
 
     return (config.rootpath.resolve() == PROJECT_ROOT or _is_harness_checkout(config.rootpath)
@@ -87,8 +86,7 @@ def _is_harness_checkout(path: Path) -> bool:
 
 
 def _check_installed_from(config: pytest.Config) -> None:
-    """The profiles, data, runs/ and the card live in the checkout qlora-bench is installed from; a copy in
-    site-packages (``pip install .``) has none of them."""
+    """The profiles, data, runs/ and card live in the checkout installed from; ``pip install .``'s copy has none."""
     from .report.provenance import PROJECT_ROOT
     from .config.profiles import CONFIG_DIR
 
@@ -229,10 +227,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
-    """Tell the sweep which variants this run selected (after -k/-m): ``train_selected`` trains them all before any
-    model loads."""
+    """Before any test runs: freeze what is alive (``memory.freeze_long_lived``), and tell the sweep which variants
+    this run selected (after -k/-m): ``train_selected`` trains them all before any model loads."""
     if SWEEP_KEY not in session.config.stash:
         return
+    from .measure.memory import freeze_long_lived
+
+    freeze_long_lived()
     sweep = session.config.stash[SWEEP_KEY]
     if hasattr(session.config, "workerinput"):  # xdist: a worker runs an unknown share; it trains what it runs
         sweep.select(())

@@ -144,6 +144,11 @@ class FusedDecoder(nn.Module):
     def layer(self, x, cos, sin, mask, cache_position, norm_in, norm_post, proj, keys, values) -> torch.Tensor:
         """One decoder layer: the residual stream ``x`` [rows, T, hidden] after it; writes this step's keys and
         values into the layer's cache (``keys``, ``values``) at ``cache_position``."""
+        x = self.attention(x, cos, sin, mask, cache_position, norm_in, proj, keys, values)
+        return self.mlp(proj, norm_post, x)
+
+    def attention(self, x, cos, sin, mask, cache_position, norm_in, proj, keys, values) -> torch.Tensor:
+        """The residual stream after a layer's attention (``layer``'s first half, its cache write included)."""
         from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
         rows, steps = x.shape[:2]
@@ -155,8 +160,7 @@ class FusedDecoder(nn.Module):
         keys.index_copy_(2, cache_position, k)
         values.index_copy_(2, cache_position, v)
         attn = self.attend(q, keys, values, mask)
-        x = self.attention_out(proj, attn.transpose(1, 2).reshape(rows, steps, -1), x)
-        return self.mlp(proj, norm_post, x)
+        return self.attention_out(proj, attn.transpose(1, 2).reshape(rows, steps, -1), x)
 
     # the layer's products, each with what comes right before or after it: a subclass may compute them otherwise
     def qkv(self, proj, norm, x) -> torch.Tensor:

@@ -42,8 +42,8 @@ from torch import nn
 from .awq_kernels import GROUP_SIZE, AwqKernels, awq_linear, capture_stream, load
 from .fused import FusedDecoder, FusedGreedy
 
-__all__ = ["Int4Linear", "padded_shape", "quantize", "quantize_linear", "check_kernel", "int4_projections",
-           "Int4Merged"]
+__all__ = ["Int4Linear", "Int4Decoder", "padded_shape", "quantize", "quantize_linear", "check_kernel",
+           "int4_projections", "Int4Merged"]
 
 PROJECTIONS = ("qkv", "o", "gate_up", "down")
 OUT_ALIGN = 128  # the prefill GEMM's output tile
@@ -91,11 +91,43 @@ class Int4Linear(nn.Module):
         self.scales, self.zeros = scales.t().contiguous(), zeros.t().contiguous()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.product(x).to(x.dtype)
+
+    def product(self, x: torch.Tensor) -> torch.Tensor:
+        """The kernels' product as they leave it: float16, shaped as ``x`` but for its last dimension."""
         flat = x.reshape(-1, self.in_features)
         if self.columns != self.in_features:
             flat = nn.functional.pad(flat, (0, self.columns - self.in_features))
         out = awq_linear(flat.half(), self.qweight, self.scales, self.zeros, self.rows)
-        return out[:, :self.out_features].to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        return out[:, :self.out_features].reshape(*x.shape[:-1], self.out_features)
+
+
+class Int4Decoder(FusedDecoder):
+    """``FusedDecoder`` over ``Int4Linear`` projections, laid out so that ``FusedGreedy`` compiles its step per layer
+    (one graph serves all of them) with the kernels a compile of the whole step makes. A layer's region ends at its
+    down product, AWQ's kernel, opaque to inductor, and hands that product on as the kernel leaves it (float16); the
+    next region casts it and adds it to the residual stream in the kernel that RMS-norms the sum, the fusion a whole
+    compile makes across the boundary. The first layer is handed zeros; ``layers`` makes the last add."""
+
+    compile_per_layer = True
+
+    def layers(self, x, cos, sin, mask, cache_position, cache, layer=None) -> torch.Tensor:
+        layer = self.layer if layer is None else layer  # `or` on a method is a branch dynamo 2.11 cannot trace
+        down = self.projections[0].down  # zeros strided as its product (padded outputs sliced off): one graph
+        pending = torch.zeros(x.shape[:-1].numel(), down.rows, dtype=torch.float16, device=x.device)
+        pending = pending[:, :down.out_features].reshape(*x.shape[:-1], down.out_features)
+        for norm_in, norm_post, proj, (keys, values) in zip(self.input_norms, self.post_norms, self.projections,
+                                                            cache):
+            x, pending = layer(x, pending, cos, sin, mask, cache_position, norm_in, norm_post, proj, keys, values)
+        return x + pending.to(x.dtype)
+
+    def layer(self, x, pending, cos, sin, mask, cache_position, norm_in, norm_post, proj, keys,
+              values) -> tuple[torch.Tensor, torch.Tensor]:
+        """One decoder layer from the stream before the previous layer's down product and that product: (the stream
+        after this layer's attention, this layer's down product)."""
+        x = self.attention(x + pending.to(x.dtype), cos, sin, mask, cache_position, norm_in, proj, keys, values)
+        gate, up = proj.gate_up(norm_post(x)).chunk(2, dim=-1)
+        return x, proj.down.product(nn.functional.silu(gate) * up)
 
 
 @torch.no_grad()
@@ -157,7 +189,7 @@ class Int4Merged(FusedGreedy):
         before = torch.cuda.memory_allocated()
         quantized = int4_projections(projections, cache_dir)
         self.weights_gib = (torch.cuda.memory_allocated() - before) / 2**30
-        super().__init__(merged_model, FusedDecoder(merged_model, quantized), tokenizer, "merged-int4", cfg)
+        super().__init__(merged_model, Int4Decoder(merged_model, quantized), tokenizer, "merged-int4", cfg)
         padded = [f"{name} {m.out_features}x{m.in_features} as {m.rows}x{m.columns}" for name in PROJECTIONS
                   if ((m := getattr(quantized[0], name)).rows, m.columns) != (m.out_features, m.in_features)]
         self.note = (f"merged LoRA, decoder projections 4-bit (round-to-nearest, group {GROUP_SIZE}, AWQ's GEMV and "

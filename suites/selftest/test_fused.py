@@ -389,7 +389,7 @@ def test_a_step_compiled_per_layer_makes_one_graph_a_region_and_decodes_as_the_m
 
 
 def test_a_step_compiled_whole_makes_one_graph_and_decodes_as_the_model(model):
-    """``FusedDecoder`` (merged-int4's AWQ layers) has its step compiled whole, fullgraph (inductor, here on the
+    """``FusedDecoder`` (the generic layout: cuBLAS's products) has its step compiled whole, fullgraph (inductor, on the
     CPU): one graph per shape, the tokens ``generate``'s. Mutation: ``layers`` choosing its layer function with
     ``layer or self.layer`` (a branch on a bound method) fails to compile under torch 2.11, the GPU image's
     (``bash .ci/device_libs``), as it did on the H200 at 6b8d020; torch 2.13's dynamo traces it."""
@@ -402,6 +402,54 @@ def test_a_step_compiled_whole_makes_one_graph_and_decodes_as_the_model(model):
     before = counters["stats"]["unique_graphs"]
     assert engine.generate(PROMPTS, 9, batch_size=3, fixed_length=True) == expected
     assert counters["stats"]["unique_graphs"] - before == 1
+
+
+def _int4_projections_on_the_cpu(model):
+    """merged-int4's ``Int4Linear`` projections of ``model``, multiplied on the CPU: AWQ's kernels are CUDA only, so
+    ``awq_linear`` gets a CPU kernel computing the product with the dequantized weight, and the packing is left out
+    (the identity): what is checked is the decoder around the kernel, as with ``_gemv_standin``."""
+    from types import SimpleNamespace
+
+    from harness.engines.awq_kernels import GROUP_SIZE, awq_linear
+    from harness.engines.int4 import quantize_linear
+
+    def product(x, qweight, scales, zeros, out_features):
+        weight = (qweight * scales.t().float().repeat_interleave(GROUP_SIZE, 1)
+                  + zeros.t().float().repeat_interleave(GROUP_SIZE, 1))
+        return (x.float() @ weight.T).half()
+
+    awq_linear.register_kernel("cpu")(product)
+    kernels = SimpleNamespace(pack_intweight=lambda q, bits, interleave: q)
+    out = torch.nn.ModuleList()
+    for layer in fuse_projections_(model):
+        quantized = torch.nn.Module()
+        for name in ("qkv", "o", "gate_up", "down"):
+            setattr(quantized, name, quantize_linear(getattr(layer, name), kernels))
+        out.append(quantized)
+    return out
+
+
+def test_the_int4_step_compiled_per_layer_makes_one_graph_a_region_and_decodes_as_the_whole_layout(model):
+    """merged-int4's ``Int4Decoder`` hands each layer's down product, float16 as AWQ's kernel leaves it, to the next
+    layer's region, which adds it to the residual stream before its RMSNorm: compiled per layer (inductor, here on the
+    CPU) it makes one graph a region, and its greedy tokens and teacher-forced logits are those of ``FusedDecoder``'s
+    layout (each layer adding its own product) over the same 4-bit projections, run eagerly. Mutations: a layer that
+    drops the product it is handed, or a ``layers`` that drops the last one, changes the tokens."""
+    from torch._dynamo.utils import counters
+
+    from harness.engines.int4 import Int4Decoder
+
+    projections = _int4_projections_on_the_cpu(model)
+    whole = FusedGreedy(model, FusedDecoder(model, projections), Tok(), "merged-int4", Cfg())
+    expected = whole.generate(PROMPTS, 9, batch_size=3, fixed_length=True)
+    engine = FusedGreedy(model, Int4Decoder(model, projections), Tok(), "merged-int4", Cfg(), compile_on_cpu=True)
+    assert engine.regions == 3 and "compiled per layer" in engine.note
+    before = counters["stats"]["unique_graphs"]
+    assert engine.generate(PROMPTS, 9, batch_size=3, fixed_length=True) == expected
+    assert counters["stats"]["unique_graphs"] - before == 3
+    forced = [4, 8, 15, 16, 23, 42]
+    torch.testing.assert_close(engine.forced_logits(PROMPTS[0], forced), whole.forced_logits(PROMPTS[0], forced),
+                               rtol=1e-4, atol=1e-4)
 
 
 def _gemv_standin(x, weight, norm_weight, eps, residual, silu_pairs, pdl):

@@ -40,6 +40,7 @@ from harness.engines import kernel_build  # noqa: E402
 from harness.engines.fused import FusedDecoder, FusedGreedy, fuse_projections_  # noqa: E402
 from harness.engines.int4 import Int4Merged, int4_projections, quantize_linear  # noqa: E402
 from harness.models.base import synthetic_config  # noqa: E402
+from harness.report.atomic import atomic_write_text  # noqa: E402
 from harness.report.provenance import git_sha  # noqa: E402
 
 OUT = os.environ.get("OUT", "/tmp")
@@ -54,8 +55,7 @@ def log(*a):
 
 
 def save():
-    with open(os.path.join(OUT, "decode-probe.json"), "w") as f:
-        json.dump(results, f, indent=1, default=str)
+    atomic_write_text(Path(OUT) / "decode-probe.json", json.dumps(results, indent=1, default=str))
 
 
 class Tok:

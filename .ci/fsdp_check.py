@@ -11,6 +11,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from fixtures.user_runs import write_profile  # noqa: E402
+from harness.report.atomic import atomic_write_text  # noqa: E402
 from harness.sweep import Sweep  # noqa: E402
 
 out, results = Path(sys.argv[1]), {}
@@ -32,4 +33,4 @@ for mode in ("fsdp", "none"):
         results[mode] = {"error": str(e)[-4000:]}
     print(mode, json.dumps(results[mode], indent=1)[:3000], flush=True)
     sweep.close()
-out.write_text(json.dumps(results, indent=2) + "\n")
+atomic_write_text(out, json.dumps(results, indent=2) + "\n")

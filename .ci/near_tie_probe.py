@@ -24,6 +24,7 @@ from harness.engines.merged import MergedBase  # noqa: E402
 from harness.measure.parity import agreement_past_near_ties, token_agreement  # noqa: E402
 from harness.models.base import load_tokenizer  # noqa: E402
 from harness.models.nf4 import load_nf4_with_adapter  # noqa: E402
+from harness.report.atomic import atomic_write_text  # noqa: E402
 
 TOLERANCES = (0.0, 0.1, 0.25, 0.5, 1.0, 2.0)
 
@@ -56,7 +57,7 @@ def main() -> None:
                                                      "near_ties": sum(n for _, n in shares)}
     out["wall_s"] = round(time.time() - start, 1)
     path = Path(os.environ.get("OUT", ".")) / "near-tie-probe.json"
-    path.write_text(json.dumps(out, indent=1) + "\n")
+    atomic_write_text(path, json.dumps(out, indent=1) + "\n")
     print(json.dumps(out["agreement_by_tie_logits"]), out["positive_deficits"], f"{out['wall_s']} s")
 
 

@@ -23,6 +23,7 @@ from torch.profiler import ProfilerActivity, profile
 from harness import Sweep
 from harness.engines.decoding import HFGreedy
 from harness.models.nf4 import load_nf4_with_adapter
+from harness.report.atomic import atomic_write_text
 
 ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 ap.add_argument("--out", type=Path, required=True)
@@ -43,7 +44,7 @@ report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
 
 
 def save() -> None:
-    (args.out / "seed-attention-probe.json").write_text(json.dumps(report, indent=2) + "\n")
+    atomic_write_text(args.out / "seed-attention-probe.json", json.dumps(report, indent=2) + "\n")
 
 
 for backends in ("default", "no-cudnn"):

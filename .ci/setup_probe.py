@@ -23,6 +23,7 @@ from harness import Sweep
 from harness.engines.decoding import HFGreedy
 from harness.models.base import load_base
 from harness.models.nf4 import load_nf4_with_adapter
+from harness.report.atomic import atomic_write_text
 
 ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 ap.add_argument("--out", type=Path, required=True)
@@ -42,7 +43,7 @@ def profiled(piece: str, fn, *a):
     walls[piece] = round(time.perf_counter() - start, 2)
     text = io.StringIO()
     pstats.Stats(prof, stream=text).sort_stats("cumulative").print_stats(40)
-    (args.out / f"profile-{piece}.txt").write_text(text.getvalue())
+    atomic_write_text(args.out / f"profile-{piece}.txt", text.getvalue())
     print(piece, walls[piece], flush=True)
     return result
 
@@ -80,5 +81,5 @@ clocked("seed-first-128", seed.generate, [latency_prompt], n, 1, True)
 clocked("seed-second-128", seed.generate, [latency_prompt], n, 1, True)
 clocked("seed-4-tokens", seed.generate, [latency_prompt], 4, 1, True)
 clocked("seed-third-128", seed.generate, [latency_prompt], n, 1, True)
-(args.out / "setup-probe.json").write_text(json.dumps({"walls_s": walls, "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"},
-                                                      indent=2) + "\n")
+device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+atomic_write_text(args.out / "setup-probe.json", json.dumps({"walls_s": walls, "device": device}, indent=2) + "\n")

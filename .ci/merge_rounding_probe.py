@@ -28,6 +28,7 @@ from harness.models.nf4 import load_nf4_with_adapter  # noqa: E402
 from harness.report.atomic import atomic_write_text  # noqa: E402
 from harness.report.provenance import git_sha  # noqa: E402
 from harness.sweep import Sweep  # noqa: E402
+from harness.train.adapters import peft_dir  # noqa: E402
 
 KEYS = ("max_logit_diff", "engine_error_rms", "adapter_effect_rms", "relative_error", "token_agreement",
         "token_agreement_exact", "near_ties", "max_abs_logit")
@@ -45,7 +46,7 @@ def main() -> None:
            "engine_note": merged.engine.note, "prompts": len(prompts), "variants": {}}
     path = Path(os.environ.get("OUT", ".")) / "merge-rounding-probe.json"
     for name in bf16.variants:
-        adapter = None if bf16.variant(name).is_baseline else trainer.adapter(name)[0] / "adapter"
+        adapter = None if bf16.variant(name).is_baseline else peft_dir(trainer.adapter(name)[0])
         merged.activate(name, adapter)
         reference = HFGreedy(load_nf4_with_adapter(bf16, adapter, cache_root), trainer.tokenizer)
         result = parity(reference, merged.engine, trainer.tokenizer, prompts, inf.parity_new_tokens,

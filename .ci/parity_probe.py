@@ -32,6 +32,7 @@ from harness.models.nf4 import load_nf4_with_adapter  # noqa: E402
 from harness.report.atomic import atomic_write_text  # noqa: E402
 from harness.report.provenance import git_sha  # noqa: E402
 from harness.sweep import Sweep  # noqa: E402
+from harness.train.adapters import peft_dir  # noqa: E402
 
 OUT = Path(os.environ.get("OUT", "/tmp"))
 
@@ -65,7 +66,7 @@ def main(profile: str) -> None:
         decoders = {"shipped": loaded.engine, **others}
         logits = {k: [e.forced_logits(p, t) for p, t in zip(prompts, tokens, strict=True)]
                   for k, e in decoders.items()}
-        adapter = None if loaded.variant.is_baseline else sweep.adapter(name)[0] / "adapter"
+        adapter = None if loaded.variant.is_baseline else peft_dir(sweep.adapter(name)[0])
         reference = HFGreedy(load_nf4_with_adapter(sweep.profile, adapter, sweep.runs_dir / "_models"),
                              sweep.tokenizer)
         seed = [reference.forced_logits(p, t) for p, t in zip(prompts, tokens, strict=True)]

@@ -24,6 +24,7 @@ from harness import Sweep
 from harness.engines.decoding import HFGreedy
 from harness.models.nf4 import load_nf4_with_adapter
 from harness.report.atomic import atomic_write_text
+from harness.train.adapters import peft_dir
 
 ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 ap.add_argument("--out", type=Path, required=True)
@@ -33,7 +34,7 @@ args.out.mkdir(parents=True, exist_ok=True)
 
 sweep = Sweep.prepare(args.profile, runs_dir="runs")
 p = sweep.profile
-adapter = sweep.train("r16")[0] / "adapter"
+adapter = peft_dir(sweep.train("r16")[0])
 seed = HFGreedy(load_nf4_with_adapter(p, adapter, Path("runs/_models")), sweep.tokenizer)
 latency_prompt, prompts = [sweep.latency_prompt()], sweep.eval_prompts()
 calls = {"latency-128": lambda: seed.generate(latency_prompt, p.latency.max_new_tokens, 1, True),

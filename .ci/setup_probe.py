@@ -24,6 +24,7 @@ from harness.engines.decoding import HFGreedy
 from harness.models.base import load_base
 from harness.models.nf4 import load_nf4_with_adapter
 from harness.report.atomic import atomic_write_text
+from harness.train.adapters import peft_dir
 
 ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 ap.add_argument("--out", type=Path, required=True)
@@ -67,7 +68,7 @@ torch.cuda.empty_cache()
 profiled("load-again", load_base, p.model, p.quantization, Path("runs/_models"))
 profiled("train-r8-first", sweep.train, "r8")
 profiled("train-r16", sweep.train, "r16")
-adapter = sweep.adapter("r16")[0] / "adapter"
+adapter = peft_dir(sweep.adapter("r16")[0])
 ref = profiled("reference-load", load_nf4_with_adapter, p, adapter, Path("runs/_models"))
 seed = HFGreedy(ref, tok)
 prompts = sweep.eval_prompts()

@@ -39,7 +39,7 @@ from .report.provenance import PROJECT_ROOT, device_name
 from .report.recording import record_eval, record_variant
 from .report.results import ResultsRecorder, card_results_path, results_path, save_progress, save_results
 from .sweep_state import Loaded, SweepState
-from .train.adapters import ensure_adapter
+from .train.adapters import ensure_adapter, peft_dir
 from .train.oom import VariantOutOfMemory, call_with_oom_guard
 
 __all__ = ["Sweep", "VariantEval"]
@@ -200,7 +200,7 @@ class Sweep:
         from .models.nf4 import load_nf4_with_adapter
 
         loaded, inf = self.load(name), self.profile.inference
-        adapter_dir = None if loaded.variant.is_baseline else self.adapter(name)[0] / "adapter"
+        adapter_dir = None if loaded.variant.is_baseline else peft_dir(self.adapter(name)[0])
         with timed("model-load", f"{name}: parity reference"):
             reference = self._guard(name, "inference", load_nf4_with_adapter, self.profile, adapter_dir,
                                     self.runs_dir / "_models")
@@ -303,7 +303,7 @@ class Sweep:
         self.restore_compiled()
         self.release()
         merged = self._merged_base() if self.profile.inference.engine == "merged" else None
-        adapter_dir = None if path is None else path / "adapter"
+        adapter_dir = None if path is None else peft_dir(path)
         if merged is not None:
             with timed("merge", name):
                 model = self._guard(name, "inference", merged.activate, name, adapter_dir)

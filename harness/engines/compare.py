@@ -27,6 +27,7 @@ from ..measure.gates import per_device, speed_failures, unchecked_ceilings
 from ..measure.timing import summarize_samples, time_rounds
 from ..report.phases import note
 from ..report.provenance import device_name
+from ..train.adapters import peft_dir
 
 __all__ = ["EngineComparison"]
 
@@ -73,7 +74,7 @@ class EngineComparison:
                 from .merged import MergedBase
 
                 base = MergedBase(self.profile, sweep.runs_dir / "_models", sweep.tokenizer)
-                base.activate(self.variant, path / "adapter")
+                base.activate(self.variant, peft_dir(path))
                 engine, weights = base.engine, base.resident_gib
         elif name == "merged-int8":
             from ..measure.memory import free_memory
@@ -92,7 +93,7 @@ class EngineComparison:
             from .decoding import HFGreedy, StaticGreedy
 
             before = _allocated_gib()
-            model = load_nf4_with_adapter(self.profile, path / "adapter", sweep.runs_dir / "_models")
+            model = load_nf4_with_adapter(self.profile, peft_dir(path), sweep.runs_dir / "_models")
             weights = _allocated_gib() - before
             engine = (HFGreedy(model, sweep.tokenizer) if name == "seed"
                       else StaticGreedy(model, sweep.tokenizer, name, self.profile.inference))

@@ -72,9 +72,14 @@ def artifact_dir(runs_dir: Path, profile: Profile, variant: Variant, key_hash: s
     return Path(runs_dir) / profile.name / f"{variant.name}-{key_hash[:12]}"
 
 
+def peft_dir(artifact: Path) -> Path:
+    """The adapter as peft saves and loads it (config and safetensors), inside a variant's artifact folder."""
+    return Path(artifact) / "adapter"
+
+
 def is_complete(path: Path) -> bool:
     manifest = path / MANIFEST
-    if not manifest.is_file() or not (path / "adapter" / "adapter_model.safetensors").is_file():
+    if not manifest.is_file() or not (peft_dir(path) / "adapter_model.safetensors").is_file():
         return False
     try:
         return json.loads(manifest.read_text()).get("complete") is True

@@ -21,6 +21,7 @@ from ..data.dataset import Example
 from ..data.loss_mask import check_loss_mask
 from ..data.prompt import training_rows
 from ..measure.memory import peak_memory, reset_peak_memory
+from .adapters import peft_dir
 from .layer_compile import use_compiled_step
 
 __all__ = [
@@ -147,9 +148,9 @@ def train_adapter(profile: Profile, variant: Variant, examples: list[Example], t
     wall_s = time.perf_counter() - start
     memory = peak_memory()
     if world == 1:
-        trainer.model.save_pretrained(str(out_dir / "adapter"), safe_serialization=True)
+        trainer.model.save_pretrained(str(peft_dir(out_dir)), safe_serialization=True)
     else:  # gathers FSDP shards; writes on the main process only
-        trainer.save_model(str(out_dir / "adapter"))
+        trainer.save_model(str(peft_dir(out_dir)))
     tokens = sum(len(r["input_ids"]) for r in rows) * t.epochs
     losses = [{"step": h["step"], "loss": h["loss"]} for h in trainer.state.log_history if "loss" in h]
     result = {

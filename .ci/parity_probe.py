@@ -32,7 +32,7 @@ from harness.models.nf4 import load_nf4_with_adapter  # noqa: E402
 from harness.report.atomic import atomic_write_text  # noqa: E402
 from harness.report.provenance import git_sha  # noqa: E402
 from harness.sweep import Sweep  # noqa: E402
-from harness.train.adapters import peft_dir  # noqa: E402
+from harness.train.trainer import peft_dir  # noqa: E402
 
 OUT = Path(os.environ.get("OUT", "/tmp"))
 

@@ -24,7 +24,7 @@ from harness.engines.decoding import HFGreedy
 from harness.models.base import load_base
 from harness.models.nf4 import load_nf4_with_adapter
 from harness.report.atomic import atomic_write_text
-from harness.train.adapters import peft_dir
+from harness.train.trainer import peft_dir
 
 ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 ap.add_argument("--out", type=Path, required=True)

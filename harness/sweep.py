@@ -39,7 +39,8 @@ from .report.provenance import PROJECT_ROOT, device_name
 from .report.recording import record_eval, record_variant
 from .report.results import ResultsRecorder, card_results_path, results_path, save_progress, save_results
 from .sweep_state import Loaded, SweepState
-from .train.adapters import ensure_adapter, peft_dir
+from .train.adapters import ensure_adapter
+from .train.trainer import peft_dir
 from .train.oom import VariantOutOfMemory, call_with_oom_guard
 
 __all__ = ["Sweep", "VariantEval"]
@@ -293,8 +294,7 @@ class Sweep:
         return self.state.adapters[name]
 
     def load(self, name: str) -> Loaded:
-        """``name`` ready to generate, with the profile's engine; the previously loaded variant is released.
-        Trains nothing: a LoRA variant needs ``train(name)`` (or ``train_selected``) first."""
+        """``name`` ready to generate with the profile's engine, the previous variant released; ``train`` first."""
         s = self.state
         if s.loaded is not None and s.loaded.variant.name == name:
             return s.loaded

@@ -27,7 +27,7 @@ from ..measure.gates import per_device, speed_failures, unchecked_ceilings
 from ..measure.timing import summarize_samples, time_rounds
 from ..report.phases import note
 from ..report.provenance import device_name
-from ..train.adapters import peft_dir
+from ..train.trainer import peft_dir
 
 __all__ = ["EngineComparison"]
 

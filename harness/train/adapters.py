@@ -31,6 +31,7 @@ from ..models.revision import base_identity
 from ..report.atomic import atomic_dir, atomic_write_text, file_lock, sweep_partial
 from ..report.phases import timed
 from ..report.provenance import library_versions, provenance, source_digest
+from .trainer import peft_dir
 
 __all__ = ["ADAPTER_SOURCES", "MANIFEST", "adapter_source_digest", "artifact_key", "artifact_dir", "ensure_adapter",
            "is_complete", "trained_elsewhere"]
@@ -70,12 +71,6 @@ def artifact_key(profile: Profile, variant: Variant, train_examples: list[Exampl
 
 def artifact_dir(runs_dir: Path, profile: Profile, variant: Variant, key_hash: str) -> Path:
     return Path(runs_dir) / profile.name / f"{variant.name}-{key_hash[:12]}"
-
-
-def peft_dir(artifact: Path) -> Path:
-    """The adapter as peft saves and loads it (config and safetensors), inside a variant's artifact folder."""
-    return Path(artifact) / "adapter"
-
 
 def is_complete(path: Path) -> bool:
     manifest = path / MANIFEST

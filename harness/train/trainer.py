@@ -21,7 +21,6 @@ from ..data.dataset import Example
 from ..data.loss_mask import check_loss_mask
 from ..data.prompt import training_rows
 from ..measure.memory import peak_memory, reset_peak_memory
-from .adapters import peft_dir
 from .layer_compile import use_compiled_step
 
 __all__ = [
@@ -29,6 +28,7 @@ __all__ = [
     "PackingDisabledWarning",
     "count_rows",
     "optimizer_steps",
+    "peft_dir",
     "train_adapter",
 ]
 
@@ -83,6 +83,11 @@ def _check_recipe(profile: Profile, rows: list[dict]) -> tuple[bool, int, int]:
             f"lower training.grad_accum, or raise training.epochs (below {t.min_optimizer_steps} steps the "
             f"adapter barely moves)."), stacklevel=3)
     return packing, n_rows, steps
+
+
+def peft_dir(artifact: Path) -> Path:
+    """The adapter as peft saves and loads it (config and safetensors), inside a variant's artifact folder."""
+    return Path(artifact) / "adapter"
 
 
 def train_adapter(profile: Profile, variant: Variant, examples: list[Example], tokenizer, model,

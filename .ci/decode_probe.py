@@ -14,11 +14,14 @@ one-row products through fbgemm-gpu-genai's ``bf16_fast_gemv``, ``*-mqa`` decode
 (harness/engines/gemv.cu: ``hand`` as shipped with inductor's kernels launched without PDL, ``hand-ipdl`` with it as
 the merged engine does, ``hand-nopdl`` without any, ``hand-whole`` as ``hand-ipdl`` with the step compiled whole
 instead of per layer; ``gemv-hand`` times each product alone, ``hand-variants`` other block shapes of the kernel,
-``hand-forced`` compares logits, ``hand-smol`` checks SmolLM2's shapes); ``nf4-nested`` times ``nf4-compiled``'s step
-compiled whole against with its layers one nested region (bitsandbytes and peft on ``PYTHONPATH``). The 4-bit kernels
-are built in the background while the bf16 tries run. Earlier tries' candidates are in this file's history: gemlite,
-mslk and bitsandbytes at a2494d1, Marlin's options and gptqmodel's AWQ GEMV against Marlin at fda6cda, a one-row
-attention kernel at f006e2b, RoPE folded into the q/k/v kernel (``hand-rope``) at 34dff5a.
+``hand-forced`` compares logits, ``hand-smol`` checks SmolLM2's shapes); ``int4-layers`` is ``merged-int4`` as
+shipped, its step compiled per layer (``Int4Decoder``), where ``int4`` compiles ``FusedDecoder``'s step whole (for
+their first calls run with ``TORCHINDUCTOR_FORCE_DISABLE_CACHES=1``: the second would reuse the first's Triton
+kernels); ``nf4-nested`` times ``nf4-compiled``'s step compiled whole against with its layers one nested region
+(bitsandbytes and peft on ``PYTHONPATH``). The 4-bit kernels are built in the background while the bf16 tries run.
+Earlier tries' candidates are in this file's history: gemlite, mslk and bitsandbytes at a2494d1, Marlin's options and
+gptqmodel's AWQ GEMV against Marlin at fda6cda, a one-row attention kernel at f006e2b, RoPE folded into the q/k/v
+kernel (``hand-rope``) at 34dff5a.
 """
 
 import json
@@ -38,7 +41,7 @@ from harness.engines import awq_kernels  # noqa: E402
 from harness.engines import gemv as hand  # noqa: E402
 from harness.engines import kernel_build  # noqa: E402
 from harness.engines.fused import FusedDecoder, FusedGreedy, fuse_projections_  # noqa: E402
-from harness.engines.int4 import Int4Merged, int4_projections, quantize_linear  # noqa: E402
+from harness.engines.int4 import Int4Decoder, Int4Merged, int4_projections, quantize_linear  # noqa: E402
 from harness.models.base import synthetic_config  # noqa: E402
 from harness.report.atomic import atomic_write_text  # noqa: E402
 from harness.report.provenance import git_sha  # noqa: E402
@@ -698,6 +701,8 @@ def main(selected):
             load_fbgemm()
         if kind == "int4":
             layers = int4_layers()
+            if rest == "layers":  # merged-int4 as shipped: compiled per layer (Int4Decoder), against int4's whole
+                return Int4Greedy(model, Int4Decoder(model, layers), Tok(), name, Cfg())
         if kind == "hand":  # gemv.cu's kernels; -nopdl: without programmatic dependent launch; -ipdl: inductor's
             # own kernels launched with it too (as shipped); -whole: -ipdl with the step compiled whole, not per layer
             decoder = hand.GemvDecoder(model, layers, pdl=rest != "nopdl")

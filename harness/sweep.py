@@ -40,8 +40,8 @@ from .report.recording import record_eval, record_variant
 from .report.results import ResultsRecorder, card_results_path, results_path, save_progress, save_results
 from .sweep_state import Loaded, SweepState
 from .train.adapters import ensure_adapter
-from .train.trainer import peft_dir
 from .train.oom import VariantOutOfMemory, call_with_oom_guard
+from .train.trainer import peft_dir
 
 __all__ = ["Sweep", "VariantEval"]
 

@@ -4,7 +4,9 @@ as a test model (hidden 64), random weights, each way in a fresh process with in
   merged  the merged engine's step (harness/engines/fused.py), compiled whole against per layer (``FusedGreedy``'s
           regions: one graph serves every layer)
   nf4     ``nf4-compiled``'s step (NF4 through bitsandbytes, r16 LoRA unmerged through peft, transformers' static
-          cache), compiled whole against with its layers one nested region (``decoding.compile_layers_once``)
+          cache), compiled whole against with its layers one nested region (``decoding.compile_layers_once``), and
+          against each transformers layer through one compiled forward, the rest eager (``per-layer``: what a step
+          captured by hand around compiled layers, as ``FusedGreedy``'s, would compile)
 
 What scales with the layer count (dynamo's trace, AOT, inductor's lowering) is the 7B's; the kernels are small, so on
 a GPU Triton's compile of them adds its own seconds.
@@ -59,8 +61,18 @@ with torch.inference_mode():
     model(input_ids=torch.tensor([[3, 4, 5]]), past_key_values=cache, cache_position=torch.arange(3))
 if "{way}" == "nested":
     compile_layers_once(model)
-step = compile(lambda tok, pos, at, mask: model(input_ids=tok, position_ids=pos, cache_position=at,
-                                                attention_mask=mask, past_key_values=cache).logits[:, -1])
+forward = lambda tok, pos, at, mask: model(input_ids=tok, position_ids=pos, cache_position=at,  # noqa: E731
+                                           attention_mask=mask, past_key_values=cache).logits[:, -1]
+if "{way}" == "per-layer":  # each decoder layer through one compiled forward, the rest eager; graphs: how many
+    import functools  # that one forward made (a layer that guards on its own index makes one a layer)
+    torch._dynamo.config.cache_size_limit = 64
+    layers = model.get_base_model().model.layers
+    layer_step = compile(type(layers[0]).forward)
+    for layer in layers:
+        layer.forward = functools.partial(layer_step, layer)
+    step = forward
+else:
+    step = compile(forward)
 args = (torch.tensor([[7]]), torch.tensor([[3]]), torch.tensor([3]), torch.ones(1, 64, dtype=torch.long))
 """
 
@@ -71,7 +83,7 @@ with torch.inference_mode():
 print(time.perf_counter() - t, counters["stats"]["unique_graphs"])
 """
 
-WAYS = {"merged": (MERGED, ("whole", "per-layer")), "nf4": (NF4, ("whole", "nested"))}
+WAYS = {"merged": (MERGED, ("whole", "per-layer")), "nf4": (NF4, ("whole", "nested", "per-layer"))}
 
 
 def main() -> None:
@@ -80,15 +92,21 @@ def main() -> None:
         for backend in ("inductor", "aot_eager"):
             for way in ways:
                 env = {**os.environ, "TORCHINDUCTOR_FORCE_DISABLE_CACHES": "1"}
-                out = subprocess.run([sys.executable, "-c", (code + TIME).format(way=way, backend=backend)], env=env,
-                                     check=True, capture_output=True, text=True).stdout.split()
-                rows.append({"step": step, "backend": backend, "way": way, "first_call_s": round(float(out[-2]), 2),
-                             "graphs": int(out[-1])})
+                done = subprocess.run([sys.executable, "-c", (code + TIME).format(way=way, backend=backend)], env=env,
+                                      capture_output=True, text=True)
+                if done.returncode:  # the way cannot compile: its last error line is the finding
+                    error = [line for line in done.stderr.splitlines() if line.strip()][-1]
+                    rows.append({"step": step, "backend": backend, "way": way, "error": error[:300]})
+                else:
+                    out = done.stdout.split()
+                    rows.append({"step": step, "backend": backend, "way": way,
+                                 "first_call_s": round(float(out[-2]), 2), "graphs": int(out[-1])})
                 print(rows[-1], flush=True)
     import torch
 
     result = {"probe": "compile_probe",
-              "config": "Mistral, 32 layers, hidden 64, random bf16 weights (nf4: quantized, r16 LoRA)", "device": "cpu", "cpus": os.cpu_count(), "torch": torch.__version__,
+              "config": "Mistral, 32 layers, hidden 64, random bf16 weights (nf4: quantized, r16 LoRA)",
+              "device": "cpu", "cpus": os.cpu_count(), "torch": torch.__version__,
               "git_sha": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip(),
               "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "rows": rows}
     path = os.path.join(os.environ.get("OUT", "."), "compile-probe.json")

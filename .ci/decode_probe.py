@@ -686,7 +686,7 @@ def main(selected):
     def int4_layers():
         if "q" not in state:
             t0 = time.time()
-            state["q"] = int4_projections(projections, KERNELS)
+            state["q"] = int4_projections(projections, awq_kernels.load(KERNELS))
             log(f"int4 projections ready after {time.time() - t0:.1f} s")
         return state["q"]
 

@@ -164,10 +164,9 @@ def check_kernel(module: nn.Module, dequantized: torch.Tensor, dtype: torch.dtyp
                                f"{CHECK_MAX_RELATIVE_ERROR:g}); not decoding with it")
 
 
-def int4_projections(projections: nn.ModuleList, cache_dir: Path) -> nn.ModuleList:
-    """4-bit copies of ``fuse_projections_``'s per-layer Linears; the bf16 ones are only read. ``cache_dir`` holds the
-    built kernels (harness/engines/awq_kernels.py), loaded once here for every projection."""
-    kernels = load(cache_dir)
+def int4_projections(projections: nn.ModuleList, kernels: AwqKernels) -> nn.ModuleList:
+    """4-bit copies of ``fuse_projections_``'s per-layer Linears, packed and multiplied by ``kernels``
+    (harness/engines/awq_kernels.py's ``load``); the bf16 ones are only read."""
     out = nn.ModuleList()
     for i, layer in enumerate(projections):
         quantized = nn.Module()
@@ -187,7 +186,7 @@ class Int4Merged(FusedGreedy):
         if not torch.cuda.is_available() or merged_model.lm_head.weight.device.type != "cuda":
             raise RuntimeError("merged-int4 runs on CUDA only: AWQ's kernels are CUDA kernels")
         before = torch.cuda.memory_allocated()
-        quantized = int4_projections(projections, cache_dir)
+        quantized = int4_projections(projections, load(cache_dir))
         self.weights_gib = (torch.cuda.memory_allocated() - before) / 2**30
         super().__init__(merged_model, Int4Decoder(merged_model, quantized), tokenizer, "merged-int4", cfg)
         padded = [f"{name} {m.out_features}x{m.in_features} as {m.rows}x{m.columns}" for name in PROJECTIONS

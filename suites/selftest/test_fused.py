@@ -411,7 +411,7 @@ def _int4_projections_on_the_cpu(model):
     from types import SimpleNamespace
 
     from harness.engines.awq_kernels import GROUP_SIZE, awq_linear
-    from harness.engines.int4 import quantize_linear
+    from harness.engines.int4 import int4_projections
 
     def product(x, qweight, scales, zeros, out_features):
         weight = (qweight * scales.t().float().repeat_interleave(GROUP_SIZE, 1)
@@ -419,14 +419,7 @@ def _int4_projections_on_the_cpu(model):
         return (x.float() @ weight.T).half()
 
     awq_linear.register_kernel("cpu")(product)
-    kernels = SimpleNamespace(pack_intweight=lambda q, bits, interleave: q)
-    out = torch.nn.ModuleList()
-    for layer in fuse_projections_(model):
-        quantized = torch.nn.Module()
-        for name in ("qkv", "o", "gate_up", "down"):
-            setattr(quantized, name, quantize_linear(getattr(layer, name), kernels))
-        out.append(quantized)
-    return out
+    return int4_projections(fuse_projections_(model), SimpleNamespace(pack_intweight=lambda q, bits, interleave: q))
 
 
 def test_the_int4_step_compiled_per_layer_makes_one_graph_a_region_and_decodes_as_the_whole_layout(model):

@@ -171,23 +171,40 @@ def _sections(row: dict[str, Any]) -> list[tuple[str, Any]]:
     return _in_order(row, list(SECTIONS))
 
 
+def _stale_notes(results: dict[str, Any], name: str) -> list[str]:
+    """One † line per variant and reason, naming every section it covers: a block whose figures all came from
+    older code says so once a variant, not once a section."""
+    code: dict[str, list[str]] = {}
+    config: dict[tuple[str, str], list[str]] = {}
+    for section, data in _sections(results["variants"][name]):
+        if not isinstance(data, dict) or section in ("info", "gates"):
+            continue
+        prov = data.get("provenance") or {}
+        if _stale_code(results, data):
+            code.setdefault(prov["code_digest"], []).append(section)
+        if _stale_config(results, data):
+            made_under = (str(prov.get("config_hash"))[:12], str(prov.get("data_fingerprint"))[:12])
+            config.setdefault(made_under, []).append(section)
+    def refresh(sections: list[str]) -> str:
+        return f"Re-run `-k {name}` to refresh {'it' if len(sections) == 1 else 'them'}."
+
+    return ([f"- † `{name}` {', '.join(sections)}: made by harness code `{digest}`, not the current "
+             f"`{results['code_digest']}`. {refresh(sections)}" for digest, sections in code.items()]
+            + [f"- † `{name}` {', '.join(sections)}: measured under config `{config_hash}`, data `{data_fp}`; the "
+               f"profile or its data changed since. {refresh(sections)}"
+               for (config_hash, data_fp), sections in config.items()])
+
+
 def _footnotes(results: dict[str, Any]) -> list[str]:
     lines = []
     for name in _order(results):
+        lines += _stale_notes(results, name)
         for section, data in _sections(results["variants"][name]):
             if section == "gates" and isinstance(data, dict):  # a per-device limit this device has no entry in
                 lines += [f"- `{name}` gates: {note}" for kind in data.values() if isinstance(kind, dict)
                           for note in kind.get("unchecked") or []]
             if not isinstance(data, dict) or section in ("info", "gates"):
                 continue
-            prov = data.get("provenance") or {}
-            if _stale_code(results, data):
-                lines.append(f"- † `{name}` {section}: made by harness code `{prov['code_digest']}`, not the current "
-                             f"`{results['code_digest']}`. Re-run `-k {name}` to refresh it.")
-            if _stale_config(results, data):
-                lines.append(f"- † `{name}` {section}: measured under config `{str(prov.get('config_hash'))[:12]}`, "
-                             f"data `{str(prov.get('data_fingerprint'))[:12]}`; the profile or its data changed "
-                             f"since. Re-run `-k {name}` to refresh it.")
             if data.get("busy"):
                 lines.append(f"- ‡ `{name}` {section}: timed on a busy machine ({data.get('busy_reason')}); "
                              f"not the code's speed.")

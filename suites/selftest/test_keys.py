@@ -177,6 +177,23 @@ def test_a_section_made_by_other_harness_code_is_marked_stale():
     assert "`r8` quality: made by harness code `old0000000000000`, not the current `new0000000000000`" in text
 
 
+def test_a_variant_whose_sections_older_code_made_gets_one_note_naming_them():
+    """Every section of a variant made by the same older code and config: one † line a reason, naming the sections,
+    instead of one a section. Mutation: a note per section again makes two lines for each reason."""
+    old = {"config_hash": "0ld0c0nf1g00", "data_fingerprint": "fp", "code_digest": "old0000000000000"}
+    results = {"profile": "tiny", "variant_order": ["r8"], "eval_splits": ["validation"], "show_quality": True,
+               "config_hash": "c", "data_fingerprint": "fp", "code_digest": "new0000000000000", "variants": {
+                   "r8": {"quality": {"validation": {"n": 5, "em": 0.5, "f1": 0.5}, "provenance": old},
+                          "latency": {"p50_s": 1.0, "p95_s": 1.2, "provenance": old}}}}
+    text = render_section(results)
+    assert "0.500†" in text and "1.000s†" in text
+    notes = [line for line in text.splitlines() if line.startswith("- † `r8`")]
+    assert notes == ["- † `r8` quality, latency: made by harness code `old0000000000000`, not the current "
+                     "`new0000000000000`. Re-run `-k r8` to refresh them.",
+                     "- † `r8` quality, latency: measured under config `0ld0c0nf1g00`, data `fp`; the profile or its "
+                     "data changed since. Re-run `-k r8` to refresh them."]
+
+
 def test_a_block_rendered_after_the_code_changed_marks_what_older_code_made(tmp_path):
     """Re-rendering a block (``python -m harness.report.card``, or another profile's run writing the card) holds its
     sections to the code that renders it: a results file whose sections and latest run both carry an older digest

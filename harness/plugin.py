@@ -23,7 +23,7 @@ import pytest
 
 from .config.errors import InputError
 from .config.profiles import available_profiles
-from .report.phases import end_session
+from .report.phases import end_session, milestone
 from .train.oom import VariantOutOfMemory, is_out_of_memory
 
 __all__ = ["SWEEP_KEY", "MARKERS", "end_variant", "variant_of"]
@@ -132,26 +132,25 @@ def pytest_load_initial_conftests(early_config, parser, args) -> None:
 def pytest_configure(config: pytest.Config) -> None:
     if not _wanted(config):
         return
+    milestone("configure")
     _check_installed_from(config)
     from .sweep import Sweep
 
     for line in MARKERS:
         config.addinivalue_line("markers", line)
     _pin_worker_gpu(config)
-    rounds = config.getoption("latency_runs")
-    if rounds is not None and rounds < 1:
+    if (rounds := config.getoption("latency_runs")) is not None and rounds < 1:
         raise pytest.UsageError(f"--latency-runs {rounds}: give at least 1 timed round")
     here = config.invocation_params.dir
     runs, card = config.getoption("runs_dir"), config.getoption("card")
     profile = config.getoption("profile") or os.environ.get("QLORA_PROFILE", "tiny")  # read once awake, never before
-    saved = config.getoption("quality_compare")
     try:  # a bad profile or dataset is one error before any test runs, and nothing is written
         sweep = Sweep.prepare(profile, runs_dir=runs and here / runs, card=card and here / card,
                               retrain=bool(config.getoption("retrain")), retime=bool(config.getoption("retime")),
                               session_id=getattr(config, "workerinput", {}).get(_SESSION_OPTION))
     except InputError as e:
         raise pytest.UsageError(str(e)) from None
-    sweep.saved_runs_dir = saved and here / saved
+    sweep.saved_runs_dir = (saved := config.getoption("quality_compare")) and here / saved
     config.stash[SWEEP_KEY] = sweep
     config.stash[_ENDED_KEY] = {}
     if _GPU_SELECTED.search(config.option.markexpr or "") and not hasattr(config, "workerinput"):
@@ -233,6 +232,7 @@ def pytest_collection_finish(session: pytest.Session) -> None:
         return
     from .measure.memory import freeze_long_lived
 
+    milestone("collected")
     freeze_long_lived()
     sweep = session.config.stash[SWEEP_KEY]
     if hasattr(session.config, "workerinput"):  # xdist: a worker runs an unknown share; it trains what it runs

@@ -4,6 +4,7 @@ fresh rounds that must confirm it, the user's command that reuses them, and the 
 from __future__ import annotations
 
 import json
+import re
 import types
 
 import pytest
@@ -98,7 +99,9 @@ def test_a_second_run_on_the_same_machine_reuses_what_fresh_rounds_confirm_and_r
     first run's figures, provenance and all; ``--retime`` times every round; a figure the machine no longer
     reproduces (here: its p50 divided by 1000 in results.json) is timed again, and so is a comparison whose
     ``merged`` row is, and a variant retrained under the same adapter key. Mutations: a confirmation that ignores the
-    fresh rounds reuses the tampered figure; a latency key without the adapter reuses the retrained variant's."""
+    fresh rounds reuses the tampered figure; a latency key without the adapter reuses the retrained variant's. Each
+    process's first phase line splits its start-up at the plugin's milestones (mutation: without the milestones it
+    names none)."""
     profile = quick_profile(tmp_path / "cfg", REUSE)
     (tmp_path / "quiet_machine.py").write_text(QUIET_PLUGIN)
     runs, card = tmp_path / "runs", tmp_path / "card" / "MODEL_CARD.md"
@@ -142,8 +145,13 @@ def test_a_second_run_on_the_same_machine_reuses_what_fresh_rounds_confirm_and_r
 
     fifth = run("--retrain", "-k", "r8")  # the same adapter key, other weights
     assert "reused" not in fifth["r8"]["latency"]
-    assert "r8 latency: timed afresh: the earlier figure's key differs in: adapter" in (
-        runs / "tiny" / "phases.log").read_text()
+    log = (runs / "tiny" / "phases.log").read_text()
+    assert "r8 latency: timed afresh: the earlier figure's key differs in: adapter" in log
+    # each of the five processes' first phase line splits its seconds since it started (issue 18's pre-session time)
+    startups = re.findall(r"phase=startup wall_s=(\S+) what=from the process's start: to configure (\S+) s, "
+                          r"to collected (\S+) s, to this line (\S+) s\n", log)
+    assert len(startups) == 5 and len(re.findall("phase=startup", log)) == 5, log
+    assert all(abs(float(total) - sum(map(float, parts))) <= 0.2 for total, *parts in startups), startups
 
 
 def test_the_card_marks_a_reused_figure_and_says_what_confirmed_it():

@@ -185,6 +185,7 @@ def _stale_notes(results: dict[str, Any], name: str) -> list[str]:
         if _stale_config(results, data):
             made_under = (str(prov.get("config_hash"))[:12], str(prov.get("data_fingerprint"))[:12])
             config.setdefault(made_under, []).append(section)
+
     def refresh(sections: list[str]) -> str:
         return f"Re-run `-k {name}` to refresh {'it' if len(sections) == 1 else 'them'}."
 

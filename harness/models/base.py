@@ -16,6 +16,7 @@ from ..config.profiles import config_hash
 from ..config.schema import LoraConfig, ModelConfig, QuantConfig, Variant
 from ..measure.memory import free_memory
 from ..report.atomic import atomic_dir, file_lock
+from ..report.phases import timed
 from ..report.provenance import library_versions, source_digest
 from .host_copy import save_pretrained
 
@@ -86,12 +87,13 @@ def materialize_synthetic(name: str, seed: int, cache_root: Path) -> Path:
     with file_lock(final):
         if (final / "config.json").exists():
             return final
-        torch.manual_seed(seed)
-        # Materialize on the GPU when there is one: random init of 7B params on 2 CPU cores takes minutes.
-        with torch.device(device()):
-            model = MistralForCausalLM(cfg).to(torch.bfloat16)
-        with atomic_dir(final) as tmp:
-            save_pretrained(model, tmp)  # through pinned memory: a third of the time from the GPU
+        with timed("checkpoint", f"{final.name}: random weights drawn and written"):
+            torch.manual_seed(seed)
+            # Materialize on the GPU when there is one: random init of 7B params on 2 CPU cores takes minutes.
+            with torch.device(device()):
+                model = MistralForCausalLM(cfg).to(torch.bfloat16)
+            with atomic_dir(final) as tmp:
+                save_pretrained(model, tmp)  # through pinned memory: a third of the time from the GPU
         del model
         free_memory()
     return final

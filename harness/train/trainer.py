@@ -93,6 +93,7 @@ def peft_dir(artifact: Path) -> Path:
 def train_adapter(profile: Profile, variant: Variant, examples: list[Example], tokenizer, model,
                   out_dir: Path) -> dict[str, Any]:
     """Train one LoRA adapter on ``model`` (the loaded base) and save it to ``out_dir``; return its figures."""
+    called = time.perf_counter()
     import datasets
     from trl import SFTConfig, SFTTrainer
 
@@ -152,16 +153,20 @@ def train_adapter(profile: Profile, variant: Variant, examples: list[Example], t
         torch.cuda.synchronize()
     wall_s = time.perf_counter() - start
     memory = peak_memory()
+    saving = time.perf_counter()
     if world == 1:
         trainer.model.save_pretrained(str(peft_dir(out_dir)), safe_serialization=True)
     else:  # gathers FSDP shards; writes on the main process only
         trainer.save_model(str(peft_dir(out_dir)))
+    save_s = time.perf_counter() - saving
     tokens = sum(len(r["input_ids"]) for r in rows) * t.epochs
     losses = [{"step": h["step"], "loss": h["loss"]} for h in trainer.state.log_history if "loss" in h]
     result = {
         "trainable_params": int(trainable),
         "total_params": int(total),
         "train_wall_s": wall_s,
+        "train_prepare_s": start - called,  # trl's trainer, the data, the LoRA layers, the loss-mask check
+        "train_save_s": save_s,
         "train_tokens": tokens,
         "train_tokens_per_s": tokens / wall_s,
         "optimizer_steps": int(trainer.state.global_step),

@@ -103,9 +103,11 @@ def test_second_run_reuses_the_artifact_and_never_loads_a_partial_one(tiny, tiny
     assert again_path == path and again["train_finished"] == manifest["train_finished"]
     log = (tmp_path / quick.name / "train.log").read_text().splitlines()
     assert [line.split()[2] for line in log] == ["train-start", "train-done", "reuse"]
+    done = dict(kv.split("=") for kv in log[1].split()[4:])  # where the training's seconds went, beside its steps
+    assert list(done) == ["wall_s", "prepare_s", "save_s"] and all(float(v) >= 0 for v in done.values()), log[1]
     on_disk = json.loads((path / "manifest.json").read_text())
-    for key in ("key_hash", "versions", "git_sha", "device", "seed", "train_wall_s", "train_tokens_per_s",
-                "loss_history", "optimizer_steps", "train_memory", "config_hash"):
+    for key in ("key_hash", "versions", "git_sha", "device", "seed", "train_wall_s", "train_prepare_s",
+                "train_save_s", "train_tokens_per_s", "loss_history", "optimizer_steps", "train_memory", "config_hash"):
         assert key in on_disk, f"manifest lacks {key!r}"
     assert (path / "config.yaml").is_file() and (path / "adapter" / "adapter_model.safetensors").is_file()
     # The same recipe copied under a new profile name (a user's own copy) reuses the adapter instead of training.

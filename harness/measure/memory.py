@@ -17,7 +17,8 @@ _frozen = False  # whether this process froze its long-lived objects already (fr
 # What the harness imports only inside a test (training, the engines, compiling), imported before the freeze so that
 # their objects are frozen too: 0.31 million objects on this project's CPU, 0.14 s of every full collection after a
 # freeze without them (docs/performance.md, issue 18's try 23). A session that never trains pays trl's import anyway.
-LAZY_LIBRARIES = ("peft", "trl", "datasets", "accelerate", "bitsandbytes", "torch._dynamo", "torch._inductor.compile_fx")
+LAZY_LIBRARIES = ("peft", "trl", "datasets", "accelerate", "bitsandbytes", "torch._dynamo",
+                  "torch._inductor.compile_fx")
 
 
 def _peak_rss_gib() -> float:

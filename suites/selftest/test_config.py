@@ -1,5 +1,5 @@
-"""Profile validation: every malformed YAML in suites/selftest/corpus/configs* gives one ConfigError naming file, line, key
-and fix; every shipped profile loads; config_hash is stable; random mutations of a profile load or raise
+"""Profile validation: every malformed YAML in suites/selftest/corpus/configs* gives one ConfigError naming file, line,
+key and fix; every shipped profile loads; config_hash is stable; random mutations of a profile load or raise
 ConfigError, never anything else."""
 
 from __future__ import annotations
@@ -414,5 +414,6 @@ def test_a_headline_split_that_is_not_evaluated_is_a_config_error(tmp_path):
     from fixtures.user_runs import write_profile
 
     path = write_profile(tmp_path, {"data": {"eval_splits": ["validation"], "headline_split": "test"}})
-    with pytest.raises(ConfigError, match=r"data\.headline_split: 'test' is not evaluated; add it to data\.eval_splits"):
+    not_evaluated = r"data\.headline_split: 'test' is not evaluated; add it to data\.eval_splits"
+    with pytest.raises(ConfigError, match=not_evaluated):
         load_profile(path)

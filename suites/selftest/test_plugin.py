@@ -100,6 +100,7 @@ def test_long_lived_objects_are_frozen_and_garbage_made_since_is_collected():
     free_memory()
     assert tensor() is None
 
+
 def test_the_libraries_the_harness_imports_inside_tests_were_frozen_too():
     import importlib
 

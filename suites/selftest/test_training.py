@@ -142,4 +142,5 @@ def test_compiled_step_trains_like_the_eager_one(tiny, tiny_splits, tmp_path, pa
     want_attention = "flex_attention" if torch.cuda.is_available() else tiny.model.attn_implementation
     assert manifests["compiled"]["train_attn_implementation"] == want_attention
     assert len(losses["compiled"]) == len(losses["eager"]) == manifests["eager"]["optimizer_steps"] > 1
-    assert losses["compiled"] == pytest.approx(losses["eager"], rel=1e-5)  # measured: 1e-7 apart (CPU, torch 2.11 and 2.13)
+    # measured: 1e-7 apart (CPU, torch 2.11 and 2.13)
+    assert losses["compiled"] == pytest.approx(losses["eager"], rel=1e-5)

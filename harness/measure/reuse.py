@@ -4,7 +4,8 @@ Fifty latency rounds of a 7B variant take ~30 s on an H200 and tell nothing new 
 profile's config, the data, the variant's adapter and the machine are those of a figure timed earlier. A later
 session on the same machine (same host, same boot, same GPU) reuses such a figure, once a few fresh rounds confirm
 it: their median within ``latency.reuse_tolerance`` of the reused p50, on a quiet machine. Otherwise it times every
-round again. A figure timed on a busy machine is never reused.
+round again. A figure timed on a busy machine is never reused; one whose rounds spread with the machine otherwise
+idle (``unsteady``) is, with its mark: timing it again on that host measures the same spread (issue 18's try 25).
 
 The key (``key_parts``) is the compile cache's (the config, every harness module, the libraries with Triton and
 CUDA, the device), the data's fingerprint, this machine's identity (``machine_identity``) and what the figure
@@ -92,12 +93,13 @@ def earlier(runs_dir: Path, profile_name: str, variant: str, section: str,
 def confirm(reused_p50_s: float, samples: list[float], new_tokens: int, load_before: dict, load_after: dict,
             tolerance: float) -> dict[str, Any]:
     """Do ``samples``, fresh rounds of the reused figure's timed unit, confirm its p50? ``held`` when their median is
-    within ``tolerance`` of it (relative) and the machine was quiet while they ran."""
+    within ``tolerance`` of it (relative), the machine was quiet while they ran and they agree among themselves."""
     fresh = summarize_samples(samples, new_tokens, load_before, load_after)
     off = fresh["p50_s"] / reused_p50_s - 1.0
-    held = abs(off) <= tolerance and not fresh["busy"]
+    doubts = [fresh[k] for k in ("busy_reason", "unsteady_reason") if fresh[k]]
+    held = abs(off) <= tolerance and not doubts
     why = ("" if held else f"fresh p50 {fresh['p50_s']:.4f}s is {off:+.1%} from the reused {reused_p50_s:.4f}s "
-           f"(tolerance {tolerance:.0%})" + (f"; {fresh['busy_reason']}" if fresh["busy"] else ""))
+           f"(tolerance {tolerance:.0%})" + "".join(f"; {d}" for d in doubts))
     return {"rounds": len(samples), "p50_s": fresh["p50_s"], "samples_s": list(samples), "off": off,
-            "tolerance": tolerance, "busy": fresh["busy"], "held": held, "why_not": why or None,
-            "git_sha": git_sha(), "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            "tolerance": tolerance, "busy": fresh["busy"], "unsteady": fresh["unsteady"], "held": held,
+            "why_not": why or None, "git_sha": git_sha(), "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}

@@ -1,9 +1,11 @@
 """Timed figures: percentiles, their spread, and the machine's load while they were taken.
 
 A latency measured on a busy machine is not the code's latency. Every timed figure records its spread (IQR over
-median) and the machine's CPU time before and after the rounds; ``busy`` is set when the spread says the rounds
-disagree, or when other processes kept a share of the cores busy while they ran, and the card marks such a figure
-instead of presenting it as the code's speed.
+median) and the machine's CPU time before and after the rounds. ``busy`` is set when other processes kept a share of
+the cores busy while they ran; ``unsteady`` when the rounds disagree (the spread) with the machine otherwise idle,
+which a host-bound engine does on some hosts by itself (the seed path on one H200: 14% and 29% in two runs, other
+processes on 0.01 cores; issue 18's try 25). The card marks either (‡) with its reason instead of presenting the
+figure as the code's steady speed; only a busy figure is never reused (``reuse.earlier``).
 
 The 1-minute load average is recorded but does not judge: it trails by a minute, so right after the harness's own
 training it reads "2.0 on 2 cores" on a machine that is now quiet. What judges is the CPU time of the whole machine
@@ -19,10 +21,10 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["machine_load", "others_cores", "summarize_samples", "time_rounds", "own_gpu", "NOISY_SPREAD",
+__all__ = ["machine_load", "others_cores", "summarize_samples", "doubt", "time_rounds", "own_gpu", "NOISY_SPREAD",
            "BUSY_OTHER_SHARE"]
 
-NOISY_SPREAD = 0.10  # IQR / median above this: the rounds disagree by more than 10%, so the machine was not quiet
+NOISY_SPREAD = 0.10  # IQR / median above this: the rounds disagree by more than 10% (unsteady)
 # Other processes busy on at least this share of the cores (and at least one core) while the rounds ran: they took
 # CPU time the timed code could have needed (its host loop, its CPU kernels).
 BUSY_OTHER_SHARE = 0.25
@@ -66,25 +68,34 @@ def others_cores(before: dict[str, float], after: dict[str, float]) -> float | N
 
 def summarize_samples(samples: list[float], new_tokens: int, load_before: dict[str, float],
                       load_after: dict[str, float]) -> dict[str, Any]:
-    """p50/p95/mean, tokens/s, IQR/median and whether the machine looked busy, from per-round seconds."""
+    """p50/p95/mean, tokens/s, IQR/median, whether the machine was busy and whether the rounds were unsteady, from
+    per-round seconds."""
     if not samples:
         raise ValueError("no timed rounds to summarize; run at least one round")
     p25, p50, p75, p95 = (float(q) for q in np.percentile(samples, [25, 50, 75, 95]))
     spread = (p75 - p25) / p50 if p50 > 0 else 0.0
     cpus = load_before["cpus"]
     others = others_cores(load_before, load_after)
-    reasons = []
-    if spread > NOISY_SPREAD:
-        reasons.append(f"IQR/median {spread:.2f} > {NOISY_SPREAD}")
-    if others is not None and others >= max(1.0, BUSY_OTHER_SHARE * cpus):
-        reasons.append(f"other processes kept {others:.1f} of {cpus} cores busy")
+    busy = others is not None and others >= max(1.0, BUSY_OTHER_SHARE * cpus)
+    unsteady = spread > NOISY_SPREAD
     return {
         "p50_s": p50, "p95_s": p95, "mean_s": statistics.fmean(samples),
         "rounds": len(samples), "new_tokens": new_tokens, "tokens_per_s": new_tokens / p50 if p50 else None,
         "iqr_over_median": spread, "load_before": load_before, "load_after": load_after,
         "others_cores": None if others is None else round(others, 2),
-        "busy": bool(reasons), "busy_reason": "; ".join(reasons) or None, "samples_s": list(samples),
+        "busy": busy, "busy_reason": f"other processes kept {others:.1f} of {cpus} cores busy" if busy else None,
+        "unsteady": unsteady, "unsteady_reason": f"IQR/median {spread:.2f} > {NOISY_SPREAD}" if unsteady else None,
+        "samples_s": list(samples),
     }
+
+
+def doubt(figure: dict[str, Any]) -> str | None:
+    """Why a timed figure (``summarize_samples``') is not the code's steady speed, or None: the card's ‡."""
+    if figure.get("busy"):
+        return f"timed on a busy machine ({figure.get('busy_reason')})"
+    if figure.get("unsteady"):
+        return f"its rounds spread ({figure.get('unsteady_reason')}) with the machine otherwise idle"
+    return None
 
 
 def time_rounds(call, rounds: int) -> tuple[list[float], dict[str, float], dict[str, float]]:

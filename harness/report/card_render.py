@@ -2,10 +2,10 @@
 
 Every line belongs to one variant, one section of one variant, or the profile: so a run that measured r16 changes
 r16's lines and no other. A figure that may mislead says so where it stands: † measured under another config or data
-than the profile's current one, or made by other harness code (``code_digest``), ‡ timed on a busy machine, ↺ timed
-by an earlier run on the same machine under the same key and reused once fresh rounds confirmed it
-(``harness.measure.reuse``; its provenance is the run that timed it). Provenance (git sha, engine, device, time,
-config) is listed per variant and section.
+than the profile's current one, or made by other harness code (``code_digest``), ‡ timed on a busy machine or on
+rounds that spread, ↺ timed by an earlier run on the same machine under the same key and reused once fresh rounds
+confirmed it (``harness.measure.reuse``; its provenance is the run that timed it). Provenance (git sha, engine,
+device, time, config) is listed per variant and section.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from typing import Any
 from tabulate import tabulate
 
 from ..measure.gates import gate_status
+from ..measure.timing import doubt
 from .results import SECTIONS
 from ..config.schema import headline_split
 
@@ -69,9 +70,10 @@ def _stale_code(results: dict[str, Any], section: dict[str, Any] | None) -> bool
     return bool(made_by and results.get("code_digest") and made_by != results["code_digest"])
 
 
-def _mark(text: str, results: dict, section: dict | None, busy: bool = False) -> str:
-    return (text + ("†" if _stale(results, section) else "") + ("‡" if busy else "")
+def _mark(text: str, results: dict, section: dict | None) -> str:
+    return (text + ("†" if _stale(results, section) else "") + ("‡" if doubt(section or {}) else "")
             + ("↺" if (section or {}).get("reused") else ""))
+
 
 
 def _reused_note(what: str, section: dict[str, Any]) -> str:
@@ -137,7 +139,6 @@ def results_table(results: dict[str, Any], padded: bool = False) -> str:
         qs, lat, mem = row.get("quality"), row.get("latency") or {}, row.get("memory") or {}
         train = row.get("training") or {}
         q = (qs or {}).get(split, {})
-        busy = bool(lat.get("busy"))
         vram = mem.get("inference_peak_allocated_gib")
         delta = (f"{q['f1_delta_vs_baseline']:+.2f} {_ci(q['f1_delta_vs_baseline_ci'])}"
                  if "f1_delta_vs_baseline" in q else "n/a")
@@ -145,8 +146,8 @@ def results_table(results: dict[str, Any], padded: bool = False) -> str:
             (row.get("info") or {}).get("label", name),
             _mark(_fmt(q.get("em")), results, qs) if show else NA_RANDOM,
             _mark(_fmt(q.get("f1")), results, qs) if show else NA_RANDOM,
-            _mark(_fmt(lat.get("p50_s"), unit="s"), results, lat, busy) if lat else "n/a",
-            _mark(_fmt(lat.get("p95_s"), unit="s"), results, lat, busy) if lat else "n/a",
+            _mark(_fmt(lat.get("p50_s"), unit="s"), results, lat) if lat else "n/a",
+            _mark(_fmt(lat.get("p95_s"), unit="s"), results, lat) if lat else "n/a",
             _fmt(vram, ".1f") if vram is not None else "n/a (CPU)",
             _ci(q.get("em_ci")) if show else NA_RANDOM,
             _ci(q.get("f1_ci")) if show else NA_RANDOM,
@@ -206,9 +207,8 @@ def _footnotes(results: dict[str, Any]) -> list[str]:
                           for note in kind.get("unchecked") or []]
             if not isinstance(data, dict) or section in ("info", "gates"):
                 continue
-            if data.get("busy"):
-                lines.append(f"- ‡ `{name}` {section}: timed on a busy machine ({data.get('busy_reason')}); "
-                             f"not the code's speed.")
+            if doubt(data):
+                lines.append(f"- ‡ `{name}` {section}: {doubt(data)}; not the code's steady speed.")
             if data.get("reused") and section != "speed":  # the engines table says it for the comparison
                 lines.append("- " + _reused_note(f"`{name}` {section}", data))
             for failure in (data.get("vram_failures") or []) if section == "training" else []:
@@ -250,7 +250,7 @@ def _speed_table(results: dict[str, Any]) -> list[str]:
             else "not compiled"
         ratio = fmt_ratio(f.get("speedup_vs_seed")) if engine != "seed" else "1.00x"
         rows.append([f"`{engine}`", f.get("note") or ENGINE_LABELS.get(engine, ""),
-                     _fmt(f.get("p50_s"), unit="s") + ("‡" if f.get("busy") else "") + ("↺" if reused else ""),
+                     _fmt(f.get("p50_s"), unit="s") + ("‡" if doubt(f) else "") + ("↺" if reused else ""),
                      _fmt(f.get("p95_s"), unit="s"),
                      ratio, _fmt(f.get("peak_vram_gib"), ".1f") if "peak_vram_gib" in f else "n/a (CPU)",
                      compile_cell, str(f.get("rounds", "n/a"))])
@@ -262,8 +262,8 @@ def _speed_table(results: dict[str, Any]) -> list[str]:
            "", table]
     out += ["", _reused_note("the whole comparison (its ratios, parity and quality costs with it; the fresh rounds "
                              "are `merged`'s)", speed)] if reused else []
-    busy = [f"‡ `{engine}`: timed on a busy machine ({f.get('busy_reason')}); its p50 and the ratios on it are not "
-            f"the code's speed." for engine, f in speed.items() if isinstance(f, dict) and f.get("busy")]
+    busy = [f"‡ `{engine}`: {doubt(f)}; its p50 and the ratios on it are not the code's steady speed."
+            for engine, f in speed.items() if isinstance(f, dict) and doubt(f)]
     out += [""] + busy if busy else []
     out += _compile_cache_note(speed)
     for key, par in speed.items():

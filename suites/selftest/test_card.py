@@ -171,6 +171,11 @@ def test_a_busy_engine_timing_is_marked_and_explained():
     assert "‡ `merged`" not in text
     assert "‡" not in render_section({**RESULTS, "variants": {"r16": {**RESULTS["variants"]["r16"], "speed": {
         "seed": quiet, "merged": quiet}}}})
+    speed["seed"] = {**quiet, "unsteady": True, "unsteady_reason": "IQR/median 0.14 > 0.1"}  # an idle machine
+    text = render_section({**RESULTS, "variants": {"r16": {**RESULTS["variants"]["r16"], "speed": speed}}})
+    assert "| 1.000s‡ |" in text and ("‡ `seed`: its rounds spread (IQR/median 0.14 > 0.1) with the machine "
+                                      "otherwise idle; its p50 and the ratios on it are not the code's steady speed.")\
+        in text and "busy" not in text
 
 
 def test_a_block_reads_the_same_from_its_file_as_in_the_session_that_wrote_it():

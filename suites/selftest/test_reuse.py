@@ -33,6 +33,26 @@ def test_fresh_rounds_confirm_a_figure_only_within_tolerance_on_a_quiet_machine(
     assert not slower["held"] and "+6.8% from the reused 0.6000s" in slower["why_not"]
     busy = reuse.confirm(0.600, [0.601, 0.603, 0.602], 128, QUIET, _after(2.0, others_s=4.0), tolerance=0.03)
     assert not busy["held"] and "other processes kept" in busy["why_not"]
+    unsteady = reuse.confirm(0.600, [0.55, 0.60, 0.70], 128, QUIET, _after(2.0), tolerance=0.03)
+    assert not unsteady["held"] and "IQR/median" in unsteady["why_not"]  # fresh rounds must agree to confirm
+
+
+@pytest.mark.parametrize(("marks", "reused"), [
+    ({}, True),
+    ({"unsteady": True, "unsteady_reason": "IQR/median 0.14 > 0.1"}, True),  # the host's own spread: kept, marked
+    ({"busy": True, "busy_reason": "other processes kept 4.0 of 16 cores busy"}, False),
+    ({"busy": True, "busy_reason": "IQR/median 0.14 > 0.1"}, False),  # written before the two marks were told apart
+])
+def test_an_earlier_comparison_is_refused_when_an_engine_was_timed_on_a_busy_machine(tmp_path, marks, reused):
+    """Timing a seed path whose rounds spread on an otherwise idle machine again reads the same spread (one H200:
+    14%, then 29%), so such a figure is reused with its mark; one from a busy machine never is (mutation: refusing
+    on ``unsteady`` too times the comparison afresh, as on that H200)."""
+    key = {"key": "k", "parts": {"machine": "m"}}
+    speed = {"reuse_key": key, "seed": {"p50_s": 10.1, **marks}, "merged": {"p50_s": 0.555}}
+    (tmp_path / "tiny").mkdir()
+    (tmp_path / "tiny" / "results.json").write_text(json.dumps({"variants": {"r16": {"speed": speed}}}))
+    stored, why = reuse.earlier(tmp_path, "tiny", "r16", "speed", key)
+    assert (stored == speed and why == "") if reused else (stored is None and "busy machine (seed)" in why)
 
 
 def _sweep(profile, fingerprint="fp"):

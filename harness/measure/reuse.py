@@ -3,9 +3,10 @@
 Fifty latency rounds of a 7B variant take ~30 s on an H200 and tell nothing new when the code, the libraries, the
 profile's config, the data, the variant's adapter and the machine are those of a figure timed earlier. A later
 session on the same machine (same host, same boot, same GPU) reuses such a figure, once a few fresh rounds confirm
-it: their median within ``latency.reuse_tolerance`` of the reused p50, on a quiet machine. Otherwise it times every
-round again. A figure timed on a busy machine is never reused; one whose rounds spread with the machine otherwise
-idle (``unsteady``) is, with its mark: timing it again on that host measures the same spread (issue 18's try 25).
+it: their median within ``latency.reuse_tolerance`` of the reused p50, on a quiet machine, the rounds agreeing among
+themselves. Otherwise it times every round again. A figure timed on a busy machine is never reused; one whose
+rounds spread while other processes left the machine alone (``unsteady``) is, with its mark (‡ beside ↺): timing it
+again on that host measures the same spread (issue 18's try 25), and its ratios stay one run's.
 
 The key (``key_parts``) is the compile cache's (the config, every harness module, the libraries with Triton and
 CUDA, the device), the data's fingerprint, this machine's identity (``machine_identity``) and what the figure

@@ -2,10 +2,11 @@
 
 A latency measured on a busy machine is not the code's latency. Every timed figure records its spread (IQR over
 median) and the machine's CPU time before and after the rounds. ``busy`` is set when other processes kept a share of
-the cores busy while they ran; ``unsteady`` when the rounds disagree (the spread) with the machine otherwise idle,
-which a host-bound engine does on some hosts by itself (the seed path on one H200: 14% and 29% in two runs, other
-processes on 0.01 cores; issue 18's try 25). The card marks either (‡) with its reason instead of presenting the
-figure as the code's steady speed; only a busy figure is never reused (``reuse.earlier``).
+the cores busy while they ran, or when the rounds disagree (the spread) on a machine with no CPU counters to say
+whether they did; ``unsteady`` whenever the rounds disagree. A host-bound engine spreads by itself on some hosts: the
+seed path on one H200, 14% and 29% in two runs with other processes on 0.01 cores (issue 18's try 25). The card marks
+either (‡) with its reasons and the other processes' cores instead of presenting the figure as the code's steady
+speed; a busy figure is never reused, an unsteady one on a measured, not busy machine is (``reuse.earlier``).
 
 The 1-minute load average is recorded but does not judge: it trails by a minute, so right after the harness's own
 training it reads "2.0 on 2 cores" on a machine that is now quiet. What judges is the CPU time of the whole machine
@@ -44,7 +45,7 @@ def machine_load() -> dict[str, float]:
 
 def _machine_busy_cpu_s() -> float:
     """Busy CPU seconds of every process since boot (``/proc/stat``: user, nice, system, irq, softirq, steal); NaN
-    where there is no /proc (the spread alone then judges)."""
+    where there is no /proc (a spread then marks the figure busy: nothing tells it from other processes' load)."""
     try:
         with open("/proc/stat", encoding="ascii") as f:
             fields = [int(x) for x in f.readline().split()[1:]]
@@ -76,25 +77,30 @@ def summarize_samples(samples: list[float], new_tokens: int, load_before: dict[s
     spread = (p75 - p25) / p50 if p50 > 0 else 0.0
     cpus = load_before["cpus"]
     others = others_cores(load_before, load_after)
-    busy = others is not None and others >= max(1.0, BUSY_OTHER_SHARE * cpus)
     unsteady = spread > NOISY_SPREAD
+    busy_reason = None
+    if others is None and unsteady:  # no CPU counters: nothing tells the spread from other processes' load
+        busy_reason = f"IQR/median {spread:.2f} > {NOISY_SPREAD}, no CPU counters"
+    elif others is not None and others >= max(1.0, BUSY_OTHER_SHARE * cpus):
+        busy_reason = f"other processes kept {others:.1f} of {cpus} cores busy"
     return {
         "p50_s": p50, "p95_s": p95, "mean_s": statistics.fmean(samples),
         "rounds": len(samples), "new_tokens": new_tokens, "tokens_per_s": new_tokens / p50 if p50 else None,
         "iqr_over_median": spread, "load_before": load_before, "load_after": load_after,
         "others_cores": None if others is None else round(others, 2),
-        "busy": busy, "busy_reason": f"other processes kept {others:.1f} of {cpus} cores busy" if busy else None,
-        "unsteady": unsteady, "unsteady_reason": f"IQR/median {spread:.2f} > {NOISY_SPREAD}" if unsteady else None,
+        "busy": busy_reason is not None, "busy_reason": busy_reason, "unsteady": unsteady,
+        "unsteady_reason": f"IQR/median {spread:.2f} > {NOISY_SPREAD}" if unsteady else None,
         "samples_s": list(samples),
     }
 
 
 def doubt(figure: dict[str, Any]) -> str | None:
     """Why a timed figure (``summarize_samples``') is not the code's steady speed, or None: the card's ‡."""
+    spread = f"its rounds spread ({figure.get('unsteady_reason')})" if figure.get("unsteady") else ""
     if figure.get("busy"):
-        return f"timed on a busy machine ({figure.get('busy_reason')})"
-    if figure.get("unsteady"):
-        return f"its rounds spread ({figure.get('unsteady_reason')}) with the machine otherwise idle"
+        return f"timed on a busy machine ({figure.get('busy_reason')})" + (f"; {spread}" if spread else "")
+    if spread:
+        return f"{spread} while other processes kept {figure.get('others_cores')} cores busy"
     return None
 
 

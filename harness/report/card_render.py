@@ -75,7 +75,6 @@ def _mark(text: str, results: dict, section: dict | None) -> str:
             + ("↺" if (section or {}).get("reused") else ""))
 
 
-
 def _reused_note(what: str, section: dict[str, Any]) -> str:
     """Where a reused figure comes from and what confirmed it (``harness.measure.reuse.confirm``)."""
     prov, check = section.get("provenance") or {}, section["reused"]
@@ -262,9 +261,9 @@ def _speed_table(results: dict[str, Any]) -> list[str]:
            "", table]
     out += ["", _reused_note("the whole comparison (its ratios, parity and quality costs with it; the fresh rounds "
                              "are `merged`'s)", speed)] if reused else []
-    busy = [f"‡ `{engine}`: {doubt(f)}; its p50 and the ratios on it are not the code's steady speed."
-            for engine, f in speed.items() if isinstance(f, dict) and doubt(f)]
-    out += [""] + busy if busy else []
+    doubts = [f"‡ `{engine}`: {doubt(f)}; its p50 and the ratios on it are not the code's steady speed."
+              for engine, f in speed.items() if isinstance(f, dict) and doubt(f)]
+    out += [""] + doubts if doubts else []
     out += _compile_cache_note(speed)
     for key, par in speed.items():
         if key.startswith("parity") and isinstance(par, dict):

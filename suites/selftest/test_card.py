@@ -159,23 +159,36 @@ def test_an_agreement_past_near_ties_shows_the_exact_one_beside_it():
     assert "| 0.93 tok, 1.0e+00 logit" in card(tie_logits=0.0) and "| 0.93 tok, 1.0e+00 logit" in card()
 
 
-def test_a_busy_engine_timing_is_marked_and_explained():
-    """The H200 run at 6687e16 timed the seed path on a busy machine (IQR/median 0.11): its p50 carries ‡ and a line
-    under the engines table says what ‡ means; a quiet engine gets neither."""
+def test_a_busy_or_unsteady_engine_timing_is_marked_and_explained():
+    """A seed path timed at 6687e16 (IQR/median 0.11, written when a spread alone meant busy) keeps its ‡ and line; one
+    whose rounds spread with other processes on 0.01 cores (2f7e11b's H200) says so instead of 'busy'; a quiet engine
+    gets neither."""
     from harness.report.card_render import render_section
 
+    def card(speed):
+        return render_section({**RESULTS, "variants": {"r16": {**RESULTS["variants"]["r16"], "speed": speed}}})
+
     quiet = {"p50_s": 1.0, "p95_s": 1.0, "rounds": 3, "compiled": False}
-    speed = {"seed": {**quiet, "busy": True, "busy_reason": "IQR/median 0.11 > 0.1"}, "merged": quiet}
-    text = render_section({**RESULTS, "variants": {"r16": {**RESULTS["variants"]["r16"], "speed": speed}}})
+    text = card({"seed": {**quiet, "busy": True, "busy_reason": "IQR/median 0.11 > 0.1"}, "merged": quiet})
     assert "| 1.000s‡ |" in text and "‡ `seed`: timed on a busy machine (IQR/median 0.11 > 0.1)" in text
-    assert "‡ `merged`" not in text
-    assert "‡" not in render_section({**RESULTS, "variants": {"r16": {**RESULTS["variants"]["r16"], "speed": {
-        "seed": quiet, "merged": quiet}}}})
-    speed["seed"] = {**quiet, "unsteady": True, "unsteady_reason": "IQR/median 0.14 > 0.1"}  # an idle machine
-    text = render_section({**RESULTS, "variants": {"r16": {**RESULTS["variants"]["r16"], "speed": speed}}})
-    assert "| 1.000s‡ |" in text and ("‡ `seed`: its rounds spread (IQR/median 0.14 > 0.1) with the machine "
-                                      "otherwise idle; its p50 and the ratios on it are not the code's steady speed.")\
-        in text and "busy" not in text
+    assert "‡ `merged`" not in text and "‡" not in card({"seed": quiet, "merged": quiet})
+    spread = {"unsteady": True, "unsteady_reason": "IQR/median 0.14 > 0.1", "others_cores": 0.01}
+    text = card({"seed": {**quiet, **spread}, "merged": quiet})
+    line = ("‡ `seed`: its rounds spread (IQR/median 0.14 > 0.1) while other processes kept 0.01 cores busy; its p50 "
+            "and the ratios on it are not the code's steady speed.")
+    assert "| 1.000s‡ |" in text and line in text and "busy machine" not in text
+
+
+def test_an_unsteady_latency_is_marked_in_its_row_and_explained_under_the_table():
+    from harness.report.card_render import render_section
+
+    row = RESULTS["variants"]["r16"]
+    latency = {"p50_s": 0.5, "p95_s": 0.6, "unsteady": True, "unsteady_reason": "IQR/median 0.12 > 0.1",
+               "others_cores": 0.0}
+    text = render_section({**RESULTS, "variants": {"r16": {**row, "latency": latency}}})
+    assert text.count("s‡ |") == 2  # p50 and p95
+    assert ("- ‡ `r16` latency: its rounds spread (IQR/median 0.12 > 0.1) while other processes kept 0.0 cores busy; "
+            "not the code's steady speed.") in text
 
 
 def test_a_block_reads_the_same_from_its_file_as_in_the_session_that_wrote_it():

@@ -43,7 +43,7 @@ def test_fresh_rounds_confirm_a_figure_only_within_tolerance_on_a_quiet_machine(
     ({"busy": True, "busy_reason": "other processes kept 4.0 of 16 cores busy"}, False),
     ({"busy": True, "busy_reason": "IQR/median 0.14 > 0.1"}, False),  # written before the two marks were told apart
 ])
-def test_an_earlier_comparison_is_refused_when_an_engine_was_timed_on_a_busy_machine(tmp_path, marks, reused):
+def test_an_earlier_comparison_is_reused_unless_an_engine_was_timed_on_a_busy_machine(tmp_path, marks, reused):
     """Timing a seed path whose rounds spread on an otherwise idle machine again reads the same spread (one H200:
     14%, then 29%), so such a figure is reused with its mark; one from a busy machine never is (mutation: refusing
     on ``unsteady`` too times the comparison afresh, as on that H200)."""

@@ -44,11 +44,17 @@ def test_disagreeing_rounds_on_an_idle_machine_are_unsteady_not_busy_and_the_mar
     before, after = _reading(0.0, 0.0, 0.0, 0.0), _reading(5.0, 5.0, 5.0, 0.0)
     idle = summarize_samples([1.0, 1.5, 0.8, 1.9, 1.0], 128, before, after)
     assert idle["unsteady"] and not idle["busy"] and idle["unsteady_reason"] == "IQR/median 0.50 > 0.1"
-    assert doubt(idle) == "its rounds spread (IQR/median 0.50 > 0.1) with the machine otherwise idle"
+    assert doubt(idle) == "its rounds spread (IQR/median 0.50 > 0.1) while other processes kept 0.0 cores busy"
     loaded = summarize_samples([1.0, 1.5, 0.8, 1.9, 1.0], 128, before, _reading(5.0, 14.0, 5.0, 0.0))
     assert loaded["busy"] and loaded["unsteady"]
-    assert doubt(loaded) == "timed on a busy machine (other processes kept 1.8 of 2 cores busy)"
+    assert doubt(loaded) == ("timed on a busy machine (other processes kept 1.8 of 2 cores busy); its rounds spread "
+                             "(IQR/median 0.50 > 0.1)")
     assert doubt(summarize_samples(STEADY, 128, before, after)) is None
+    # no CPU counters (no /proc): nothing tells a spread from other processes' load, so it is busy, never reused
+    blind = {**before, "machine_cpu_s": float("nan")}
+    unknown = summarize_samples([1.0, 1.5, 0.8, 1.9, 1.0], 128, blind, {**after, "machine_cpu_s": float("nan")})
+    assert unknown["busy"] and unknown["busy_reason"] == "IQR/median 0.50 > 0.1, no CPU counters"
+    assert not summarize_samples(STEADY, 128, blind, {**after, "machine_cpu_s": float("nan")})["busy"]
 
 
 def test_the_machine_counter_includes_this_process_so_subtracting_it_leaves_the_others():

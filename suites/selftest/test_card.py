@@ -160,9 +160,9 @@ def test_an_agreement_past_near_ties_shows_the_exact_one_beside_it():
 
 
 def test_a_busy_or_unsteady_engine_timing_is_marked_and_explained():
-    """A seed path timed at 6687e16 (IQR/median 0.11, written when a spread alone meant busy) keeps its ‡ and line; one
-    whose rounds spread with other processes on 0.01 cores (2f7e11b's H200) says so instead of 'busy'; a quiet engine
-    gets neither."""
+    """A seed path timed at 6687e16 (IQR/median 0.11, written when a spread alone meant busy) keeps its ‡ and line;
+    one whose rounds spread with other processes on 0.01 cores (2f7e11b's H200) says so instead of 'busy'; a quiet
+    engine gets neither."""
     from harness.report.card_render import render_section
 
     def card(speed):

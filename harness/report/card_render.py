@@ -206,8 +206,8 @@ def _footnotes(results: dict[str, Any]) -> list[str]:
                           for note in kind.get("unchecked") or []]
             if not isinstance(data, dict) or section in ("info", "gates"):
                 continue
-            if doubt(data):
-                lines.append(f"- ‡ `{name}` {section}: {doubt(data)}; not the code's steady speed.")
+            if why := doubt(data):
+                lines.append(f"- ‡ `{name}` {section}: {why}; not the code's steady speed.")
             if data.get("reused") and section != "speed":  # the engines table says it for the comparison
                 lines.append("- " + _reused_note(f"`{name}` {section}", data))
             for failure in (data.get("vram_failures") or []) if section == "training" else []:
@@ -261,8 +261,8 @@ def _speed_table(results: dict[str, Any]) -> list[str]:
            "", table]
     out += ["", _reused_note("the whole comparison (its ratios, parity and quality costs with it; the fresh rounds "
                              "are `merged`'s)", speed)] if reused else []
-    doubts = [f"‡ `{engine}`: {doubt(f)}; its p50 and the ratios on it are not the code's steady speed."
-              for engine, f in speed.items() if isinstance(f, dict) and doubt(f)]
+    doubts = [f"‡ `{engine}`: {why}; its p50 and the ratios on it are not the code's steady speed."
+              for engine, f in speed.items() if isinstance(f, dict) and (why := doubt(f))]
     out += [""] + doubts if doubts else []
     out += _compile_cache_note(speed)
     for key, par in speed.items():

@@ -7,8 +7,9 @@ The pytest process never joins the process group. ``launch_training`` runs
 
 and waits; every process loads the base and calls the same ``train_adapter`` as a single-process run (trl's
 SFTTrainer picks the process group up from accelerate's environment), rank 0 saves the adapter and writes its
-figures to ``DIR/figures.json``. The caller (``variants.ensure_adapter``) owns the lock, the atomic directory and
-the manifest, exactly as for one process. On a CPU the backend is gloo; on GPUs NCCL.
+figures to ``DIR/figures.json``, and every rank leaves the process group before it exits. The caller
+(``adapters.ensure_adapter``) owns the lock, the atomic directory and the manifest, exactly as for one process.
+On a CPU the backend is gloo; on GPUs NCCL.
 
 A failed launch must tell its cause, and torchrun's own summary ("rank 1 exited with code 1") does not. So torchrun
 writes each rank's stdout/stderr to ``DIR/ranks/<run>/attempt_0/<rank>/`` (``--log_dir`` + ``--tee 3``: the
@@ -52,6 +53,18 @@ class DistributedTrainingError(RuntimeError):
 
 def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
+
+
+def _leave_process_group() -> None:
+    """Destroy this rank's process group before the interpreter exits.
+
+    Left up, gloo's threads are torn down with the interpreter, which can abort the rank ("terminate called without
+    an active exception", SIGABRT) while its peer still runs; torchrun then kills the peer, and a finished run is
+    reported as failed. It happened once in CI, at random. ``suites/selftest/test_distributed.py`` checks at each
+    rank's exit that its group is gone."""
+    from accelerate import PartialState
+
+    PartialState().destroy_process_group()
 
 
 def _free_port() -> int:
@@ -141,6 +154,17 @@ def _first_failure(rank_logs: Path) -> tuple[int, Path, str] | None:
     return rank, folder, "\n".join(tb.rstrip().splitlines()[-TRACEBACK_LINES:])
 
 
+def _rank_ends(rank_logs: Path, lines: int = 5) -> str:
+    """The last lines of each rank's non-empty stderr.log: where a rank killed by a signal (an abort in C++) says
+    why, which torchrun's summary does not."""
+    ends = []
+    for log in sorted(rank_logs.rglob("stderr.log")):
+        text = log.read_text(encoding="utf-8", errors="replace").strip()
+        if text and log.parent.name.isdigit():
+            ends.append(f"rank {log.parent.name}'s stderr.log ends:\n" + "\n".join(text.splitlines()[-lines:]))
+    return "".join(f"{e}\n" for e in ends)
+
+
 def _failure_message(head: str, kept: Path, hung: bool = False) -> str:
     """``head``, the first failing rank's traceback (or the launch log's end) and where the kept logs are.
 
@@ -152,7 +176,7 @@ def _failure_message(head: str, kept: Path, hung: bool = False) -> str:
     elif first is None:
         text = (kept / LOG).read_text(encoding="utf-8", errors="replace") if (kept / LOG).exists() else ""
         tail = "\n".join(text.splitlines()[-TRACEBACK_LINES:])
-        body = f"no rank left a traceback; the end of {LOG}:\n{tail}"
+        body = f"no rank left a traceback; {_rank_ends(kept / RANK_LOGS)}the end of {LOG}:\n{tail}"
     else:
         rank, folder, tb = first
         body = f"rank {rank} failed first (its own logs: {folder}); the end of its traceback:\n{tb}"
@@ -222,6 +246,7 @@ def main(argv: list[str] | None = None) -> None:
     figures = train_adapter(profile, profile.variant(args.variant), splits["train"], tokenizer, base, args.out)
     if is_main_process():
         atomic_write_json(args.out / FIGURES, figures)
+    _leave_process_group()
 
 
 if __name__ == "__main__":

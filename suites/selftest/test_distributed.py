@@ -63,12 +63,35 @@ def test_world_size_is_part_of_the_cache_key():
     assert k2["distributed"] == {"mode": "ddp", "world_size": 2}
 
 
+# As sitecustomize.py: each rank checks, at exit, that it left its process group. One that did not tears gloo's
+# threads down in the interpreter's teardown, which aborts at random (a CI run: rank 1 SIGABRT, then rank 0 killed);
+# this check fails every time instead, with a reason in the rank's stderr.log.
+_CHECK_LEFT_GROUP = """
+import atexit, os, sys
+
+if "RANK" in os.environ and "harness.train.distributed" in sys.orig_argv:
+    def check_left_group():
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            print("rank exiting with its process group still up", file=sys.stderr, flush=True)
+            os._exit(17)
+
+    atexit.register(check_left_group)
+"""
+
+
 @pytest.mark.slow
-def test_two_process_training_shards_the_data_and_records_the_world_size(tmp_path):
-    """A real 2-process gloo run: each process takes half the micro-batches; rank 0 saves one adapter."""
+def test_two_process_training_shards_the_data_and_records_the_world_size(tmp_path, monkeypatch):
+    """A real 2-process gloo run: each process takes half the micro-batches; rank 0 saves one adapter; every rank
+    leaves its process group before it exits."""
     from harness.data.dataset import load_splits
     from harness.models.base import load_tokenizer
 
+    inject = tmp_path / "inject"
+    inject.mkdir()
+    (inject / "sitecustomize.py").write_text(_CHECK_LEFT_GROUP, encoding="utf-8")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(inject)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
     path = quick_profile(tmp_path / "cfg", {"training": {"batch_size": 2, "epochs": 2},
                                             "distributed": {"mode": "ddp", "num_processes": 2, "timeout_s": 600}})
     profile = load_profile(path)
@@ -131,3 +154,20 @@ def test_a_failing_rank_is_named_with_its_traceback_and_its_logs_are_kept(tmp_pa
     assert "injected failure on rank 1" in (rank1 / "stderr.log").read_text(errors="replace")
     left = sorted(p.name for p in (runs / profile.name).iterdir() if p.name.startswith((".tmp-", "r8")))
     assert left == [], left
+
+
+def test_a_rank_killed_by_a_signal_is_explained_by_its_own_stderr(tmp_path):
+    """No traceback anywhere (a C++ abort): the message quotes the end of each rank's stderr.log, where the abort's
+    reason is, as well as the launcher's log."""
+    from harness.train.distributed import _failure_message
+
+    rank1 = tmp_path / "ranks" / "run-x" / "attempt_0" / "1"
+    rank1.mkdir(parents=True)
+    (rank1 / "stderr.log").write_text("step 10\nterminate called without an active exception\n", encoding="utf-8")
+    (rank1.parent / "0").mkdir()
+    (rank1.parent / "0" / "stderr.log").write_text("", encoding="utf-8")
+    (tmp_path / "launch.log").write_text("ChildFailedError: rank 1 exitcode -6 (SIGABRT)\n", encoding="utf-8")
+    message = _failure_message("training r8: failed (exit 1)", tmp_path)
+    assert "rank 1's stderr.log ends:\nstep 10\nterminate called without an active exception\n" in message
+    assert "rank 0's" not in message  # an empty log says nothing
+    assert message.index("terminate called") < message.index("the end of launch.log:\nChildFailedError")

@@ -48,6 +48,7 @@ def test_real_cuda_oom_names_variant_phase_ceiling_and_memory_and_frees_it(tmp_p
 
     sweep = Sweep.prepare(quick_profile(tmp_path / "p", {"vram_ceilings_gib": {"train": {"r16": 0.01}}}),
                           runs_dir=tmp_path / "runs", card=tmp_path / "MODEL_CARD.md")
+    sweep.own_phase_log()  # its checkpoint's phase line goes to its own log, not the session's profile's
     sweep.tokenizer, resolve_source(sweep.profile.model, sweep.runs_dir / "_models")  # before the ballast
     (torch.ones(256, 256, device="cuda") @ torch.ones(256, 256, device="cuda")).sum().item()  # cuBLAS handle
     torch.cuda.empty_cache()

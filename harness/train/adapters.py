@@ -147,6 +147,8 @@ def ensure_adapter(profile: Profile, variant: Variant, splits: dict[str, list[Ex
             atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
         del base  # drop the last reference before collecting: peft/trl leave cycles that only gc frees
         free_memory()
+        parts = ",".join(f"{k}:{v:.1f}" for k, v in figures["train_prepare_parts_s"].items())
         _log(runs_dir, profile, f"train-done {final.name} wall_s={figures['train_wall_s']:.1f} "
-                                f"prepare_s={figures['train_prepare_s']:.1f} save_s={figures['train_save_s']:.1f}")
+                                f"prepare_s={figures['train_prepare_s']:.1f} prepare_parts={parts} "
+                                f"save_s={figures['train_save_s']:.1f}")
         return final, manifest

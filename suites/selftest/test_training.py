@@ -104,7 +104,10 @@ def test_second_run_reuses_the_artifact_and_never_loads_a_partial_one(tiny, tiny
     log = (tmp_path / quick.name / "train.log").read_text().splitlines()
     assert [line.split()[2] for line in log] == ["train-start", "train-done", "reuse"]
     done = dict(kv.split("=") for kv in log[1].split()[4:])  # where the training's seconds went, beside its steps
+    parts = dict(kv.split(":") for kv in done.pop("prepare_parts").split(","))
     assert list(done) == ["wall_s", "prepare_s", "save_s"] and all(float(v) >= 0 for v in done.values()), log[1]
+    assert list(parts) == ["data", "trainer", "adapter", "mask", "memory"], log[1]
+    assert abs(sum(map(float, parts.values())) - float(done["prepare_s"])) <= 0.3, log[1]  # five 0.1 s roundings
     on_disk = json.loads((path / "manifest.json").read_text())
     for key in ("key_hash", "versions", "git_sha", "device", "seed", "train_wall_s", "train_prepare_s",
                 "train_save_s", "train_tokens_per_s", "loss_history", "optimizer_steps", "train_memory", "config_hash"):

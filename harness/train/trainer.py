@@ -128,10 +128,15 @@ def train_adapter(profile: Profile, variant: Variant, examples: list[Example], t
         # trl refuses; the model sits on one GPU (models.device), so train there
         args._n_gpu = 1
     train_ds = datasets.Dataset.from_list(rows)
-    parts = {"data": time.perf_counter() - called}  # what comes before the steps, split (train.log)
+    parts: dict[str, float] = {}  # what comes before the steps, split (train.log)
+
+    def split(part: str) -> None:
+        parts[part] = time.perf_counter() - called - sum(parts.values())
+
+    split("data")
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, processing_class=tokenizer,
                          peft_config=peft_config(profile.lora, variant))
-    parts["trainer"] = time.perf_counter() - called - sum(parts.values())
+    split("trainer")
     # trl casts LoRA weights of a quantized model to bf16. Without autocast, bf16 adapters on a model with small
     # logit margins stop learning (tiny: token accuracy stays at 0.18), so the recipe chooses the adapter dtype.
     for param in trainer.model.parameters():
@@ -146,13 +151,13 @@ def train_adapter(profile: Profile, variant: Variant, examples: list[Example], t
     attention = profile.model.attn_implementation
     if t.step == "compiled":  # one graph serves every decoder layer (docs/performance.md, "Training")
         attention = use_compiled_step(trainer.model.get_base_model(), t.gradient_checkpointing)
-    parts["adapter"] = time.perf_counter() - called - sum(parts.values())
+    split("adapter")
     check_loss_mask(trainer, tokenizer, examples)  # labels -100 on every prompt token, before any step (loss_mask.py)
     trainable, total = trainer.model.get_nb_trainable_parameters()
-    parts["mask"] = time.perf_counter() - called - sum(parts.values())
+    split("mask")
     reset_peak_memory()
+    split("memory")
     start = time.perf_counter()
-    parts["memory"] = start - called - sum(parts.values())
     trainer.train()
     if on_gpu:
         torch.cuda.synchronize()
@@ -170,7 +175,7 @@ def train_adapter(profile: Profile, variant: Variant, examples: list[Example], t
         "trainable_params": int(trainable),
         "total_params": int(total),
         "train_wall_s": wall_s,
-        "train_prepare_s": start - called,  # trl's trainer, the data, the LoRA layers, the loss-mask check
+        "train_prepare_s": sum(parts.values()),  # trl's trainer, the data, the LoRA layers, the loss-mask check
         # its parts: imports, rows and config; SFTTrainer (LoRA layers, dataset); the adapter's dtype (and FSDP wrap,
         # compiled step); the loss-mask check; the collection and sync before the peak-memory reset
         "train_prepare_parts_s": parts,

@@ -126,6 +126,13 @@ def _keep_logs(profile: Profile, variant: Variant, runs_dir: Path, out_dir: Path
     return kept
 
 
+def _stderr_logs(rank_logs: Path) -> list[tuple[Path, str]]:
+    """(path, text) of each rank's stderr.log under torchrun's log dir, in path order; a rank's folder is named by
+    its local rank."""
+    return [(log, log.read_text(encoding="utf-8", errors="replace"))
+            for log in sorted(rank_logs.rglob("stderr.log")) if log.parent.name.isdigit()]
+
+
 def _first_failure(rank_logs: Path) -> tuple[int, Path, str] | None:
     """(rank, its log folder, traceback) of the rank that failed first, or None if no rank left a traceback.
 
@@ -143,9 +150,8 @@ def _first_failure(rank_logs: Path) -> tuple[int, Path, str] | None:
         except (OSError, ValueError, KeyError, TypeError):
             continue
     if not found:
-        for log in rank_logs.rglob("stderr.log"):
-            text = log.read_text(encoding="utf-8", errors="replace")
-            if "Traceback (most recent call last)" in text and log.parent.name.isdigit():
+        for log, text in _stderr_logs(rank_logs):
+            if "Traceback (most recent call last)" in text:
                 tb = text[text.index("Traceback (most recent call last)"):]
                 found.append((log.stat().st_mtime_ns, int(log.parent.name), log.parent, tb))
     if not found:
@@ -157,12 +163,8 @@ def _first_failure(rank_logs: Path) -> tuple[int, Path, str] | None:
 def _rank_ends(rank_logs: Path, lines: int = 5) -> str:
     """The last lines of each rank's non-empty stderr.log: where a rank killed by a signal (an abort in C++) says
     why, which torchrun's summary does not."""
-    ends = []
-    for log in sorted(rank_logs.rglob("stderr.log")):
-        text = log.read_text(encoding="utf-8", errors="replace").strip()
-        if text and log.parent.name.isdigit():
-            ends.append(f"rank {log.parent.name}'s stderr.log ends:\n" + "\n".join(text.splitlines()[-lines:]))
-    return "".join(f"{e}\n" for e in ends)
+    return "".join(f"rank {log.parent.name}'s stderr.log ends:\n" + "\n".join(text.strip().splitlines()[-lines:])
+                   + "\n" for log, text in _stderr_logs(rank_logs) if text.strip())
 
 
 def _failure_message(head: str, kept: Path, hung: bool = False) -> str:

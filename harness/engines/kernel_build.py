@@ -5,7 +5,8 @@ harness/engines/awq_kernels.py).
 under a lock, with a ``key.json`` saying what it was built from, so a half-built folder is never loaded and another
 process building the same key is waited for. ``compile_library`` compiles with torch's JIT loader (nvcc on the PATH,
 or ``CUDA_HOME``) in a child process: the loader also loads what it builds, and the parent loads a library only from
-its final place. ``build_in_background`` starts a build in a thread beside the training; ``wait_for_background_build``
+its final place. ``build_in_background`` starts a build in a thread beside the training, at a lower CPU priority
+(``BUILD_NICENESS``) so that the compiler takes only the cores the session leaves idle; ``wait_for_background_build``
 lets it end before anything is timed (the compiler runs on every core).
 """
 
@@ -25,8 +26,14 @@ import torch
 
 from ..report.atomic import atomic_dir, file_lock, sweep_partial
 
-__all__ = ["CompilerMissing", "nvcc", "library_key", "compile_library", "keyed_folder", "build_in_background",
-           "background_build_running", "wait_for_background_build"]
+__all__ = ["BUILD_NICENESS", "CompilerMissing", "nvcc", "library_key", "compile_library", "keyed_folder",
+           "build_in_background", "background_build_running", "wait_for_background_build"]
+
+# Added to the build thread's nice value (Linux: that thread and the compiler processes it starts, not the session).
+# At the same priority the compiler on every core slowed the trainings beside it: trl's SFTTrainer took 1.9, 4.5 and
+# 4.7 s to build in the user's GPU command against 1.4, 1.0 and 1.3 s with no build running (one H100,
+# docs/performance.md, issue 18's try 30).
+BUILD_NICENESS = 10
 
 
 class CompilerMissing(RuntimeError):
@@ -116,6 +123,8 @@ def wait_for_background_build() -> None:
 
 def _quiet(build: Callable[[Path], Path], cache_dir: Path) -> None:
     try:
+        if sys.platform.startswith("linux"):  # elsewhere nice() would lower the whole session
+            os.nice(BUILD_NICENESS)
         build(cache_dir)
     except Exception:  # noqa: BLE001 - the foreground load meets the same error
         pass

@@ -17,8 +17,9 @@ instead of per layer; ``gemv-hand`` times each product alone, ``hand-variants`` 
 ``hand-forced`` compares logits, ``hand-smol`` checks SmolLM2's shapes); ``int4-layers`` is ``merged-int4`` as
 shipped, its step compiled per layer (``Int4Decoder``), where ``int4`` compiles ``FusedDecoder``'s step whole (for
 their first calls run with ``TORCHINDUCTOR_FORCE_DISABLE_CACHES=1``: the second would reuse the first's Triton
-kernels); ``nf4-nested`` times ``nf4-compiled``'s step compiled whole against with its layers one nested region
-(bitsandbytes and peft on ``PYTHONPATH``). The 4-bit kernels are built in the background while the bf16 tries run.
+kernels); ``nf4-nested`` times ``nf4-compiled``'s step compiled whole against with its layers one nested region, ``nf4-layers``
+the nested region against ``nf4_layers.nf4_compiled`` (bitsandbytes and peft on ``PYTHONPATH``; run first, without
+the 7B model or the kernels' build). The 4-bit kernels are built in the background while the bf16 tries run.
 Earlier tries' candidates are in this file's history: gemlite, mslk and bitsandbytes at a2494d1, Marlin's options and
 gptqmodel's AWQ GEMV against Marlin at fda6cda, a one-row attention kernel at f006e2b, RoPE folded into the q/k/v
 kernel (``hand-rope``) at 34dff5a.
@@ -497,12 +498,14 @@ def hand_forced(model, layers, prompt, tokens):
     save()
 
 
-def nf4_nested():
-    """``nf4-compiled``'s step (``StaticGreedy``: NF4 through bitsandbytes, a random r16 LoRA through peft,
-    ``reduce-overhead``) on a random Mistral of 32 layers at hidden 1024, compiled whole and with its layers one nested
-    region (``decoding.compile_layers_once``, as shipped): first call, graphs compiled, p50, and tokens against the
-    eager step, and (torch 2.11's hierarchical-compile log) how many layer subgraphs dynamo installed: 1 when every
-    layer reused the first. Needs bitsandbytes and peft (the wheels on ``PYTHONPATH``)."""
+def nf4_ways(ways):
+    """``nf4-compiled``'s step on a random Mistral of 32 layers at hidden 1024 (NF4 through bitsandbytes, a random
+    r16 LoRA through peft), built each of ``ways`` after an eager reference: ``whole`` (``StaticGreedy``,
+    ``reduce-overhead``, its layers not marked), ``nested`` (``StaticGreedy`` with its layers one nested region, as
+    shipped until try 32) and ``layers`` (``nf4_layers.nf4_compiled``: ``FusedGreedy`` over the model's own decoder
+    layers, one compiled layer for all). First call, graphs compiled, p50, and tokens against the eager step, and
+    (torch 2.11's hierarchical-compile log) how many layer subgraphs dynamo installed. Needs bitsandbytes and peft
+    (the wheels on ``PYTHONPATH``)."""
     import logging
     import tempfile
 
@@ -511,6 +514,7 @@ def nf4_nested():
     from transformers import BitsAndBytesConfig, MistralConfig
 
     from harness.engines import decoding
+    from harness.engines.nf4_layers import nf4_compiled
 
     config = MistralConfig(hidden_size=1024, intermediate_size=3584, num_hidden_layers=32, num_attention_heads=8,
                            num_key_value_heads=2, head_dim=128, vocab_size=32768, sliding_window=None)
@@ -533,7 +537,7 @@ def nf4_nested():
     shipped = decoding.compile_layers_once
     reference = None
     try:
-        for way in ("eager", "whole", "nested"):
+        for way in ("eager", *ways):
             torch._dynamo.reset()
             model = MistralForCausalLM.from_pretrained(path, quantization_config=quant, dtype=torch.bfloat16,
                                                        device_map={"": 0})
@@ -544,7 +548,8 @@ def nf4_nested():
             cfg.compile, cfg.compile_mode, cfg.compile_fullgraph = way != "eager", "reduce-overhead", False
             decoding.compile_layers_once = shipped if way == "nested" else (lambda model: None)
             try:
-                engine = decoding.StaticGreedy(model, Tok(), "nf4-compiled", cfg)
+                engine = (nf4_compiled(model, Tok(), Cfg()) if way == "layers" else
+                          decoding.StaticGreedy(model, Tok(), "nf4-compiled", cfg))
             finally:
                 decoding.compile_layers_once = shipped
             if way == "eager":
@@ -665,8 +670,21 @@ def gemv_us(mod, in_features: int) -> float:
     return triton.testing.do_bench_cudagraph(f, rep=50, return_mode="median") * 1e3
 
 
+NF4_TRIES = {"nf4-nested": ("whole", "nested"), "nf4-layers": ("layers", "nested")}
+
+
 def main(selected):
     results["device"] = torch.cuda.get_device_name()
+    for name in [n for n in selected if n in NF4_TRIES]:  # their own small models, before the 7B and the kernels
+        try:
+            nf4_ways(NF4_TRIES[name])
+        except Exception:  # noqa: BLE001
+            results["tries"].append({"name": name, "error": traceback.format_exc()[-3000:]})
+            save()
+            log(f"{name} FAILED:\n{traceback.format_exc()[-2000:]}")
+    selected = [n for n in selected if n not in NF4_TRIES]
+    if not selected:
+        return print_table()
     if any("hand" in name for name in selected):
         t0 = time.time()
         hand.load(KERNELS)
@@ -743,9 +761,6 @@ def main(selected):
             if name == "hand-smol":
                 hand_check_smol()
                 continue
-            if name == "nf4-nested":
-                nf4_nested()
-                continue
             if name == "gemv":
                 int4_gemv_bench(projections[0], int4_layers()[0])
                 continue
@@ -771,6 +786,10 @@ def main(selected):
             results["tries"].append({"name": name, "error": tb[-3000:]})
             save()
             log(f"{name} FAILED:\n{tb[-2000:]}")
+    print_table()
+
+
+def print_table():
     print("\nname | p50 s | ms/token | kernels ms/token | launches/token | first s | agreement")
     for r in results["tries"]:
         if "error" in r:

@@ -309,13 +309,14 @@ class Sweep:
                 model = self._guard(name, "inference", merged.activate, name, adapter_dir)
             engine = merged.engine
         else:
-            from .engines.decoding import HFGreedy, StaticGreedy
+            from .engines.decoding import HFGreedy
+            from .engines.nf4_layers import nf4_compiled
             from .models.nf4 import load_nf4_with_adapter
 
             model = self._guard(name, "inference", load_nf4_with_adapter, self.profile, adapter_dir,
                                 self.runs_dir / "_models")
             engine = (HFGreedy(model, self.tokenizer) if self.profile.inference.engine == "seed"
-                      else StaticGreedy(model, self.tokenizer, self.profile.inference.engine, self.profile.inference))
+                      else nf4_compiled(model, self.tokenizer, self.profile.inference))
         s.loaded = Loaded(variant, model, engine, manifest)
         return s.loaded
 

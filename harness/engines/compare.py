@@ -90,13 +90,14 @@ class EngineComparison:
             weights = engine.weights_gib
         else:
             from ..models.nf4 import load_nf4_with_adapter
-            from .decoding import HFGreedy, StaticGreedy
+            from .decoding import HFGreedy
+            from .nf4_layers import nf4_compiled
 
             before = _allocated_gib()
             model = load_nf4_with_adapter(self.profile, peft_dir(path), sweep.runs_dir / "_models")
             weights = _allocated_gib() - before
             engine = (HFGreedy(model, sweep.tokenizer) if name == "seed"
-                      else StaticGreedy(model, sweep.tokenizer, name, self.profile.inference))
+                      else nf4_compiled(model, sweep.tokenizer, self.profile.inference))
         self._engines[name], self._weights_gib[name] = engine, weights
         return engine
 

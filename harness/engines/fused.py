@@ -1,4 +1,5 @@
-"""The merged engines' forward: fused projections and a decode loop captured as CUDA graphs.
+"""The merged engines' forward (fused projections) and the decode loop, captured as CUDA graphs, that they and
+``nf4-compiled`` (harness/engines/nf4_layers.py) share.
 
 A merged Llama-family model (Mistral, Llama, SmolLM2) decodes one token as 7 matrix-vector products per layer.
 At batch 1 each is bound by reading its weight, and small ones (k/v: 8 MB in Mistral-7B) never reach the memory
@@ -7,7 +8,7 @@ layer's q/k/v weights into one tensor and gate/up into another, and makes the mo
 the others) views of those tensors, so the model's forward, peft's in-place merges and ``MergedBase``'s restores keep
 working and write into the fused storage. ``FusedDecoder`` then runs a layer as 4 products instead of 7.
 
-``FusedGreedy`` decodes with it: a prefill, then decode steps that read their inputs from device buffers and advance
+``FusedGreedy`` decodes with it (or with any ``StaticDecoder``): a prefill, then decode steps that read their inputs from device buffers and advance
 them in place, so a chunk of ``chunk_tokens`` steps is captured once as one CUDA graph and replayed until the
 answer is long enough. The host never waits between tokens (only every chunk, and only when it must look for EOS).
 On the CPU nothing is compiled or captured: the same steps run eagerly, which is what the CPU self-tests compare
@@ -26,7 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["check_supported", "fuse_projections_", "FusedDecoder", "FusedGreedy"]
+from .decoding import _allow_compile, _pad_id, _trim_after_eos, padded_batches, round_up
+
+__all__ = ["check_supported", "fuse_projections_", "StaticDecoder", "FusedDecoder", "FusedGreedy"]
 
 SUPPORTED = ("MistralForCausalLM", "LlamaForCausalLM")
 
@@ -83,37 +86,32 @@ def fuse_projections_(model) -> nn.ModuleList:
     return layers
 
 
-class FusedDecoder(nn.Module):
-    """``model``'s forward over a static KV cache, with ``projections`` (from ``fuse_projections_``, or a quantized
-    copy of them) in place of the seven per-layer Linears. Embeddings, norms, RoPE and ``lm_head`` are the model's
-    own modules. ``forward`` returns the logits of each row's last position.
-
-    ``compile_per_layer`` is False: a layer ends in the residual add after down and the next begins with its
-    RMSNorm, which a compile of the whole step fuses into one kernel (32 launches a token fewer).
-    """
+class StaticDecoder(nn.Module):
+    """A Llama-family ``model``'s forward over a static KV cache, as ``FusedGreedy`` runs it: the model's own
+    embeddings, RoPE, final norm and ``lm_head`` around ``layers``, which a subclass defines (``FusedDecoder``: fused
+    projections; ``nf4_layers.TransformersLayers``: the model's own decoder layers). ``forward`` returns the logits of
+    each row's last position. ``describe`` is what the engine's note says of the layers."""
 
     compile_per_layer = False
+    describe = ""
 
-    def __init__(self, model, projections: nn.ModuleList):
+    def __init__(self, model):
         super().__init__()
         check_supported(model)
         cfg = model.config
         inner = model.model
         self.embed, self.norm, self.rotary = inner.embed_tokens, inner.norm, inner.rotary_emb
         self.lm_head = model.lm_head
-        self.input_norms = nn.ModuleList(layer.input_layernorm for layer in inner.layers)
-        self.post_norms = nn.ModuleList(layer.post_attention_layernorm for layer in inner.layers)
-        self.projections = projections
+        self.num_layers = cfg.num_hidden_layers
         self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        self.split = (self.heads * self.head_dim, self.kv_heads * self.head_dim, self.kv_heads * self.head_dim)
 
     def new_cache(self, rows: int, length: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """A zeroed static KV cache: per layer (keys, values), each [rows, kv_heads, length, head_dim]."""
         like = self.lm_head.weight
         shape = (rows, self.kv_heads, length, self.head_dim)
         return [(torch.zeros(shape, dtype=like.dtype, device=like.device),
-                 torch.zeros(shape, dtype=like.dtype, device=like.device)) for _ in self.projections]
+                 torch.zeros(shape, dtype=like.dtype, device=like.device)) for _ in range(self.num_layers)]
 
     def forward(self, ids, positions, cache_position, pad_mask, cache) -> torch.Tensor:
         """ids, positions: [rows, T]; cache_position: [T], where these tokens go in the cache; pad_mask: [rows,
@@ -131,6 +129,29 @@ class FusedDecoder(nn.Module):
         # causal over cache slots, pads hidden; a left-pad query still sees itself, so no row is all -inf
         mask = (pad_mask[:, None, None, :] & (key_index <= query_index)) | (key_index == query_index)
         return x, cos, sin, mask
+
+    def head(self, x) -> torch.Tensor:
+        """The logits of the last positions ``x`` [rows, hidden]: ``lm_head`` of the final norm."""
+        return self.lm_head(self.norm(x))
+
+
+class FusedDecoder(StaticDecoder):
+    """``StaticDecoder`` with ``projections`` (from ``fuse_projections_``, or a quantized copy of them) in place of
+    the seven per-layer Linears; norms and RoPE are the model's own modules.
+
+    ``compile_per_layer`` is False: a layer ends in the residual add after down and the next begins with its
+    RMSNorm, which a compile of the whole step fuses into one kernel (32 launches a token fewer).
+    """
+
+    describe = "fused q/k/v and gate/up"
+
+    def __init__(self, model, projections: nn.ModuleList):
+        super().__init__(model)
+        inner = model.model
+        self.input_norms = nn.ModuleList(layer.input_layernorm for layer in inner.layers)
+        self.post_norms = nn.ModuleList(layer.post_attention_layernorm for layer in inner.layers)
+        self.projections = projections
+        self.split = (self.heads * self.head_dim, self.kv_heads * self.head_dim, self.kv_heads * self.head_dim)
 
     def layers(self, x, cos, sin, mask, cache_position, cache, layer=None) -> torch.Tensor:
         """The residual stream after every decoder layer, each run by ``layer`` (default ``self.layer``; a compiled
@@ -176,24 +197,16 @@ class FusedDecoder(nn.Module):
         gate, up = proj.gate_up(norm(x)).chunk(2, dim=-1)
         return x + proj.down(F.silu(gate) * up)
 
-    def head(self, x) -> torch.Tensor:
-        """The logits of the last positions ``x`` [rows, hidden]: ``lm_head`` of the final norm."""
-        return self.lm_head(self.norm(x))
-
     def attend(self, q, keys, values, mask) -> torch.Tensor:
         """Attention of q [rows, heads, T, dim] over the whole cache under ``mask`` (grouped KV heads)."""
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
-
-
-def _round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
 
 
 class _Shape:
     """The static buffers of one (rows, cache length) shape: the KV cache, the step's inputs, the output tokens,
     and (on CUDA) the captured graph of one chunk of decode steps."""
 
-    def __init__(self, decoder: FusedDecoder, rows: int, length: int):
+    def __init__(self, decoder: StaticDecoder, rows: int, length: int):
         dev = decoder.lm_head.weight.device
         self.cache = decoder.new_cache(rows, length)
         self.pad_mask = torch.zeros((rows, length), dtype=torch.bool, device=dev)
@@ -209,7 +222,7 @@ class _Shape:
 
 
 class FusedGreedy:
-    """Greedy decoding over a ``FusedDecoder``; same interface as ``decoding.StaticGreedy``.
+    """Greedy decoding over a ``StaticDecoder``; same interface as ``decoding.StaticGreedy``.
 
     Per (batch rows, cache length) shape: the decode step is compiled once (``cfg.compile_mode`` without CUDA
     graphs of its own; ``inductor_options`` on top), then ``cfg.graph_tokens`` steps are captured as one CUDA graph.
@@ -222,17 +235,17 @@ class FusedGreedy:
     either way. ``compile_on_cpu`` compiles on the CPU too (the self-tests); nothing is captured there.
     """
 
-    def __init__(self, model, decoder: FusedDecoder, tokenizer, name: str, cfg,
+    def __init__(self, model, decoder: StaticDecoder, tokenizer, name: str, cfg,
                  inductor_options: dict[str, Any] | None = None, compile_on_cpu: bool = False):
         self.model, self.decoder, self.tokenizer, self.name, self.cfg = model, decoder, tokenizer, name, cfg
         self.chunk_tokens = chunk_tokens = cfg.graph_tokens
         self.device = decoder.lm_head.weight.device
         self.compiled = bool(cfg.compile) and (self.device.type == "cuda" or compile_on_cpu)
         self.regions = 3 if self.compiled and decoder.compile_per_layer else 1  # graphs compiled per shape
-        self.note = (f"fused q/k/v and gate/up, static KV cache, decode step compiled "
+        self.note = (f"{decoder.describe}, static KV cache, decode step compiled "
                      f"{'per layer' if self.regions > 1 else 'whole'}, {chunk_tokens} steps per CUDA graph"
                      if self.compiled else
-                     "fused q/k/v and gate/up, static KV cache, eager: compilation and CUDA graphs need CUDA")
+                     f"{decoder.describe}, static KV cache, eager: compilation and CUDA graphs need CUDA")
         self.compile_s: dict[str, float] = {}
         self._shapes: dict[tuple[int, int], _Shape] = {}
         self._prepare, self._layer, self._finish_step = decoder.prepare, decoder.layer, self._finish
@@ -302,8 +315,6 @@ class FusedGreedy:
     @torch.inference_mode()
     def generate(self, prompts: list[list[int]], max_new_tokens: int, batch_size: int = 8,
                  fixed_length: bool = False) -> list[list[int]]:
-        from .decoding import _pad_id, _trim_after_eos, padded_batches
-
         tok = self.tokenizer
         eos_id = None if fixed_length else tok.eos_token_id
         out: list[list[int]] = []
@@ -315,8 +326,8 @@ class FusedGreedy:
     def cache_length(self, width: int, max_new_tokens: int) -> int:
         """Cache slots for a ``width``-token prompt and ``max_new_tokens`` new ones, the last graph's overshoot
         included, rounded up to ``cfg.cache_bucket``: one captured shape per bucket."""
-        steps = _round_up(max(max_new_tokens - 1, 1), self.chunk_tokens)  # a chunk at least: the warm-up's
-        return _round_up(width + steps + 1, self.cfg.cache_bucket)
+        steps = round_up(max(max_new_tokens - 1, 1), self.chunk_tokens)  # a chunk at least: the warm-up's
+        return round_up(width + steps + 1, self.cfg.cache_bucket)
 
     def _shape(self, rows: int, width: int, max_new_tokens: int) -> _Shape:
         key = (rows, self.cache_length(width, max_new_tokens))
@@ -331,8 +342,6 @@ class FusedGreedy:
         first = label not in self.compile_s
         t0 = time.perf_counter()
         if self.compiled and not s.compiled:  # not on first use alone: forced_logits may have made the shape
-            from .decoding import _allow_compile
-
             # dynamo keys compiled code on _decode_one, which every FusedGreedy shares: a new engine's first
             # compile counts as a recompile, which timed rounds forbid (decoding.no_recompile); it is never timed
             with _allow_compile(True):
@@ -373,8 +382,6 @@ class FusedGreedy:
         The prompt is prefilled as ``generate`` does (one row); then each forced token goes through the step that
         greedy decoding runs (compiled, on CUDA; outside the captured graph, which replays the same kernels), and
         row i holds the logits after ``prompt + forced[:i + 1]``, as ``HFGreedy.forced_logits`` gives them."""
-        from .decoding import _allow_compile
-
         dev = self.device
         s = self._shape(1, len(prompt), len(forced) + 1)
         s.pad_mask.fill_(True)

@@ -24,6 +24,7 @@ __all__ = ["EVAL_SOURCES", "eval_key", "eval_key_parts", "predictions_path", "wr
 
 _HARNESS = Path(__file__).resolve().parents[1]
 EVAL_SOURCES = tuple(_HARNESS / n for n in ("engines/decoding.py", "engines/fused.py", "engines/merged.py",
+                                            "engines/nf4_layers.py",
                                             "engines/gemv.py", "engines/gemv.cu",
                                             "models/dequantized.py", "models/nf4.py", "measure/evaluate.py",
                                             "data/prompt.py", "measure/metrics.py", "models/base.py",

@@ -11,6 +11,9 @@ sweep. ``parity`` holds a fast engine's greedy tokens and logits against the see
 decode step, the seed path's from a plain forward, and the error is also taken relative to the adapter's own effect
 (harness/measure/parity.py).
 
+``merged``, when it is the profile's engine, is timed once in a session: the speed variant's latency test times the
+same call, and its rounds are ``merged``'s here (``from_latency``) when it ran in this session.
+
 A comparison recorded earlier on this machine under this session's key (``harness.measure.reuse``: code, libraries,
 config, data, every adapter, machine) is reused whole, its ratios, parity and quality costs with it, once
 ``latency.reuse_confirm_rounds`` fresh rounds of ``merged`` confirm its ``merged`` p50 (``reused``); no other engine
@@ -144,9 +147,25 @@ class EngineComparison:
         self._at_start = _allocated_gib()
         return once
 
-    def record(self, name: str, samples: list[float], load_before: dict, load_after: dict) -> dict[str, Any]:
+    def from_latency(self, name: str) -> dict[str, Any] | None:
+        """``merged``'s figures from the rounds the speed variant's latency test timed in this session: the same call
+        (``call``: the sweep's merged engine, the fixed prompt, ``latency.max_new_tokens`` tokens), with more rounds.
+        They are recorded as ``merged``'s with ``rounds_from`` naming the test, after one untimed call for the peak
+        memory. None, and ``merged`` is timed here, when the profile's engine is another, the test has not run in
+        this session, or its figure was reused from an earlier one (its rounds are not this session's)."""
+        latency = self.sweep.recorder.get(self.variant, "latency")
+        if (name != "merged" or self.profile.inference.engine != "merged" or not latency or latency.get("reused")
+                or latency.get("engine") != "merged" or latency.get("prompt_id") != self.sweep.latency_example().id):
+            return None
+        self.call(name)()
+        return self.record(name, latency["samples_s"], latency["load_before"], latency["load_after"],
+                           rounds_from=f"{self.variant}'s latency rounds")
+
+    def record(self, name: str, samples: list[float], load_before: dict, load_after: dict,
+               rounds_from: str | None = None) -> dict[str, Any]:
         """Summarize ``name``'s rounds, with its ratio to the seed path measured earlier in this session, held to
-        ``inference.speed_*`` for this device (``failures``; empty passes)."""
+        ``inference.speed_*`` for this device (``failures``; empty passes). ``rounds_from``: where the rounds were
+        timed, when not in the speed suite's own test (``from_latency``)."""
         import torch
 
         engine = self._engines[name]
@@ -155,6 +174,8 @@ class EngineComparison:
                    "first_call_s": dict(engine.compile_s), "compile_cache": self.sweep.state.compile_cache,
                    "variant": self.variant,
                    "prompt_id": self.sweep.latency_example().id}
+        if rounds_from:
+            figures["rounds_from"] = rounds_from
         if torch.cuda.is_available():
             weights = self._weights_gib[name] or 0.0
             figures["weights_gib"] = weights

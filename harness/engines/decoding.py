@@ -2,14 +2,14 @@
 
 ``seed``          the seed's path: NF4 base + unmerged PEFT adapter, ``model.generate`` with its dynamic cache
                   (``HFGreedy``, ``generate_greedy``).
-``nf4-compiled``  the same weights (low memory), decoded with a static KV cache and a compiled decode step
-                  (``StaticGreedy``).
-``merged``        the deployable artifact: ``StaticGreedy`` over the dequantized base with the adapter merged in
-                  (harness/engines/merged.py).
+``nf4-compiled``  the same weights (low memory), the model's own layers compiled per layer in the merged engines'
+                  loop (harness/engines/nf4_layers.py); ``StaticGreedy`` for an architecture that loop does not take.
+``merged``        the deployable artifact: the dequantized base with the adapter merged in, fused projections
+                  (harness/engines/merged.py, fused.py); ``StaticGreedy`` for an architecture they do not take.
 ``merged-int8``   ``merged`` with int8 weight-only decoder projections: faster, not exact (harness/engines/int8.py);
                   the speed suite only.
 
-The compiled decode step follows transformers' documented static-cache recipe (``decode_one_tokens`` in its
+``StaticGreedy``'s compiled decode step follows transformers' documented static-cache recipe (``decode_one_tokens`` in its
 "Optimizing inference" guide): prefill eagerly into a ``StaticCache``, then one compiled call per token with fixed
 shapes, so CUDA graphs replay. Unlike ``generate`` it does not check for EOS on the host every token (that sync
 keeps the CPU from queueing the next step while the GPU works); it checks every ``EOS_CHECK_EVERY`` tokens.

@@ -248,11 +248,12 @@ def _speed_table(results: dict[str, Any]) -> list[str]:
         compile_cell = (", ".join(f"{k}: {v:.0f}s" for k, v in first.items()) or "none") if f.get("compiled") \
             else "not compiled"
         ratio = fmt_ratio(f.get("speedup_vs_seed")) if engine != "seed" else "1.00x"
+        rounds = f"{f.get('rounds', 'n/a')}" + (f" ({f['rounds_from']})" if "rounds_from" in f else "")
         rows.append([f"`{engine}`", f.get("note") or ENGINE_LABELS.get(engine, ""),
                      _fmt(f.get("p50_s"), unit="s") + ("‡" if doubt(f) else "") + ("↺" if reused else ""),
                      _fmt(f.get("p95_s"), unit="s"),
                      ratio, _fmt(f.get("peak_vram_gib"), ".1f") if "peak_vram_gib" in f else "n/a (CPU)",
-                     compile_cell, str(f.get("rounds", "n/a"))])
+                     compile_cell, rounds])
     table = md_table(rows, ["Engine", "What", "p50", "p95", "vs seed", "Peak VRAM (GB)", "First call (compile)",
                             "Rounds"])
     prov = speed.get("provenance") or {}

@@ -2,7 +2,9 @@
 against the fast paths, on the same machine, variant (``inference.speed_variant``) and prompt.
 
 Group ``speed``: pytest-benchmark times one library call per engine; ``extra_info`` carries p50/p95, the first call
-(compile) time, the peak VRAM and the ratio to the seed path. A comparison recorded earlier on this machine under the
+(compile) time, the peak VRAM and the ratio to the seed path. ``merged``, the profile's engine, is not timed twice: when
+the speed variant's latency test timed the same call earlier in the session, its rounds are ``merged``'s here
+(``EngineComparison.from_latency``; the card names them). A comparison recorded earlier on this machine under the
 same key is reused whole once fresh rounds of ``merged`` confirm it (``EngineComparison.reused``): its engines are
 then neither built nor timed, and pytest-benchmark has no rounds for them. The parity tests hold each fast engine's
 greedy tokens and logits against the seed path's on every evaluation prompt (``inference.parity_*`` in the profile).
@@ -19,11 +21,14 @@ from harness.measure.timing import machine_load
 pytestmark = [pytest.mark.slow, pytest.mark.benchmark, pytest.mark.qlora_speed]
 
 
-@pytest.mark.filterwarnings("ignore:Benchmark fixture was not used")  # a reused comparison times no round here
+@pytest.mark.filterwarnings("ignore:Benchmark fixture was not used")  # a reused or shared figure times no round here
 def test_engine_speed(benchmark, engine_name, engine_comparison, profile):
     """128 greedy tokens of the speed variant, per engine; the seed path runs first and sets the ratio's base."""
     if not benchmark.disabled and engine_comparison.reused():  # confirmed by fresh rounds of merged: nothing timed
         figures = engine_comparison.record_reused(engine_name)
+    else:  # merged: the speed variant's latency rounds, when that test timed them in this session
+        figures = engine_comparison.from_latency(engine_name)
+    if figures is not None:
         benchmark.extra_info.update({k: v for k, v in figures.items() if k != "samples_s"})
         assert not figures["failures"], "\n".join(figures["failures"])
         return

@@ -118,7 +118,8 @@ def test_a_second_run_on_the_same_machine_reuses_what_fresh_rounds_confirm_and_r
     """The user's command, twice: the second run times a few rounds per variant and of ``merged``, and reuses the
     first run's figures, provenance and all; ``--retime`` times every round; a figure the machine no longer
     reproduces (here: its p50 divided by 1000 in results.json) is timed again, and so is a comparison whose
-    ``merged`` row is, and a variant retrained under the same adapter key. Mutations: a confirmation that ignores the
+    ``merged`` row is, and a variant retrained under the same adapter key. The comparison's ``merged`` rounds are r16's
+    latency rounds when that test ran in the session, its own otherwise. Mutations: a confirmation that ignores the
     fresh rounds reuses the tampered figure; a latency key without the adapter reuses the retrained variant's. Each
     process's first phase line splits its start-up at the plugin's milestones (mutation: without the milestones it
     names none)."""
@@ -136,6 +137,9 @@ def test_a_second_run_on_the_same_machine_reuses_what_fresh_rounds_confirm_and_r
 
     first = run()
     assert all("reused" not in row["latency"] for row in first.values())
+    merged = first["r16"]["speed"]["merged"]  # the same call as r16's latency test, timed once in the session
+    assert merged["samples_s"] == first["r16"]["latency"]["samples_s"] and merged["rounds"] == 4
+    assert merged["rounds_from"] == "r16's latency rounds" and merged["p50_s"] == first["r16"]["latency"]["p50_s"]
     second = run()
     for name, row in second.items():
         lat = row["latency"]
@@ -163,14 +167,17 @@ def test_a_second_run_on_the_same_machine_reuses_what_fresh_rounds_confirm_and_r
     log = (runs / "tiny" / "phases.log").read_text()
     assert "r16 latency: timed afresh: fresh p50" in log and "engine comparison: timed afresh: fresh p50" in log
 
+    alone = run("--retime", "-k", "not generate_latency")["r16"]["speed"]["merged"]  # no latency test in the session
+    assert alone["rounds"] == 3 and "rounds_from" not in alone and alone["samples_s"] != merged["samples_s"]
+
     fifth = run("--retrain", "-k", "r8")  # the same adapter key, other weights
     assert "reused" not in fifth["r8"]["latency"]
     log = (runs / "tiny" / "phases.log").read_text()
     assert "r8 latency: timed afresh: the earlier figure's key differs in: adapter" in log
-    # each of the five processes' first phase line splits its seconds since it started (issue 18's pre-session time)
+    # each of the six processes' first phase line splits its seconds since it started (issue 18's pre-session time)
     startups = re.findall(r"phase=startup wall_s=(\S+) what=from the process's start: to configure (\S+) s, "
                           r"to collected (\S+) s, to this line (\S+) s\n", log)
-    assert len(startups) == 5 and len(re.findall("phase=startup", log)) == 5, log
+    assert len(startups) == 6 and len(re.findall("phase=startup", log)) == 6, log
     # four figures each rounded to 0.1 s: the parts' sum is within 0.2 s of the total, plus float error
     assert all(abs(float(total) - sum(map(float, parts))) <= 0.2 + 1e-9 for total, *parts in startups), startups
 
@@ -192,3 +199,24 @@ def test_the_card_marks_a_reused_figure_and_says_what_confirmed_it():
     assert "↺ the whole comparison" in text
     del latency["reused"], results["variants"]["r16"]["speed"]["reused"]
     assert "↺" not in render_section(results)
+    results["variants"]["r16"]["speed"]["merged"].update(rounds=50, rounds_from="r16's latency rounds")
+    assert "| 50 (r16's latency rounds) |" in render_section(results)  # the speed table names rounds it shares
+
+
+def test_merged_takes_the_latency_tests_rounds_only_when_this_session_timed_them_with_the_same_call():
+    """A latency figure reused from an earlier session, one of another prompt or engine, or none, leaves ``merged``
+    to be timed by the speed suite (None), before anything is built: its rounds would not be this session's, or not
+    the call the comparison times. Mutation: without the ``reused`` check the earlier session's rounds are taken."""
+    from harness.engines.compare import EngineComparison
+
+    sections: dict = {}
+    sweep = types.SimpleNamespace(profile=load_profile("tiny"), latency_example=lambda: types.SimpleNamespace(id="p"),
+                                  recorder=types.SimpleNamespace(get=lambda v, s: sections.get((v, s), {})))
+    comparison = EngineComparison(sweep)
+    assert comparison.from_latency("merged") is None  # the latency test has not run
+    figure = {"engine": "merged", "prompt_id": "p", "samples_s": [0.5, 0.5], "load_before": QUIET, "load_after": QUIET}
+    for changed in ({"reused": {"held": True, "session": "s2"}}, {"prompt_id": "q"}, {"engine": "nf4-compiled"}):
+        sections[("r16", "latency")] = {**figure, **changed}
+        assert comparison.from_latency("merged") is None, changed
+    sections[("r16", "latency")] = figure
+    assert comparison.from_latency("seed") is None

@@ -9,9 +9,9 @@
 ``merged-int8``   ``merged`` with int8 weight-only decoder projections: faster, not exact (harness/engines/int8.py);
                   the speed suite only.
 
-``StaticGreedy``'s compiled decode step follows transformers' documented static-cache recipe (``decode_one_tokens`` in its
-"Optimizing inference" guide): prefill eagerly into a ``StaticCache``, then one compiled call per token with fixed
-shapes, so CUDA graphs replay. Unlike ``generate`` it does not check for EOS on the host every token (that sync
+``StaticGreedy``'s compiled decode step follows transformers' documented static-cache recipe (``decode_one_tokens``
+in its "Optimizing inference" guide): prefill eagerly into a ``StaticCache``, then one compiled call per token with
+fixed shapes, so CUDA graphs replay. Unlike ``generate`` it does not check for EOS on the host every token (that sync
 keeps the CPU from queueing the next step while the GPU works); it checks every ``EOS_CHECK_EVERY`` tokens.
 Compilation needs CUDA; on the CPU the same loop runs eagerly, and the engine says so in ``note``.
 

@@ -8,9 +8,9 @@ layer's q/k/v weights into one tensor and gate/up into another, and makes the mo
 the others) views of those tensors, so the model's forward, peft's in-place merges and ``MergedBase``'s restores keep
 working and write into the fused storage. ``FusedDecoder`` then runs a layer as 4 products instead of 7.
 
-``FusedGreedy`` decodes with it (or with any ``StaticDecoder``): a prefill, then decode steps that read their inputs from device buffers and advance
-them in place, so a chunk of ``chunk_tokens`` steps is captured once as one CUDA graph and replayed until the
-answer is long enough. The host never waits between tokens (only every chunk, and only when it must look for EOS).
+``FusedGreedy`` decodes with it (or with any ``StaticDecoder``): a prefill, then decode steps that read their inputs
+from device buffers and advance them in place, so a chunk of ``chunk_tokens`` steps is captured once as one CUDA graph
+and replayed until the answer is long enough. The host never waits between tokens (only every chunk, and only when it must look for EOS).
 On the CPU nothing is compiled or captured: the same steps run eagerly, which is what the CPU self-tests compare
 with the model's own forward.
 

@@ -19,9 +19,9 @@ shipped, its step compiled per layer (``Int4Decoder``), where ``int4`` compiles 
 their first calls run with ``TORCHINDUCTOR_FORCE_DISABLE_CACHES=1``: the second would reuse the first's Triton
 kernels); ``nf4-nested`` times ``nf4-compiled``'s step compiled whole against with its layers one nested region,
 ``nf4-layers`` the nested region against ``nf4_layers.nf4_compiled`` (bitsandbytes and peft on ``PYTHONPATH``; run
-first, without the 7B model or the kernels' build). The 4-bit kernels are built in the background while the bf16 tries run.
-Earlier tries' candidates are in this file's history: gemlite, mslk and bitsandbytes at a2494d1, Marlin's options and
-gptqmodel's AWQ GEMV against Marlin at fda6cda, a one-row attention kernel at f006e2b, RoPE folded into the q/k/v
+first, without the 7B model or the kernels' build). The 4-bit kernels are built in the background while the bf16 tries
+run. Earlier tries' candidates are in this file's history: gemlite, mslk and bitsandbytes at a2494d1, Marlin's options
+and gptqmodel's AWQ GEMV against Marlin at fda6cda, a one-row attention kernel at f006e2b, RoPE folded into the q/k/v
 kernel (``hand-rope``) at 34dff5a.
 """
 

@@ -9,10 +9,10 @@ the others) views of those tensors, so the model's forward, peft's in-place merg
 working and write into the fused storage. ``FusedDecoder`` then runs a layer as 4 products instead of 7.
 
 ``FusedGreedy`` decodes with it (or with any ``StaticDecoder``): a prefill, then decode steps that read their inputs
-from device buffers and advance them in place, so a chunk of ``chunk_tokens`` steps is captured once as one CUDA graph
-and replayed until the answer is long enough. The host never waits between tokens (only every chunk, and only when it must look for EOS).
-On the CPU nothing is compiled or captured: the same steps run eagerly, which is what the CPU self-tests compare
-with the model's own forward.
+from device buffers and advance them in place, so a chunk of ``chunk_tokens`` steps is captured once as one CUDA
+graph and replayed until the answer is long enough. The host never waits between tokens (only every chunk, and only
+when it must look for EOS). On the CPU nothing is compiled or captured: the same steps run eagerly, which is what
+the CPU self-tests compare with the model's own forward.
 
 Only models whose decoder layers are the Llama/Mistral block are taken (``check_supported``): no projection biases,
 no sliding window shorter than the cache, the default RoPE applied by the model's own ``rotary_emb``.

@@ -181,8 +181,7 @@ class Sweep:
         result = VariantEval(name, scores, quality_failures(self.profile, name, {k: v.summary for k, v in
                                                                                   scores.items()}) + regressions,
                              vram_failures(self.profile, name, "inference", memory.get("peak_allocated_gib"),
-                                           device_name()),
-                             memory, note)
+                                           device_name()), memory, note)
         write_predictions(predictions_path(self.runs_dir, self.profile, name),
                           [r for s in scores.values() for r in s.rows], self.eval_key(),
                           eval_key_parts(self.profile, self.recorder.data_fingerprint))

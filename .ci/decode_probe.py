@@ -679,9 +679,7 @@ def main(selected):
         try:
             nf4_ways(NF4_TRIES[name])
         except Exception:  # noqa: BLE001
-            results["tries"].append({"name": name, "error": traceback.format_exc()[-3000:]})
-            save()
-            log(f"{name} FAILED:\n{traceback.format_exc()[-2000:]}")
+            failed(name)
     selected = [n for n in selected if n not in NF4_TRIES]
     if not selected:
         return print_table()
@@ -782,11 +780,16 @@ def main(selected):
             reference.setdefault(control, out)
             torch.cuda.empty_cache()
         except Exception:  # noqa: BLE001
-            tb = traceback.format_exc()
-            results["tries"].append({"name": name, "error": tb[-3000:]})
-            save()
-            log(f"{name} FAILED:\n{tb[-2000:]}")
+            failed(name)
     print_table()
+
+
+def failed(name):
+    """Record try ``name``'s exception (being handled) as its row, and log it."""
+    tb = traceback.format_exc()
+    results["tries"].append({"name": name, "error": tb[-3000:]})
+    save()
+    log(f"{name} FAILED:\n{tb[-2000:]}")
 
 
 def print_table():

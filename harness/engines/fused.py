@@ -1,21 +1,21 @@
 """The merged engines' forward (fused projections) and the decode loop, captured as CUDA graphs, that they and
 ``nf4-compiled`` (harness/engines/nf4_layers.py) share.
 
-A merged Llama-family model (Mistral, Llama, SmolLM2) decodes one token as 7 matrix-vector products per layer.
-At batch 1 each is bound by reading its weight, and small ones (k/v: 8 MB in Mistral-7B) never reach the memory
-bandwidth; cuBLAS also splits most of them along K and adds a reduce kernel. ``fuse_projections_`` moves each
-layer's q/k/v weights into one tensor and gate/up into another, and makes the model's own ``q_proj.weight`` (and
-the others) views of those tensors, so the model's forward, peft's in-place merges and ``MergedBase``'s restores keep
-working and write into the fused storage. ``FusedDecoder`` then runs a layer as 4 products instead of 7.
+A merged Llama-family model (Mistral, Llama, SmolLM2) decodes one token as 7 matrix-vector products per layer. At batch
+1 each is bound by reading its weight, and small ones (k/v: 8 MB in Mistral-7B) never reach the memory bandwidth; cuBLAS
+also splits most of them along K and adds a reduce kernel. ``fuse_projections_`` moves each layer's q/k/v weights into
+one tensor and gate/up into another, and makes the model's own ``q_proj.weight`` (and the others) views of those
+tensors, so the model's forward, peft's in-place merges and ``MergedBase``'s restores keep working and write into the
+fused storage. ``FusedDecoder`` then runs a layer as 4 products instead of 7.
 
 ``FusedGreedy`` decodes with it (or with any ``StaticDecoder``): a prefill, then decode steps that read their inputs
-from device buffers and advance them in place, so a chunk of ``chunk_tokens`` steps is captured once as one CUDA
-graph and replayed until the answer is long enough. The host never waits between tokens (only every chunk, and only
-when it must look for EOS). On the CPU nothing is compiled or captured: the same steps run eagerly, which is what
-the CPU self-tests compare with the model's own forward.
+from device buffers and advance them in place, so a chunk of ``chunk_tokens`` steps is captured once as one CUDA graph
+and replayed until the answer is long enough. The host never waits between tokens (only every chunk, and only when it
+must look for EOS). On the CPU nothing is compiled or captured: the same steps run eagerly, which is what the CPU
+self-tests compare with the model's own forward.
 
-Only models whose decoder layers are the Llama/Mistral block are taken (``check_supported``): no projection biases,
-no sliding window shorter than the cache, the default RoPE applied by the model's own ``rotary_emb``.
+Only models whose decoder layers are the Llama/Mistral block are taken (``check_supported``): no projection biases, no
+sliding window shorter than the cache, the default RoPE applied by the model's own ``rotary_emb``.
 """
 
 from __future__ import annotations
@@ -204,10 +204,10 @@ class FusedDecoder(StaticDecoder):
 
 class _Shape:
     """The static buffers of one (rows, cache length) shape: the KV cache, the step's inputs, the output tokens,
-    and (on CUDA) the captured graph of one chunk of decode steps."""
+    and (on CUDA) the captured graphs."""
 
     def __init__(self, decoder: StaticDecoder, rows: int, length: int):
-        dev = decoder.lm_head.weight.device
+        head, dev = decoder.lm_head.weight, decoder.lm_head.weight.device
         self.cache = decoder.new_cache(rows, length)
         self.pad_mask = torch.zeros((rows, length), dtype=torch.bool, device=dev)
         self.token = torch.zeros((rows, 1), dtype=torch.long, device=dev)
@@ -215,9 +215,9 @@ class _Shape:
         self.cache_position = torch.zeros((1,), dtype=torch.long, device=dev)
         self.out = torch.zeros((rows, length), dtype=torch.long, device=dev)
         self.out_index = torch.zeros((1,), dtype=torch.long, device=dev)
-        self.logits = torch.zeros((rows, decoder.lm_head.weight.shape[0]), dtype=decoder.lm_head.weight.dtype,
-                                  device=dev)
-        self.graph: Any = None
+        self.logits = torch.zeros((rows, head.shape[0]), dtype=head.dtype, device=dev)
+        self.graph: Any = None  # CUDA: one chunk of decode steps, and one step (forced_logits)
+        self.step_graph: Any = None
         self.compiled = False  # whether the step is compiled for this shape (and on CUDA a chunk captured)
 
 
@@ -269,8 +269,7 @@ class FusedGreedy:
         self._finish_step(s, self.decoder.layers(x, cos, sin, mask, s.cache_position, s.cache, self._layer))
 
     def _finish(self, s: _Shape, x: torch.Tensor) -> None:
-        """The step's end, from the residual stream after the last layer: the logits, their argmax, the buffers
-        advanced by one token."""
+        """The step's end after the last layer (``x``): the logits, their argmax, the buffers advanced a token."""
         s.logits.copy_(self.decoder.head(x[:, -1]))
         s.token.copy_(s.logits.argmax(-1, keepdim=True))
         s.out.index_copy_(1, s.out_index, s.token)
@@ -284,8 +283,8 @@ class FusedGreedy:
 
     def _compile_shape(self, s: _Shape) -> None:
         """Compile the step for ``s``'s shape (a warm-up chunk; on CUDA on a side stream, as CUDA graph capture
-        requires), check that it made no more graphs than its regions, then on CUDA capture one chunk. The warm-up
-        writes into the cache and buffers; the prefill that follows overwrites what it uses."""
+        requires), check that it made no more graphs than its regions, then on CUDA capture one chunk, and one step
+        for ``forced_logits``. The warm-up writes into the cache and buffers; a prefill overwrites what it uses."""
         from torch._dynamo.utils import counters
 
         cuda = self.device.type == "cuda"
@@ -303,9 +302,11 @@ class FusedGreedy:
                                f"where its {self.regions} region(s) make one each: something in it recompiles "
                                f"per layer or per token (run with TORCH_LOGS=recompiles to see the guard)")
         if cuda:
-            s.graph = torch.cuda.CUDAGraph()
+            s.graph, s.step_graph = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
             with torch.cuda.graph(s.graph, stream=side):
                 self._chunk(s)
+            with torch.cuda.graph(s.step_graph, stream=side):
+                self._step(s)
         s.compiled = True
 
     def _side_stream(self) -> torch.cuda.Stream:
@@ -315,10 +316,9 @@ class FusedGreedy:
     @torch.inference_mode()
     def generate(self, prompts: list[list[int]], max_new_tokens: int, batch_size: int = 8,
                  fixed_length: bool = False) -> list[list[int]]:
-        tok = self.tokenizer
-        eos_id = None if fixed_length else tok.eos_token_id
+        eos_id = None if fixed_length else self.tokenizer.eos_token_id
         out: list[list[int]] = []
-        for chunk, ids, mask in padded_batches(prompts, _pad_id(tok), batch_size, self.compiled):
+        for chunk, ids, mask in padded_batches(prompts, _pad_id(self.tokenizer), batch_size, self.compiled):
             new = self._generate_batch(ids, mask, max_new_tokens, eos_id)
             out.extend(_trim_after_eos(row, eos_id) for row in new[:len(chunk)].tolist())
         return out
@@ -380,8 +380,9 @@ class FusedGreedy:
         """Teacher-forced logits through this engine's own decode step: [len(forced), vocab] float32 on the CPU.
 
         The prompt is prefilled as ``generate`` does (one row); then each forced token goes through the step that
-        greedy decoding runs (compiled, on CUDA; outside the captured graph, which replays the same kernels), and
-        row i holds the logits after ``prompt + forced[:i + 1]``, as ``HFGreedy.forced_logits`` gives them."""
+        greedy decoding runs (on a shape ``generate`` captured, its one-step graph: the chunk's kernels, launched at
+        once rather than one by one from Python), and row i holds the logits after ``prompt + forced[:i + 1]``, as
+        ``HFGreedy.forced_logits`` gives them."""
         dev = self.device
         s = self._shape(1, len(prompt), len(forced) + 1)
         s.pad_mask.fill_(True)
@@ -394,6 +395,6 @@ class FusedGreedy:
         with _allow_compile(self.compiled):  # never timed: a shape not yet captured compiles here
             for token in forced:
                 s.token.fill_(token)
-                self._step(s)
+                s.step_graph.replay() if s.step_graph is not None else self._step(s)
                 rows.append(s.logits[0].float().cpu().clone())  # s.logits is overwritten by the next step
         return torch.stack(rows)

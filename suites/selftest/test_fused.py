@@ -9,6 +9,8 @@ over one KV head, the SmolLM2 layout).
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, MistralForCausalLM
@@ -408,8 +410,6 @@ def _int4_projections_on_the_cpu(model):
     """merged-int4's ``Int4Linear`` projections of ``model``, multiplied on the CPU: AWQ's kernels are CUDA only, so
     ``awq_linear`` gets a CPU kernel computing the product with the dequantized weight, and the packing is left out
     (the identity): what is checked is the decoder around the kernel, as with ``_gemv_standin``."""
-    from types import SimpleNamespace
-
     from harness.engines.awq_kernels import GROUP_SIZE, awq_linear
     from harness.engines.int4 import int4_projections
 
@@ -489,6 +489,21 @@ def test_a_shape_made_by_forced_logits_is_still_compiled_and_captured_before_gen
         [prompt], 10, batch_size=1, fixed_length=True)
     assert engine.generate([prompt], 10, batch_size=1, fixed_length=True) == expected
     assert list(engine._shapes.values()) == [shape] and shape.compiled
+
+
+def test_forced_logits_replays_the_one_step_graph_of_a_captured_shape(model):
+    """On CUDA a captured shape also holds a one-step graph, and ``forced_logits`` replays it for each forced token
+    instead of launching the step's kernels one by one from Python (parity's teacher forcing). Nothing is captured on
+    the CPU, so a stand-in that runs the step and counts its replays takes the graph's place: the logits must be the
+    step's own, one replay a token. Mutation: ignoring the graph (always the step from Python) replays nothing."""
+    engine = FusedGreedy(model, FusedDecoder(model, fuse_projections_(model)), Tok(), "merged", Cfg())
+    prompt, forced = PROMPTS[0], [4, 8, 15, 16, 23, 42]
+    expected = engine.forced_logits(prompt, forced)
+    (shape,) = engine._shapes.values()
+    replays = []
+    shape.step_graph = SimpleNamespace(replay=lambda: replays.append(engine._step(shape)))
+    assert torch.equal(engine.forced_logits(prompt, forced), expected)
+    assert len(replays) == len(forced)
 
 
 def test_the_cache_holds_the_warm_up_chunk_even_for_one_new_token(model, monkeypatch):

@@ -1,8 +1,11 @@
 """Base models: a hub id, a local checkpoint, or a synthetic Mistral built from a config.
 
-Every source ends in the same call, ``AutoModelForCausalLM.from_pretrained(path, quantization_config=...)``:
+Every source ends in the same call, ``AutoModelForCausalLM.from_pretrained(..., quantization_config=...)``:
 synthetic models are seeded, written once as safetensors under ``runs/_models/``, then loaded from disk exactly
-as real weights are.
+as real weights are. One exception, for speed: a synthetic base quantized for the 4-bit store
+(``harness.models.nf4_store``) goes to that call as its drawn state dict, not through a 14.5 GB checkpoint written
+and read back at the 7B shape; the same weights, so the same quantized model (a CPU self-test holds it to one
+quantized from the written checkpoint, bit for bit).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ __all__ = [
     "SYNTHETIC_SHAPES",
     "synthetic_config",
     "synthetic_key",
+    "synthetic_model",
     "materialize_synthetic",
     "resolve_source",
     "bnb_config",
@@ -76,22 +80,25 @@ def synthetic_key(name: str, seed: int) -> str:
                         "code": source_digest(SYNTHETIC_SOURCES, "harness.models.base.SYNTHETIC_SOURCES")})[:12]
 
 
+def synthetic_model(name: str, seed: int):
+    """The seeded random model of a synthetic shape in bfloat16, on this process's device: what its checkpoint holds.
+    Drawn on the GPU when there is one: random init of 7B params on 2 CPU cores takes minutes."""
+    from transformers import MistralForCausalLM
+
+    torch.manual_seed(seed)
+    with torch.device(device()):
+        return MistralForCausalLM(synthetic_config(name)).to(torch.bfloat16)
+
+
 def materialize_synthetic(name: str, seed: int, cache_root: Path) -> Path:
     """Write a seeded random checkpoint once (atomically, under a lock) and return its directory, named by
     ``synthetic_key``."""
-    from transformers import MistralForCausalLM
-
-    cfg = synthetic_config(name)
-    key = synthetic_key(name, seed)
-    final = Path(cache_root) / f"synthetic-{name}-{key}"
+    final = Path(cache_root) / f"synthetic-{name}-{synthetic_key(name, seed)}"
     with file_lock(final):
         if (final / "config.json").exists():
             return final
         with timed("checkpoint", f"{final.name}: random weights drawn and written"):
-            torch.manual_seed(seed)
-            # Materialize on the GPU when there is one: random init of 7B params on 2 CPU cores takes minutes.
-            with torch.device(device()):
-                model = MistralForCausalLM(cfg).to(torch.bfloat16)
+            model = synthetic_model(name, seed)
             with atomic_dir(final) as tmp:
                 save_pretrained(model, tmp)  # through pinned memory: a third of the time from the GPU
         del model
@@ -135,13 +142,13 @@ def load_base(model_cfg: ModelConfig, q: QuantConfig, cache_root: Path, fsdp: bo
 
     dev = device()
 
-    def from_pretrained(path, quantization_config=None, revision=None):
+    def from_pretrained(path, quantization_config=None, revision=None, cls=AutoModelForCausalLM, **weights):
         # a stored 4-bit base carries its quantization config; passing None would load it as if it had none
-        model = AutoModelForCausalLM.from_pretrained(
+        model = cls.from_pretrained(
             path, revision=revision, dtype=getattr(torch, q.compute_dtype),
             attn_implementation=model_cfg.attn_implementation,
             device_map=None if fsdp else ({"": dev.index or 0} if dev.type == "cuda" else {"": "cpu"}),
-            **({"quantization_config": quantization_config} if quantization_config is not None else {}),
+            **({"quantization_config": quantization_config} if quantization_config is not None else {}), **weights,
         )
         model.eval()
         return model
@@ -154,7 +161,19 @@ def load_base(model_cfg: ModelConfig, q: QuantConfig, cache_root: Path, fsdp: bo
         return from_source()
     from . import nf4_store
 
-    return nf4_store.load(model_cfg, q, cache_root, dev.type, from_source, from_pretrained)
+    quantize = from_source
+    if model_cfg.source.startswith(_SYNTHETIC_PREFIX):
+        def quantize():  # the drawn weights as from_pretrained's state dict: no checkpoint written to read back
+            name = model_cfg.source[len(_SYNTHETIC_PREFIX):]
+            with timed("synthetic-weights", f"synthetic-{name}: random weights drawn, no checkpoint written"):
+                drawn = synthetic_model(name, model_cfg.synthetic_seed)
+            try:
+                return from_pretrained(None, bnb_config(q), cls=type(drawn), config=drawn.config,
+                                       state_dict=drawn.state_dict())
+            finally:
+                del drawn
+                free_memory()
+    return nf4_store.load(model_cfg, q, cache_root, dev.type, quantize, from_pretrained)
 
 
 def load_tokenizer(model_cfg: ModelConfig, cache_root: Path):

@@ -122,7 +122,7 @@ def ensure_adapter(profile: Profile, variant: Variant, splits: dict[str, list[Ex
         resident = torch.cuda.memory_allocated() / 2**30 if torch.cuda.is_available() and not distributed else 0.0
         base = None  # distributed: each launched process loads its own
         if not distributed:
-            with timed("model-load", f"{variant.name}: base to train on (writes a missing synthetic checkpoint)"):
+            with timed("model-load", f"{variant.name}: base to train on (a missing 4-bit base built and kept first)"):
                 base = load_base(profile.model, profile.quantization, Path(runs_dir) / "_models")
         with atomic_dir(final) as tmp:
             if distributed:  # accelerate launches the processes; this one never joins the group

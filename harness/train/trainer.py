@@ -134,8 +134,12 @@ def train_adapter(profile: Profile, variant: Variant, examples: list[Example], t
         parts[part] = time.perf_counter() - called - sum(parts.values())
 
     split("data")
-    trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, processing_class=tokenizer,
-                         peft_config=peft_config(profile.lora, variant))
+    # peft makes each LoRA layer on the default device and then moves it to its base layer's: ~1,300 small host-to-GPU
+    # copies at the 7B shape (peft#896 left "init right on target device" undone). Made on the model's device, the
+    # layers are drawn there, from that device's generator, which the trainer's seed seeds too.
+    with torch.device(model.device):
+        trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, processing_class=tokenizer,
+                             peft_config=peft_config(profile.lora, variant))
     split("trainer")
     # trl casts LoRA weights of a quantized model to bf16. Without autocast, bf16 adapters on a model with small
     # logit margins stop learning (tiny: token accuracy stays at 0.18), so the recipe chooses the adapter dtype.

@@ -38,14 +38,17 @@ def _fresh(profile, root):
 
 def test_the_stored_base_is_the_freshly_quantized_one_bit_for_bit(tmp_path, counted):
     """Packed weights, absmax, quant maps and the nested constants; buffers with their dtypes (RoPE's ``inv_freq``
-    stays float32); the 4-bit modules; the logits. The first load writes the folder, the second only reads it."""
+    stays float32); the 4-bit modules; the logits. The first load writes the folder, the second only reads it. The
+    store quantizes the synthetic base from its drawn weights in memory, writing no bf16 checkpoint; the reference
+    quantizes the checkpoint written to disk, so the two paths must give the same model."""
     from bitsandbytes.nn import Linear4bit
 
     profile, root = load_profile("tiny"), tmp_path / "_models"
-    fresh = _fresh(profile, root)
     first = load_base(profile.model, profile.quantization, root)
     second = load_base(profile.model, profile.quantization, root)
     assert len(counted) == 1
+    assert not list(root.glob("synthetic-*")), "the store's build wrote the bf16 checkpoint"
+    fresh = _fresh(profile, root)
     expected = fresh.state_dict()
     assert any(name.endswith("weight.nested_absmax") for name in expected)  # double quantization is in the dict
     for model in (first, second):

@@ -239,8 +239,8 @@ def test_profile_path_with_a_space_or_equals_keeps_pytest_ini(tmp_path, form):
 @pytest.mark.slow
 def test_a_session_logs_where_its_seconds_went(tmp_path):
     """``runs/<profile>/phases.log`` takes apart what ``--durations`` shows as one setup: the compile cache's load, the
-    synthetic checkpoint's write, the base loaded to train on, the training, the merged base, its compiles, each
-    merge, with wall times; a phase that raised says so. (A log that named phases without their times, or dropped a
+    synthetic weights drawn (no checkpoint written), the base loaded to train on, the training, the merged base, its
+    compiles, each merge, with wall times; a phase that raised says so. (A log that named phases without their times, or dropped a
     failed one, would mislead the next person looking for a GPU run's seconds.)"""
     from harness.report.phases import timed
 
@@ -263,11 +263,11 @@ def test_a_session_logs_where_its_seconds_went(tmp_path):
     lines = [line for line in lines if " wall_s=" in line and " phase=startup " not in line]
     fields = [dict(kv.split("=", 1) for kv in line.split(" what=")[0].split()[1:]) for line in lines]
     whats = [line.split(" what=", 1)[1] for line in lines]
-    assert [f["phase"] for f in fields] == ["compile-cache", "checkpoint", "model-load", "train", "engine-build",
+    assert [f["phase"] for f in fields] == ["compile-cache", "synthetic-weights", "model-load", "train", "engine-build",
                                            "compile", "merge", "merge"], lines
     assert all(float(f["wall_s"]) >= 0 and int(f["pid"]) == os.getpid() for f in fields), lines
     assert whats[3] == whats[6] == "r8" and fields[-1]["failed"] == "KeyError", lines
-    assert "failed" not in fields[6] and whats[1].endswith(": random weights drawn and written"), lines
+    assert "failed" not in fields[6] and whats[1].endswith(": random weights drawn, no checkpoint written"), lines
     Sweep.prepare(profile, runs_dir=tmp_path / "other", card=None).restore_compiled()  # a later sweep owns the log
     with timed("merge", "after"):
         pass

@@ -226,22 +226,21 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
-    """Before any test runs: freeze what is alive (``memory.freeze_long_lived``), and tell the sweep which variants
-    this run selected (after -k/-m): ``train_selected`` trains them all before any model loads."""
+    """Before any test runs: tell the sweep which variants this run selected (after -k/-m), which starts the kernels'
+    build (``train_selected`` trains them all before any model loads); then freeze what is alive
+    (``memory.freeze_long_lived``: its imports take seconds, which the build overlaps)."""
     if SWEEP_KEY not in session.config.stash:
         return
     from .measure.memory import freeze_long_lived
 
     milestone("collected")
-    freeze_long_lived()
     sweep = session.config.stash[SWEEP_KEY]
-    if hasattr(session.config, "workerinput"):  # xdist: a worker runs an unknown share; it trains what it runs
-        sweep.select(())
-        return
     wanted = {variant_of(item) for item in session.items} - {None}
     if any(item.get_closest_marker("qlora_speed") for item in session.items):
         wanted.add(sweep.profile.inference.speed_variant)
-    sweep.select(wanted)
+    # xdist: a worker runs an unknown share; it trains what it runs
+    sweep.select(() if hasattr(session.config, "workerinput") else wanted)
+    freeze_long_lived()
 
 
 def end_variant(config: pytest.Config, variant: str, message: str) -> None:

@@ -28,6 +28,7 @@ from .config.preflight import prepare_profile
 from .config.profiles import load_profile
 from .config.schema import Profile
 from .data.prompt import encode_prompt
+from .engines.kernel_build import start_engine_builds
 from .measure.evaluate import SplitScores, compare_to_baseline, score_split
 from .measure import latency
 from .measure.gates import quality_failures, vram_failures
@@ -90,8 +91,11 @@ class Sweep:
         log_to(results_path(self.runs_dir, self.profile.name).with_name("phases.log"))
 
     def select(self, names) -> None:
-        """The variants this session will run: ``train_selected`` trains these (default: all of the profile's)."""
+        """The variants this session will run: ``train_selected`` trains these (default: all of the profile's). With
+        any selected, the engines' kernels start building now, beside what comes before the first test."""
         self.state.selected = [v for v in self.profile.variants if v in set(names)]
+        if self.state.selected:
+            start_engine_builds(self.profile.inference.speed_engines, self.runs_dir / "_kernels")
 
     def restore_compiled(self) -> dict[str, Any]:
         """Load the compiled artifacts of this session's key from ``runs/_compile/`` once, before anything compiles
@@ -133,13 +137,7 @@ class Sweep:
         """The training phase: every selected variant (all of the profile's when none were selected) before any
         model is loaded, so a merged base never shares the GPU with training; on CUDA the engines' kernels build beside
         it. A variant that fails keeps its error, raised when that variant is trained, loaded or evaluated."""
-        if not self.state.kernels_started:
-            from .engines import awq_kernels, gemv, kernel_build
-
-            int4 = "merged-int4" in self.profile.inference.speed_engines
-            for build in (gemv.build, awq_kernels.build) if int4 else (gemv.build,):
-                kernel_build.build_in_background(build, self.runs_dir / "_kernels")
-            self.state.kernels_started = True
+        start_engine_builds(self.profile.inference.speed_engines, self.runs_dir / "_kernels")  # if select did not
         for name in self.state.selected if self.state.selected is not None else self.profile.variants:
             try:
                 self.train(name)
@@ -147,8 +145,8 @@ class Sweep:
                 pass
 
     def wait_for_kernels(self) -> None:
-        """Let the kernel builds ``train_selected`` started end before a timed round (``decode_call``, the comparison):
-        they compile on every core, and a cold run once timed a variant's latency on 13 of 16 busy cores."""
+        """Let the kernel builds ``select`` or ``train_selected`` started end before a timed round (``decode_call``,
+        the comparison): they compile on every core; a cold run once timed a latency on 13 of 16 busy cores."""
         from .engines.kernel_build import background_build_running, wait_for_background_build
 
         if background_build_running():

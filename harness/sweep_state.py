@@ -29,7 +29,6 @@ class SweepState:
     adapters: dict[str, tuple[Path, dict]] = field(default_factory=dict)  # variant -> (artifact dir, manifest)
     adapter_errors: dict[str, BaseException] = field(default_factory=dict)  # a failed variant is not trained again
     retrained: set[str] = field(default_factory=set)  # ``retrain`` trains a variant once per session, not per call
-    kernels_started: bool = False  # merged-int4's kernel build, started once per session beside the training
     compile_cache: dict | None = None  # what harness.engines.compile_cache.restore loaded, once per session
     merged: Any = None  # the MergedBase shared by every variant (inference.engine: merged)
     merged_error: BaseException | None = None

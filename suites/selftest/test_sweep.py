@@ -324,3 +324,25 @@ def test_the_kernel_build_yields_the_cores_to_the_session(tmp_path, monkeypatch)
     lowered = min(session + kernel_build.BUILD_NICENESS, 19)
     assert seen == {"thread": lowered, "compiler": lowered}, seen
     assert os.nice(0) == session  # the session's own priority is unchanged
+
+
+def test_selecting_variants_starts_the_kernel_build_before_the_first_test(tmp_path, monkeypatch):
+    """The plugin selects the run's variants once tests are collected, and that starts the engines' kernel build, so
+    it runs beside the freeze's imports and the setup: started at the first training instead, a cold H100 run whose
+    setup took 47 s waited 5.4 s for it before its first timed round (420ba55). Selecting none (an xdist worker)
+    leaves the build to ``train_selected``; a second start for the same folder in one process starts nothing; AWQ's
+    library builds only where ``merged-int4`` is timed."""
+    from harness.engines import kernel_build
+
+    started: list[tuple[str, Path]] = []
+    monkeypatch.setattr(kernel_build, "build_in_background", lambda build, folder: started.append((build.__module__,
+                                                                                                    folder)))
+    monkeypatch.setattr(kernel_build, "_started", set())
+    runs = tmp_path / "runs"
+    sweep = Sweep.prepare(quick_profile(tmp_path / "p", {"variants": ["baseline", "r16"]}), runs_dir=runs, card=None)
+    sweep.select(())
+    assert started == []
+    sweep.select(["r16"])
+    assert started == [("harness.engines.gemv", runs / "_kernels")]
+    kernel_build.start_engine_builds(["seed", "merged", "merged-int4"], runs / "_kernels")
+    assert [module for module, _ in started] == ["harness.engines.gemv", "harness.engines.awq_kernels"]

@@ -23,10 +23,10 @@ def _variants(run: str) -> dict:
     return json.loads((REPO / "results" / run / "results.json").read_text(encoding="utf-8"))["variants"]
 
 
-# The committed cold runs of synthetic-7b (merged engine, 128 tokens) at the engine's current code: six H100s
-# (46101af; 63a31d2 and 86b428c an hour apart, the second on a slow host; fc0b811, 5a961e1 and ca6d6d0) and one H200
-# (2f7e11b).
-H100_SHAS = ("46101af", "63a31d2", "86b428c", "fc0b811", "5a961e1", "ca6d6d0")
+# The committed cold runs of synthetic-7b (merged engine, 128 tokens) at the engine's current code: eight H100s
+# (46101af; 63a31d2 and 86b428c an hour apart, the second on a slow host; fc0b811, 5a961e1, ca6d6d0, 420ba55 and
+# a8f1743) and one H200 (2f7e11b).
+H100_SHAS = ("46101af", "63a31d2", "86b428c", "fc0b811", "5a961e1", "ca6d6d0", "420ba55", "a8f1743")
 H100_RUNS = [_variants(f"h100/synthetic-7b/{sha}-cold") for sha in H100_SHAS]
 H100_RUN = H100_RUNS[0]
 H200_RUN = _variants("h200/synthetic-7b/2f7e11b-cold")

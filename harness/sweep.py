@@ -28,7 +28,7 @@ from .config.preflight import prepare_profile
 from .config.profiles import load_profile
 from .config.schema import Profile
 from .data.prompt import encode_prompt
-from .engines.kernel_build import start_engine_builds
+from .engines.builds import start_engine_builds
 from .measure.evaluate import SplitScores, compare_to_baseline, score_split
 from .measure import latency
 from .measure.gates import quality_failures, vram_failures

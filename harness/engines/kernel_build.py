@@ -27,7 +27,7 @@ import torch
 from ..report.atomic import atomic_dir, file_lock, sweep_partial
 
 __all__ = ["BUILD_NICENESS", "CompilerMissing", "nvcc", "library_key", "compile_library", "keyed_folder",
-           "build_in_background", "start_engine_builds", "background_build_running", "wait_for_background_build"]
+           "build_in_background", "background_build_running", "wait_for_background_build"]
 
 # Added to the build thread's nice value (Linux: that thread and the compiler processes it starts, not the session).
 # At the same priority the compiler on every core slowed the trainings beside it: trl's SFTTrainer took 1.9, 4.5 and
@@ -99,7 +99,6 @@ def keyed_folder(cache_dir: Path, prefix: str, key: str, library: str, fill: Cal
 
 
 _background: list[threading.Thread] = []  # builds started by build_in_background, for wait_for_background_build
-_started: set[tuple[str, str]] = set()  # (builder module, cache folder) started by start_engine_builds
 
 
 def build_in_background(build: Callable[[Path], Path], cache_dir: Path) -> None:
@@ -109,17 +108,6 @@ def build_in_background(build: Callable[[Path], Path], cache_dir: Path) -> None:
         thread = threading.Thread(target=_quiet, args=(build, cache_dir), daemon=True, name="kernel-build")
         _background.append(thread)
         thread.start()
-
-
-def start_engine_builds(speed_engines: Sequence[str], cache_dir: Path) -> None:
-    """``build_in_background`` for each library the engines need, once a process for a cache folder: gemv.cu's (the
-    merged engine), and AWQ's where ``merged-int4`` is among the timed engines."""
-    from . import awq_kernels, gemv  # they import this module
-
-    for build in (gemv.build, awq_kernels.build) if "merged-int4" in speed_engines else (gemv.build,):
-        if (started := (build.__module__, str(cache_dir))) not in _started:
-            _started.add(started)
-            build_in_background(build, cache_dir)
 
 
 def background_build_running() -> bool:

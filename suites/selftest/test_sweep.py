@@ -332,17 +332,17 @@ def test_selecting_variants_starts_the_kernel_build_before_the_first_test(tmp_pa
     setup took 47 s waited 5.4 s for it before its first timed round (420ba55). Selecting none (an xdist worker)
     leaves the build to ``train_selected``; a second start for the same folder in one process starts nothing; AWQ's
     library builds only where ``merged-int4`` is timed."""
-    from harness.engines import kernel_build
+    from harness.engines import builds, kernel_build
 
     started: list[tuple[str, Path]] = []
     monkeypatch.setattr(kernel_build, "build_in_background", lambda build, folder: started.append((build.__module__,
                                                                                                     folder)))
-    monkeypatch.setattr(kernel_build, "_started", set())
+    monkeypatch.setattr(builds, "_started", set())
     runs = tmp_path / "runs"
     sweep = Sweep.prepare(quick_profile(tmp_path / "p", {"variants": ["baseline", "r16"]}), runs_dir=runs, card=None)
     sweep.select(())
     assert started == []
     sweep.select(["r16"])
     assert started == [("harness.engines.gemv", runs / "_kernels")]
-    kernel_build.start_engine_builds(["seed", "merged", "merged-int4"], runs / "_kernels")
+    builds.start_engine_builds(["seed", "merged", "merged-int4"], runs / "_kernels")
     assert [module for module, _ in started] == ["harness.engines.gemv", "harness.engines.awq_kernels"]

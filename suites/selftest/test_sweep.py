@@ -240,8 +240,8 @@ def test_profile_path_with_a_space_or_equals_keeps_pytest_ini(tmp_path, form):
 def test_a_session_logs_where_its_seconds_went(tmp_path):
     """``runs/<profile>/phases.log`` takes apart what ``--durations`` shows as one setup: the compile cache's load, the
     synthetic weights drawn (no checkpoint written), the base loaded to train on, the training, the merged base, its
-    compiles, each merge, with wall times; a phase that raised says so. (A log that named phases without their times, or dropped a
-    failed one, would mislead the next person looking for a GPU run's seconds.)"""
+    compiles, each merge, with wall times; a phase that raised says so. (A log that named phases without their times,
+    or dropped a failed one, would mislead the next person looking for a GPU run's seconds.)"""
     from harness.report.phases import timed
 
     profile = quick_profile(tmp_path / "p", {"variants": ["baseline", "r8"]})

@@ -32,8 +32,8 @@ __all__ = ["MergedBase"]
 class MergedBase:
     """One dequantized base for a sweep; ``activate`` merges a variant's adapter into it in place.
 
-    The pristine dequantized weights are read from their stored checkpoint (``harness.models.dequantized``, memory-
-    mapped) and copied back before a merge when another variant's delta is in them, so a variant is always exactly
+    The pristine weights (``harness.models.dequantized``: the 4-bit weights and the other parameters, in host memory)
+    are written back before a merge when another variant's delta is in them, so a variant is always exactly
     dequantize(NF4 base) + its own delta, and parameter storage never moves (compiled graphs stay valid; ``activate``
     verifies it). peft computes each delta (B @ A * alpha / r) and adds it in place (``merge_and_unload``).
     """
@@ -42,7 +42,7 @@ class MergedBase:
         from ..models.dequantized import load
 
         allocated = torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
-        self.model, self._pristine = load(profile, cache_root)  # the stored weights, memory-mapped: restores read them
+        self.model, self._pristine = load(profile, cache_root)  # restores write it back
         try:
             check_supported(self.model)
             self.projections, unsupported = fuse_projections_(self.model), None
@@ -53,7 +53,7 @@ class MergedBase:
         self._storage = self._storage_map()  # what the compiled graphs will read: checked after every merge
         self.active: str | None = None
         self._activating: str | None = None  # the variant being merged, for check_storage's message
-        self._merged_in = False  # whether the weights differ from the stored ones (a restore is due before a merge)
+        self._merged_in = False  # whether the weights differ from the pristine ones (a restore is due before a merge)
         if self.projections is None:
             self.engine = StaticGreedy(self.model, tokenizer, "merged", profile.inference)
             self.engine.note += f" (not fused: {unsupported})"
@@ -112,12 +112,6 @@ class MergedBase:
         self.engine.generate([latency_prompt], latency_tokens, 1, fixed_length=True)
 
     @torch.inference_mode()
-    def _restore(self) -> None:
-        params = dict(self.model.named_parameters())
-        for n, saved in self._pristine.items():
-            params[n].data.copy_(saved)
-
-    @torch.inference_mode()
     def activate(self, name: str, adapter_dir: Path | None) -> Any:
         """Restore the pristine weights, merge ``adapter_dir`` (None: the base alone) in place, check that no
         parameter's storage moved, and return the model. RuntimeError if one moved; the weights then belong to
@@ -129,7 +123,7 @@ class MergedBase:
         self.active = None  # until this merge completes and is checked, the weights belong to no variant
         self._activating = name
         if self._merged_in:
-            self._restore()
+            self._pristine.restore(self.model)
             self._merged_in = False
         if adapter_dir is not None:
             self._merged_in = True
@@ -138,7 +132,7 @@ class MergedBase:
                 merged = wrapped.merge_and_unload()
             except BaseException:
                 wrapped.unload()  # take the adapter layers out again, then put the pristine weights back
-                self._restore()
+                self._pristine.restore(self.model)
                 self._merged_in = False
                 raise
             if merged is not self.model:  # peft returns the base module it wrapped

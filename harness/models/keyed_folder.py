@@ -1,4 +1,4 @@
-"""Weights kept under ``runs/_models/`` and loaded only under their own key (the NF4 base, the dequantized base).
+"""Weights kept under ``runs/_models/`` and loaded only under their own key (the NF4 base).
 
 A folder is written whole or not at all (``report.atomic.atomic_dir``) with a ``key.json`` naming the hash of what
 made it and those parts. A folder whose key file names another key is never loaded. Writing a key removes the folders

@@ -1,10 +1,10 @@
 """The 4-bit base quantized once and kept on disk: what every later NF4 load of the same base reads.
 
-A session loads the NF4 base a dozen times on the 7B shape: three trainings, the dequantized base's build, a parity
+A session loads the NF4 base a dozen times on the 7B shape: three trainings, the merged base's build, a parity
 reference per variant, the seed and ``nf4-compiled`` engines and their references. Each load read the bf16
 checkpoint (14.5 GB) into the GPU and quantized it there; the copy alone was 2.6 s of a 4.9 s reference load on an
 H200 (``results/h200/setup-tries/profile-reference-load.txt``). Quantizing is deterministic, so its product is kept
-like the dequantized base: bitsandbytes' own serialization (the packed weights and each layer's quant state, ~3.9 GB
+like an adapter: bitsandbytes' own serialization (the packed weights and each layer's quant state, ~3.9 GB
 at the 7B shape) written once by ``save_pretrained`` into ``runs/_models/nf4-<key>/`` and loaded by
 ``from_pretrained``, which finds the quantization config in it.
 

@@ -6,9 +6,9 @@ logger; ``log_to(path)`` sends those lines to a file (the sweep sends them to ``
     2026-12-03T19:40:02 pid=2975 phase=model-load wall_s=4.1 what=r8: base to train on (...)
 
 ``note`` logs a decision that takes no time of its own, without ``wall_s`` (``phase=reuse``: a timed figure reused or
-why not; ``phase=compile-cache``: the compiled artifacts loaded or none; ``phase=dequantized-base``: the merged
-engine's starting weights loaded from ``runs/_models/`` or built and kept there; ``phase=session-end``: the session's
-exit status, its log's last line, from the plugin). A block that raises is logged too, with
+why not; ``phase=compile-cache``: the compiled artifacts loaded or none; ``phase=nf4-base``: the 4-bit base
+quantized and kept in ``runs/_models/``; ``phase=session-end``: the session's exit status, its log's last line, from
+the plugin). A block that raises is logged too, with
 ``failed=<exception type>`` before ``what``. Nothing here changes what a phase does.
 
 A process's first line (``phase=startup``) splits the seconds from its start to that line at the plugin's milestones

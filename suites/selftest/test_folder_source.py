@@ -1,5 +1,5 @@
 """A base model from a local folder is keyed by its content: weights replaced in place are another base, so no
-adapter, dequantized base, prediction or figure made from the old weights is reused or unmarked.
+adapter, stored 4-bit base, prediction or figure made from the old weights is reused or unmarked.
 (harness/models/folder_digest.py, harness/models/revision.py.)"""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-import harness.models.dequantized as dequantized
 import harness.models.folder_digest as folder_digest
+import harness.models.nf4_store as nf4_store
 import harness.models.revision as revision
 import harness.train.adapters as adapters
 from fixtures.user_runs import write_profile
@@ -44,7 +44,8 @@ def _keys(profile) -> dict:
     """Every key a base's content must reach."""
     return {"config": config_hash(profile), "base": revision.base_identity(profile.model),
             "adapter": adapters.artifact_key(profile, profile.variant("r8"), check_profile_data(profile)["train"]),
-            "dequantized": dequantized.key_parts(profile), "eval": predictions.eval_key(profile, "fp")}
+            "nf4": nf4_store.key_parts(profile.model, profile.quantization, "cpu"),
+            "eval": predictions.eval_key(profile, "fp")}
 
 
 def test_weights_replaced_in_place_change_every_key_of_the_base(tmp_path, checkpoint):

@@ -13,7 +13,6 @@ import pytest
 
 import harness.engines.compile_cache as compile_cache
 import harness.measure.predictions as predictions
-import harness.models.dequantized as dequantized
 import harness.train.adapters as variants
 from fixtures.user_runs import REPO, write_profile
 from harness.report import provenance as artifacts
@@ -304,32 +303,6 @@ def test_compiled_artifacts_round_trip_under_their_key_and_never_load_under_anot
     meta = json.loads(meta_path.read_text())  # a writer killed between the two renames: the description is another's
     meta_path.write_text(json.dumps({**meta, "sha256": "0" * 64}))
     assert not compile_cache.restore(runs, profile)["loaded"]
-
-
-# -- the merged engine's dequantized base, kept in runs/_models/ (harness.models.dequantized) --------------------------
-
-@pytest.mark.parametrize("change", ["code", "torch", "transformers", "bitsandbytes", "quantization", "dtype", "base"])
-def test_the_dequantized_base_key_follows_code_libraries_quantization_dtype_and_base(monkeypatch, tmp_path, change):
-    """Weights dequantized by other loading code, another torch, transformers or bitsandbytes, from another
-    quantization, into another dtype or from another base must never be loaded: each changes the key."""
-    profile = load_profile("tiny")
-    before = config_hash(dequantized.key_parts(profile))
-    if change == "code":
-        edited = tmp_path / "base.py"
-        edited.write_text("# an edited loader\n")
-        monkeypatch.setattr(dequantized, "KEY_SOURCES", dequantized.KEY_SOURCES + (edited,))
-    elif change in ("torch", "transformers", "bitsandbytes"):
-        monkeypatch.setattr(dequantized, "library_versions", _with(artifacts.library_versions, **{change: "0.0.1"}))
-    elif change == "quantization":
-        profile = dataclasses.replace(profile, quantization=dataclasses.replace(profile.quantization,
-                                                                                 double_quant=False))
-    elif change == "dtype":
-        profile = dataclasses.replace(profile, inference=dataclasses.replace(profile.inference,
-                                                                             merged_dtype="bfloat16"))
-    else:
-        profile = dataclasses.replace(profile, model=dataclasses.replace(
-            profile.model, synthetic_seed=profile.model.synthetic_seed + 1))
-    assert config_hash(dequantized.key_parts(profile)) != before
 
 
 def test_the_card_says_when_first_calls_loaded_compiled_artifacts():

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 
-import harness.models.dequantized as dequantized
 import harness.models.nf4_store as nf4_store
 import harness.train.adapters as adapters
 from fixtures.user_runs import REPO, quick_profile, write_profile
@@ -254,11 +253,9 @@ def test_a_session_logs_where_its_seconds_went(tmp_path):
     lines = log.read_text().splitlines()
     written = len(lines)
     notes = [line.split(" what=", 1)[1] for line in lines if " wall_s=" not in line]  # decisions, no time of their own
-    key = config_hash(dequantized.key_parts(sweep.profile))
     q = sweep.profile.quantization
     nf4 = nf4_store.folder(Path("."), config_hash(nf4_store.key_parts(sweep.profile.model, q, "cpu")))
-    assert notes == [f"none (key {sweep.state.compile_cache['key']})", f"quantized and kept as {nf4.name}",
-                     f"built and kept as {dequantized.folder(Path('.'), key).name}"], lines
+    assert notes == [f"none (key {sweep.state.compile_cache['key']})", f"quantized and kept as {nf4.name}"], lines
     # phase=startup is the process's first line, so it is here only when this test logs first (test_reuse holds it)
     lines = [line for line in lines if " wall_s=" in line and " phase=startup " not in line]
     fields = [dict(kv.split("=", 1) for kv in line.split(" what=")[0].split()[1:]) for line in lines]

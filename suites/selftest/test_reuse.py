@@ -101,9 +101,10 @@ def test_the_timing_key_follows_code_libraries_config_data_adapter_rounds_and_ma
 
 # -- the user's command, run twice on one machine ---------------------------------------------------------------------
 
-# confirm with 2 of 4 rounds, within 100%: tiny's 4-token rounds on 2 shared cores move by tens of percent; what
-# is tested here is the wiring, and the tampered figure below is off by far more than that
-REUSE = {"latency": {"rounds": 4, "warmup_rounds": 1, "max_new_tokens": 4, "reuse_confirm_rounds": 2,
+# confirm with 3 of 4 rounds, within 100%: tiny's 4-token rounds of a few ms on 2 shared cores move by tens of
+# percent, and a pause in one round doubled the median of 2 once (a full self-test, 2026-12-06); the median of 3
+# outlasts one. What is tested here is the wiring, and the tampered figure below is off by far more than that
+REUSE = {"latency": {"rounds": 4, "warmup_rounds": 1, "max_new_tokens": 4, "reuse_confirm_rounds": 3,
                      "reuse_tolerance": 1.0},
          "inference": {"speed_rounds": 3, "speed_seed_rounds": 3}}
 # the spread and load rules judge the machine, not the code: on a shared CI box they would refuse a confirmation at
@@ -135,6 +136,9 @@ def test_a_second_run_on_the_same_machine_reuses_what_fresh_rounds_confirm_and_r
         assert out.returncode == 0, out.stdout[-3000:]
         return json.loads(results.read_text())["variants"]
 
+    def reuse_lines() -> str:  # why a figure was timed afresh, for a failure's message
+        return "\n".join(l for l in (runs / "tiny" / "phases.log").read_text().splitlines() if "phase=reuse" in l)
+
     first = run()
     assert all("reused" not in row["latency"] for row in first.values())
     merged = first["r16"]["speed"]["merged"]  # the same call as r16's latency test, timed once in the session
@@ -143,7 +147,7 @@ def test_a_second_run_on_the_same_machine_reuses_what_fresh_rounds_confirm_and_r
     second = run()
     for name, row in second.items():
         lat = row["latency"]
-        assert lat["reused"]["held"] and lat["reused"]["rounds"] == 2, name
+        assert lat.get("reused", {}).get("held") and lat["reused"]["rounds"] == 3, (name, reuse_lines())
         assert lat["provenance"] == first[name]["latency"]["provenance"], name  # the run that timed the rounds
         assert lat["samples_s"] == first[name]["latency"]["samples_s"], name
         assert lat["reused"]["session"] != lat["provenance"]["session"], name
@@ -163,7 +167,7 @@ def test_a_second_run_on_the_same_machine_reuses_what_fresh_rounds_confirm_and_r
     fourth = run()
     assert "reused" not in fourth["r16"]["latency"] and "reused" not in fourth["r16"]["speed"]
     assert fourth["r16"]["latency"]["rounds"] == 4 and fourth["r16"]["latency"]["timer"] == "harness perf_counter"
-    assert fourth["r8"]["latency"]["reused"]["held"]  # the untouched variants are still reused
+    assert fourth["r8"]["latency"].get("reused", {}).get("held"), reuse_lines()  # the untouched ones are still reused
     log = (runs / "tiny" / "phases.log").read_text()
     assert "r16 latency: timed afresh: fresh p50" in log and "engine comparison: timed afresh: fresh p50" in log
 

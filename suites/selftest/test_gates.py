@@ -25,11 +25,12 @@ def _variants(run: str) -> dict:
 
 # The committed cold runs of synthetic-7b (merged engine, 128 tokens) at the engine's current code: eight H100s
 # (46101af; 63a31d2 and 86b428c an hour apart, the second on a slow host; fc0b811, 5a961e1, ca6d6d0, 420ba55 and
-# a8f1743) and one H200 (2f7e11b).
+# a8f1743) and two H200s (2f7e11b, e67b793).
 H100_SHAS = ("46101af", "63a31d2", "86b428c", "fc0b811", "5a961e1", "ca6d6d0", "420ba55", "a8f1743")
 H100_RUNS = [_variants(f"h100/synthetic-7b/{sha}-cold") for sha in H100_SHAS]
 H100_RUN = H100_RUNS[0]
-H200_RUN = _variants("h200/synthetic-7b/2f7e11b-cold")
+H200_RUNS = [_variants(f"h200/synthetic-7b/{sha}-cold") for sha in ("2f7e11b", "e67b793")]
+H200_RUN = H200_RUNS[0]
 H200_P50_S = H200_RUN["r16"]["latency"]["p50_s"]  # 0.560 s
 H200_SPEED = H200_RUN["r16"]["speed"]["merged"]  # 0.555 s, 18.3x the seed path
 H200_VRAM_GIB = H200_RUN["r16"]["memory"]["inference_peak_allocated_gib"]  # 13.96 GiB
@@ -70,7 +71,7 @@ def test_the_latency_gate_passes_the_measured_p50_and_fails_a_ceiling_under_it()
     p50 = H100_RUN["r16"]["latency"]["p50_s"]  # 0.693 s
     assert latency_failures(profile, "r16", p50, H100) == []
     assert latency_failures(profile, "r16", H200_P50_S, H200) == []
-    runs = [(run, H100) for run in H100_RUNS] + [(H200_RUN, H200)]
+    runs = [(run, H100) for run in H100_RUNS] + [(run, H200) for run in H200_RUNS]
     for run, device in runs:  # a 10% slowdown of any variant of any run fails on a first run
         for name, figures in run.items():
             assert latency_failures(profile, name, figures["latency"]["p50_s"], device) == []
@@ -87,10 +88,10 @@ def test_the_speed_gates_pass_the_measured_ratio_and_fail_a_ratio_above_it():
     assert speed_failures(profile, "merged", merged["p50_s"], merged["speedup_vs_seed"], H100) == []
     assert speed_failures(profile, "merged", H200_SPEED["p50_s"], H200_SPEED["speedup_vs_seed"], H200) == []
     assert speed_failures(profile, "merged", H200_SPEED["p50_s"] * 1.1, H200_SPEED["speedup_vs_seed"] / 1.1, H200)
-    for run in H100_RUNS:
+    for run, device in [(run, H100) for run in H100_RUNS] + [(run, H200) for run in H200_RUNS]:
         fig = run["r16"]["speed"]["merged"]
-        assert speed_failures(profile, "merged", fig["p50_s"], fig["speedup_vs_seed"], H100) == []
-        assert speed_failures(profile, "merged", fig["p50_s"] * 1.1, fig["speedup_vs_seed"], H100) != []
+        assert speed_failures(profile, "merged", fig["p50_s"], fig["speedup_vs_seed"], device) == []
+        assert speed_failures(profile, "merged", fig["p50_s"] * 1.1, fig["speedup_vs_seed"], device) != []
     tight = _with(profile, "inference", speed_min_speedup={"H100": 16})
     [failure] = speed_failures(tight, "merged", merged["p50_s"], merged["speedup_vs_seed"], H100)
     assert f"merged is 10.09x the seed path on {H100}, under inference.speed_min_speedup [H100] 16" in failure
